@@ -1,0 +1,91 @@
+"""Tiny random HF checkpoints written by transformers itself, for parity tests."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+VOCAB = 99
+
+
+class Opaque:
+    """An arbitrary Python object: pickling it into a .bin must be refused on load (weights_only)."""
+
+
+def hf_config(kind, **overrides):
+    from transformers import LlamaConfig, OPTConfig
+
+    if kind.startswith("opt"):
+        kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4,
+                  max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True,
+                  pad_token_id=1, bos_token_id=2, eos_token_id=2)
+        if kind == "opt-postln":  # the OPT-350m layout
+            kw.update(do_layer_norm_before=False, word_embed_proj_dim=16)
+        kw.update(overrides)
+        return OPTConfig(**kw)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+              tie_word_embeddings=(kind == "llama-tied"), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def make_hf_model(kind, seed=0, **overrides):
+    """A transformers model with every parameter random (LayerNorm/RMSNorm weights and biases too)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(kind, **overrides), attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def save_hf(model, folder):
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def rewrite_weights(folder, rename=lambda k: k, drop=(), add=None, shards=1):
+    """Rewrite a saved folder's safetensors: rename/drop/add keys, or split into `shards` files."""
+    folder = Path(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state = {rename(k): v for k, v in state.items() if k not in drop}
+    state.update(add or {})
+    (folder / "model.safetensors").unlink()
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"))
+        return
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i::shards]}
+        save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def left_padded_batch(lengths, pad_id=0, vocab=VOCAB, seed=0):
+    """(ids, mask) for rows of the given lengths, left-padded to the longest."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[b, T - n:] = 1
+    return ids, mask
+
+
+def hf_logits(hf, ids, mask=None):
+    """transformers' logits; Llama is given positions that skip left padding, as OPT computes itself."""
+    kwargs = {}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+        if hf.config.model_type == "llama":
+            kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return hf(ids, **kwargs).logits

@@ -1,0 +1,280 @@
+"""model.py: parity with transformers, the KV cache, strict loading, saving, tokenizers."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import Opaque, hf_logits, left_padded_batch, make_hf_model, rewrite_weights, save_hf
+from model import KVCache, convert_bin, from_pretrained, load_tokenizer
+
+torch.set_num_threads(2)
+ATOL = 1e-4  # fp32 logits vs transformers
+KINDS = ["opt-preln", "opt-postln", "llama-tied", "llama-untied"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pair(request, tmp_path_factory):
+    """(kind, transformers model, folder transformers saved)."""
+    hf = make_hf_model(request.param)
+    folder = save_hf(hf, tmp_path_factory.mktemp(request.param))
+    return request.param, hf, folder
+
+
+def test_logits_match_transformers(pair):
+    kind, hf, folder = pair
+    ids = torch.randint(3, 99, (2, 17), generator=torch.Generator().manual_seed(1))
+    ours, _ = from_pretrained(folder)(ids)
+    torch.testing.assert_close(ours, hf_logits(hf, ids), atol=ATOL, rtol=0)
+
+
+def test_left_padded_logits_match_transformers(pair):
+    kind, hf, folder = pair
+    pad = hf.config.pad_token_id
+    ids, mask = left_padded_batch([9, 4, 12], pad_id=pad)
+    ours, _ = from_pretrained(folder)(ids, attention_mask=mask)
+    ref = hf_logits(hf, ids, mask)
+    real = mask.bool()  # padding positions' outputs are meaningless in both
+    torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["no-model-prefix", "two-shards", "tied-head-present"])
+@pytest.mark.parametrize("kind", ["opt-preln", "opt-postln"])
+def test_opt_checkpoint_variants_load(kind, variant, tmp_path):
+    hf = make_hf_model(kind)
+    folder = save_hf(hf, tmp_path / "m")
+    if variant == "no-model-prefix":  # the original facebook/opt-* checkpoints say decoder.*, not model.decoder.*
+        rewrite_weights(folder, rename=lambda k: k.removeprefix("model."), add={"decoder.version": torch.tensor([1.0])})
+    elif variant == "two-shards":
+        rewrite_weights(folder, shards=2)
+        assert not (folder / "model.safetensors").exists()
+    else:
+        rewrite_weights(folder, add={"lm_head.weight": hf.lm_head.weight.detach().clone()})
+    ids = torch.randint(3, 99, (2, 11), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(from_pretrained(folder)(ids)[0], hf_logits(hf, ids), atol=ATOL, rtol=0)
+
+
+def test_llama_two_shards_load(tmp_path):
+    hf = make_hf_model("llama-untied")
+    folder = save_hf(hf, tmp_path / "m")
+    rewrite_weights(folder, shards=2)
+    ids = torch.randint(3, 99, (1, 8))
+    torch.testing.assert_close(from_pretrained(folder)(ids)[0], hf_logits(hf, ids), atol=ATOL, rtol=0)
+
+
+def test_greedy_tokens_equal_transformers(pair):
+    kind, hf, folder = pair
+    model = from_pretrained(folder)
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(3))
+    ref = hf.generate(ids, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=hf.config.pad_token_id)
+    out = ids
+    for _ in range(12):
+        out = torch.cat([out, model(out)[0][:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, ref)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_decode_equals_full_forward(kind, tmp_path):
+    """Prefill a left-padded batch, decode 6 tokens one at a time; every step's logits equal a full
+    forward over the whole sequence so far (fp32, atol 1e-5)."""
+    model = from_pretrained(save_hf(make_hf_model(kind), tmp_path))
+    ids, mask = left_padded_batch([7, 3, 10], pad_id=0)
+    new = torch.randint(3, 99, (3, 6), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(model.cfg, batch_size=3, max_seq_len=32)
+    with torch.no_grad():
+        logits, _ = model(ids, attention_mask=mask, cache=cache)
+        full, _ = model(ids, attention_mask=mask)
+        real = mask.bool()
+        torch.testing.assert_close(logits[real], full[real], atol=1e-5, rtol=0)
+        for t in range(new.shape[1]):
+            step, _ = model(new[:, t:t + 1], cache=cache)
+            seq = torch.cat([ids, new[:, :t + 1]], 1)
+            seq_mask = torch.cat([mask, torch.ones(3, t + 1, dtype=mask.dtype)], 1)
+            full, _ = model(seq, attention_mask=seq_mask)
+            torch.testing.assert_close(step[:, 0], full[:, -1], atol=1e-5, rtol=0)
+    assert cache.length == ids.shape[1] + new.shape[1]
+
+
+@pytest.mark.parametrize("kind", ["opt-postln", "llama-untied"])
+def test_repeated_prompt_cache_equals_separate_prefills(kind, tmp_path):
+    """One prefill expanded to N rows, then N different continuations: same logits as N prefills."""
+    model = from_pretrained(save_hf(make_hf_model(kind), tmp_path))
+    N = 4
+    prompt = torch.randint(3, 99, (1, 9), generator=torch.Generator().manual_seed(5))
+    cont = torch.randint(3, 99, (N, 3), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = KVCache(model.cfg, batch_size=1, max_seq_len=16)
+        model(prompt, cache=cache)
+        cache = cache.repeat_rows(N)
+        expanded = torch.cat([model(cont[:, t:t + 1], cache=cache)[0] for t in range(3)], 1)
+        separate = KVCache(model.cfg, batch_size=N, max_seq_len=16)
+        model(prompt.expand(N, -1), cache=separate)
+        reference = torch.cat([model(cont[:, t:t + 1], cache=separate)[0] for t in range(3)], 1)
+    torch.testing.assert_close(expanded, reference, atol=1e-5, rtol=0)
+
+
+def test_select_rows_keeps_the_chosen_chains(tmp_path):
+    model = from_pretrained(save_hf(make_hf_model("llama-tied"), tmp_path))
+    ids, mask = left_padded_batch([5, 8, 6])
+    nxt = torch.tensor([[7], [8], [9]])
+    with torch.no_grad():
+        cache = KVCache(model.cfg, 3, 16)
+        model(ids, attention_mask=mask, cache=cache)
+        all_rows = model(nxt, cache=cache)[0]
+        cache2 = KVCache(model.cfg, 3, 16)
+        model(ids, attention_mask=mask, cache=cache2)
+        kept = model(nxt[[0, 2]], cache=cache2.select_rows([0, 2]))[0]
+    torch.testing.assert_close(kept, all_rows[[0, 2]], atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# Strict loading: bad input names the tensor or file
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    return save_hf(make_hf_model("llama-untied"), tmp_path / "m")
+
+
+def test_missing_tensor_is_named(llama_folder):
+    rewrite_weights(llama_folder, drop={"model.layers.1.mlp.up_proj.weight"})
+    with pytest.raises(ValueError, match=r"missing tensor: layers\.1\.mlp\.up_proj\.weight"):
+        from_pretrained(llama_folder)
+
+
+def test_untied_head_missing_is_named(llama_folder):
+    rewrite_weights(llama_folder, drop={"lm_head.weight"})
+    with pytest.raises(ValueError, match=r"missing tensor: lm_head\.weight"):
+        from_pretrained(llama_folder)
+
+
+def test_unexpected_tensor_is_named(llama_folder):
+    rewrite_weights(llama_folder, add={"model.layers.0.self_attn.bogus.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"unexpected tensor: layers\.0\.self_attn\.bogus\.weight"):
+        from_pretrained(llama_folder)
+
+
+def test_wrong_shape_is_named(llama_folder):
+    state = load_file(str(llama_folder / "model.safetensors"))
+    rewrite_weights(llama_folder, add={"model.norm.weight": torch.ones(31)})
+    assert state["model.norm.weight"].shape == (32,)
+    with pytest.raises(ValueError, match=r"wrong shape: norm\.weight: checkpoint \(31,\) vs model \(32,\)"):
+        from_pretrained(llama_folder)
+
+
+def test_unknown_model_type_is_named(llama_folder):
+    cfg = json.loads((llama_folder / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (llama_folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: unsupported model_type 'gpt_neox'"):
+        from_pretrained(llama_folder)
+
+
+def test_folder_without_weights_is_named(llama_folder):
+    (llama_folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
+        from_pretrained(llama_folder)
+
+
+def test_corrupt_safetensors_names_the_file(llama_folder):
+    path = llama_folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot read safetensors file"):
+        from_pretrained(llama_folder)
+
+
+def test_pytorch_bin_only_is_refused_then_converted(tmp_path):
+    hf = make_hf_model("opt-preln")
+    folder = save_hf(hf, tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"(?s)only pytorch_model\.bin.*python model\.py convert-bin"):
+        from_pretrained(folder)
+    convert_bin(folder)
+    ids = torch.randint(3, 99, (1, 7))
+    torch.testing.assert_close(from_pretrained(folder)(ids)[0], hf_logits(hf, ids), atol=ATOL, rtol=0)
+
+
+def test_convert_bin_refuses_pickled_code(tmp_path):
+    torch.save({"x": Opaque()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        convert_bin(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+# -----------------------------------------------------------------------------
+# Saving
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_pretrained_round_trips_through_transformers(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ours = from_pretrained(save_hf(make_hf_model(kind), tmp_path / "src"))
+    ours.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out.tmp").exists()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    ids = torch.randint(3, 99, (2, 10))
+    torch.testing.assert_close(hf_logits(back, ids), ours(ids)[0], atol=ATOL, rtol=0)
+    # and through us again, exactly
+    assert torch.equal(from_pretrained(tmp_path / "out")(ids)[0], ours(ids)[0])
+
+
+def test_save_pretrained_replaces_an_existing_folder(tmp_path):
+    ours = from_pretrained(save_hf(make_hf_model("llama-tied"), tmp_path / "src"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("x")
+    ours.save_pretrained(tmp_path / "out", tokenizer_from=None)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "stale.txt" not in names and {"config.json", "model.safetensors"} <= names
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_opt_style_vocab_merges_tokenizer_equals_transformers(tmp_path):
+    """An OPT-layout tokenizer folder (vocab.json + merges.txt, </s> prepended as BOS)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer
+
+    text = ["The answer must be a place where beavers get their supplies.", "So the answer is (c) wooded area.",
+            "Q: What do people use to absorb extra ink from a fountain pen?", "Answer Choices: (a) shirt pocket"] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text, vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.save_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_prefix_space": False, "bos_token": "</s>", "eos_token": "</s>",
+        "unk_token": "</s>", "pad_token": "<pad>", "errors": "replace"}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}))
+    ours = load_tokenizer(tmp_path)
+    ref = AutoTokenizer.from_pretrained(tmp_path)
+    for s in text[:4] + ["  two  spaces, digits 12345 and ünïcödé</s>", ""]:
+        assert ours.encode(s).ids == ref(s)["input_ids"], s
+        assert ours.encode(s).ids[0] == 2  # </s> as BOS
+
+
+def test_tokenizer_json_equals_transformers(pair):
+    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    kind, hf, folder = pair
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<unk>": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(folder / "tokenizer.json"))
+    ref = AutoTokenizer.from_pretrained(folder)
+    assert load_tokenizer(folder).encode("hello").ids == ref("hello", add_special_tokens=False)["input_ids"]
+
+
+def test_folder_without_tokenizer_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json, nor vocab.json"):
+        load_tokenizer(tmp_path)
