@@ -1,0 +1,420 @@
+"""The teacher-rationale corpus: one canonical format, importers, tokenisation and batching.
+
+SCoTD (Li et al. 2023, §2) samples rationales from a teacher for every training question and trains
+the student on (query -> rationale + answer). The corpus holds exactly that, one JSON object a line
+(gzip or plain JSONL):
+
+    {"id": "6b81...", "question": "...", "choices": ["park", ..., "gravity"], "answer": "math problem",
+     "rationales": [{"text": "The answer must be ...", "prediction": "math problem", "correct": true}]}
+
+`answer` and `prediction` are choice texts (`prediction` is null when the teacher named no single
+choice); `correct` is prediction == answer. Importers turn releases into it:
+    dsbs:  Distilling Step-by-Step's CSQA with PaLM-540B rationales (one per question) -- bundled in data/
+    scotd: the SCoTD release (csqa_30x.json style, ~30 GPT-3 rationales per question) + the question JSONL
+
+    python data.py import-dsbs ../shared/corpora/dsbs-cqa-palm data/
+    python data.py import-scotd csqa_30x.json train_rand_split.jsonl out.jsonl.gz
+    python data.py stats [corpus]
+"""
+
+import argparse
+import gzip
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scotd import LETTERS, MODES, format_query, format_target, parse_choice
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_TRAIN = DATA_DIR / "csqa_palm_train.jsonl.gz"
+DEFAULT_DEV = DATA_DIR / "csqa_palm_validation.jsonl.gz"
+FILTERS = ("correct", "all")
+
+
+class CorpusError(ValueError):
+    """Bad input that cannot be skipped; the message names the file and line."""
+
+
+@dataclass
+class Skips:
+    """Counts of what was left out and why; printed before training so nothing goes missing silently."""
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, reason, where):
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, where)
+
+    def summary(self):
+        if not self.counts:
+            return "skipped: nothing"
+        return "skipped: " + "; ".join(f"{n:,} x {r} (first at {self.examples[r]})" for r, n in self.counts.most_common())
+
+
+def _open(path, mode="rt"):
+    path = Path(path)
+    return gzip.open(path, mode, encoding="utf-8") if path.suffix == ".gz" else open(path, mode, encoding="utf-8")
+
+
+def _json_lines(path):
+    """(line number, object) for each non-blank line; invalid JSON is an error naming file:line."""
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+
+
+# -----------------------------------------------------------------------------
+# Canonical corpus
+
+REQUIRED = {"id": str, "question": str, "choices": list, "answer": str, "rationales": list}
+
+
+def check_record(rec, where):
+    for key, kind in REQUIRED.items():
+        if key not in rec:
+            raise CorpusError(f"{where}: missing field {key!r}")
+        if not isinstance(rec[key], kind):
+            raise CorpusError(f"{where}: field {key!r} should be a {kind.__name__}")
+    if not 2 <= len(rec["choices"]) <= len(LETTERS):
+        raise CorpusError(f"{where}: expected 2..{len(LETTERS)} choices, got {len(rec['choices'])}")
+    if rec["answer"] not in rec["choices"]:
+        raise CorpusError(f"{where}: answer {rec['answer']!r} is not among the choices {rec['choices']}")
+    for r in rec["rationales"]:
+        if not isinstance(r, dict) or "text" not in r:
+            raise CorpusError(f"{where}: each rationale needs a 'text'")
+
+
+def read_corpus(path):
+    """Canonical JSONL (optionally gzipped) -> list of records, validated; errors name file:line."""
+    records = []
+    for n, rec in _json_lines(path):
+        check_record(rec, f"{path}:{n}")
+        records.append(rec)
+    if not records:
+        raise CorpusError(f"{path}: no records")
+    return records
+
+
+def write_corpus(records, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    opener = (lambda p: gzip.GzipFile(p, "wb", mtime=0)) if path.suffix == ".gz" else (lambda p: open(p, "wb"))
+    with opener(tmp) as f:
+        for rec in records:
+            f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+    tmp.replace(path)
+
+
+def make_rationale(text, prediction_text, answer):
+    return {"text": text, "prediction": prediction_text, "correct": prediction_text == answer}
+
+
+# -----------------------------------------------------------------------------
+# Importers
+
+
+def split_teacher_output(output):
+    """A few-shot completion -> (rationale, answer part): cut at the next '\\n\\nQ:', split at 'So the answer is'."""
+    output = output.split("\n\nQ:")[0].strip()
+    if "So the answer is" not in output:
+        return output, None
+    rationale, answer = output.split("So the answer is", 1)
+    return rationale.strip(), answer.strip()
+
+
+def import_dsbs(folder, split, skips):
+    """Distilling Step-by-Step CSQA: cqa_{train,test}.json (questions) + llm/{split}_CoT_k.json (PaLM outputs)."""
+    folder = Path(folder)
+    qfile = folder / ("cqa_train.json" if split == "train" else "cqa_test.json")
+    prefix = "train" if split == "train" else "test"
+    outputs = []
+    for k in range(100):
+        f = folder / "llm" / f"{prefix}_CoT_{k}.json"
+        if not f.exists():
+            break
+        outputs += json.loads(f.read_text())
+    records = []
+    questions = list(_json_lines(qfile))
+    if len(outputs) != len(questions):
+        raise CorpusError(f"{folder}/llm: {len(outputs)} teacher outputs for {len(questions)} questions in {qfile}")
+    for (n, q), output in zip(questions, outputs):
+        where = f"{qfile}:{n}"
+        for key in ("id", "question", "choices", "answer"):
+            if key not in q:
+                raise CorpusError(f"{where}: missing field {key!r}")
+        if q["answer"] not in q["choices"]:
+            skips.add("gold answer not among the choices", where)
+            continue
+        rationale, answer_part = split_teacher_output(output)
+        rationales = []
+        if not rationale:
+            skips.add("empty rationale", where)
+        else:
+            index = parse_choice(answer_part, q["choices"]) if answer_part is not None else None
+            rationales.append(make_rationale(rationale, None if index is None else q["choices"][index], q["answer"]))
+        records.append({"id": q["id"], "question": q["question"], "choices": q["choices"], "answer": q["answer"],
+                        "rationales": rationales})
+    return records
+
+
+def import_scotd(release_json, questions_jsonl, skips):
+    """SCoTD release: a JSON list of {prompt, response, score, index, rationale}; `index` is the line
+    (0-based) of the question in the official CommonsenseQA-style JSONL
+    ({"id", "question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}); score >= 0.5 = teacher correct."""
+    questions = []
+    for n, q in _json_lines(questions_jsonl):
+        where = f"{questions_jsonl}:{n}"
+        try:
+            choices = [c["text"] for c in sorted(q["question"]["choices"], key=lambda c: c["label"])]
+            labels = sorted(c["label"] for c in q["question"]["choices"])
+            answer = choices[labels.index(q["answerKey"])]
+            questions.append({"id": q["id"], "question": q["question"]["stem"], "choices": choices,
+                              "answer": answer, "rationales": []})
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorpusError(f"{where}: not a CommonsenseQA-style question ({type(e).__name__}: {e})") from None
+    try:
+        release = json.loads(Path(release_json).read_text())
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{release_json}:{e.lineno}: invalid JSON ({e.msg})") from None
+    for i, item in enumerate(release):
+        where = f"{release_json}[{i}]"
+        for key in ("index", "rationale", "score"):
+            if key not in item:
+                raise CorpusError(f"{where}: missing field {key!r}")
+        if not 0 <= item["index"] < len(questions):
+            raise CorpusError(f"{where}: index {item['index']} outside {questions_jsonl} ({len(questions)} questions)")
+        q = questions[item["index"]]
+        rationale, answer_part = split_teacher_output(item["rationale"])
+        if not rationale:
+            skips.add("empty rationale", where)
+            continue
+        index = parse_choice(answer_part, q["choices"]) if answer_part else None
+        prediction = None if index is None else q["choices"][index]
+        r = make_rationale(rationale, prediction, q["answer"])
+        r["correct"] = item["score"] >= 0.5  # the release's own judgement of the teacher
+        q["rationales"].append(r)
+    for n, q in enumerate(questions):
+        if not q["rationales"]:
+            skips.add("question without rationales", f"{questions_jsonl}:{n + 1}")
+    return [q for q in questions if q["rationales"]]
+
+
+def load_corpus(path):
+    """Any supported corpus path -> records. Canonical JSONL(.gz) is the only format read at train time."""
+    return read_corpus(path)
+
+
+# -----------------------------------------------------------------------------
+# Examples: (query, target) pairs for a target mode and filter
+
+
+def build_examples(records, mode, filter="correct", rationales_per_question=None, seed=0, skips=None):
+    """Records -> list of dicts {id, query, target, answer_index}. The paper trains on every sampled
+    rationale (§2); `filter="correct"` keeps only rationales whose teacher answer is gold."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if filter not in FILTERS:
+        raise ValueError(f"unknown filter {filter!r}; expected one of {FILTERS}")
+    skips = skips if skips is not None else Skips()
+    rng = random.Random(seed)
+    examples = []
+    for rec in records:
+        query = format_query(rec["question"], rec["choices"])
+        gold = rec["choices"].index(rec["answer"])
+        if mode == "label":
+            examples.append({"id": rec["id"], "query": query, "target": format_target("label", rec["choices"], gold),
+                             "answer_index": gold})
+            continue
+        kept = []
+        for r in rec["rationales"]:
+            if filter == "correct" and not r.get("correct"):
+                skips.add("teacher answer wrong (filter=correct)", rec["id"])
+            elif r.get("prediction") not in rec["choices"]:
+                skips.add("teacher answer not a single choice", rec["id"])
+            else:
+                kept.append(r)
+        if not kept:
+            skips.add("question left without rationales", rec["id"])
+            continue
+        if rationales_per_question and len(kept) > rationales_per_question:
+            kept = rng.sample(kept, rationales_per_question)
+        for r in kept:
+            # the student learns the teacher's answer with its rationale (with filter=all it may be wrong)
+            index = rec["choices"].index(r["prediction"])
+            examples.append({"id": rec["id"], "query": query, "answer_index": gold,
+                             "target": format_target(mode, rec["choices"], index, r["text"])})
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation (cached) and batching
+
+
+def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache_key=""):
+    """-> list of (ids, n_query) int32 arrays; examples longer than max_len are skipped and counted.
+
+    Cached on disk keyed by the examples, the tokenizer and max_len, so a second run starts at once.
+    """
+    digest = hashlib.sha256()
+    digest.update(cache_key.encode())
+    digest.update(tokenizer.to_str().encode())
+    digest.update(str(max_len).encode())
+    for e in examples:
+        digest.update((e["query"] + "\0" + e["target"] + "\0").encode())
+    path = Path(cache_dir) / f"tokens-{digest.hexdigest()[:16]}.npz" if cache_dir else None
+    if path is not None and path.exists():
+        z = np.load(path)
+        ids, offsets, n_query, keep = z["ids"], z["offsets"], z["n_query"], z["keep"]
+    else:
+        queries = tokenizer.encode_batch([e["query"] for e in examples])
+        targets = tokenizer.encode_batch([e["target"] for e in examples], add_special_tokens=False)
+        seqs = [q.ids + t.ids for q, t in zip(queries, targets)]
+        n_query = np.array([len(q.ids) for q in queries], dtype=np.int32)
+        keep = np.array([len(s) <= max_len for s in seqs])
+        kept = [s for s, k in zip(seqs, keep) if k]
+        offsets = np.cumsum([0] + [len(s) for s in kept]).astype(np.int64)
+        ids = np.array([t for s in kept for t in s], dtype=np.int32)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            np.savez(tmp, ids=ids, offsets=offsets, n_query=n_query, keep=keep)
+            tmp.replace(path)
+    for e, k in zip(examples, keep):
+        if not k:
+            skips.add(f"longer than --max-len {max_len} tokens", e["id"])
+    n_query = n_query[keep]
+    return [(ids[offsets[i]:offsets[i + 1]], int(n_query[i])) for i in range(len(offsets) - 1)]
+
+
+def collate(batch, pad_id):
+    """Right-padded (idx, targets) with targets -100 on the query and on padding: only the rationale and
+    answer carry loss. targets[t] is the token that position t should predict (idx shifted by one)."""
+    T = max(len(ids) for ids, _ in batch) - 1
+    idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(batch), T), -100, dtype=torch.long)
+    for b, (ids, n_query) in enumerate(batch):
+        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        n = len(ids) - 1
+        idx[b, :n] = ids[:-1]
+        targets[b, n_query - 1:n] = ids[n_query:]
+    return idx, targets
+
+
+def length_bucketed_batches(lengths, batch_size, rng):
+    """Shuffle, then sort within windows of 50 batches by length, so a batch wastes little on padding;
+    the batches are shuffled again so training does not see lengths in order."""
+    order = rng.permutation(len(lengths))
+    window = batch_size * 50
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pack(batch, max_len, pad_id):
+    """Pack examples end to end into rows of max_len. Returns idx, targets and doc ids (B, T): a token
+    attends only within its own example (block-diagonal causal mask, see `packed_mask`)."""
+    rows, row = [], []
+    for ids, n_query in batch:
+        if row and sum(len(i) - 1 for i, _ in row) + len(ids) - 1 > max_len:
+            rows.append(row)
+            row = []
+        row.append((ids, n_query))
+    rows.append(row)
+    T = max(sum(len(i) - 1 for i, _ in r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), -100, dtype=torch.long)
+    docs = torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        pos = 0
+        for d, (ids, n_query) in enumerate(r):
+            x, y = collate([(ids, n_query)], pad_id)
+            n = x.shape[1]
+            idx[b, pos:pos + n], targets[b, pos:pos + n], docs[b, pos:pos + n] = x[0], y[0], d
+            pos += n
+    return idx, targets, docs
+
+
+def packed_mask(docs):
+    """(B, T) doc ids -> (B, 1, T, T) bool mask: causal within a document, nothing across documents."""
+    T = docs.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
+    same = docs[:, :, None] == docs[:, None, :]
+    return (same & causal)[:, None]
+
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+
+def distinct_n(texts, n):
+    grams = [tuple(t.split()[i:i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def stats(path, tokenizer=None):
+    records = read_corpus(path)
+    rationales = [r for rec in records for r in rec["rationales"]]
+    per_q = np.array([len(rec["rationales"]) for rec in records])
+    lines = [f"corpus            {path}",
+             f"questions         {len(records):,}",
+             f"rationales        {len(rationales):,} ({per_q.mean():.2f} per question, min {per_q.min()}, max {per_q.max()})",
+             f"teacher accuracy  {np.mean([r.get('correct', False) for r in rationales]):.1%} of rationales",
+             f"distinct-1 / -2   {distinct_n([r['text'] for r in rationales], 1):.3f} / "
+             f"{distinct_n([r['text'] for r in rationales], 2):.3f}"]
+    if tokenizer is not None:
+        q = [len(e.ids) for e in tokenizer.encode_batch([format_query(r["question"], r["choices"]) for r in records])]
+        t = [len(e.ids) for e in tokenizer.encode_batch([r["text"] for r in rationales])]
+        for name, xs in (("query tokens", q), ("rationale tokens", t)):
+            p = np.percentile(xs, [50, 90, 99, 100]).astype(int)
+            lines.append(f"{name:17s} p50 {p[0]}  p90 {p[1]}  p99 {p[2]}  max {p[3]}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("import-dsbs", help="Distilling Step-by-Step CSQA folder -> canonical train/validation")
+    p.add_argument("folder")
+    p.add_argument("out_dir", nargs="?", default=str(DATA_DIR))
+    p = sub.add_parser("import-scotd", help="SCoTD release JSON + question JSONL -> canonical")
+    p.add_argument("release_json")
+    p.add_argument("questions_jsonl")
+    p.add_argument("out")
+    p = sub.add_parser("stats", help="corpus statistics")
+    p.add_argument("corpus", nargs="?", default=str(DEFAULT_TRAIN))
+    p.add_argument("--tokenizer", default=None, help="model folder for token lengths (default: the default student)")
+    args = parser.parse_args()
+    if args.cmd == "import-dsbs":
+        for split, name in (("train", DEFAULT_TRAIN.name), ("validation", DEFAULT_DEV.name)):
+            skips = Skips()
+            records = import_dsbs(args.folder, split, skips)
+            write_corpus(records, Path(args.out_dir) / name)
+            print(f"{split}: {len(records):,} questions -> {Path(args.out_dir) / name}; {skips.summary()}")
+    elif args.cmd == "import-scotd":
+        skips = Skips()
+        records = import_scotd(args.release_json, args.questions_jsonl, skips)
+        write_corpus(records, args.out)
+        print(f"{len(records):,} questions -> {args.out}; {skips.summary()}")
+    else:
+        from model import default_student, load_tokenizer
+        print(stats(args.corpus, load_tokenizer(args.tokenizer or default_student())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The method, as small pure functions: prompt and target templates, answer extraction, majority vote.
+
+SCoTD (Li et al. 2023): a teacher writes chain-of-thought rationales; the student is trained on
+    query  = "Q: {question}\\nAnswer Choices:\\n(a) ...\\n(e) ...\\nA:"          (the Wei et al. CoT format, §2)
+    target = " {rationale} So the answer is ({x}) {choice}.\\n\\n"          (mode "cot")
+and at test time samples N chains and takes a majority vote over their answers (self-consistency, §3).
+Two variants from related work are targets too:
+    mode "post":  " The answer is ({x}) {choice}. {rationale}\\n\\n"  -- label first, rationale after
+                  (Wadhwa et al. 2024): the answer can be read without generating the rationale.
+    mode "label": " The answer is ({x}) {choice}.\\n\\n"               -- no rationale (the baseline).
+Every target ends with a blank line, the stop string the sampler watches for.
+"""
+
+import re
+from collections import Counter
+
+MODES = ("cot", "post", "label")
+LETTERS = "abcdefghij"
+STOP = "\n\n"
+
+
+def format_query(question, choices):
+    lines = [f"Q: {question}", "Answer Choices:"]
+    lines += [f"({LETTERS[i]}) {c}" for i, c in enumerate(choices)]
+    return "\n".join(lines) + "\nA:"
+
+
+def format_answer(choices, index):
+    return f"({LETTERS[index]}) {choices[index]}"
+
+
+def format_target(mode, choices, answer_index, rationale=None):
+    """The text the student learns to write after the query (rationale and/or answer, then STOP)."""
+    answer = format_answer(choices, answer_index)
+    if mode == "cot":
+        return f" {rationale.strip()} So the answer is {answer}.{STOP}"
+    if mode == "post":
+        return f" The answer is {answer}. {rationale.strip()}{STOP}"
+    if mode == "label":
+        return f" The answer is {answer}.{STOP}"
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+# -----------------------------------------------------------------------------
+# Answer extraction
+
+_ANSWER = re.compile(r"answer is\s*(.*)", re.IGNORECASE | re.DOTALL)
+
+
+def parse_choice(text, choices):
+    """'(c) wooded area' or 'wooded area' -> index into choices; None when it names no single choice.
+
+    A letter decides, unless the text after it is a different choice ('(a) pond' where (a) is 'lake').
+    """
+    text = text.strip().rstrip(".").strip()
+    m = re.fullmatch(r"\(([a-j])\)\s*(.*)", text, re.DOTALL)
+    if m:
+        index, named = LETTERS.index(m.group(1)), m.group(2).strip().lower()
+        others = [c.lower() for i, c in enumerate(choices) if i != index]
+        return index if index < len(choices) and named not in others else None
+    matches = [i for i, c in enumerate(choices) if text.lower() == c.lower()]
+    return matches[0] if len(matches) == 1 else None
+
+
+def extract_answer(mode, generated, choices):
+    """The choice index a generated continuation commits to, or None (an abstention).
+
+    cot:   the answer after the last "answer is" (the rationale comes first).
+    post/label: the answer after the first "answer is" (it leads the continuation).
+    """
+    text = generated.split(STOP)[0]
+    spans = [m.start() for m in re.finditer(r"answer is", text, re.IGNORECASE)]
+    if not spans:
+        return None
+    start = spans[-1] if mode == "cot" else spans[0]
+    tail = _ANSWER.match(text, start).group(1)
+    if mode != "cot":
+        tail = tail.split(". ")[0]  # the rationale follows the answer
+    return parse_choice(tail, choices)
+
+
+# -----------------------------------------------------------------------------
+# Self-consistency
+
+
+def majority_vote(answers):
+    """Most frequent non-None answer. Ties go to the answer sampled first among the tied ones
+    (deterministic for a seeded run). All abstentions -> None."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def vote_curve(chains_answers, golds):
+    """Accuracy of the majority vote over the first k chains, for k = 1..N, from the same samples.
+
+    chains_answers: per question, the list of N extracted answers (None = abstained); golds: indices.
+    """
+    n = min(len(a) for a in chains_answers)
+    return [sum(majority_vote(a[:k]) == g for a, g in zip(chains_answers, golds)) / len(golds)
+            for k in range(1, n + 1)]
