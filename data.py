@@ -328,7 +328,7 @@ def length_bucketed_batches(lengths, batch_size, rng):
 
 def pack(batch, max_len, pad_id):
     """Pack examples end to end into rows of max_len. Returns idx, targets and doc ids (B, T): a token
-    attends only within its own example (block-diagonal causal mask, see `packed_mask`)."""
+    attends only within its own example (Transformer.forward(docs=...): a block-diagonal causal mask)."""
     rows, row = [], []
     for ids, n_query in batch:
         if row and sum(len(i) - 1 for i, _ in row) + len(ids) - 1 > max_len:
@@ -348,14 +348,6 @@ def pack(batch, max_len, pad_id):
             idx[b, pos:pos + n], targets[b, pos:pos + n], docs[b, pos:pos + n] = x[0], y[0], d
             pos += n
     return idx, targets, docs
-
-
-def packed_mask(docs):
-    """(B, T) doc ids -> (B, 1, T, T) bool mask: causal within a document, nothing across documents."""
-    T = docs.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
-    same = docs[:, :, None] == docs[:, None, :]
-    return (same & causal)[:, None]
 
 
 # -----------------------------------------------------------------------------

@@ -76,6 +76,11 @@ class Config:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return cls.from_dict(hf, path)
+
+    @classmethod
+    def from_dict(cls, hf, path="config"):
+        """An HF config dict -> Config; errors name `path`."""
         kind = hf.get("model_type")
         if kind == "opt":
             return cls(
@@ -258,6 +263,22 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def positions_in_docs(docs):
+    """(B, T) document ids of packed rows -> each token's position within its own document."""
+    T = docs.shape[1]
+    t = torch.arange(T, device=docs.device).expand_as(docs)
+    first = torch.ones_like(docs, dtype=torch.bool)
+    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return t - torch.where(first, t, 0).cummax(1).values
+
+
+def packed_mask(docs):
+    """(B, T) document ids -> (B, 1, T, T) bool: causal within a document, nothing across documents."""
+    T = docs.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
+    return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]
+
+
 # -----------------------------------------------------------------------------
 # The model
 
@@ -285,14 +306,19 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None):
-        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, docs=None):
+        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (logits of the target
+        positions only (N, V), mean cross-entropy over them).
 
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding; None means no padding.
         targets (B, T): the token each position should predict (already shifted), -100 = no loss.
         cache: a KVCache; the T new tokens go into its next slots and attend to everything before.
+        docs (B, T): document ids of packed rows; positions restart and attention stays within each.
         """
         B, T = idx.shape
+        if docs is not None:
+            assert cache is None and attention_mask is None, "packed rows are for training, without a cache"
+            return self._run(idx, targets, positions_in_docs(docs), packed_mask(docs), None)
         start = 0 if cache is None else cache.length
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
@@ -308,7 +334,9 @@ class Transformer(nn.Module):
         mask = None
         if cache is not None or not attention_mask.all():
             mask = self._attention_mask(key_valid, start, T)
+        return self._run(idx, targets, positions, mask, cache)
 
+    def _run(self, idx, targets, positions, mask, cache):
         x = self.embed_tokens(idx)
         rope = None
         if self.cfg.model_type == "opt":
@@ -327,12 +355,13 @@ class Transformer(nn.Module):
         else:
             x = self.norm(x)
         if cache is not None:
-            cache.length += T
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            cache.length += idx.shape[1]
+        if targets is None:
+            return self.lm_head(x), None
+        # training: the head (49k x d for SmolLM2) runs only where there is a target; the query has none
+        trained = targets != -100  # (B, T)
+        logits = self.lm_head(x[trained])  # (N_targets, V)
+        return logits, F.cross_entropy(logits.float(), targets[trained])
 
     @staticmethod
     def _attention_mask(key_valid, start, T):
@@ -348,6 +377,7 @@ class Transformer(nn.Module):
         return mask[:, None]
 
     def num_params(self):
+        """Parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, folder, tokenizer_from=None):

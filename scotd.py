@@ -56,8 +56,10 @@ def parse_choice(text, choices):
     m = re.fullmatch(r"\(([a-j])\)\s*(.*)", text, re.DOTALL)
     if m:
         index, named = LETTERS.index(m.group(1)), m.group(2).strip().lower()
-        others = [c.lower() for i, c in enumerate(choices) if i != index]
-        return index if index < len(choices) and named not in others else None
+        if index >= len(choices):
+            return None
+        others = {c.lower() for c in choices} - {choices[index].lower()}  # choices may repeat a text
+        return None if named in others else index
     matches = [i for i, c in enumerate(choices) if text.lower() == c.lower()]
     return matches[0] if len(matches) == 1 else None
 

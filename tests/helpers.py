@@ -89,3 +89,38 @@ def hf_logits(hf, ids, mask=None):
             kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         return hf(ids, **kwargs).logits
+
+
+def tiny_student(folder, model_type="llama", vocab_size=384, seed=0):
+    """A tiny random student with a real byte-level BPE tokenizer trained on the bundled corpus,
+    written as an HF-layout folder by our own save_pretrained."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from data import DEFAULT_TRAIN, read_corpus
+    from model import Config, Transformer, save_pretrained
+    from scotd import format_query
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = read_corpus(DEFAULT_TRAIN)[:300]
+    text = [format_query(r["question"], r["choices"]) for r in records] + [x["text"] for r in records for x in r["rationales"]]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text + [" So the answer is (a) (b) (c) (d) (e).\n\n"], vocab_size=vocab_size,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    src = folder.with_name(folder.name + "-tok")
+    src.mkdir(exist_ok=True)
+    bpe.save(str(src / "tokenizer.json"))
+    if model_type == "llama":
+        hf = dict(model_type="llama", vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                  architectures=["LlamaForCausalLM"])
+    else:
+        hf = dict(model_type="opt", vocab_size=vocab_size, hidden_size=48, ffn_dim=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=48,
+                  do_layer_norm_before=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                  architectures=["OPTForCausalLM"])
+    cfg = Config.from_dict(hf)
+    torch.manual_seed(seed)
+    save_pretrained(Transformer(cfg), folder, tokenizer_from=src)
+    return folder

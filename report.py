@@ -1,0 +1,70 @@
+"""What a run shows and writes besides checkpoints: a progress bar, a metrics JSONL, PNG plots."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class Progress:
+    """A one-line progress bar on stderr: `label  37% |#######      | 370/1000 | <info> | ETA 1:23`."""
+
+    def __init__(self, total, label="", start=0, width=24, stream=sys.stderr):
+        self.total, self.label, self.n, self.start = total, label, start, start
+        self.width, self.stream, self.t0, self.info = width, stream, time.time(), ""
+        self.last_draw = 0.0
+
+    def update(self, k=1, info=None):
+        self.n += k
+        if info is not None:
+            self.info = info
+        now = time.time()
+        if now - self.last_draw > 0.2 or self.n >= self.total:
+            self.last_draw = now
+            self.draw()
+
+    def draw(self):
+        done = self.n - self.start
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else 0
+        frac = self.n / max(self.total, 1)
+        bar = "#" * int(frac * self.width)
+        line = f"\r{self.label} {frac:4.0%} |{bar:<{self.width}}| {self.n}/{self.total}"
+        if self.info:
+            line += f" | {self.info}"
+        line += f" | ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        self.stream.write(line + " " * 4)
+        self.stream.flush()
+
+    def close(self):
+        self.draw()
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_lines(path, series, xlabel, ylabel, title):
+    """series: {name: (xs, ys)} -> a PNG line chart. Written to a temporary name, then renamed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name, marker="o" if len(xs) <= 40 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

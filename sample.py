@@ -1,0 +1,119 @@
+"""Batched decoding for self-consistency (SCoTD §3): one prefill per question, N chains from its cache.
+
+HF `generate(num_return_sequences=N)` prefills each prompt N times and keeps finished rows in the batch
+until the longest is done. Here a batch of questions is prefilled once (left-padded), each question's
+KV cache is repeated to N rows, and rows leave the running batch as soon as they hit a stop string, EOS
+or `max_new_tokens`, so the last long chain does not pay for the finished ones. Sampling draws with the
+exponential-race trick (argmax of p / Exp(1)), which needs no device->host sync; stops are checked every
+`check_every` steps (1 on CPU, where a sync costs nothing).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from model import KVCache
+
+
+@dataclass
+class SampleConfig:
+    n: int = 1  # chains per question
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_new_tokens: int = 96
+    stop: tuple = ("\n\n",)
+    batch_size: int = 8  # questions per prefill; the running batch is batch_size * n rows
+    seed: int = 0
+    check_every: int = 0  # steps between stop checks; 0 = 1 on CPU, 8 on CUDA
+
+
+def next_token(logits, cfg, generator):
+    """logits (R, V) -> (R, 1) token ids: greedy, or temperature / top-k / top-p sampling."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(-1, keepdim=True)
+
+
+def left_pad(prompts, pad_id, device):
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, T - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def _finished(tail_text, new_tokens, cfg, eos_id):
+    return (eos_id is not None and eos_id in new_tokens) or any(s in tail_text for s in cfg.stop)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None):
+    """prompts: list of token-id lists -> per prompt, cfg.n dicts {"tokens", "text"}; text is cut at the
+    first stop string (which is dropped) and tokens at EOS. `progress(k)` is called as k questions finish."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
+    results = [None] * len(prompts)
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = list(range(start, min(start + cfg.batch_size, len(prompts))))
+        ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
+        cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device,
+                        dtype=next(model.parameters()).dtype)
+        logits, _ = model(ids, attention_mask=mask, cache=cache)  # one prefill per question
+        logits = logits[:, -1].repeat_interleave(cfg.n, 0)  # (B*n, V)
+        cache = cache.repeat_rows(cfg.n)
+        rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
+        out = {row: [] for row in rows}
+        pending = []  # sampled tokens not yet copied to the host
+        for step in range(cfg.max_new_tokens):
+            tok = next_token(logits, cfg, generator)  # (R, 1)
+            pending.append(tok)
+            last = step == cfg.max_new_tokens - 1
+            if len(pending) == check_every or last:
+                new = torch.cat(pending, 1).tolist()  # the only device->host copy
+                pending = []
+                keep = []
+                for r, row in enumerate(rows):
+                    out[row] += new[r]
+                    tail = out[row][-(len(new[r]) + 8):]  # a stop string spans a few tokens at most
+                    if not _finished(tokenizer.decode(tail, skip_special_tokens=False), new[r], cfg, eos_id):
+                        keep.append(r)
+                if not keep or last:
+                    break
+                if len(keep) < len(rows):  # finished chains leave the running batch
+                    cache = cache.select_rows(keep)
+                    tok = tok[keep]
+                    rows = [rows[r] for r in keep]
+            logits = model(tok, cache=cache)[0][:, -1]
+        for q in batch:
+            results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id) for c in range(cfg.n)]
+        if progress:
+            progress(len(batch))
+    return results
+
+
+def _clean(tokens, tokenizer, cfg, eos_id):
+    """Cut a chain at EOS or just after the token that completes the first stop string; drop the stop."""
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[:tokens.index(eos_id)]
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    if any(s in text for s in cfg.stop):
+        n = next(k for k in range(1, len(tokens) + 1)
+                 if any(s in tokenizer.decode(tokens[:k], skip_special_tokens=False) for s in cfg.stop))
+        tokens = tokens[:n]
+        text = text[:min(text.index(s) for s in cfg.stop if s in text)]
+    return {"tokens": tokens, "text": text}

