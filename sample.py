@@ -56,14 +56,22 @@ def left_pad(prompts, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def _finished(tail_text, new_tokens, cfg, eos_id):
-    return (eos_id is not None and eos_id in new_tokens) or any(s in tail_text for s in cfg.stop)
+def _finished(tokens, n_new, tokenizer, cfg, eos_id):
+    """Did the last n_new tokens end the chain (EOS, or completing a stop string)?"""
+    if eos_id is not None and eos_id in tokens[-n_new:]:
+        return True
+    if not cfg.stop:
+        return False
+    tail = tokenizer.decode(tokens[-(n_new + 8):], skip_special_tokens=False)  # a stop spans a few tokens at most
+    return any(s in tail for s in cfg.stop)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None):
     """prompts: list of token-id lists -> per prompt, cfg.n dicts {"tokens", "text"}; text is cut at the
-    first stop string (which is dropped) and tokens at EOS. `progress(k)` is called as k questions finish."""
+    first stop string (which is dropped) and tokens at EOS. `progress(k)` is called as k questions finish.
+    tokenizer may be None when cfg.stop is empty (then only EOS and max_new_tokens end a chain)."""
+    assert tokenizer is not None or not cfg.stop, "stop strings need the tokenizer to decode"
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
@@ -89,8 +97,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
                 keep = []
                 for r, row in enumerate(rows):
                     out[row] += new[r]
-                    tail = out[row][-(len(new[r]) + 8):]  # a stop string spans a few tokens at most
-                    if not _finished(tokenizer.decode(tail, skip_special_tokens=False), new[r], cfg, eos_id):
+                    if not _finished(out[row], len(new[r]), tokenizer, cfg, eos_id):
                         keep.append(r)
                 if not keep or last:
                     break
@@ -110,6 +117,8 @@ def _clean(tokens, tokenizer, cfg, eos_id):
     """Cut a chain at EOS or just after the token that completes the first stop string; drop the stop."""
     if eos_id is not None and eos_id in tokens:
         tokens = tokens[:tokens.index(eos_id)]
+    if tokenizer is None:  # token ids only (no stop strings to cut at)
+        return {"tokens": tokens, "text": None}
     text = tokenizer.decode(tokens, skip_special_tokens=False)
     if any(s in text for s in cfg.stop):
         n = next(k for k in range(1, len(tokens) + 1)

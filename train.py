@@ -170,7 +170,7 @@ def main(argv=None):
     lengths = [len(t) for t, _ in tokens]
     dev_records = data.read_corpus(args.dev_data)
     dev_skips = data.Skips()
-    dev_examples = data.build_examples(dev_records[:256], args.mode, args.filter, 1, args.seed, dev_skips)
+    dev_examples = data.build_examples(dev_records[:64], args.mode, args.filter, 1, args.seed, dev_skips)
     dev_tokens = data.tokenize_examples(dev_examples, tokenizer, args.max_len, dev_skips)
     dev_records = dev_records[:args.eval_questions]
 

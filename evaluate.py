@@ -1,0 +1,160 @@
+"""Evaluate a student: greedy accuracy and self-consistency (SCoTD §3: sample N chains, majority vote).
+
+    python evaluate.py                                   # newest runs/*/best on bundled CSQA validation
+    python evaluate.py --checkpoint runs/cot/best --n 30 --temperature 0.7
+    python evaluate.py --data contrast_set.jsonl         # any corpus in the canonical format
+
+Prints a table (greedy accuracy, self-consistency accuracy at N, abstention rate, mean chain length,
+tokens/s) and writes, next to the checkpoint, predictions JSONL (every chain, its parsed answer, the
+vote, the gold answer) and a PNG of accuracy against the number of chains voted over.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from model import from_pretrained, load_tokenizer
+from report import Progress, plot_lines
+from sample import SampleConfig, generate
+from scotd import LETTERS, MODES, extract_answer, majority_vote, vote_curve
+
+CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 5 minutes on 2 cores (SmolLM2-135M)
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="HF-layout folder (default: the newest runs/*/best)")
+    p.add_argument("--data", default=str(data.DEFAULT_DEV), help="canonical corpus JSONL(.gz)")
+    p.add_argument("--mode", default=None, choices=MODES, help="target mode (default: the one it was trained with)")
+    p.add_argument("--n", type=int, default=10, help="chains per question for self-consistency (0 = greedy only)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--limit", type=int, default=None, help=f"first N questions (default: all on GPU, {CPU_DEFAULT_LIMIT} on CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per prefill (x n rows while sampling)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=list(PTDTYPE), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval)")
+    return p.parse_args(argv)
+
+
+def newest_checkpoint(root=Path("runs")):
+    found = sorted(root.glob("*/best/config.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no checkpoint found under {root}/*/best: run `python train.py` first, or pass --checkpoint")
+    return found[-1].parent
+
+
+def trained_mode(checkpoint):
+    state = Path(checkpoint) / "trainer_state.pt"
+    if state.exists():
+        return json.loads(torch.load(state, map_location="cpu", weights_only=True)["args"])["mode"]
+    return None
+
+
+def run(model, tokenizer, prompts, cfg, eos_id, pad_id, label):
+    bar = Progress(len(prompts), label)
+    t0 = time.time()
+    outs = generate(model, tokenizer, prompts, cfg, eos_id=eos_id, pad_id=pad_id, progress=bar.update)
+    seconds = time.time() - t0
+    bar.close()
+    n_tokens = sum(len(c["tokens"]) for o in outs for c in o)
+    return outs, seconds, n_tokens
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
+    mode = args.mode or trained_mode(checkpoint) or "cot"
+    limit = args.limit if args.limit is not None else (None if device.type == "cuda" else CPU_DEFAULT_LIMIT)
+    torch.manual_seed(args.seed)
+
+    model = from_pretrained(checkpoint, device=device, dtype=PTDTYPE[args.dtype])
+    tokenizer = load_tokenizer(checkpoint)
+    pad_id = model.cfg.hf.get("pad_token_id") or 0
+    eos_id = model.cfg.hf.get("eos_token_id")
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    records = data.read_corpus(args.data)
+    total = len(records)
+    records = records[:limit] if limit else records
+    golds = [r["choices"].index(r["answer"]) for r in records]
+    prompts = [tokenizer.encode(data.format_query(r["question"], r["choices"])).ids for r in records]
+    print(f"model     {checkpoint} ({mode} mode) on {device}, {args.dtype}")
+    print(f"data      {args.data}: {len(records):,} of {total:,} questions"
+          f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
+
+    # greedy; for label-first students ("post", "label") the answer alone is enough: the fast path
+    fast = mode in ("post", "label")
+    greedy_cfg = SampleConfig(n=1, temperature=0.0, max_new_tokens=24 if fast else args.max_new_tokens,
+                              stop=(". ", "\n\n") if fast else ("\n\n",), batch_size=max(args.batch_size, 16),
+                              seed=args.seed)
+    greedy, greedy_s, greedy_tokens = run(model, tokenizer, prompts, greedy_cfg, eos_id, pad_id,
+                                          "greedy (answer only)" if fast else "greedy")
+    greedy_answers = [extract_answer(mode, o[0]["text"], r["choices"]) for o, r in zip(greedy, records)]
+
+    chains, sc_s, sc_tokens, curve = None, 0.0, 0, []
+    if args.n > 0:
+        sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+        chains, sc_s, sc_tokens = run(model, tokenizer, prompts, sc_cfg, eos_id, pad_id, f"sample N={args.n}")
+        answers = [[extract_answer(mode, c["text"], r["choices"]) for c in o] for o, r in zip(chains, records)]
+        curve = vote_curve(answers, golds)
+
+    out = Path(args.out) if args.out else checkpoint.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.data).name.split(".")[0]
+    preds_path = out / f"predictions-{stem}.jsonl"
+    with open(preds_path.with_suffix(".tmp"), "w") as f:
+        for i, r in enumerate(records):
+            row = {"id": r["id"], "gold": LETTERS[golds[i]], "greedy": {"text": greedy[i][0]["text"],
+                   "answer": _letter(greedy_answers[i])}, "greedy_correct": greedy_answers[i] == golds[i]}
+            if chains:
+                votes = answers[i]
+                row["chains"] = [{"text": c["text"], "answer": _letter(a), "tokens": len(c["tokens"])}
+                                 for c, a in zip(chains[i], votes)]
+                row["vote"] = _letter(majority_vote(votes))
+                row["vote_correct"] = majority_vote(votes) == golds[i]
+            f.write(json.dumps(row) + "\n")
+    preds_path.with_suffix(".tmp").replace(preds_path)
+
+    greedy_acc = float(np.mean([a == g for a, g in zip(greedy_answers, golds)]))
+    table = ["| metric | value |", "| --- | --- |",
+             f"| greedy accuracy{' (answer only, fast path)' if fast else ''} | {greedy_acc:.1%} |",
+             f"| greedy abstentions | {np.mean([a is None for a in greedy_answers]):.1%} |",
+             f"| greedy tokens/s | {greedy_tokens / max(greedy_s, 1e-9):,.0f} |"]
+    if chains:
+        flat = [a for q in answers for a in q]
+        table += [f"| self-consistency accuracy, N={args.n} (T={args.temperature}) | {curve[-1]:.1%} |",
+                  f"| accuracy of a single sampled chain | {curve[0]:.1%} |",
+                  f"| abstention rate (chains with no answer) | {np.mean([a is None for a in flat]):.1%} |",
+                  f"| mean chain length (tokens) | {sc_tokens / len(flat):.1f} |",
+                  f"| sampling tokens/s | {sc_tokens / max(sc_s, 1e-9):,.0f} ({sc_s:.0f} s) |"]
+        plot_lines(out / f"vote-curve-{stem}.png",
+                   {"majority vote over k chains": (list(range(1, args.n + 1)), curve),
+                    "greedy": ([1, args.n], [greedy_acc, greedy_acc])},
+                   "chains voted over (k)", "accuracy", f"self-consistency on {stem} ({len(records)} questions)")
+    print(f"\n{len(records):,} questions from {args.data}, {device}, {args.dtype}\n" + "\n".join(table))
+    print(f"\npredictions {preds_path}" + (f"\nplot        {out / f'vote-curve-{stem}.png'}" if chains else ""))
+    (out / f"summary-{stem}.json").write_text(json.dumps(
+        {"checkpoint": str(checkpoint), "mode": mode, "questions": len(records), "greedy_acc": greedy_acc,
+         "vote_curve": curve, "n": args.n, "temperature": args.temperature, "device": str(device), "dtype": args.dtype},
+        indent=2))
+    return out
+
+
+def _letter(index):
+    return None if index is None else LETTERS[index]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""sample.py and evaluate.py: greedy parity with transformers, seeded sampling, per-row stopping, end to end."""
+
+import json
+
+import pytest
+import torch
+
+import evaluate
+import train
+from helpers import left_padded_batch, make_hf_model, save_hf, tiny_student
+from model import from_pretrained, load_tokenizer
+from sample import SampleConfig, generate, next_token
+
+
+@pytest.mark.parametrize("kind", ["opt-preln", "opt-postln", "llama-tied"])
+def test_greedy_equals_transformers_generate_on_left_padded_batch(kind, tmp_path):
+    hf = make_hf_model(kind)
+    hf.generation_config.eos_token_id = None  # random weights: run the full length on both sides
+    model = from_pretrained(save_hf(hf, tmp_path))
+    pad = hf.config.pad_token_id
+    ids, mask = left_padded_batch([5, 9, 3, 7], pad_id=pad)
+    ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=pad)[:, ids.shape[1]:]
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    outs = generate(model, None, prompts, SampleConfig(max_new_tokens=10, stop=(), batch_size=4), pad_id=pad)
+    assert [o[0]["tokens"] for o in outs] == ref.tolist()
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return tiny_student(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def test_seeded_sampling_is_reproducible(student):
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    with torch.no_grad():  # random init is very peaked; flatten it so that samples differ
+        model.embed_tokens.weight.mul_(0.02)
+    prompts = [tok.encode("Q: where?\nA:").ids, tok.encode("Q: what do people use?\nA:").ids]
+    cfg = SampleConfig(n=5, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3)
+    a, b = generate(model, tok, prompts, cfg), generate(model, tok, prompts, cfg)
+    assert a == b
+    c = generate(model, tok, prompts, SampleConfig(n=5, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=4))
+    assert a != c
+    assert len({tuple(x["tokens"]) for x in a[0]}) > 1  # the chains differ from each other
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_token(logits, SampleConfig(temperature=1.0, top_k=2), g).flatten().tolist()) == {0, 1}
+    # softmax mass: 0.64, 0.24, 0.09, ...: top_p=0.8 keeps the first two
+    assert set(next_token(logits, SampleConfig(temperature=1.0, top_p=0.8), g).flatten().tolist()) == {0, 1}
+    assert set(next_token(logits, SampleConfig(temperature=0.0), g).flatten().tolist()) == {0}
+
+
+class CountingTokenizer:
+    """Decodes ids as letters; id 1 is a newline, so [.., 1, 1] completes the '\\n\\n' stop string."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("\n" if i == 1 else chr(ord("a") + i % 26) for i in ids)
+
+
+class Scripted(torch.nn.Module):
+    """A fake model whose row b emits newlines from step stop_at[b] on: rows stop at different lengths."""
+
+    def __init__(self, stop_at):
+        super().__init__()
+        self.cfg = make_hf_cfg()
+        self.stop_at, self.w = stop_at, torch.nn.Parameter(torch.zeros(1))
+        self.rows_seen = []
+
+    def forward(self, idx, attention_mask=None, cache=None):
+        B, T = idx.shape
+        step = cache.length - self.prompt_len  # -prompt_len at the prefill, then 0, 1, ...
+        cache.length += T
+        self.rows_seen.append(B)
+        logits = torch.zeros(B, T, 30)
+        for b in range(B):
+            row = self.row_ids[b] if B == len(self.row_ids) else self.live[b]
+            logits[b, -1, 1 if step >= self.stop_at[row] else 5] = 1.0
+        return logits, None
+
+
+def make_hf_cfg():
+    from model import Config
+    return Config(model_type="llama", vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=8, max_position_embeddings=64)
+
+
+def test_stop_strings_end_each_row_on_its_own(monkeypatch):
+    """Rows that finish leave the running batch; each is cut at its own '\\n\\n'."""
+    import sample
+
+    stops = [2, 6, 4]
+    model = Scripted(stops)
+    model.prompt_len, model.row_ids, model.live = 3, [0, 1, 2], [0, 1, 2]
+    real_select = sample.KVCache.select_rows
+
+    def select(cache, index):
+        model.live = [model.live[i] for i in index]
+        return real_select(cache, index)
+
+    monkeypatch.setattr(sample.KVCache, "select_rows", select)
+    outs = generate(model, CountingTokenizer(), [[3, 4, 5]] * 3, SampleConfig(max_new_tokens=20, batch_size=3))
+    # row b writes stop_at[b] + 1 'f's (id 5; the first from the prefill), then two newlines end it
+    assert [o[0]["text"] for o in outs] == ["f" * (s + 1) for s in stops]
+    assert [len(o[0]["tokens"]) for o in outs] == [s + 3 for s in stops]
+    assert model.rows_seen[1:] == sorted(model.rows_seen[1:], reverse=True) and min(model.rows_seen) == 1
+
+
+def test_evaluate_end_to_end_writes_predictions_and_plot(student, tmp_path):
+    ckpt = train.main(["--init", str(student), "--out", str(tmp_path / "run"), "--limit", "32", "--max-steps", "4",
+                       "--batch-size", "8", "--eval-every", "0", "--eval-questions", "4"])
+    out = evaluate.main(["--checkpoint", str(ckpt / "best"), "--limit", "6", "--n", "4", "--max-new-tokens", "24",
+                         "--out", str(tmp_path / "eval")])
+    rows = [json.loads(ln) for ln in (out / "predictions-csqa_palm_validation.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    assert all(len(r["chains"]) == 4 and "vote" in r and r["gold"] in "abcde" for r in rows)
+    assert (out / "vote-curve-csqa_palm_validation.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary-csqa_palm_validation.json").read_text())
+    assert summary["mode"] == "cot" and len(summary["vote_curve"]) == 4
