@@ -3,6 +3,7 @@
     python evaluate.py                                   # newest runs/*/best on bundled CSQA validation
     python evaluate.py --checkpoint runs/cot/best --n 30 --temperature 0.7
     python evaluate.py --data contrast_set.jsonl         # any corpus in the canonical format
+    torchrun --nproc_per_node 4 evaluate.py ...          # questions sharded over ranks, same result
 
 Prints a table (greedy accuracy, self-consistency accuracy at N, abstention rate, mean chain length,
 tokens/s) and writes, next to the checkpoint, predictions JSONL (every chain, its parsed answer, the
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 
 import data
+from distributed import Dist
 from model import from_pretrained, load_tokenizer
 from report import Progress, plot_lines
 from sample import SampleConfig, generate
-from scotd import LETTERS, MODES, extract_answer, majority_vote, vote_curve
+from scotd import LETTERS, MODES, extract_answer, fewshot_prefix, majority_vote, vote_curve
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 5 minutes on 2 cores (SmolLM2-135M)
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,7 +34,8 @@ def get_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="HF-layout folder (default: the newest runs/*/best)")
     p.add_argument("--data", default=str(data.DEFAULT_DEV), help="canonical corpus JSONL(.gz)")
     p.add_argument("--mode", default=None, choices=MODES, help="target mode (default: the one it was trained with)")
-    p.add_argument("--n", type=int, default=10, help="chains per question for self-consistency (0 = greedy only)")
+    p.add_argument("--n", "--chains", dest="n", type=int, default=10,
+                   help="chains per question for self-consistency (0 = greedy only); under torchrun write --chains")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -42,6 +45,8 @@ def get_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(PTDTYPE), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--fewshot", type=int, default=0, help="prefix K worked train examples (for untuned models)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval)")
     return p.parse_args(argv)
 
@@ -60,19 +65,29 @@ def trained_mode(checkpoint):
     return None
 
 
-def run(model, tokenizer, prompts, cfg, eos_id, pad_id, label):
-    bar = Progress(len(prompts), label)
+def run(model, tokenizer, prompts, cfg, eos_id, pad_id, label, dist):
+    """generate() over this rank's share of the question batches, gathered on every rank. Batch k samples
+    from its own seed, so any number of ranks gives the single-process result."""
+    bar = Progress(len(prompts), label) if dist.main else None
+    n_batches = -(-len(prompts) // cfg.batch_size)
     t0 = time.time()
-    outs = generate(model, tokenizer, prompts, cfg, eos_id=eos_id, pad_id=pad_id, progress=bar.update)
+    mine = generate(model, tokenizer, prompts, cfg, eos_id=eos_id, pad_id=pad_id,
+                    progress=(lambda k: bar.update(k * dist.world)) if bar else None,
+                    batches=range(dist.rank, n_batches, dist.world))
+    outs = [next(o[i] for o in dist.gather(mine) if o[i] is not None) for i in range(len(prompts))] \
+        if dist.world > 1 else mine
     seconds = time.time() - t0
-    bar.close()
+    if bar:
+        bar.n = len(prompts)
+        bar.close()
     n_tokens = sum(len(c["tokens"]) for o in outs for c in o)
     return outs, seconds, n_tokens
 
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist, device = Dist.init(args.device)
+    log = print if dist.main else (lambda *a, **k: None)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
     mode = args.mode or trained_mode(checkpoint) or "cot"
@@ -88,29 +103,37 @@ def main(argv=None):
     total = len(records)
     records = records[:limit] if limit else records
     golds = [r["choices"].index(r["answer"]) for r in records]
-    prompts = [tokenizer.encode(data.format_query(r["question"], r["choices"])).ids for r in records]
-    print(f"model     {checkpoint} ({mode} mode) on {device}, {args.dtype}")
-    print(f"data      {args.data}: {len(records):,} of {total:,} questions"
+    prefix = ""
+    if args.fewshot:
+        exemplars = data.build_examples(data.read_corpus(data.DEFAULT_TRAIN)[:100], mode, "correct")[:args.fewshot]
+        prefix = fewshot_prefix([(x["query"], x["target"]) for x in exemplars])
+    prompts = [tokenizer.encode(prefix + data.format_query(r["question"], r["choices"])).ids for r in records]
+    log(f"model     {checkpoint} ({mode} mode{f', {args.fewshot}-shot' if args.fewshot else ''}) on {device}, {args.dtype}")
+    log(f"data      {args.data}: {len(records):,} of {total:,} questions"
           f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
     # greedy; for label-first students ("post", "label") the answer alone is enough: the fast path
     fast = mode in ("post", "label")
     greedy_cfg = SampleConfig(n=1, temperature=0.0, max_new_tokens=24 if fast else args.max_new_tokens,
                               stop=(". ", "\n\n") if fast else ("\n\n",), batch_size=max(args.batch_size, 16),
-                              seed=args.seed)
+                              seed=args.seed, compile=args.compile)
     greedy, greedy_s, greedy_tokens = run(model, tokenizer, prompts, greedy_cfg, eos_id, pad_id,
-                                          "greedy (answer only)" if fast else "greedy")
+                                          "greedy (answer only)" if fast else "greedy", dist)
     greedy_answers = [extract_answer(mode, o[0]["text"], r["choices"]) for o, r in zip(greedy, records)]
 
     chains, sc_s, sc_tokens, curve = None, 0.0, 0, []
     if args.n > 0:
         sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-        chains, sc_s, sc_tokens = run(model, tokenizer, prompts, sc_cfg, eos_id, pad_id, f"sample N={args.n}")
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                              compile=args.compile)
+        chains, sc_s, sc_tokens = run(model, tokenizer, prompts, sc_cfg, eos_id, pad_id, f"sample N={args.n}", dist)
         answers = [[extract_answer(mode, c["text"], r["choices"]) for c in o] for o, r in zip(chains, records)]
         curve = vote_curve(answers, golds)
 
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
+    if not dist.main:  # rank 0 has everything (gathered) and writes it
+        dist.close()
+        return out
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.data).name.split(".")[0]
     preds_path = out / f"predictions-{stem}.jsonl"
@@ -147,8 +170,9 @@ def main(argv=None):
     print(f"\npredictions {preds_path}" + (f"\nplot        {out / f'vote-curve-{stem}.png'}" if chains else ""))
     (out / f"summary-{stem}.json").write_text(json.dumps(
         {"checkpoint": str(checkpoint), "mode": mode, "questions": len(records), "greedy_acc": greedy_acc,
-         "vote_curve": curve, "n": args.n, "temperature": args.temperature, "device": str(device), "dtype": args.dtype},
+         "vote_curve": curve, "n": args.n, "fewshot": args.fewshot, "temperature": args.temperature, "device": str(device), "dtype": args.dtype},
         indent=2))
+    dist.close()
     return out
 
 

@@ -493,15 +493,16 @@ def _commit_folder(tmp, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_pretrained(model, folder, tokenizer_from=None, extra_files=None):
+def save_pretrained(model, folder, tokenizer_from=None, extra_files=None, state_dict=None):
     """Write an HF-layout folder that transformers' from_pretrained loads unchanged. Atomic: a kill
     leaves either the old folder or the new one. Tokenizer files come from `tokenizer_from` (default:
-    the folder the model was loaded from). `extra_files` maps names to callables that write them."""
+    the folder the model was loaded from). `extra_files` maps names to callables that write them.
+    `state_dict` overrides the model's own (e.g. the full weights gathered from FSDP shards)."""
     cfg = model.cfg
     tmp = _atomic_folder(folder)
     prefix = _hf_prefix(cfg)
     state = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         if key == "lm_head.weight":
             if cfg.tie_word_embeddings:
                 continue  # transformers re-ties it from the embedding
@@ -510,7 +511,7 @@ def save_pretrained(model, folder, tokenizer_from=None, extra_files=None):
             state[prefix + key] = tensor
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
     hf = dict(cfg.hf)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     hf["torch_dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     source = tokenizer_from or model.source_folder

@@ -26,6 +26,7 @@ class SampleConfig:
     batch_size: int = 8  # questions per prefill; the running batch is batch_size * n rows
     seed: int = 0
     check_every: int = 0  # steps between stop checks; 0 = 1 on CPU, 8 on CUDA
+    compile: bool = False  # torch.compile the one-token decode step (dynamic shapes: the cache grows)
 
 
 def next_token(logits, cfg, generator):
@@ -67,16 +68,23 @@ def _finished(tokens, n_new, tokenizer, cfg, eos_id):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None):
+def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None, batches=None):
     """prompts: list of token-id lists -> per prompt, cfg.n dicts {"tokens", "text"}; text is cut at the
     first stop string (which is dropped) and tokens at EOS. `progress(k)` is called as k questions finish.
-    tokenizer may be None when cfg.stop is empty (then only EOS and max_new_tokens end a chain)."""
+    tokenizer may be None when cfg.stop is empty (then only EOS and max_new_tokens end a chain).
+
+    Prompts are taken cfg.batch_size at a time; batch k draws from its own generator seeded by
+    (cfg.seed, k), so a run restricted to some `batches` (one rank's share) samples exactly what the
+    full run samples for them. Prompts outside `batches` get None."""
     assert tokenizer is not None or not cfg.stop, "stop strings need the tokenizer to decode"
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
+    decode = torch.compile(model, dynamic=True) if cfg.compile else model  # only the decode step, as gpt-fast
     results = [None] * len(prompts)
-    for start in range(0, len(prompts), cfg.batch_size):
+    n_batches = -(-len(prompts) // cfg.batch_size)
+    for k in (range(n_batches) if batches is None else batches):
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + k)
+        start = k * cfg.batch_size
         batch = list(range(start, min(start + cfg.batch_size, len(prompts))))
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
         cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device,
@@ -105,7 +113,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
                     cache = cache.select_rows(keep)
                     tok = tok[keep]
                     rows = [rows[r] for r in keep]
-            logits = model(tok, cache=cache)[0][:, -1]
+            logits = decode(tok, cache=cache)[0][:, -1]
         for q in batch:
             results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id) for c in range(cfg.n)]
         if progress:

@@ -41,6 +41,12 @@ def format_target(mode, choices, answer_index, rationale=None):
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
+def fewshot_prefix(exemplars):
+    """[(query, target), ...] -> the few-shot CoT prompt (Wei et al.): worked examples separated by blank
+    lines. Prepended to a query it prompts an untuned model -- the floor a distilled student should beat."""
+    return "".join(query + target for query, target in exemplars)
+
+
 # -----------------------------------------------------------------------------
 # Answer extraction
 

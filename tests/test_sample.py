@@ -118,3 +118,12 @@ def test_evaluate_end_to_end_writes_predictions_and_plot(student, tmp_path):
     assert (out / "vote-curve-csqa_palm_validation.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary-csqa_palm_validation.json").read_text())
     assert summary["mode"] == "cot" and len(summary["vote_curve"]) == 4
+
+
+def test_compiled_decode_step_gives_the_same_tokens(student):
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    prompts = [tok.encode("Q: where do beavers live?\nA:").ids, tok.encode("Q: what?\nA:").ids]
+    cfg = dict(n=3, temperature=0.0, max_new_tokens=8, stop=())
+    eager = generate(model, None, prompts, SampleConfig(**cfg))
+    compiled = generate(model, None, prompts, SampleConfig(**cfg, compile=True))
+    assert compiled == eager

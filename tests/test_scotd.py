@@ -1,6 +1,7 @@
 """scotd.py: the templates, answer extraction and voting, as the paper defines them."""
 
-from scotd import extract_answer, format_query, format_target, majority_vote, parse_choice, vote_curve
+from scotd import (extract_answer, fewshot_prefix, format_query, format_target, majority_vote, parse_choice,
+                   vote_curve)
 
 CHOICES = ["british columbia", "body of water", "wooded area", "pay debts", "zoo"]
 
@@ -54,3 +55,9 @@ def test_vote_curve_from_the_same_samples():
 def test_repeated_choice_text_is_not_a_contradiction():
     # CSQA has questions whose choices repeat a text, e.g. (a) healthy ... (e) healthy
     assert parse_choice("(a) healthy.", ["healthy", "cure", "wellness", "passing around", "healthy"]) == 0
+
+
+def test_fewshot_prefix_is_worked_examples_then_blank_lines():
+    q = format_query("Where?", CHOICES)
+    prefix = fewshot_prefix([(q, format_target("cot", CHOICES, 2, "Wood."))] * 2)
+    assert prefix == (q + " Wood. So the answer is (c) wooded area.\n\n") * 2

@@ -1,0 +1,241 @@
+"""scotd vs HF transformers, measured in the same run on the same machine, model, data and dtype.
+
+    python bench/bench.py --quick        # a few minutes on 2 CPU cores
+    python bench/bench.py                # the full set (32 questions, N = 10 and 30)
+
+1. Training on the bundled CSQA corpus (cot targets, filter=correct): useful (target) tokens per second
+   and peak memory. HF side: the same weights through transformers, padded batches in random order and
+   labels -100 on the query, as the official SCoTD code trains. Ours: train.py's own step.
+2. Self-consistency sampling on CSQA validation questions, T = 0.7, stop at "\\n\\n", max 96 new tokens:
+   generated tokens per second (tokens up to the stop, both sides) and wall time. HF side:
+   generate(num_return_sequences=N, do_sample=True, stop_strings=["\\n\\n"]).
+
+Every measurement runs in a fresh subprocess so that peak memory (max RSS on CPU, max allocated on
+CUDA) belongs to that side alone. Prints a markdown table with both figures and the ratio.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+from model import Config, Transformer, default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
+
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def opt125m_folder(cache):
+    """An OPT-125m-shaped random init (12 layers, d=768, 12 heads, ffn 3072, vocab 50272), saved once."""
+    folder = cache / "opt-125m-random"
+    if not (folder / "config.json").exists():
+        hf = dict(model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
+                  num_attention_heads=12, max_position_embeddings=2048, word_embed_proj_dim=768,
+                  do_layer_norm_before=True, activation_function="relu", enable_bias=True, pad_token_id=1,
+                  bos_token_id=2, eos_token_id=2, architectures=["OPTForCausalLM"], torch_dtype="float32")
+        torch.manual_seed(0)
+        model = Transformer(Config.from_dict(hf))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02) if p.dim() >= 2 else None
+        save_pretrained(model, folder, tokenizer_from=default_student())  # SmolLM2's tokenizer: ids < 49152
+    return folder
+
+
+def model_folder(name):
+    cache = Path(os.environ.get("SCOTD_CACHE", Path.home() / ".cache" / "scotd"))
+    return default_student() if name == "smollm2-135m" else opt125m_folder(cache)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# Workers (one per subprocess)
+
+
+def train_worker(side, name, steps, batch_size, device, dtype):
+    import train
+
+    folder = model_folder(name)
+    tok = load_tokenizer(folder)
+    examples = data.build_examples(data.read_corpus(data.DEFAULT_TRAIN), "cot", "correct")
+    tokens = data.tokenize_examples(examples, tok, 256, data.Skips())
+    rng = np.random.default_rng(0)
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    torch.manual_seed(0)
+    if side == "ours":
+        model = from_pretrained(folder, device=device).train()
+        batches = data.length_bucketed_batches([len(t) for t, _ in tokens], batch_size, rng)
+        optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+        def step(batch):
+            idx, targets = data.collate(batch, 0)
+            return train.train_step(model, optimizer, scaler, [(idx.to(device), targets.to(device), None)], ctx, 1.0)[2]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
+        order = rng.permutation(len(tokens))
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+
+        def step(batch):
+            T = max(len(ids) for ids, _ in batch)
+            input_ids = torch.zeros(len(batch), T, dtype=torch.long)
+            attention = torch.zeros(len(batch), T, dtype=torch.long)
+            labels = torch.full((len(batch), T), -100, dtype=torch.long)
+            for b, (ids, n_query) in enumerate(batch):
+                ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+                input_ids[b, :len(ids)], attention[b, :len(ids)] = ids, 1
+                labels[b, n_query:len(ids)] = ids[n_query:]
+            with ctx:
+                loss = model(input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return int((labels != -100).sum())
+
+    step([tokens[i] for i in batches[0]])  # warm-up
+    sync(device)
+    t0, useful = time.time(), 0
+    for b in batches[1:steps + 1]:
+        useful += step([tokens[i] for i in b])
+    sync(device)
+    seconds = time.time() - t0
+    return {"tok_s": useful / seconds, "seconds": seconds, "useful_tokens": useful, "peak_mb": peak_memory_mb(device)}
+
+
+def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_tokens=96):
+    from sample import SampleConfig, generate
+
+    folder = model_folder(name)
+    tok = load_tokenizer(folder)
+    records = data.read_corpus(data.DEFAULT_DEV)[:questions]
+    prompts = [tok.encode(data.format_query(r["question"], r["choices"])).ids for r in records]
+    torch.manual_seed(0)
+    if side == "ours":
+        model = from_pretrained(folder, device=device, dtype=dtype)
+        cfg = SampleConfig(n=n, temperature=0.7, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=0)
+        generate(model, tok, prompts[:1], SampleConfig(n=2, max_new_tokens=4))  # warm-up
+        sync(device)
+        t0 = time.time()
+        outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.hf.get("eos_token_id"))
+        sync(device)
+        seconds = time.time() - t0
+        generated = sum(len(c["tokens"]) for o in outs for c in o)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        hf_tok = AutoTokenizer.from_pretrained(folder)
+        hf_tok.padding_side = "left"
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        model.generation_config.pad_token_id = pad
+
+        def run(batch_prompts, n, max_new):
+            T = max(len(p) for p in batch_prompts)
+            ids = torch.tensor([[pad] * (T - len(p)) + p for p in batch_prompts], device=device)
+            mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch_prompts], device=device)
+            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                                 num_return_sequences=n, max_new_tokens=max_new, stop_strings=["\n\n"],
+                                 tokenizer=hf_tok)
+            return out[:, T:].tolist()
+
+        def useful(row):
+            """Tokens of a chain up to the one that completes the stop string, or up to EOS, as ours counts."""
+            for j in range(1, len(row) + 1):
+                if row[j - 1] == model.config.eos_token_id:
+                    return j - 1
+                if "\n\n" in hf_tok.decode(row[:j]):
+                    return j
+            return len(row)
+
+        with torch.no_grad():
+            run(prompts[:1], 2, 4)  # warm-up
+            sync(device)
+            t0 = time.time()
+            rows = [row for s in range(0, len(prompts), batch_size) for row in run(prompts[s:s + batch_size], n, max_new_tokens)]
+            sync(device)
+            seconds = time.time() - t0
+        generated = sum(useful(row) for row in rows)  # counted outside the timed region
+    return {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
+
+
+# -----------------------------------------------------------------------------
+# Driver
+
+
+def measure(kind, side, **kw):
+    """Run one worker in a fresh process; return its JSON result."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps({"kind": kind, "side": side, **kw})]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"worker {kind}/{side} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=list(PTDTYPE), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--only", default=None, choices=("train", "sample"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        kw = json.loads(args.worker)
+        kind = kw.pop("kind")
+        kw["device"], kw["dtype"] = torch.device(kw["device"]), PTDTYPE[kw["dtype"]]
+        torch.set_num_threads(kw.pop("threads", torch.get_num_threads()))
+        result = (train_worker if kind == "train" else sample_worker)(**kw)
+        print(json.dumps(result))
+        return
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    q = args.quick
+    rows = []
+    if args.only in (None, "train"):
+        for name in ("opt-125m-random", "smollm2-135m"):
+            kw = dict(name=name, steps=4 if q else 20, batch_size=8, device=device, dtype=dtype)
+            ours, hf = measure("train", "ours", **kw), measure("train", "hf", **kw)
+            rows.append((f"train {name}, batch 8, {kw['steps']} steps", "target tok/s", ours, hf))
+    if args.only in (None, "sample"):
+        for n in (10, 30):
+            kw = dict(name="smollm2-135m", n=n, questions=4 if q else 32, batch_size=4 if q else 8, device=device,
+                      dtype=dtype)
+            ours, hf = measure("sample", "ours", **kw), measure("sample", "hf", **kw)
+            rows.append((f"sample smollm2-135m, {kw['questions']} questions, N={n}", "generated tok/s", ours, hf))
+
+    print(f"\nscotd vs transformers | {device} ({torch.get_num_threads()} threads) | {dtype} | torch {torch.__version__}")
+    print("| benchmark | metric | scotd | transformers | ratio | scotd s / peak MB | transformers s / peak MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, metric, ours, hf in rows:
+        print(f"| {label} | {metric} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
+              f"{ours['seconds']:.1f} / {ours['peak_mb']:,.0f} | {hf['seconds']:.1f} / {hf['peak_mb']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Data parallelism through PyTorch's own engine, launched with torchrun; a no-op in a single process.
+
+    torchrun --nproc_per_node K train.py ...      # DDP (or --fsdp); gloo on CPU, NCCL on GPUs
+    torchrun --nproc_per_node K evaluate.py ...   # questions sharded over ranks, gathered on rank 0
+
+`Dist` holds rank and world size and the three collectives the scripts need. Without torchrun's
+environment it is rank 0 of 1 and every collective returns its input, so the single-process path
+reads as if this file did not exist.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @classmethod
+    def init(cls, device=None):
+        """Join the process group torchrun describes (if any). Returns (Dist, device)."""
+        if "RANK" not in os.environ:
+            return cls(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(local)
+        if not td.is_initialized():
+            td.init_process_group(backend="nccl" if cuda else "gloo")
+        return cls(rank, world, local), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+    def sum(self, x):
+        """Sum a Python number over ranks."""
+        if self.world == 1:
+            return x
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        if td.get_backend() == "nccl":
+            t = t.cuda()
+        td.all_reduce(t)
+        return type(x)(t.item())
+
+    def gather(self, obj):
+        """Every rank's object, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        td.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.world > 1:
+            td.barrier()
+
+    def close(self):
+        if self.world > 1 and td.is_initialized():
+            td.destroy_process_group()

@@ -1,0 +1,80 @@
+"""torchrun on CPU (gloo, 2 processes): data-parallel training equals one process with the same global
+batch, a DDP checkpoint resumes in one process, sharded evaluation writes the same predictions."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import tiny_student
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+COMMON = ["--limit", "48", "--batch-size", "8", "--eval-every", "0", "--eval-questions", "4", "--lr", "3e-3",
+          "--warmup-steps", "0", "--min-lr-ratio", "1", "--seed", "5"]  # constant lr: a run can be cut and resumed
+
+
+def launch(script, *args, nproc=1):
+    cmd = [sys.executable, script, *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return tiny_student(tmp_path_factory.mktemp("tiny") / "m")
+
+
+@pytest.fixture(scope="module")
+def single(student, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    launch("train.py", "--init", str(student), "--out", str(out), "--max-steps", "8", *COMMON)
+    return out
+
+
+def weights(run):
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def assert_same_run(a, b, atol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+    assert max(abs(x - y) for x, y in zip(losses(a), losses(b))) <= 1e-5
+
+
+def test_ddp_then_single_process_resume_equals_single_process(student, single, tmp_path):
+    out = tmp_path / "ddp"
+    stdout = launch("train.py", "--init", str(student), "--out", str(out), "--max-steps", "4", *COMMON, nproc=2)
+    assert "2 ranks x 4 (DDP)" in stdout
+    launch("train.py", "--init", str(student), "--out", str(out), "--max-steps", "8", "--resume", *COMMON)
+    assert len(losses(out)) == 8
+    assert_same_run(single, out, atol=1e-5)
+
+
+def test_fsdp_equals_single_process(student, single, tmp_path):
+    out = tmp_path / "fsdp"
+    stdout = launch("train.py", "--init", str(student), "--out", str(out), "--max-steps", "8", "--fsdp", *COMMON, nproc=2)
+    assert "2 ranks x 4 (FSDP)" in stdout
+    assert_same_run(single, out, atol=1e-5)
+
+
+def test_sharded_evaluation_writes_the_same_predictions(single, tmp_path):
+    args = ["--checkpoint", str(single / "last"), "--limit", "7", "--chains", "3", "--batch-size", "2",  # torchrun takes --n
+            "--max-new-tokens", "16"]
+    launch("evaluate.py", *args, "--out", str(tmp_path / "one"))
+    launch("evaluate.py", *args, "--out", str(tmp_path / "two"), nproc=2)
+    name = "predictions-csqa_palm_validation.jsonl"
+    one = (tmp_path / "one" / name).read_text()
+    assert len(one.splitlines()) == 7
+    assert one == (tmp_path / "two" / name).read_text()
