@@ -20,13 +20,12 @@ import torch
 
 import data
 from distributed import Dist
-from model import from_pretrained, load_tokenizer
+from model import DTYPES, from_pretrained, load_tokenizer
 from report import Progress, plot_lines
 from sample import SampleConfig, generate
 from scotd import LETTERS, MODES, extract_answer, fewshot_prefix, majority_vote, vote_curve
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 5 minutes on 2 cores (SmolLM2-135M)
-PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_args(argv=None):
@@ -43,7 +42,7 @@ def get_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help=f"first N questions (default: all on GPU, {CPU_DEFAULT_LIMIT} on CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per prefill (x n rows while sampling)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=list(PTDTYPE), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--fewshot", type=int, default=0, help="prefix K worked train examples (for untuned models)")
@@ -94,11 +93,9 @@ def main(argv=None):
     limit = args.limit if args.limit is not None else (None if device.type == "cuda" else CPU_DEFAULT_LIMIT)
     torch.manual_seed(args.seed)
 
-    model = from_pretrained(checkpoint, device=device, dtype=PTDTYPE[args.dtype])
+    model = from_pretrained(checkpoint, device=device, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(checkpoint)
-    pad_id = model.cfg.hf.get("pad_token_id") or 0
-    eos_id = model.cfg.hf.get("eos_token_id")
-    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    pad_id, eos_id = model.cfg.pad_token_id, model.cfg.eos_token_id
     records = data.read_corpus(args.data)
     total = len(records)
     records = records[:limit] if limit else records

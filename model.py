@@ -61,6 +61,16 @@ class Config:
     # the full HF dict, written back unchanged by save_pretrained
     hf: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def eos_token_id(self):
+        eos = self.hf.get("eos_token_id")
+        return eos[0] if isinstance(eos, list) else eos
+
+    @property
+    def pad_token_id(self):
+        pad = self.hf.get("pad_token_id")
+        return self.eos_token_id if pad is None and self.eos_token_id is not None else (pad or 0)
+
     def __post_init__(self):
         if self.model_type not in ("opt", "llama"):
             raise ValueError(f"unsupported model_type {self.model_type!r}: scotd supports 'opt' and 'llama'")
@@ -111,6 +121,7 @@ class Config:
         raise ValueError(f"{path}: unsupported model_type {kind!r}: scotd supports 'opt' and 'llama'")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 # -----------------------------------------------------------------------------

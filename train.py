@@ -25,12 +25,11 @@ import torch
 
 import data
 from distributed import Dist
-from model import default_student, from_pretrained, load_tokenizer, save_pretrained
+from model import DTYPES, default_student, from_pretrained, load_tokenizer, save_pretrained
 from report import Progress, append_jsonl, plot_lines
 from sample import SampleConfig, generate
 from scotd import MODES, extract_answer
 
-PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_FILE = "trainer_state.pt"
 CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~15 min for SmolLM2-135M on 2 CPU cores (fp32)
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
@@ -59,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=list(PTDTYPE), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard params, grads and optimizer state (FSDP2)")
     p.add_argument("--seed", type=int, default=1337)
@@ -222,7 +221,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     # precision: fp32 master weights, autocast for bf16/fp16, a GradScaler only for fp16
-    ptdtype = PTDTYPE[args.dtype]
+    ptdtype = DTYPES[args.dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device.type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
 
@@ -230,10 +229,7 @@ def main(argv=None):
     init = Path(args.init) if args.init else default_student()
     model = from_pretrained(init, device=device)
     tokenizer = load_tokenizer(init)
-    pad_id = model.cfg.hf.get("pad_token_id")
-    pad_id = 0 if pad_id is None else pad_id
-    eos_id = model.cfg.hf.get("eos_token_id")
-    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    pad_id, eos_id = model.cfg.pad_token_id, model.cfg.eos_token_id
 
     # data: corpus -> (query, target) examples -> token ids; every skip is counted and shown
     skips = data.Skips()

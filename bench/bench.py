@@ -31,9 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from model import Config, Transformer, default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
+from model import DTYPES, Config, Transformer, default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 
-PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def opt125m_folder(cache):
@@ -141,7 +140,7 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         generate(model, tok, prompts[:1], SampleConfig(n=2, max_new_tokens=4))  # warm-up
         sync(device)
         t0 = time.time()
-        outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.hf.get("eos_token_id"))
+        outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
         sync(device)
         seconds = time.time() - t0
         generated = sum(len(c["tokens"]) for o in outs for c in o)
@@ -200,14 +199,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=list(PTDTYPE), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--only", default=None, choices=("train", "sample"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         kw = json.loads(args.worker)
         kind = kw.pop("kind")
-        kw["device"], kw["dtype"] = torch.device(kw["device"]), PTDTYPE[kw["dtype"]]
+        kw["device"], kw["dtype"] = torch.device(kw["device"]), DTYPES[kw["dtype"]]
         torch.set_num_threads(kw.pop("threads", torch.get_num_threads()))
         result = (train_worker if kind == "train" else sample_worker)(**kw)
         print(json.dumps(result))
