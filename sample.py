@@ -2,8 +2,9 @@
 
 HF `generate(num_return_sequences=N)` prefills each prompt N times and keeps finished rows in the batch
 until the longest is done. Here a batch of questions is prefilled once (left-padded), each question's
-KV cache is repeated to N rows, and rows leave the running batch as soon as they hit a stop string, EOS
-or `max_new_tokens`, so the last long chain does not pay for the finished ones. Sampling draws with the
+KV cache is repeated to N rows, and rows that hit a stop string, EOS or `max_new_tokens` leave the
+running batch (in bulk, once a quarter of it is done), so the last long chain does not pay for the
+finished ones. Sampling draws with the
 exponential-race trick (argmax of p / Exp(1)), which needs no device->host sync; stops are checked every
 `check_every` steps (1 on CPU, where a sync costs nothing).
 """
@@ -94,6 +95,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
         cache = cache.repeat_rows(cfg.n)
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
         out = {row: [] for row in rows}
+        done = set()  # finished rows still in the running batch
         pending = []  # sampled tokens not yet copied to the host
         for step in range(cfg.max_new_tokens):
             tok = next_token(logits, cfg, generator)  # (R, 1)
@@ -102,17 +104,18 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
             if len(pending) == check_every or last:
                 new = torch.cat(pending, 1).tolist()  # the only device->host copy
                 pending = []
-                keep = []
                 for r, row in enumerate(rows):
-                    out[row] += new[r]
-                    if not _finished(out[row], len(new[r]), tokenizer, cfg, eos_id):
-                        keep.append(r)
-                if not keep or last:
+                    if row not in done:
+                        out[row] += new[r]
+                        if _finished(out[row], len(new[r]), tokenizer, cfg, eos_id):
+                            done.add(row)
+                if len(done) == len(rows) or last:
                     break
-                if len(keep) < len(rows):  # finished chains leave the running batch
-                    cache = cache.select_rows(keep)
-                    tok = tok[keep]
-                    rows = [rows[r] for r in keep]
+                # finished chains leave the running batch; compacting copies the whole cache, so it
+                # waits until a quarter of the rows are done (at most 25 % of the rows are wasted)
+                if 4 * len(done) >= len(rows):
+                    keep = [r for r, row in enumerate(rows) if row not in done]
+                    cache, tok, rows, done = cache.select_rows(keep), tok[keep], [rows[r] for r in keep], set()
             logits = decode(tok, cache=cache)[0][:, -1]
         for q in batch:
             results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id) for c in range(cfg.n)]

@@ -302,8 +302,7 @@ def main(argv=None):
             lines = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step] if step else []
             metrics.write_text("".join(ln + "\n" for ln in lines))
         (args.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
-    if args.compile:  # checkpoints save the raw module, never the compiled wrapper
-        model = torch.compile(model)
+    step_model = torch.compile(model) if args.compile else model  # checkpoints never see the compiled wrapper
 
     def trainer_state():
         s = {"scaler": scaler.state_dict(), "step": step, "epoch": epoch,
@@ -327,7 +326,7 @@ def main(argv=None):
 
     stream = micro_batches(tokens, lengths, args, epoch, index)
     bar = Progress(total_steps, "train", start=step) if dist.main else None
-    model.train()
+    raw_model.train()
     t0, tokens_seen = time.time(), 0
     try:
         while step < total_steps:
@@ -338,7 +337,7 @@ def main(argv=None):
             for _ in range(args.grad_accum):
                 epoch, index, batch = next(stream)
                 window.append(to_tensors(batch[dist.rank::dist.world], args, pad_id, device))  # this rank's share
-            train_loss, grad_norm, n_window = train_step(model, optimizer, scaler, window, ctx, args.grad_clip, dist)
+            train_loss, grad_norm, n_window = train_step(step_model, optimizer, scaler, window, ctx, args.grad_clip, dist)
             step += 1
             tokens_seen += n_window
             tok_s = tokens_seen / (time.time() - t0)

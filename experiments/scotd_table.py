@@ -55,7 +55,7 @@ def main():
         if not summary.exists():
             argv = ["--checkpoint", str(checkpoint), "--limit", str(limit), "--temperature", str(args.temperature),
                     "--seed", str(args.seed), "--out", str(summary.parent), *extra]
-            commands.append("python evaluate.py " + " ".join(argv))
+            commands.append("python evaluate.py " + " ".join(argv).replace(f"{ROOT}/", ""))
             evaluate.main(argv)
         return json.loads(summary.read_text())
 
@@ -68,7 +68,7 @@ def main():
             argv = ["--mode", mode, "--filter", filt, "--out", str(run), "--seed", str(args.seed), *budget]
             if (run / "last" / "trainer_state.pt").exists():
                 argv.append("--resume")
-            commands.append("python train.py " + " ".join(argv))
+            commands.append("python train.py " + " ".join(argv).replace(f"{ROOT}/", ""))
             train.main(argv)
         results[name] = evaluate_once(name, run / "best", ["--n", str(args.n) if mode == "cot" else "0"])
 

@@ -169,3 +169,10 @@ def test_length_buckets_cover_every_example_once():
     assert sorted(i for b in batches for i in b) == list(range(1000))
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     assert padded < 1.1 * sum(lengths)  # little compute wasted on padding
+
+
+def test_stats_reports_the_corpus(student):
+    text = data.stats(data.DEFAULT_DEV, load_tokenizer(student))
+    assert "questions         1,221" in text
+    assert "teacher accuracy  78.8% of rationales" in text  # 962 of 1,221 PaLM answers are gold
+    assert "rationale tokens  p50" in text and "distinct-1 / -2" in text

@@ -100,3 +100,10 @@ def test_command_line_end_to_end(student, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "skipped:" in r.stdout and "next      python evaluate.py --checkpoint" in r.stdout
     assert (tmp_path / "cli" / "best" / "model.safetensors").exists()
+
+
+def test_compiled_training_matches_eager(student, tmp_path):
+    eager = run(student, tmp_path / "e", "--max-steps", "2")
+    compiled = run(student, tmp_path / "c", "--max-steps", "2", "--compile")
+    assert max(abs(x - y) for x, y in zip(losses(eager), losses(compiled))) <= 1e-4
+    assert "_orig_mod" not in "".join(load_file(str(compiled / "last" / "model.safetensors")))  # the raw module is saved
