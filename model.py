@@ -331,6 +331,7 @@ class Transformer(nn.Module):
             assert cache is None and attention_mask is None, "packed rows are for training, without a cache"
             return self._run(idx, targets, positions_in_docs(docs), packed_mask(docs), None)
         start = 0 if cache is None else cache.length
+        padded = attention_mask is not None  # None (training batches): causal attention, no mask, no sync
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         attention_mask = attention_mask.bool()
@@ -343,7 +344,7 @@ class Transformer(nn.Module):
         # a token's position counts only the real tokens before it in its row, so left padding is harmless
         positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T)
         mask = None
-        if cache is not None or not attention_mask.all():
+        if cache is not None or (padded and not attention_mask.all()):
             mask = self._attention_mask(key_valid, start, T)
         return self._run(idx, targets, positions, mask, cache)
 
