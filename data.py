@@ -212,11 +212,6 @@ def import_scotd(release_json, questions_jsonl, skips):
     return [q for q in questions if q["rationales"]]
 
 
-def load_corpus(path):
-    """Any supported corpus path -> records. Canonical JSONL(.gz) is the only format read at train time."""
-    return read_corpus(path)
-
-
 # -----------------------------------------------------------------------------
 # Examples: (query, target) pairs for a target mode and filter
 

@@ -142,8 +142,8 @@ def main(argv=None):
                 votes = answers[i]
                 row["chains"] = [{"text": c["text"], "answer": _letter(a), "tokens": len(c["tokens"])}
                                  for c, a in zip(chains[i], votes)]
-                row["vote"] = _letter(majority_vote(votes))
-                row["vote_correct"] = majority_vote(votes) == golds[i]
+                vote = majority_vote(votes)
+                row["vote"], row["vote_correct"] = _letter(vote), vote == golds[i]
             f.write(json.dumps(row) + "\n")
     preds_path.with_suffix(".tmp").replace(preds_path)
 

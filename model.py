@@ -68,8 +68,10 @@ class Config:
 
     @property
     def pad_token_id(self):
-        pad = self.hf.get("pad_token_id")
-        return self.eos_token_id if pad is None and self.eos_token_id is not None else (pad or 0)
+        """The checkpoint's pad id; else EOS; else 0 (padding is masked, so any id serves)."""
+        for pad in (self.hf.get("pad_token_id"), self.eos_token_id, 0):
+            if pad is not None:
+                return pad
 
     def __post_init__(self):
         if self.model_type not in ("opt", "llama"):

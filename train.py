@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -124,27 +124,20 @@ def train_step(model, optimizer, scaler, window, ctx, grad_clip, dist=Dist()):
     return dist.sum(loss_sum) / n_window, float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), n_window
 
 
+@contextmanager
 def no_sync(model, last):
     """Skip the gradient all-reduce on all but the last micro-batch of a window (DDP and FSDP2)."""
-    if last:
-        return nullcontext()
-    if hasattr(model, "no_sync"):  # DDP
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if last or not (hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")):
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:  # FSDP2
         model.set_requires_gradient_sync(False)
-        return _ResyncAfter(model)
-    return nullcontext()
-
-
-class _ResyncAfter:
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.model.set_requires_gradient_sync(True)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
 
 def make_optimizer(model, lr, weight_decay, device_type):

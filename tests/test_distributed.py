@@ -13,7 +13,8 @@ from helpers import tiny_student
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 COMMON = ["--limit", "48", "--batch-size", "8", "--eval-every", "0", "--eval-questions", "4", "--lr", "3e-3",
-          "--warmup-steps", "0", "--min-lr-ratio", "1", "--seed", "5"]  # constant lr: a run can be cut and resumed
+          "--warmup-steps", "0", "--min-lr-ratio", "1", "--seed", "5",  # constant lr: a run can be cut and resumed
+          "--grad-accum", "2"]  # exercises no_sync (DDP) and set_requires_gradient_sync (FSDP)
 
 
 def launch(script, *args, nproc=1):
