@@ -139,8 +139,9 @@ class KVCache:
 
     def __init__(self, cfg, batch_size, max_seq_len, device=None, dtype=torch.float32):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, S, hd)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # uninitialised: a slot is always written before it is read (attention reads slots < length)
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # (L, B, n_kv, S, hd)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # (B, S)
         self.length = 0  # slots filled so far, the same for every row
 
@@ -152,18 +153,34 @@ class KVCache:
     def max_seq_len(self):
         return self.valid.shape[1]
 
-    def _rows(self, index):
+    def _view(self, k, v, valid):
         new = object.__new__(KVCache)
-        new.k, new.v, new.valid, new.length = self.k[:, index], self.v[:, index], self.valid[index], self.length
+        new.k, new.v, new.valid, new.length = k, v, valid, self.length
         return new
 
     def repeat_rows(self, n):
-        """Each row repeated n times in place order (row b -> rows b*n .. b*n+n-1): one prefill, n chains."""
-        return self._rows(torch.arange(self.batch_size, device=self.valid.device).repeat_interleave(n))
+        """Each row repeated n times in place order (row b -> rows b*n .. b*n+n-1): one prefill, n chains.
+        Only the filled slots are copied."""
+        L, B, n_kv, S, hd = self.k.shape
+        new = self._view(self.k.new_empty(L, B * n, n_kv, S, hd), self.v.new_empty(L, B * n, n_kv, S, hd),
+                         self.valid.repeat_interleave(n, 0))
+        filled = slice(0, self.length)
+        new.k[:, :, :, filled] = self.k[:, :, :, filled].repeat_interleave(n, 1)
+        new.v[:, :, :, filled] = self.v[:, :, :, filled].repeat_interleave(n, 1)
+        return new
 
-    def select_rows(self, index):
-        """Keep only the given rows (e.g. drop finished chains from the running batch)."""
-        return self._rows(torch.as_tensor(index, device=self.valid.device))
+    def select_rows(self, keep):
+        """Keep only the rows `keep` (ascending), e.g. drop finished chains from the running batch. The
+        kept rows move to the front in place, filled slots only: no new memory, and this cache is
+        consumed (use the returned one)."""
+        filled = slice(0, self.length)
+        for dst, src in enumerate(keep):
+            if dst != src:  # dst < src, so a row is never overwritten before it has moved
+                self.k[:, dst, :, filled] = self.k[:, src, :, filled]
+                self.v[:, dst, :, filled] = self.v[:, src, :, filled]
+                self.valid[dst] = self.valid[src]
+        m = len(keep)
+        return self._view(self.k[:, :m], self.v[:, :m], self.valid[:m])
 
 
 # -----------------------------------------------------------------------------

@@ -4,9 +4,8 @@ HF `generate(num_return_sequences=N)` prefills each prompt N times and keeps fin
 until the longest is done. Here a batch of questions is prefilled once (left-padded), each question's
 KV cache is repeated to N rows, and rows that hit a stop string, EOS or `max_new_tokens` leave the
 running batch (in bulk, once a quarter of it is done), so the last long chain does not pay for the
-finished ones. Sampling draws with the
-exponential-race trick (argmax of p / Exp(1)), which needs no device->host sync; stops are checked every
-`check_every` steps (1 on CPU, where a sync costs nothing).
+finished ones. Sampling inverts the CDF with one uniform per row, on the device, so it needs no
+device->host sync; stops are checked every `check_every` steps (1 on CPU, where a sync costs nothing).
 """
 
 from dataclasses import dataclass
@@ -43,9 +42,13 @@ def next_token(logits, cfg, generator):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax(-1, keepdim=True)
+    # inverse CDF: one uniform per row. (The exponential race, argmax of p / Exp(1), draws one random
+    # number per vocabulary entry: 20x slower on CPU.) Dividing by the row's total makes the last entry
+    # exactly 1 > u, so the draw always lands on a token with non-zero probability.
+    cdf = logits.softmax(-1).cumsum(-1)
+    cdf = cdf / cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator)
+    return torch.searchsorted(cdf, u, right=True)  # the first token whose cdf exceeds u
 
 
 def left_pad(prompts, pad_id, device):

@@ -118,18 +118,23 @@ def test_repeated_prompt_cache_equals_separate_prefills(kind, tmp_path):
     torch.testing.assert_close(expanded, reference, atol=1e-5, rtol=0)
 
 
-def test_select_rows_keeps_the_chosen_chains(tmp_path):
+@pytest.mark.parametrize("keep", [[0, 2], [1, 2], [1]])
+def test_select_rows_keeps_the_chosen_chains(keep, tmp_path):
+    """Dropping rows mid-decode (kept rows move forward in place) leaves the kept rows' next two steps
+    equal to decoding the full batch."""
     model = from_pretrained(save_hf(make_hf_model("llama-tied"), tmp_path))
     ids, mask = left_padded_batch([5, 8, 6])
-    nxt = torch.tensor([[7], [8], [9]])
+    steps = torch.tensor([[[7], [8], [9]], [[10], [11], [12]], [[13], [14], [15]]])
     with torch.no_grad():
         cache = KVCache(model.cfg, 3, 16)
         model(ids, attention_mask=mask, cache=cache)
-        all_rows = model(nxt, cache=cache)[0]
-        cache2 = KVCache(model.cfg, 3, 16)
-        model(ids, attention_mask=mask, cache=cache2)
-        kept = model(nxt[[0, 2]], cache=cache2.select_rows([0, 2]))[0]
-    torch.testing.assert_close(kept, all_rows[[0, 2]], atol=1e-5, rtol=0)
+        full = torch.cat([model(s, cache=cache)[0] for s in steps], 1)
+        cache = KVCache(model.cfg, 3, 16)
+        model(ids, attention_mask=mask, cache=cache)
+        model(steps[0], cache=cache)
+        cache = cache.select_rows(keep)
+        kept = torch.cat([model(s[keep], cache=cache)[0] for s in steps[1:]], 1)
+    torch.testing.assert_close(kept, full[keep, 1:], atol=1e-5, rtol=0)
 
 
 # -----------------------------------------------------------------------------

@@ -52,6 +52,18 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     assert set(next_token(logits, SampleConfig(temperature=0.0), g).flatten().tolist()) == {0}
 
 
+def test_sampled_frequencies_match_the_tempered_softmax():
+    """200k draws from softmax(logits / T): each token's frequency within 5 sigma of its probability,
+    and a token with zero probability (masked to -inf) is never drawn."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")]]).repeat(200_000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = next_token(logits, SampleConfig(temperature=0.7), g).flatten()
+    freq = torch.bincount(draws, minlength=6).double() / len(draws)
+    p = (logits[0] / 0.7).double().softmax(-1)
+    sigma = (p * (1 - p) / len(draws)).sqrt()
+    assert freq[5] == 0
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+
 class CountingTokenizer:
     """Decodes ids as letters; id 1 is a newline, so [.., 1, 1] completes the '\\n\\n' stop string."""
 
