@@ -20,7 +20,7 @@ import torch
 
 import data
 from distributed import Dist
-from model import DTYPES, from_pretrained, load_tokenizer
+from model import DTYPES, from_pretrained, keep_freed_memory, load_tokenizer
 from report import Progress, plot_lines
 from sample import SampleConfig, generate
 from scotd import LETTERS, MODES, extract_answer, fewshot_prefix, majority_vote, vote_curve
@@ -86,6 +86,8 @@ def run(model, tokenizer, prompts, cfg, eos_id, pad_id, label, dist):
 def main(argv=None):
     args = get_args(argv)
     dist, device = Dist.init(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     log = print if dist.main else (lambda *a, **k: None)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()

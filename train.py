@@ -25,7 +25,7 @@ import torch
 
 import data
 from distributed import Dist
-from model import DTYPES, default_student, from_pretrained, load_tokenizer, save_pretrained
+from model import DTYPES, default_student, from_pretrained, keep_freed_memory, load_tokenizer, save_pretrained
 from report import Progress, append_jsonl, plot_lines
 from sample import SampleConfig, generate
 from scotd import MODES, extract_answer
@@ -199,6 +199,8 @@ def save_checkpoint(raw_model, model, optimizer, folder, init, state, dist):
 def main(argv=None):
     args = get_args(argv)
     dist, device = Dist.init(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     log = print if dist.main else (lambda *a, **k: None)
     defaults = GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT
     if args.max_steps is None and args.epochs is None:

@@ -31,18 +31,26 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from model import DTYPES, Config, Transformer, default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
+from model import (DTYPES, Config, Transformer, default_student, from_pretrained, keep_freed_memory,  # noqa: E402
+                   load_tokenizer, save_pretrained)
 
 
 
-def opt125m_folder(cache):
-    """An OPT-125m-shaped random init (12 layers, d=768, 12 heads, ffn 3072, vocab 50272), saved once."""
-    folder = cache / "opt-125m-random"
+OPT_SHAPES = {  # random inits of the SCoTD students' shapes (no OPT weights are reachable here)
+    "opt-125m-random": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
+    "opt-1.3b-random": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32),
+}
+
+
+def opt_random_folder(name, cache):
+    """An OPT-shaped random init (vocab 50272, pre-LN, ReLU), saved once under the cache."""
+    folder = cache / name
     if not (folder / "config.json").exists():
-        hf = dict(model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
-                  num_attention_heads=12, max_position_embeddings=2048, word_embed_proj_dim=768,
-                  do_layer_norm_before=True, activation_function="relu", enable_bias=True, pad_token_id=1,
-                  bos_token_id=2, eos_token_id=2, architectures=["OPTForCausalLM"], torch_dtype="float32")
+        shape = OPT_SHAPES[name]
+        hf = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048,
+                  word_embed_proj_dim=shape["hidden_size"], do_layer_norm_before=True, activation_function="relu",
+                  enable_bias=True, pad_token_id=1, bos_token_id=2, eos_token_id=2, architectures=["OPTForCausalLM"],
+                  torch_dtype="float32", **shape)
         torch.manual_seed(0)
         model = Transformer(Config.from_dict(hf))
         with torch.no_grad():
@@ -54,7 +62,33 @@ def opt125m_folder(cache):
 
 def model_folder(name):
     cache = Path(os.environ.get("SCOTD_CACHE", Path.home() / ".cache" / "scotd"))
-    return default_student() if name == "smollm2-135m" else opt125m_folder(cache)
+    return default_student() if name == "smollm2-135m" else opt_random_folder(name, cache)
+
+
+def train_flops(cfg, B, T, head_positions):
+    """Model FLOPs of one training step (backward = 2x forward) on a (B, T) batch whose lm_head runs at
+    `head_positions` positions: every weight multiply-add, plus causal attention scores and mixing."""
+    d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    mlp = (3 if cfg.model_type == "llama" else 2) * d * cfg.intermediate_size
+    per_token = cfg.num_hidden_layers * (2 * d * q + 2 * d * kv + mlp)
+    attention = cfg.num_hidden_layers * 2 * q * T * (T + 1) // 2  # QK^T and AV over the causal half, per row
+    forward = 2 * (B * T * per_token + B * attention + head_positions * cfg.vocab_size * cfg.word_embed_proj_dim)
+    return 3 * forward
+
+
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for MFU
+
+
+def matmul_peak(device, dtype, n=2048, repeats=10):
+    """FLOP/s of a square matmul on this device now: the ceiling that training here can approach."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t0 = time.time()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeats / (time.time() - t0)
 
 
 def peak_memory_mb(device):
@@ -76,6 +110,7 @@ def train_worker(side, name, steps, batch_size, device, dtype):
     import train
 
     folder = model_folder(name)
+    cfg = Config.from_hf_json(folder / "config.json")
     tok = load_tokenizer(folder)
     examples = data.build_examples(data.read_corpus(data.DEFAULT_TRAIN), "cot", "correct")
     tokens = data.tokenize_examples(examples, tok, 256, data.Skips())
@@ -83,6 +118,8 @@ def train_worker(side, name, steps, batch_size, device, dtype):
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     torch.manual_seed(0)
     if side == "ours":
+        if device.type == "cpu":
+            keep_freed_memory()  # as train.py does
         model = from_pretrained(folder, device=device).train()
         batches = data.length_bucketed_batches([len(t) for t, _ in tokens], batch_size, rng)
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
@@ -90,7 +127,8 @@ def train_worker(side, name, steps, batch_size, device, dtype):
 
         def step(batch):
             idx, targets = data.collate(batch, 0)
-            return train.train_step(model, optimizer, scaler, [(idx.to(device), targets.to(device), None)], ctx, 1.0)[2]
+            n = train.train_step(model, optimizer, scaler, [(idx.to(device), targets.to(device), None)], ctx, 1.0)[2]
+            return n, train_flops(cfg, *idx.shape, n)  # the head runs on target positions only
     else:
         from transformers import AutoModelForCausalLM
 
@@ -114,16 +152,18 @@ def train_worker(side, name, steps, batch_size, device, dtype):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return int((labels != -100).sum())
+            return int((labels != -100).sum()), train_flops(cfg, len(batch), T, len(batch) * T)  # padded, head everywhere
 
     step([tokens[i] for i in batches[0]])  # warm-up
     sync(device)
-    t0, useful = time.time(), 0
+    t0, useful, flops = time.time(), 0, 0
     for b in batches[1:steps + 1]:
-        useful += step([tokens[i] for i in b])
+        n, f = step([tokens[i] for i in b])
+        useful, flops = useful + n, flops + f
     sync(device)
     seconds = time.time() - t0
-    return {"tok_s": useful / seconds, "seconds": seconds, "useful_tokens": useful, "peak_mb": peak_memory_mb(device)}
+    return {"tok_s": useful / seconds, "seconds": seconds, "useful_tokens": useful, "peak_mb": peak_memory_mb(device),
+            "flop_s": flops / seconds, "flop_per_token": flops / useful}
 
 
 def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_tokens=96):
@@ -135,6 +175,8 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
     prompts = [tok.encode(data.format_query(r["question"], r["choices"])).ids for r in records]
     torch.manual_seed(0)
     if side == "ours":
+        if device.type == "cpu":
+            keep_freed_memory()  # as evaluate.py does
         model = from_pretrained(folder, device=device, dtype=dtype)
         cfg = SampleConfig(n=n, temperature=0.7, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=0)
         generate(model, tok, prompts[:1], SampleConfig(n=2, max_new_tokens=4))  # warm-up
@@ -192,7 +234,10 @@ def measure(kind, side, **kw):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"worker {kind}/{side} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"{kind} {kw.get('name')} {side}: {result['tok_s']:,.1f} tok/s in {result['seconds']:.1f} s", file=sys.stderr,
+          flush=True)  # progress, one line per measurement
+    return result
 
 
 def main():
@@ -215,25 +260,47 @@ def main():
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     q = args.quick
-    rows = []
+    train_rows, sample_rows = [], []
     if args.only in (None, "train"):
-        for name in ("opt-125m-random", "smollm2-135m"):
+        names = ("opt-125m-random", "smollm2-135m") + (("opt-1.3b-random",) if device.startswith("cuda") else ())
+        for name in names:
             kw = dict(name=name, steps=4 if q else 20, batch_size=8, device=device, dtype=dtype)
-            ours, hf = measure("train", "ours", **kw), measure("train", "hf", **kw)
-            rows.append((f"train {name}, batch 8, {kw['steps']} steps", "target tok/s", ours, hf))
+            train_rows.append((f"{name}, batch 8, {kw['steps']} steps", measure("train", "ours", **kw),
+                               measure("train", "hf", **kw)))
     if args.only in (None, "sample"):
         for n in (10, 30):
             kw = dict(name="smollm2-135m", n=n, questions=4 if q else 32, batch_size=4 if q else 8, device=device,
                       dtype=dtype)
-            ours, hf = measure("sample", "ours", **kw), measure("sample", "hf", **kw)
-            rows.append((f"sample smollm2-135m, {kw['questions']} questions, N={n}", "generated tok/s", ours, hf))
+            sample_rows.append((f"smollm2-135m, {kw['questions']} questions, N={n}", measure("sample", "ours", **kw),
+                                measure("sample", "hf", **kw)))
 
-    print(f"\nscotd vs transformers | {device} ({torch.get_num_threads()} threads) | {dtype} | torch {torch.__version__}")
-    print("| benchmark | metric | scotd | transformers | ratio | scotd s / peak MB | transformers s / peak MB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for label, metric, ours, hf in rows:
-        print(f"| {label} | {metric} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
-              f"{ours['seconds']:.1f} / {ours['peak_mb']:,.0f} | {hf['seconds']:.1f} / {hf['peak_mb']:,.0f} |")
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"\nscotd vs transformers | {name} | {dtype} | torch {torch.__version__}")
+    side = lambda r: f"{r['seconds']:.1f} / {r['peak_mb']:,.0f}"  # noqa: E731
+    if train_rows:
+        # what bounds training: the model FLOPs each side spends per useful token, and how fast it runs them
+        peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if dev.type == "cuda" else None
+        if peak is None:
+            peak = matmul_peak(dev, DTYPES[dtype])
+            print(f"\nmatmul peak measured now (2048^3, {dtype}): {peak / 1e9:,.0f} GFLOP/s")
+        util = "MFU" if dev.type == "cuda" else "of matmul peak"
+        print("\n| training (target tokens/s) | scotd | transformers | ratio | model GFLOP per target token, scotd / "
+              f"transformers | achieved GFLOP/s ({util}), scotd / transformers | scotd s / peak MB | "
+              "transformers s / peak MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, ours, hf in train_rows:
+            print(f"| {label} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
+                  f"{ours['flop_per_token'] / 1e9:.2f} / {hf['flop_per_token'] / 1e9:.2f} | "
+                  f"{ours['flop_s'] / 1e9:,.0f} ({ours['flop_s'] / peak:.0%}) / {hf['flop_s'] / 1e9:,.0f} "
+                  f"({hf['flop_s'] / peak:.0%}) | {side(ours)} | {side(hf)} |")
+    if sample_rows:
+        print("\n| sampling (generated tokens/s) | scotd | transformers | ratio | scotd s / peak MB | "
+              "transformers s / peak MB |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for label, ours, hf in sample_rows:
+            print(f"| {label} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
+                  f"{side(ours)} | {side(hf)} |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """model.py: parity with transformers, the KV cache, strict loading, saving, tokenizers."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import ROOT
 from helpers import Opaque, hf_logits, left_padded_batch, make_hf_model, rewrite_weights, save_hf
 from model import KVCache, convert_bin, from_pretrained, load_tokenizer
 
@@ -283,3 +287,28 @@ def test_tokenizer_json_equals_transformers(pair):
 def test_folder_without_tokenizer_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json, nor vocab.json"):
         load_tokenizer(tmp_path)
+
+
+FAULTS_PER_STEP = """
+import resource, sys, torch, model
+if sys.argv[1] == "keep":
+    model.keep_freed_memory()
+def step():  # a training step's worth of activations: allocated and written, then all freed together
+    xs = [torch.ones(2**20) for _ in range(64)]  # 64 x 4 MiB
+for _ in range(2):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_keep_freed_memory_stops_refaulting_each_step():
+    """glibc hands 4 MiB blocks back to the OS on free (here with its mmap threshold pinned at the default
+    128 KiB, since its adaptive threshold makes the default case vary run to run), so every step faults
+    its 256 MiB in again (65k pages); with keep_freed_memory() the third step reuses them."""
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.mmap_threshold=131072")
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True,
+                                       check=True, cwd=ROOT, env=env).stdout) for mode in ("default", "keep")}
+    assert faults["default"] > 60_000 and faults["keep"] < 5_000, faults
