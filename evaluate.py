@@ -25,7 +25,7 @@ from report import Progress, plot_lines
 from sample import SampleConfig, generate
 from scotd import LETTERS, MODES, extract_answer, fewshot_prefix, majority_vote, vote_curve
 
-CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 5 minutes on 2 cores (SmolLM2-135M)
+CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
 
 
 def get_args(argv=None):

@@ -127,6 +127,7 @@ class Config:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
+
 def keep_freed_memory():
     """On CPU, let glibc keep freed memory for reuse instead of handing it back to the OS.
 

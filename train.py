@@ -31,7 +31,7 @@ from sample import SampleConfig, generate
 from scotd import MODES, extract_answer
 
 STATE_FILE = "trainer_state.pt"
-CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~15 min for SmolLM2-135M on 2 CPU cores (fp32)
+CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~11 min for SmolLM2-135M on 2 CPU cores (fp32)
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
 
 
