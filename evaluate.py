@@ -86,8 +86,7 @@ def run(model, tokenizer, prompts, cfg, eos_id, pad_id, label, dist):
 def main(argv=None):
     args = get_args(argv)
     dist, device = Dist.init(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     log = print if dist.main else (lambda *a, **k: None)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()

@@ -199,8 +199,7 @@ def save_checkpoint(raw_model, model, optimizer, folder, init, state, dist):
 def main(argv=None):
     args = get_args(argv)
     dist, device = Dist.init(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     log = print if dist.main else (lambda *a, **k: None)
     defaults = GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT
     if args.max_steps is None and args.epochs is None:

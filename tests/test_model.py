@@ -292,7 +292,7 @@ def test_folder_without_tokenizer_is_named(tmp_path):
 FAULTS_PER_STEP = """
 import resource, sys, torch, model
 if sys.argv[1] == "keep":
-    model.keep_freed_memory()
+    model.keep_freed_memory(torch.device("cpu"))
 def step():  # a training step's worth of activations: allocated and written, then all freed together
     xs = [torch.ones(2**20) for _ in range(64)]  # 64 x 4 MiB
 for _ in range(2):
