@@ -114,8 +114,8 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
                             done.add(row)
                 if len(done) == len(rows) or last:
                     break
-                # finished chains leave the running batch; compacting copies the whole cache, so it
-                # waits until a quarter of the rows are done (at most 25 % of the rows are wasted)
+                # finished chains leave the running batch; compacting moves every later row's cache
+                # slots, so it waits until a quarter of the rows are done (at most 25 % of rows wasted)
                 if 4 * len(done) >= len(rows):
                     keep = [r for r, row in enumerate(rows) if row not in done]
                     cache, tok, rows, done = cache.select_rows(keep), tok[keep], [rows[r] for r in keep], set()
