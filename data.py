@@ -15,6 +15,15 @@ choice); `correct` is prediction == answer. Importers turn releases into it:
     python data.py import-dsbs ../shared/corpora/dsbs-cqa-palm data/
     python data.py import-scotd csqa_30x.json train_rand_split.jsonl out.jsonl.gz
     python data.py stats [corpus]
+
+Bad input, the rule: what makes a file something other than a corpus is fatal -- a line that is not
+UTF-8 or not JSON, a record without a required field or of the wrong type, an answer that is not among
+its choices, a corrupt or truncated gzip, a missing or empty file. The run stops before training with
+one line naming file:line (`CorpusError`). What a teacher can legitimately produce is a counted skip,
+reported by reason with its first place, in train.py's output and in `data.py stats`: an empty
+rationale, a teacher answer that names no single choice, a wrong teacher answer under
+filter=correct, a question left without rationales, an example longer than --max-len. A corrupt
+token cache is rebuilt, never fatal.
 """
 
 import argparse
@@ -22,7 +31,8 @@ import gzip
 import hashlib
 import json
 import random
-import re
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
+from cli import InputError
 from scotd import LETTERS, MODES, format_query, format_target, parse_choice
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -38,7 +50,7 @@ DEFAULT_DEV = DATA_DIR / "csqa_palm_validation.jsonl.gz"
 FILTERS = ("correct", "all")
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """Bad input that cannot be skipped; the message names the file and line."""
 
 
@@ -58,21 +70,32 @@ class Skips:
         return "skipped: " + "; ".join(f"{n:,} x {r} (first at {self.examples[r]})" for r, n in self.counts.most_common())
 
 
-def _open(path, mode="rt"):
+def _lines(path):
+    """(line number, text) of a UTF-8 text file, gzipped or not; errors name the file and line."""
     path = Path(path)
-    return gzip.open(path, mode, encoding="utf-8") if path.suffix == ".gz" else open(path, mode, encoding="utf-8")
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    n = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise CorpusError(f"{path}: corrupt gzip after line {n} ({e or type(e).__name__}); re-download or re-create it") from None
 
 
 def _json_lines(path):
     """(line number, object) for each non-blank line; invalid JSON is an error naming file:line."""
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -89,11 +112,13 @@ def check_record(rec, where):
             raise CorpusError(f"{where}: field {key!r} should be a {kind.__name__}")
     if not 2 <= len(rec["choices"]) <= len(LETTERS):
         raise CorpusError(f"{where}: expected 2..{len(LETTERS)} choices, got {len(rec['choices'])}")
+    if not all(isinstance(c, str) for c in rec["choices"]):
+        raise CorpusError(f"{where}: field 'choices' should be a list of strings")
     if rec["answer"] not in rec["choices"]:
         raise CorpusError(f"{where}: answer {rec['answer']!r} is not among the choices {rec['choices']}")
     for r in rec["rationales"]:
-        if not isinstance(r, dict) or "text" not in r:
-            raise CorpusError(f"{where}: each rationale needs a 'text'")
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+            raise CorpusError(f"{where}: each rationale needs a 'text' string")
 
 
 def read_corpus(path):
@@ -186,7 +211,7 @@ def import_scotd(release_json, questions_jsonl, skips):
         except (KeyError, TypeError, ValueError) as e:
             raise CorpusError(f"{where}: not a CommonsenseQA-style question ({type(e).__name__}: {e})") from None
     try:
-        release = json.loads(Path(release_json).read_text())
+        release = json.loads("".join(line for _, line in _lines(release_json)))
     except json.JSONDecodeError as e:
         raise CorpusError(f"{release_json}:{e.lineno}: invalid JSON ({e.msg})") from None
     for i, item in enumerate(release):
@@ -235,7 +260,9 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
             continue
         kept = []
         for r in rec["rationales"]:
-            if filter == "correct" and not r.get("correct"):
+            if not r["text"].strip():
+                skips.add("empty rationale", rec["id"])
+            elif filter == "correct" and not r.get("correct"):
                 skips.add("teacher answer wrong (filter=correct)", rec["id"])
             elif r.get("prediction") not in rec["choices"]:
                 skips.add("teacher answer not a single choice", rec["id"])
@@ -270,9 +297,9 @@ def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache
     for e in examples:
         digest.update((e["query"] + "\0" + e["target"] + "\0").encode())
     path = Path(cache_dir) / f"tokens-{digest.hexdigest()[:16]}.npz" if cache_dir else None
-    if path is not None and path.exists():
-        z = np.load(path)
-        ids, offsets, n_query, keep = z["ids"], z["offsets"], z["n_query"], z["keep"]
+    cached = _read_token_cache(path, len(examples)) if path is not None and path.exists() else None
+    if cached is not None:
+        ids, offsets, n_query, keep = cached
     else:
         queries = tokenizer.encode_batch([e["query"] for e in examples])
         targets = tokenizer.encode_batch([e["target"] for e in examples], add_special_tokens=False)
@@ -292,6 +319,19 @@ def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache
             skips.add(f"longer than --max-len {max_len} tokens", e["id"])
     n_query = n_query[keep]
     return [(ids[offsets[i]:offsets[i + 1]], int(n_query[i])) for i in range(len(offsets) - 1)]
+
+
+def _read_token_cache(path, n_examples):
+    """(ids, offsets, n_query, keep) from a token cache, or None (with a note) when it is unreadable."""
+    try:
+        with np.load(path) as z:  # allow_pickle=False: arrays only
+            ids, offsets, n_query, keep = (z[k] for k in ("ids", "offsets", "n_query", "keep"))
+        if len(n_query) != n_examples or len(keep) != n_examples or offsets[-1] != len(ids) or len(offsets) != keep.sum() + 1:
+            raise ValueError("array sizes do not match the examples")
+        return ids, offsets, n_query, keep
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        print(f"note      token cache {path} is unreadable ({e}): rebuilding it", flush=True)
+        return None
 
 
 def collate(batch, pad_id):
@@ -356,6 +396,8 @@ def distinct_n(texts, n):
 
 def stats(path, tokenizer=None):
     records = read_corpus(path)
+    skips = Skips()
+    build_examples(records, "cot", "correct", skips=skips)  # what training would leave out, and why
     rationales = [r for rec in records for r in rec["rationales"]]
     per_q = np.array([len(rec["rationales"]) for rec in records])
     lines = [f"corpus            {path}",
@@ -363,7 +405,8 @@ def stats(path, tokenizer=None):
              f"rationales        {len(rationales):,} ({per_q.mean():.2f} per question, min {per_q.min()}, max {per_q.max()})",
              f"teacher accuracy  {np.mean([r.get('correct', False) for r in rationales]):.1%} of rationales",
              f"distinct-1 / -2   {distinct_n([r['text'] for r in rationales], 1):.3f} / "
-             f"{distinct_n([r['text'] for r in rationales], 2):.3f}"]
+             f"{distinct_n([r['text'] for r in rationales], 2):.3f}",
+             f"for cot training  {skips.summary()}"]
     if tokenizer is not None:
         q = [len(e.ids) for e in tokenizer.encode_batch([format_query(r["question"], r["choices"]) for r in records])]
         t = [len(e.ids) for e in tokenizer.encode_batch([r["text"] for r in rationales])]
@@ -399,9 +442,9 @@ def main():
         write_corpus(records, args.out)
         print(f"{len(records):,} questions -> {args.out}; {skips.summary()}")
     else:
-        from model import default_student, load_tokenizer
+        from checkpoint import default_student, load_tokenizer
         print(stats(args.corpus, load_tokenizer(args.tokenizer or default_student())))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

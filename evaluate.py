@@ -18,14 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import data
+from checkpoint import from_pretrained, load_tokenizer, read_run_info, recover_folder
 from distributed import Dist
-from model import DTYPES, from_pretrained, keep_freed_memory, load_tokenizer
+from model import DTYPES
 from report import Progress, plot_lines
 from sample import SampleConfig, generate
-from scotd import LETTERS, MODES, extract_answer, fewshot_prefix, majority_vote, vote_curve
+from scotd import LETTERS, MODES, STOP, extract_answer, fewshot_prefix, majority_vote, vote_curve
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
+LABEL_FIRST = ("post", "label")  # modes whose answer leads the continuation: greedy stops after it
 
 
 def get_args(argv=None):
@@ -33,65 +36,78 @@ def get_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="HF-layout folder (default: the newest runs/*/best)")
     p.add_argument("--data", default=str(data.DEFAULT_DEV), help="canonical corpus JSONL(.gz)")
     p.add_argument("--mode", default=None, choices=MODES, help="target mode (default: the one it was trained with)")
-    p.add_argument("--n", "--chains", dest="n", type=int, default=10,
+    p.add_argument("--n", "--chains", dest="n", type=cli.nonneg_int, default=10,
                    help="chains per question for self-consistency (0 = greedy only); under torchrun write --chains")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--limit", type=int, default=None, help=f"first N questions (default: all on GPU, {CPU_DEFAULT_LIMIT} on CPU)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions per prefill (x n rows while sampling)")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=0.7, help="0 = greedy chains")
+    p.add_argument("--top-p", type=cli.fraction, default=1.0)
+    p.add_argument("--top-k", type=cli.nonneg_int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=96)
+    p.add_argument("--limit", type=cli.nonneg_int, default=None,
+                   help=f"first N questions, 0 = all (default: all on GPU, {CPU_DEFAULT_LIMIT} on CPU)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="questions per prefill (x n rows while sampling)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--fewshot", type=int, default=0, help="prefix K worked train examples (for untuned models)")
+    p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_file(p, "--data", args.data)
+    cli.check_device(p, args.device)
+    if args.checkpoint is None:
+        found = sorted(Path("runs").glob("*/best/config.json"), key=lambda f: f.stat().st_mtime)
+        if not found:
+            p.error("no checkpoint found under runs/*/best: run `python train.py` first, or pass --checkpoint")
+        args.checkpoint = found[-1].parent
+    args.checkpoint = recover_folder(args.checkpoint)
+    if not (args.checkpoint / "config.json").is_file():
+        p.error(f"argument --checkpoint: {args.checkpoint} is not a model folder (no config.json)")
+    return args
 
 
-def newest_checkpoint(root=Path("runs")):
-    found = sorted(root.glob("*/best/config.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise SystemExit(f"no checkpoint found under {root}/*/best: run `python train.py` first, or pass --checkpoint")
-    return found[-1].parent
+# -----------------------------------------------------------------------------
+# Decoding and reading answers (train.py's dev evaluation uses these too)
 
 
-def trained_mode(checkpoint):
-    state = Path(checkpoint) / "trainer_state.pt"
-    if state.exists():
-        return json.loads(torch.load(state, map_location="cpu", weights_only=True)["args"])["mode"]
-    return None
+def greedy(model, tokenizer, prompts, mode, max_new_tokens=96, batch_size=16, seed=0, compile=False,
+           batches=None, progress=None):
+    """Greedy continuations. Label-first students ("post", "label") state the answer first: decoding stops
+    after the answer sentence (the fast path Wadhwa et al. 2024 point to), not after the rationale."""
+    fast = mode in LABEL_FIRST
+    cfg = SampleConfig(n=1, temperature=0.0, max_new_tokens=min(24, max_new_tokens) if fast else max_new_tokens,
+                       stop=(". ", STOP) if fast else (STOP,), batch_size=batch_size, seed=seed, compile=compile)
+    return generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
+                    progress=progress, batches=batches)
 
 
-def run(model, tokenizer, prompts, cfg, eos_id, pad_id, label, dist):
-    """generate() over this rank's share of the question batches, gathered on every rank. Batch k samples
-    from its own seed, so any number of ranks gives the single-process result."""
-    bar = Progress(len(prompts), label) if dist.main else None
-    n_batches = -(-len(prompts) // cfg.batch_size)
-    t0 = time.time()
-    mine = generate(model, tokenizer, prompts, cfg, eos_id=eos_id, pad_id=pad_id,
-                    progress=(lambda k: bar.update(k * dist.world)) if bar else None,
-                    batches=range(dist.rank, n_batches, dist.world))
-    outs = [next(o[i] for o in dist.gather(mine) if o[i] is not None) for i in range(len(prompts))] \
-        if dist.world > 1 else mine
-    seconds = time.time() - t0
-    if bar:
-        bar.n = len(prompts)
-        bar.close()
-    n_tokens = sum(len(c["tokens"]) for o in outs for c in o)
-    return outs, seconds, n_tokens
+def answers_of(mode, outs, records):
+    """Per question, the choice index each chain commits to (None = abstained)."""
+    return [[extract_answer(mode, c["text"], r["choices"]) for c in o] for o, r in zip(outs, records)]
+
+
+def my_batches(n_prompts, batch_size, dist):
+    """This rank's share of the question batches (every world-th). Batch k samples from its own seed, so
+    any number of ranks gives the single-process result."""
+    return range(dist.rank, -(-n_prompts // batch_size), dist.world)
+
+
+def merge(shares):
+    """Each rank's outputs (None where another rank had the question) -> one list."""
+    return [next(s[i] for s in shares if s[i] is not None) for i in range(len(shares[0]))]
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args = get_args(argv)  # every flag checked before anything loads
     dist, device = Dist.init(args.device)
-    keep_freed_memory(device)
+    cli.keep_freed_memory(device)
     log = print if dist.main else (lambda *a, **k: None)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
-    mode = args.mode or trained_mode(checkpoint) or "cot"
-    limit = args.limit if args.limit is not None else (None if device.type == "cuda" else CPU_DEFAULT_LIMIT)
+    checkpoint = args.checkpoint
+    mode = args.mode or read_run_info(checkpoint).get("mode")
+    if mode is None:
+        log(f"note      {checkpoint} has no scotd.json (not written by train.py): assuming --mode cot")
+        mode = "cot"
+    limit = args.limit if args.limit is not None else (0 if device.type == "cuda" else CPU_DEFAULT_LIMIT)
     torch.manual_seed(args.seed)
 
     model = from_pretrained(checkpoint, device=device, dtype=DTYPES[args.dtype])
@@ -111,33 +127,52 @@ def main(argv=None):
           f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
     # greedy; for label-first students ("post", "label") the answer alone is enough: the fast path
-    fast = mode in ("post", "label")
-    greedy_cfg = SampleConfig(n=1, temperature=0.0, max_new_tokens=24 if fast else args.max_new_tokens,
-                              stop=(". ", "\n\n") if fast else ("\n\n",), batch_size=max(args.batch_size, 16),
-                              seed=args.seed, compile=args.compile)
-    greedy, greedy_s, greedy_tokens = run(model, tokenizer, prompts, greedy_cfg, eos_id, pad_id,
-                                          "greedy (answer only)" if fast else "greedy", dist)
-    greedy_answers = [extract_answer(mode, o[0]["text"], r["choices"]) for o, r in zip(greedy, records)]
+    fast = mode in LABEL_FIRST
+    batch = max(args.batch_size, 16)
+    bar = Progress(len(prompts), "greedy (answer only)" if fast else "greedy") if dist.main else None
+    t0 = time.time()
+    greedy_outs = greedy(model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
+                         batches=my_batches(len(prompts), batch, dist), progress=bar and (lambda k: bar.update(k * dist.world)))
+    greedy_s = time.time() - t0
+    if bar:
+        bar.close()
 
-    chains, sc_s, sc_tokens, curve = None, 0.0, 0, []
+    chains, sc_s = None, 0.0
     if args.n > 0:
         sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               compile=args.compile)
-        chains, sc_s, sc_tokens = run(model, tokenizer, prompts, sc_cfg, eos_id, pad_id, f"sample N={args.n}", dist)
-        answers = [[extract_answer(mode, c["text"], r["choices"]) for c in o] for o, r in zip(chains, records)]
-        curve = vote_curve(answers, golds)
+        bar = Progress(len(prompts), f"sample N={args.n}") if dist.main else None
+        t0 = time.time()
+        chains = generate(model, tokenizer, prompts, sc_cfg, eos_id=eos_id, pad_id=pad_id,
+                          batches=my_batches(len(prompts), args.batch_size, dist),
+                          progress=bar and (lambda k: bar.update(k * dist.world)))
+        sc_s = time.time() - t0
+        if bar:
+            bar.close()
 
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
-    if not dist.main:  # rank 0 has everything (gathered) and writes it
+    if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it
+        shares = dist.gather((greedy_outs, chains))
+        greedy_outs = merge([g for g, _ in shares])
+        chains = merge([c for _, c in shares]) if chains is not None else None
+        log(f"gathered  {len(prompts):,} questions' outputs from {dist.world} ranks (one all-gather)")
+    if not dist.main:
         dist.close()
         return out
+    greedy_answers = [a[0] for a in answers_of(mode, greedy_outs, records)]
+    greedy_tokens = sum(len(o[0]["tokens"]) for o in greedy_outs)
+    curve = []
+    if chains:
+        answers = answers_of(mode, chains, records)
+        curve = vote_curve(answers, golds)
+        sc_tokens = sum(len(c["tokens"]) for o in chains for c in o)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.data).name.split(".")[0]
     preds_path = out / f"predictions-{stem}.jsonl"
     with open(preds_path.with_suffix(".tmp"), "w") as f:
         for i, r in enumerate(records):
-            row = {"id": r["id"], "gold": LETTERS[golds[i]], "greedy": {"text": greedy[i][0]["text"],
+            row = {"id": r["id"], "gold": LETTERS[golds[i]], "greedy": {"text": greedy_outs[i][0]["text"],
                    "answer": _letter(greedy_answers[i])}, "greedy_correct": greedy_answers[i] == golds[i]}
             if chains:
                 votes = answers[i]
@@ -179,4 +214,4 @@ def _letter(index):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,6 +9,12 @@ number of target tokens in the whole window, autocast for bf16/fp16 (GradScaler 
     python train.py --mode post --filter all --out runs/post
     python train.py --resume --out runs/cot           # continue exactly where runs/cot/last stopped
     torchrun --nproc_per_node 4 train.py [--fsdp] ... # data-parallel: --batch-size stays the global batch
+
+Interruptions: Ctrl-C or SIGTERM finishes the step in flight, saves `last` and exits (130 / 143); a
+second Ctrl-C aborts at once. `last` is also saved every --save-every steps, so after a kill -9 a
+`--resume` continues from the newest save. Either way the resumed run gives the same losses and weights
+as an uninterrupted one (tested). A non-finite loss or gradient norm stops the run before the optimizer
+step, naming the step; checkpoints never hold NaN weights.
 """
 
 import argparse
@@ -16,23 +22,38 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import cli
 import data
+from checkpoint import (RUN_INFO, cache_dir, default_student, from_pretrained, load_tokenizer, read_run_info,
+                        recover_folder, save_pretrained)
+from cli import InputError
 from distributed import Dist
-from model import DTYPES, default_student, from_pretrained, keep_freed_memory, load_tokenizer, save_pretrained
+from evaluate import answers_of, greedy
+from model import DTYPES
 from report import Progress, append_jsonl, plot_lines
-from sample import SampleConfig, generate
-from scotd import MODES, extract_answer
+from scotd import MODES
 
 STATE_FILE = "trainer_state.pt"
 CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~11 min for SmolLM2-135M on 2 CPU cores (fp32)
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
+OUTPUTS = ("best", "last", "metrics.jsonl", "args.json", "loss.png")  # what a run writes into --out
+# flags a --resume must share with the run it continues (else the result is not that run's continuation)
+MUST_MATCH = ("init", "data", "mode", "filter", "rationales_per_question", "limit", "max_len", "pack", "batch_size",
+              "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "grad_clip", "seed")
+
+
+class Diverged(InputError):
+    """A non-finite loss or gradient norm (usually a learning rate too high for the model)."""
 
 
 def get_args(argv=None):
@@ -42,32 +63,76 @@ def get_args(argv=None):
     p.add_argument("--dev-data", default=str(data.DEFAULT_DEV), help="corpus for dev loss and greedy accuracy")
     p.add_argument("--mode", default="cot", choices=MODES)
     p.add_argument("--filter", default="correct", choices=data.FILTERS)
-    p.add_argument("--rationales-per-question", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="use the first N training questions")
+    p.add_argument("--rationales-per-question", type=cli.positive_int, default=None)
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="use the first N training questions")
     p.add_argument("--out", default=None, help="output folder (default runs/<mode>)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: see --epochs)")
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch, over all ranks")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-len", type=int, default=256, help="longer examples are skipped and counted")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an earlier run")
+    p.add_argument("--max-steps", type=cli.positive_int, default=None, help="optimizer steps (default: see --epochs)")
+    p.add_argument("--epochs", type=cli.positive_float, default=None)
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="examples per micro-batch, over all ranks")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-len", type=cli.positive_int, default=256, help="longer examples are skipped and counted")
     p.add_argument("--pack", action="store_true", help="pack examples into rows (block-diagonal mask) instead of length buckets")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-4)
+    p.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1)
+    p.add_argument("--warmup-steps", type=cli.nonneg_int, default=None, help="default: 5%% of the steps")
     p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"))
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.1)
+    p.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard params, grads and optimizer state (FSDP2)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", nargs="?", const="", default=None, help="resume from OUT/last (or the given checkpoint)")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between dev evaluations (0 = only at the end)")
-    p.add_argument("--eval-questions", type=int, default=32, help="dev questions for greedy accuracy")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: torch's)")
-    return p.parse_args(argv)
+    p.add_argument("--allow-changes", action="store_true", help="let --resume continue with different data/mode/batch/lr/seed")
+    p.add_argument("--eval-every", type=cli.nonneg_int, default=50, help="steps between dev evaluations (0 = only at the end)")
+    p.add_argument("--save-every", type=cli.nonneg_int, default=50, help="steps between saves of `last` (0 = only at the end)")
+    p.add_argument("--eval-questions", type=cli.nonneg_int, default=32, help="dev questions for greedy accuracy")
+    p.add_argument("--log-every", type=cli.positive_int, default=1)
+    p.add_argument("--num-threads", type=cli.positive_int, default=None, help="CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Everything that can be checked before a model loads: files, device, --out and --resume (exit 2)."""
+    cli.check_file(p, "--data", args.data)
+    cli.check_file(p, "--dev-data", args.dev_data)
+    cli.check_device(p, args.device)
+    if args.init is not None and not (Path(args.init) / "config.json").is_file():
+        p.error(f"argument --init: {args.init} is not a model folder (no config.json)")
+    if args.overwrite and args.resume is not None:
+        p.error("--overwrite and --resume exclude each other")
+    args.out = Path(args.out or f"runs/{args.mode}")
+    if args.resume is not None:
+        args.resume = recover_folder(Path(args.resume or args.out / "last"))  # a swap a kill -9 cut short
+        if not (args.resume / STATE_FILE).is_file():
+            p.error(f"argument --resume: {args.resume / STATE_FILE} not found (nothing to resume)")
+        changed = changed_flags(args, read_run_info(args.resume).get("args", {}))
+        if changed and not args.allow_changes:
+            p.error(f"--resume: {args.resume} was trained with other flags: {'; '.join(changed)}. "
+                    "Use the same flags, or pass --allow-changes to continue with the new ones")
+        args.changed = changed
+    elif args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite and os.environ.get("RANK", "0") == "0":
+        p.error(f"argument --out: {args.out} already holds a run; pass --resume to continue it or --overwrite to "
+                "start again there (or choose another --out)")
+
+
+def changed_flags(args, saved):
+    now = run_info(args)["args"]
+    return [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in MUST_MATCH if k in saved and saved[k] != now[k]]
+
+
+def run_info(args):
+    """scotd.json of a checkpoint: how it was trained, as plain JSON (evaluate.py reads the mode from it)."""
+    return {"mode": args.mode, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                        if k not in ("changed", "resume", "overwrite", "allow_changes")}}
+
+
+# -----------------------------------------------------------------------------
+# Schedule and data order
 
 
 def get_lr(step, total_steps, args, warmup):
@@ -85,7 +150,7 @@ def epoch_batches(lengths, batch_size, seed, epoch):
 
 
 def micro_batches(tokens, lengths, args, start_epoch, start_index):
-    """Endless (epoch, index, batch) from a data position on."""
+    """Endless (epoch, index, batch) from a data position on; index counts the batches of epoch consumed."""
     epoch, index = start_epoch, start_index
     while True:
         batches = epoch_batches(lengths, args.batch_size, args.seed, epoch)
@@ -95,6 +160,10 @@ def micro_batches(tokens, lengths, args, start_epoch, start_index):
 
 
 def to_tensors(batch, args, pad_id, device):
+    """A micro-batch of (ids, n_query) -> (idx, targets, docs) on the device. An empty share (a last global
+    batch with fewer examples than ranks) becomes one padding token without targets: zero loss and zero
+    gradients, but the rank still joins the gradient all-reduce."""
+    batch = batch or [(np.array([pad_id, pad_id]), 2)]
     if args.pack:
         idx, targets, docs = data.pack(batch, args.max_len, pad_id)
         return idx.to(device), targets.to(device), docs.to(device)
@@ -102,12 +171,18 @@ def to_tensors(batch, args, pad_id, device):
     return idx.to(device), targets.to(device), None
 
 
+# -----------------------------------------------------------------------------
+# One optimizer step
+
+
 def train_step(model, optimizer, scaler, window, ctx, grad_clip, dist=Dist()):
     """One optimizer step over a window of micro-batches [(idx, targets, docs)] (this rank's share).
 
     The loss is normalised by the target tokens of the whole window on all ranks, not per micro-batch
     (torchtune), so accumulation over micro-batches and ranks gives the gradient of one big batch.
-    DDP averages gradients over ranks, hence the factor dist.world. Returns (mean loss, grad norm, tokens)."""
+    DDP averages gradients over ranks, hence the factor dist.world. Returns (mean loss, grad norm, tokens).
+    A non-finite loss, or a non-finite gradient norm outside fp16 (where the GradScaler skips the step
+    and lowers its scale), raises Diverged before the optimizer touches the weights."""
     n_window = dist.sum(sum(int((t != -100).sum()) for _, t, _ in window))
     loss_sum = 0.0
     for i, (idx, targets, docs) in enumerate(window):
@@ -118,10 +193,15 @@ def train_step(model, optimizer, scaler, window, ctx, grad_clip, dist=Dist()):
         loss_sum += loss.item() * n
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    mean_loss = dist.sum(loss_sum) / n_window
+    if not math.isfinite(mean_loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
+        optimizer.zero_grad(set_to_none=True)
+        raise Diverged(f"loss {mean_loss:.4g}, gradient norm {grad_norm:.4g}")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return dist.sum(loss_sum) / n_window, float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), n_window
+    return mean_loss, grad_norm, n_window
 
 
 @contextmanager
@@ -149,26 +229,17 @@ def make_optimizer(model, lr, weight_decay, device_type):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type in ("cuda", "cpu"))
 
 
-@torch.no_grad()
-def evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, pad_id, eos_id, ctx, device):
-    """Dev loss on held-out targets and greedy accuracy on a few dev questions."""
-    model.eval()
-    losses, counts = [], []
-    for s in range(0, len(dev_tokens), args.batch_size):
-        idx, targets, docs = to_tensors(dev_tokens[s:s + args.batch_size], args, pad_id, device)
-        with ctx:
-            _, loss = model(idx, targets, docs=docs)
-        n = int((targets != -100).sum())
-        losses.append(loss.item() * n)
-        counts.append(n)
-    prompts = [tokenizer.encode(data.format_query(r["question"], r["choices"])).ids for r in dev_records]
-    with ctx:
-        outs = generate(model, tokenizer, prompts, SampleConfig(max_new_tokens=96 if args.mode != "label" else 16,
-                                                                  batch_size=16), eos_id=eos_id, pad_id=pad_id)
-    correct = [extract_answer(args.mode, o[0]["text"], r["choices"]) == r["choices"].index(r["answer"])
-               for o, r in zip(outs, dev_records)]
-    model.train()
-    return sum(losses) / max(1, sum(counts)), float(np.mean(correct))
+# -----------------------------------------------------------------------------
+# State that survives a restart, and checkpoints
+
+
+@dataclass
+class TrainState:
+    """Where training stands, besides weights and optimizer: saved in every checkpoint, restored by --resume."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position: the epoch and how many of its micro-batches are consumed
+    index: int = 0
+    best: dict = field(default_factory=dict)  # {"step", "acc", "loss"} of the best dev evaluation so far
 
 
 def full_states(model, optimizer):
@@ -180,95 +251,209 @@ def full_states(model, optimizer):
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def load_optimizer_state(model, optimizer, state):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def save_checkpoint(raw_model, model, optimizer, folder, init, state, dist):
-    """HF-layout folder + trainer_state.pt (optimizer, schedule, RNG, data position); atomic; rank 0 writes."""
+def save_checkpoint(folder, raw_model, model, optimizer, scaler, state, args, init, dist):
+    """HF-layout folder + scotd.json (how it was trained) + trainer_state.pt (optimizer, scaler, RNG and
+    TrainState); atomic; rank 0 writes. Refuses non-finite weights."""
     weights, optim = full_states(model, optimizer)
     if dist.main:
-        state = dict(state, optimizer=optim)
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise Diverged(f"step {state.step}: non-finite weights ({', '.join(bad[:3])}); {folder} not written")
+        trainer_state = {"optimizer": optim, "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                         **asdict(state)}
+        if torch.cuda.is_available() and next(raw_model.parameters()).is_cuda:
+            trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
         save_pretrained(raw_model, folder, tokenizer_from=init, state_dict=weights,
-                        extra_files={STATE_FILE: lambda path: torch.save(state, path)})
+                        files={RUN_INFO: json.dumps(run_info(args), indent=2) + "\n",
+                               STATE_FILE: lambda path: torch.save(trainer_state, path)})
     dist.barrier()
 
 
-def main(argv=None):
-    args = get_args(argv)
-    dist, device = Dist.init(args.device)
-    keep_freed_memory(device)
-    log = print if dist.main else (lambda *a, **k: None)
+def load_trainer_state(folder):
+    try:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: name it, do not guess
+        raise InputError(f"{Path(folder) / STATE_FILE}: cannot read trainer state ({str(e).splitlines()[0]})") from None
+
+
+def restore(trainer_state, model, optimizer, scaler, device):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scaler.load_state_dict(trainer_state["scaler"])
+    torch.set_rng_state(trainer_state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in trainer_state:
+        torch.cuda.set_rng_state(trainer_state["rng_cuda"])
+    return TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "index", "best")})
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM during training ask the loop to stop at the end of the step in flight,
+    so `last` is saved at a consistent point (weights, optimizer and data position of the same step).
+    A second Ctrl-C aborts at once, leaving the newest checkpoint on disk (as a kill -9 would)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving `last` "
+              "(Ctrl-C again to abort without saving)", flush=True)
+
+    def requested(self, dist):
+        """Has any rank been asked to stop? (All ranks must agree: saving is a collective.)"""
+        return dist.sum(int(self.signum is not None)) > 0
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGINT)
+
+
+# -----------------------------------------------------------------------------
+# Dev evaluation
+
+
+@torch.no_grad()
+def evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, ctx, device):
+    """Dev loss on held-out targets, and greedy accuracy on a few dev questions (evaluate.py's greedy path)."""
+    model.eval()
+    losses, counts = [], []
+    for s in range(0, len(dev_tokens), args.batch_size):
+        idx, targets, docs = to_tensors(dev_tokens[s:s + args.batch_size], args, model.cfg.pad_token_id, device)
+        with ctx:
+            _, loss = model(idx, targets, docs=docs)
+        n = int((targets != -100).sum())
+        losses.append(loss.item() * n)
+        counts.append(n)
+    accuracy = float("nan")
+    if dev_records:
+        prompts = [tokenizer.encode(data.format_query(r["question"], r["choices"])).ids for r in dev_records]
+        with ctx:
+            outs = greedy(model, tokenizer, prompts, args.mode)
+        answers = answers_of(args.mode, outs, dev_records)
+        accuracy = float(np.mean([a[0] == r["choices"].index(r["answer"]) for a, r in zip(answers, dev_records)]))
+    model.train()
+    return sum(losses) / max(1, sum(counts)), accuracy
+
+
+def is_better(acc, loss, best):
+    if not best:
+        return True
+    if acc != acc or best["acc"] != best["acc"]:  # no greedy accuracy (--eval-questions 0): dev loss decides
+        return loss < best["loss"]
+    return (acc, -loss) > (best["acc"], -best["loss"])
+
+
+# -----------------------------------------------------------------------------
+# The run, as named steps
+
+
+def setup(args, dist, device):
+    """Defaults that depend on the device, seeds, threads, precision. Returns (autocast ctx, GradScaler)."""
+    cli.keep_freed_memory(device)
     defaults = GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT
     if args.max_steps is None and args.epochs is None:
         args.max_steps, args.epochs = defaults.get("max_steps"), defaults.get("epochs")
     args.batch_size = args.batch_size or defaults["batch_size"]
     if args.batch_size % dist.world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {dist.world} ranks")
+        raise InputError(f"--batch-size {args.batch_size} must be divisible by the {dist.world} ranks")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    args.out = Path(args.out or f"runs/{args.mode}")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-
     # precision: fp32 master weights, autocast for bf16/fp16, a GradScaler only for fp16
     ptdtype = DTYPES[args.dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device.type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
+    return ctx, torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
 
-    # model and tokenizer
-    init = Path(args.init) if args.init else default_student()
-    model = from_pretrained(init, device=device)
-    tokenizer = load_tokenizer(init)
-    pad_id, eos_id = model.cfg.pad_token_id, model.cfg.eos_token_id
 
-    # data: corpus -> (query, target) examples -> token ids; every skip is counted and shown
+def load_data(args, tokenizer, init, dist):
+    """Corpus -> (query, target) examples -> token ids, every skip counted; plus the dev examples."""
     skips = data.Skips()
     records = data.read_corpus(args.data)
     if args.limit:
         records = records[:args.limit]
     examples = data.build_examples(records, args.mode, args.filter, args.rationales_per_question, args.seed, skips)
-    cache_dir = Path(os.environ.get("SCOTD_CACHE", Path.home() / ".cache" / "scotd")) / "tokens"
     if not dist.main:
         dist.barrier()  # rank 0 tokenises and writes the cache first; the others then read it
-    tokens = data.tokenize_examples(examples, tokenizer, args.max_len, skips, cache_dir, cache_key=str(init))
+    tokens = data.tokenize_examples(examples, tokenizer, args.max_len, skips, cache_dir() / "tokens", cache_key=str(init))
     if dist.main:
         dist.barrier()
     if not tokens:
-        raise SystemExit(f"no training examples left from {args.data} ({skips.summary()})")
-    lengths = [len(t) for t, _ in tokens]
+        raise InputError(f"{args.data}: no training examples left ({skips.summary()})")
     dev_records = data.read_corpus(args.dev_data)
-    dev_skips = data.Skips()
-    dev_examples = data.build_examples(dev_records[:64], args.mode, args.filter, 1, args.seed, dev_skips)
-    dev_tokens = data.tokenize_examples(dev_examples, tokenizer, args.max_len, dev_skips)
-    dev_records = dev_records[:args.eval_questions]
+    dev_examples = data.build_examples(dev_records[:64], args.mode, args.filter, 1, args.seed, data.Skips())
+    dev_tokens = data.tokenize_examples(dev_examples, tokenizer, args.max_len, data.Skips())
+    return records, tokens, skips, dev_tokens, dev_records[:args.eval_questions]
+
+
+def prepare_out(args, state, dist):
+    """--overwrite clears an earlier run's outputs; --resume keeps metrics up to the resumed step."""
+    metrics = args.out / "metrics.jsonl"
+    if not dist.main:
+        return metrics
+    if args.overwrite:
+        for name in OUTPUTS:
+            for path in (args.out / name, args.out / f"{name}.tmp", args.out / f"{name}.old"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if metrics.exists():  # keep what happened up to the resumed step; drop what a killed run did after
+        rows = []
+        for line in metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the half-written last line of a killed run
+                print(f"note      {metrics}: dropped a half-written line", flush=True)
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
+    (args.out / "args.json").write_text(json.dumps(run_info(args)["args"], indent=2))
+    return metrics
+
+
+def main(argv=None):
+    args = get_args(argv)  # every flag checked before anything loads
+    dist, device = Dist.init(args.device)
+    log = print if dist.main else (lambda *a, **k: None)
+    ctx, scaler = setup(args, dist, device)
+
+    init = Path(args.init) if args.init else default_student()
+    model = from_pretrained(init, device=device)
+    tokenizer = load_tokenizer(init)
+    records, tokens, skips, dev_tokens, dev_records = load_data(args, tokenizer, init, dist)
 
     batches_per_epoch = math.ceil(len(tokens) / args.batch_size)
     total_steps = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
-    target_tokens = sum(len(t) - n for t, n in tokens)
     n_examples = total_steps * args.grad_accum * args.batch_size
     coverage = (f"a subset: {n_examples:,} of {len(tokens):,}" if n_examples < len(tokens)
                 else f"{n_examples / len(tokens):.2f} epochs")
     ranks = f", {dist.world} ranks x {args.batch_size // dist.world} ({'FSDP' if args.fsdp else 'DDP'})" if dist.world > 1 else ""
     log(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {args.dtype}")
     log(f"data      {args.data}: {len(records):,} questions -> {len(tokens):,} {args.mode} examples "
-        f"(filter={args.filter}), {target_tokens:,} target tokens")
+        f"(filter={args.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens")
     log(f"          {skips.summary()}")
     log(f"budget    {total_steps:,} steps x {args.grad_accum} x {args.batch_size} examples = {n_examples:,} examples "
         f"({coverage}){ranks}")
 
-    state = None
+    trainer_state = None
     if args.resume is not None:
-        ckpt = Path(args.resume or args.out / "last")
-        if not (ckpt / STATE_FILE).exists():
-            raise SystemExit(f"--resume: {ckpt / STATE_FILE} not found")
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(from_pretrained(ckpt, device=device).state_dict())
+        trainer_state = load_trainer_state(args.resume)
+        model.load_state_dict(from_pretrained(args.resume, device=device).state_dict())
+        for change in args.changed:
+            log(f"changed   {change} (--allow-changes)")
 
     # data parallelism (under torchrun): DDP replicates the model, FSDP2 shards it; rank 0 saves the raw module
     raw_model = model
@@ -280,80 +465,72 @@ def main(argv=None):
     elif dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device.type)
-
-    step, epoch, index, best = 0, 0, 0, None
-    if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, index, best = state["step"], state["epoch"], state["index"], state["best"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        log(f"resumed   {ckpt} at step {step} (epoch {epoch}, batch {index})")
-    metrics = args.out / "metrics.jsonl"
-    if dist.main:
-        args.out.mkdir(parents=True, exist_ok=True)
-        if metrics.exists():  # keep what happened up to the resumed step; drop what a killed run did after
-            lines = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step] if step else []
-            metrics.write_text("".join(ln + "\n" for ln in lines))
-        (args.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+    state = TrainState()
+    if trainer_state is not None:
+        state = restore(trainer_state, model, optimizer, scaler, device)
+        log(f"resumed   {args.resume} at step {state.step} (epoch {state.epoch}, batch {state.index})")
+    metrics = prepare_out(args, state, dist)
     step_model = torch.compile(model) if args.compile else model  # checkpoints never see the compiled wrapper
 
-    def trainer_state():
-        s = {"scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-             "index": index, "best": best, "rng_cpu": torch.get_rng_state(), "args": json.dumps(vars(args), default=str)}
-        if device.type == "cuda":
-            s["rng_cuda"] = torch.cuda.get_rng_state()
-        return s
-
-    def dev_eval():
-        nonlocal best
-        # every rank evaluates the same questions: FSDP needs all ranks in its forward, DDP does not mind
-        dev_loss, dev_acc = evaluate_dev(raw_model, tokenizer, dev_tokens, dev_records, args, pad_id, eos_id, ctx, device)
-        if dist.main:
-            append_jsonl(metrics, {"step": step, "dev_loss": dev_loss, "dev_greedy_acc": dev_acc})
-        improved = best is None or (dev_acc, -dev_loss) > (best["acc"], -best["loss"])
-        if improved:
-            best = {"step": step, "acc": dev_acc, "loss": dev_loss}
-            save_checkpoint(raw_model, model, optimizer, args.out / "best", init, trainer_state(), dist)
-        log(f"\nstep {step} | dev loss {dev_loss:.4f} | dev greedy acc {dev_acc:.1%} on {len(dev_records)} questions"
-              f"{' | new best' if improved else ''}", flush=True)
-
-    stream = micro_batches(tokens, lengths, args, epoch, index)
-    bar = Progress(total_steps, "train", start=step) if dist.main else None
+    stream = micro_batches(tokens, [len(t) for t, _ in tokens], args, state.epoch, state.index)
+    bar = Progress(total_steps, "train", start=state.step) if dist.main else None
     raw_model.train()
-    t0, tokens_seen = time.time(), 0
-    try:
-        while step < total_steps:
-            lr = get_lr(step, total_steps, args, warmup)
+    t0, tokens_seen, saved_at = time.time(), 0, state.step
+    with StopSignals() as stop:
+        while state.step < total_steps:
+            lr = get_lr(state.step, total_steps, args, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             window = []
             for _ in range(args.grad_accum):
                 epoch, index, batch = next(stream)
-                window.append(to_tensors(batch[dist.rank::dist.world], args, pad_id, device))  # this rank's share
-            train_loss, grad_norm, n_window = train_step(step_model, optimizer, scaler, window, ctx, args.grad_clip, dist)
-            step += 1
+                window.append(to_tensors(batch[dist.rank::dist.world], args, raw_model.cfg.pad_token_id, device))
+            try:
+                train_loss, grad_norm, n_window = train_step(step_model, optimizer, scaler, window, ctx, args.grad_clip, dist)
+            except Diverged as e:
+                if bar:
+                    bar.close()
+                kept = f"the last good checkpoint is {args.out / 'last'} (step {saved_at})" if saved_at else "no checkpoint was written"
+                raise Diverged(f"step {state.step + 1}: {e}: training stopped before the optimizer step; {kept}. "
+                               f"Lower --lr (now {args.lr:g}) or check the data") from None
+            state.step, state.epoch, state.index = state.step + 1, epoch, index
             tokens_seen += n_window
             tok_s = tokens_seen / (time.time() - t0)
-            if dist.main and (step % args.log_every == 0 or step == total_steps):
-                append_jsonl(metrics, {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                                       "target_tok_s": tok_s, "epoch": epoch})
+            if dist.main and (state.step % args.log_every == 0 or state.step == total_steps):
+                append_jsonl(metrics, {"step": state.step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                                       "target_tok_s": tok_s, "epoch": state.epoch})
             if bar:
                 bar.update(1, f"loss {train_loss:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s")
-            if (args.eval_every and step % args.eval_every == 0) or step == total_steps:
-                dev_eval()
-                save_checkpoint(raw_model, model, optimizer, args.out / "last", init, trainer_state(), dist)
-    except KeyboardInterrupt:
-        if bar:
-            bar.close()
-        log(f"interrupted at step {step}: saving {args.out / 'last'} ...", flush=True)
-        save_checkpoint(raw_model, model, optimizer, args.out / "last", init, trainer_state(), dist)
-        log(f"saved; continue with: python train.py --resume --out {args.out} (and the same flags as before)")
-        raise SystemExit(130)
-    if dist.main:
+
+            done = state.step == total_steps
+            if (args.eval_every and state.step % args.eval_every == 0) or done:
+                # every rank evaluates the same questions: FSDP needs all ranks in its forward, DDP does not mind
+                dev_loss, dev_acc = evaluate_dev(raw_model, tokenizer, dev_tokens, dev_records, args, ctx, device)
+                improved = is_better(dev_acc, dev_loss, state.best)
+                if improved:
+                    state.best = {"step": state.step, "acc": dev_acc, "loss": dev_loss}
+                if dist.main:
+                    append_jsonl(metrics, {"step": state.step, "dev_loss": dev_loss, "dev_greedy_acc": dev_acc})
+                log(f"\nstep {state.step} | dev loss {dev_loss:.4f} | dev greedy acc {dev_acc:.1%} on "
+                    f"{len(dev_records)} questions{' | new best' if improved else ''}", flush=True)
+                if improved:
+                    save_checkpoint(args.out / "best", raw_model, model, optimizer, scaler, state, args, init, dist)
+            stopping = stop.requested(dist)
+            if done or stopping or (args.save_every and state.step % args.save_every == 0):
+                save_checkpoint(args.out / "last", raw_model, model, optimizer, scaler, state, args, init, dist)
+                saved_at = state.step
+            if stopping and not done:
+                if bar:
+                    bar.close()
+                log(f"stopped at step {state.step}: saved {args.out / 'last'}; continue with: "
+                    f"python train.py --resume --out {args.out} (and the same flags as before)")
+                dist.close()
+                raise SystemExit(stop.exit_code)
+    if bar:
         bar.close()
+    if dist.main:
         plot_metrics(metrics, args.out / "loss.png")
+    best = state.best
     log(f"saved     {args.out / 'last'} and {args.out / 'best'} (best dev greedy acc {best['acc']:.1%} at step {best['step']})")
     log(f"metrics   {metrics}, plot {args.out / 'loss.png'}")
     log(f"next      python evaluate.py --checkpoint {args.out / 'best'}")
@@ -372,4 +549,4 @@ def plot_metrics(metrics, path):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

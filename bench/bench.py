@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from model import (DTYPES, Config, Transformer, default_student, from_pretrained, keep_freed_memory,  # noqa: E402
-                   load_tokenizer, save_pretrained)
+from checkpoint import default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
+from cli import keep_freed_memory  # noqa: E402
+from model import DTYPES, Config, Transformer  # noqa: E402
 
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from model import default_student  # noqa: E402
+from checkpoint import default_student  # noqa: E402
 from report import plot_lines  # noqa: E402
 
 RUNS = {  # name: (mode, filter)
@@ -68,6 +68,8 @@ def main():
             argv = ["--mode", mode, "--filter", filt, "--out", str(run), "--seed", str(args.seed), *budget]
             if (run / "last" / "trainer_state.pt").exists():
                 argv.append("--resume")
+            elif run.exists():
+                argv.append("--overwrite")  # a run that stopped before its first save
             commands.append("python train.py " + " ".join(argv).replace(f"{ROOT}/", ""))
             train.main(argv)
         results[name] = evaluate_once(name, run / "best", ["--n", str(args.n) if mode == "cot" else "0"])

@@ -97,7 +97,8 @@ def tiny_student(folder, model_type="llama", vocab_size=384, seed=0):
     from tokenizers import ByteLevelBPETokenizer
 
     from data import DEFAULT_TRAIN, read_corpus
-    from model import Config, Transformer, save_pretrained
+    from checkpoint import save_pretrained
+    from model import Config, Transformer
     from scotd import format_query
 
     folder = Path(folder)

@@ -9,7 +9,7 @@ import torch
 import data
 from data import CorpusError, Skips
 from helpers import tiny_student
-from model import from_pretrained, load_tokenizer
+from checkpoint import from_pretrained, load_tokenizer
 
 REC = {"id": "q1", "question": "Where do beavers get supplies?", "choices": ["zoo", "wooded area", "lake"],
        "answer": "wooded area", "rationales": [{"text": "Beavers use wood.", "prediction": "wooded area", "correct": True},

@@ -74,8 +74,24 @@ def test_sharded_evaluation_writes_the_same_predictions(single, tmp_path):
     args = ["--checkpoint", str(single / "last"), "--limit", "7", "--chains", "3", "--batch-size", "2",  # torchrun takes --n
             "--max-new-tokens", "16"]
     launch("evaluate.py", *args, "--out", str(tmp_path / "one"))
-    launch("evaluate.py", *args, "--out", str(tmp_path / "two"), nproc=2)
+    stdout = launch("evaluate.py", *args, "--out", str(tmp_path / "two"), nproc=2)
+    assert stdout.count("gathered") == 1 and "gathered  7 questions' outputs from 2 ranks (one all-gather)" in stdout
     name = "predictions-csqa_palm_validation.jsonl"
     one = (tmp_path / "one" / name).read_text()
     assert len(one.splitlines()) == 7
     assert one == (tmp_path / "two" / name).read_text()
+
+
+def test_last_batch_with_fewer_examples_than_ranks(student, tmp_path):
+    """9 examples at batch 4 on 2 ranks: the epoch's last batch holds 1 example, so one rank's share is
+    empty. It joins the all-reduce with zero gradients, and the weights equal one process's."""
+    import data
+
+    records = [r for r in data.read_corpus(data.DEFAULT_DEV) if r["rationales"][0]["correct"]][:9]
+    data.write_corpus(records, tmp_path / "nine.jsonl")
+    args = ["--init", str(student), "--data", str(tmp_path / "nine.jsonl"), "--batch-size", "4", "--max-steps", "3",
+            "--eval-every", "0", "--eval-questions", "2", "--lr", "3e-3", "--warmup-steps", "0", "--seed", "5"]
+    stdout = launch("train.py", *args, "--out", str(tmp_path / "one"))
+    assert "9 cot examples" in stdout  # 3 steps = the epoch's batches of 4, 4 and 1
+    launch("train.py", *args, "--out", str(tmp_path / "two"), nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5)

@@ -8,7 +8,7 @@ import torch
 import evaluate
 import train
 from helpers import left_padded_batch, make_hf_model, save_hf, tiny_student
-from model import from_pretrained, load_tokenizer
+from checkpoint import from_pretrained, load_tokenizer
 from sample import SampleConfig, generate, next_token
 
 

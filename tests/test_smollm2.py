@@ -5,9 +5,10 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from convert_gguf import convert_gguf, shipped_gguf
+from checkpoint import convert_gguf, from_pretrained, load_tokenizer
+from convert_gguf import shipped_gguf
 from data import DEFAULT_DEV, read_corpus
-from model import KVCache, from_pretrained, load_tokenizer
+from model import KVCache
 from scotd import format_query
 
 pytestmark = pytest.mark.real

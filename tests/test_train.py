@@ -1,6 +1,9 @@
-"""train.py: the loop learns, resumes exactly, and runs end to end from the command line."""
+"""train.py: the loop learns, resumes exactly from any interruption, stops on divergence, runs end to end."""
 
 import json
+import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -8,11 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import model as model_module
 import train
+from checkpoint import from_pretrained
 from helpers import tiny_student
-from model import from_pretrained
 
 ROOT = train.Path(train.__file__).resolve().parent
+INTERRUPTIBLE = ["--max-steps", "8", "--grad-accum", "2", "--save-every", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +31,23 @@ def run(student, out, *extra):
                        "--eval-every", "0", "--eval-questions", "4", "--lr", "3e-3", "--seed", "7", *extra])
 
 
+def rows(out):
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in rows(out) if "loss" in r]
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
 
 
 def test_tiny_model_overfits_eight_examples(student, tmp_path):
@@ -36,32 +57,187 @@ def test_tiny_model_overfits_eight_examples(student, tmp_path):
     assert min(losses(out)[-5:]) < 0.05
 
 
-def test_resume_continues_exactly(student, tmp_path, monkeypatch):
-    """8 steps straight == 4 steps, Ctrl-C (saves last), then --resume for the rest: same losses, same weights."""
-    straight = run(student, tmp_path / "a", "--max-steps", "8", "--grad-accum", "2")
+# -----------------------------------------------------------------------------
+# Exact resume from any interruption
 
+
+@pytest.fixture(scope="module")
+def straight(student, tmp_path_factory):
+    return run(student, tmp_path_factory.mktemp("straight") / "run", *INTERRUPTIBLE)
+
+
+def inject(monkeypatch, where, nth, action):
+    """Call action() inside the nth training forward / backward / optimizer step, or the nth safetensors
+    write of a checkpoint."""
     calls = {"n": 0}
-    update = train.Progress.update
 
-    def interrupt_after_4(self, k=1, info=None):
-        update(self, k, info)
+    def hit():
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
+        if calls["n"] == nth:
+            action()
 
-    monkeypatch.setattr(train.Progress, "update", interrupt_after_4)
-    with pytest.raises(SystemExit) as e:
-        run(student, tmp_path / "b", "--max-steps", "8", "--grad-accum", "2")
-    assert e.value.code == 130 and len(losses(tmp_path / "b")) == 4
-    monkeypatch.setattr(train.Progress, "update", update)
-    resumed = run(student, tmp_path / "b", "--max-steps", "8", "--grad-accum", "2", "--resume")
+    if where in ("forward", "backward"):
+        forward = model_module.Transformer.forward
 
-    a, b = losses(straight), losses(resumed)
-    assert len(a) == len(b) == 8
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
-    wa = load_file(str(straight / "last" / "model.safetensors"))
-    wb = load_file(str(resumed / "last" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        def patched(self, idx, targets=None, **kw):
+            if where == "forward" and targets is not None:
+                hit()
+            logits, loss = forward(self, idx, targets, **kw)
+            if where == "backward" and targets is not None:
+                loss.register_hook(lambda g: (hit(), g)[1])  # runs inside autograd's backward pass
+            return logits, loss
+        monkeypatch.setattr(model_module.Transformer, "forward", patched)
+    elif where == "optimizer":
+        step = torch.optim.AdamW.step
+
+        def patched(self, *a, **kw):
+            hit()
+            return step(self, *a, **kw)
+        monkeypatch.setattr(torch.optim.AdamW, "step", patched)
+    else:
+        save_file = checkpoint.save_file
+
+        def patched(*a, **kw):
+            hit()
+            return save_file(*a, **kw)
+        monkeypatch.setattr(checkpoint, "save_file", patched)
+
+
+@pytest.mark.parametrize("where,nth,signum", [
+    ("forward", 5, signal.SIGINT),     # step 3, first micro-batch
+    ("backward", 6, signal.SIGINT),    # step 3, second micro-batch
+    ("optimizer", 4, signal.SIGINT),   # step 4, gradients done, weights not yet updated
+    ("save", 1, signal.SIGINT),        # while writing `last` at step 3 (--save-every 3)
+    ("forward", 11, signal.SIGTERM),   # step 6
+])
+def test_signal_anywhere_in_a_step_resumes_exactly(student, straight, tmp_path, monkeypatch, where, nth, signum):
+    """Ctrl-C / SIGTERM delivered inside forward, backward, the optimizer step or a checkpoint write: the
+    step in flight completes, `last` is saved, exit 130 / 143; --resume then gives every loss row and
+    the final weights of the uninterrupted run, exactly."""
+    out, handlers = tmp_path / "b", (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    with monkeypatch.context() as m:
+        inject(m, where, nth, lambda: os.kill(os.getpid(), signum))
+        with pytest.raises(SystemExit) as e:
+            run(student, out, *INTERRUPTIBLE)
+    assert e.value.code == 128 + signum
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+    stopped_at = len(losses(out))
+    assert 0 < stopped_at < 8
+    assert torch.load(out / "last" / train.STATE_FILE, weights_only=True)["step"] == stopped_at
+    run(student, out, *INTERRUPTIBLE, "--resume")
+    assert losses(out) == losses(straight)
+    assert_same_weights(out / "last", straight / "last")
+
+
+def test_second_ctrl_c_aborts_and_resume_uses_the_last_save(student, straight, tmp_path, monkeypatch):
+    """Two Ctrl-C inside step 5: abort at once, nothing written for it; `last` is the step-3 save, and
+    resuming from it (metrics of steps 4-5 dropped) still equals the uninterrupted run."""
+    out = tmp_path / "b"
+    with monkeypatch.context() as m:
+        inject(m, "forward", 9, lambda: (os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGINT)))
+        with pytest.raises(KeyboardInterrupt):
+            run(student, out, *INTERRUPTIBLE)
+    assert len(losses(out)) == 4
+    assert torch.load(out / "last" / train.STATE_FILE, weights_only=True)["step"] == 3
+    run(student, out, *INTERRUPTIBLE, "--resume")
+    assert losses(out) == losses(straight)
+    assert_same_weights(out / "last", straight / "last")
+
+
+KILL_BETWEEN_RENAMES = """
+import os, pathlib, signal, sys
+import train
+rename, seen = pathlib.Path.rename, []
+def rename_or_die(self, target):
+    if self.name == "last.tmp":
+        seen.append(self)
+        if len(seen) == 2:  # the second save of `last` (step 6): the old folder is already moved aside
+            os.kill(os.getpid(), signal.SIGKILL)
+    return rename(self, target)
+pathlib.Path.rename = rename_or_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_kill_9_inside_a_checkpoint_swap_resumes_exactly(student, straight, tmp_path):
+    """kill -9 between the two renames that swap a new `last` in: the next run finds `last.tmp` complete
+    and `last.old`, recovers the newer one (step 6) and continues to the uninterrupted result."""
+    out = tmp_path / "k"
+    argv = ["--init", str(student), "--out", str(out), "--limit", "64", "--batch-size", "4", "--eval-every", "0",
+            "--eval-questions", "4", "--lr", "3e-3", "--seed", "7", *INTERRUPTIBLE]
+    r = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not (out / "last").exists() and (out / "last.tmp").exists() and (out / "last.old").exists()
+    run(student, out, *INTERRUPTIBLE, "--resume")
+    assert losses(out) == losses(straight)
+    assert_same_weights(out / "last", straight / "last")
+    assert not (out / "last.tmp").exists() and not (out / "last.old").exists()
+
+
+# -----------------------------------------------------------------------------
+# Divergence
+
+
+def scale_gradients(monkeypatch, nth, factor):
+    """Multiply every gradient of the nth training micro-batch by factor (nan, inf) during its backward."""
+    forward = model_module.Transformer.forward
+    calls = {"n": 0}
+
+    def patched(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        if targets is not None:
+            calls["n"] += 1
+            if calls["n"] == nth:
+                loss.register_hook(lambda g: g * factor)
+        return logits, loss
+    monkeypatch.setattr(model_module.Transformer, "forward", patched)
+
+
+def test_huge_learning_rate_stops_with_the_step_and_keeps_the_last_good_checkpoint(student, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(train.Diverged, match=r"step 2: loss .*gradient norm nan.*last good checkpoint is .*last \(step 1\)"):
+        run(student, out, "--max-steps", "20", "--lr", "1e6", "--save-every", "1")
+    assert torch.load(out / "last" / train.STATE_FILE, weights_only=True)["step"] == 1
+    assert all(torch.isfinite(w).all() for w in weights(out / "last").values())
+    assert not (out / "best").exists()
+    from_pretrained(out / "last")  # loads: finite weights
+
+
+def test_nan_gradient_stops_before_the_optimizer_step(student, tmp_path, monkeypatch):
+    """A NaN injected into the gradients during step 3's backward: stopped there, before the optimizer
+    step; `last` stays the finite step-2 save."""
+    scale_gradients(monkeypatch, nth=3, factor=float("nan"))
+    out = tmp_path / "o"
+    with pytest.raises(train.Diverged, match=r"step 3: .*gradient norm nan.*last good checkpoint is .*last \(step 2\)"):
+        run(student, out, "--max-steps", "6", "--save-every", "2")
+    assert torch.load(out / "last" / train.STATE_FILE, weights_only=True)["step"] == 2
+    assert len(losses(out)) == 2
+
+
+def fp16_autocast_works():
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not fp16_autocast_works(), reason="this torch has no fp16 autocast on CPU")
+def test_fp16_overflow_is_skipped_by_the_scaler_not_an_error(student, tmp_path, monkeypatch):
+    """An inf gradient under fp16 is what the GradScaler is for: the step is skipped, the scale halves,
+    training goes on to the end with finite weights."""
+    scale_gradients(monkeypatch, nth=2, factor=float("inf"))
+    out = run(student, tmp_path / "o", "--max-steps", "3", "--dtype", "float16")
+    state = torch.load(out / "last" / train.STATE_FILE, weights_only=True)
+    assert state["step"] == 3 and state["scaler"]["scale"] == 2.0 ** 16 / 2  # one overflow: halved once
+    assert all(math.isfinite(x) for x in losses(out))
+    assert all(torch.isfinite(w).all() for w in weights(out / "last").values())
+
+
+# -----------------------------------------------------------------------------
+# Outputs, --out and --resume rules
 
 
 def test_checkpoint_is_an_hf_folder_transformers_loads(student, tmp_path):
@@ -74,23 +250,34 @@ def test_checkpoint_is_an_hf_folder_transformers_loads(student, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids)[0], atol=1e-4, rtol=0)
     assert (out / "last" / "trainer_state.pt").exists() and (out / "last" / "tokenizer.json").exists()
+    assert json.loads((out / "best" / "scotd.json").read_text())["mode"] == "cot"
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_existing_out_is_refused_unless_resume_or_overwrite(student, tmp_path, capsys):
+    out = run(student, tmp_path / "o", "--max-steps", "2")
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as e:
+        run(student, out, "--max-steps", "2")
+    assert e.value.code == 2 and "already holds a run; pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+    run(student, out, "--max-steps", "1", "--overwrite")
+    assert len(losses(out)) == 1
+
+
+def test_resume_refuses_changed_flags_naming_each(student, tmp_path, capsys):
+    out = run(student, tmp_path / "o", "--max-steps", "2")
+    with pytest.raises(SystemExit) as e:
+        run(student, out, "--max-steps", "3", "--resume", "--lr", "1e-3", "--mode", "post")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--mode cot -> post" in err and "--lr 0.003 -> 0.001" in err and "--allow-changes" in err
+    run(student, out, "--max-steps", "3", "--resume", "--lr", "1e-3", "--allow-changes")
+    assert len(losses(out)) == 3 and "changed   --lr 0.003 -> 0.001" in capsys.readouterr().out
 
 
 def test_packed_batches_train(student, tmp_path):
     out = run(student, tmp_path / "o", "--max-steps", "3", "--pack")
     assert len(losses(out)) == 3 and all(x == x for x in losses(out))
-
-
-def test_fp16_grad_scaler_path(student, tmp_path):
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.ones(2, 2) @ torch.ones(2, 2)
-    except RuntimeError:
-        pytest.skip("this torch has no fp16 autocast on CPU")
-    out = run(student, tmp_path / "o", "--max-steps", "3", "--dtype", "float16")
-    state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
-    assert state["scaler"]["scale"] > 0 and len(losses(out)) == 3
 
 
 def test_command_line_end_to_end(student, tmp_path):

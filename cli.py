@@ -1,0 +1,98 @@
+"""What the commands (train.py, evaluate.py, data.py, checkpoint.py) share: argument checks, process
+set-up, and how a run ends on bad input.
+
+The rule for bad input: a flag out of range ends the run before any model loads, with argparse's
+message and exit code 2. Bad input a user can fix (a malformed corpus line, a checkpoint that does not
+match its config, a missing file) raises `InputError`; `run` prints it as one line (the message names
+the file and line, or the tensor) and exits with code 1. A traceback is shown only with SCOTD_DEBUG=1.
+"""
+
+import argparse
+import ctypes
+import os
+import sys
+
+
+class InputError(Exception):
+    """Bad input a user can fix: the message names the file and line (or tensor) and what is wrong."""
+
+
+def run(main):
+    """The scripts' entry point: main() with bad input and Ctrl-C turned into one line and an exit code."""
+    debug = os.environ.get("SCOTD_DEBUG") == "1"
+    try:
+        return main()
+    except (InputError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+
+# -----------------------------------------------------------------------------
+# argparse types: a value out of range is a usage error (exit 2) before anything loads
+
+
+def _number(kind, low, low_inclusive, high=None, what=""):
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if x != x or (x < low if low_inclusive else x <= low) or (high is not None and x > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return x
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, 1, True, what=">= 1")
+nonneg_int = _number(int, 0, True, what=">= 0")
+positive_float = _number(float, 0.0, False, what="> 0")
+nonneg_float = _number(float, 0.0, True, what=">= 0")
+fraction = _number(float, 0.0, False, 1.0, what="in (0, 1]")
+unit_interval = _number(float, 0.0, True, 1.0, what="in [0, 1]")
+
+
+def check_device(parser, device):
+    """--device: 'cpu', 'cuda' or 'cuda:N' that this machine has."""
+    import torch
+
+    if device is None:
+        return
+    if device != "cpu" and not device.startswith("cuda"):
+        parser.error(f"argument --device: expected cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"argument --device: {device} requested but this torch has no CUDA device")
+
+
+def check_file(parser, flag, path):
+    if path is not None and not os.path.isfile(path):
+        parser.error(f"argument {flag}: no such file: {path}")
+
+
+# -----------------------------------------------------------------------------
+# process set-up
+
+
+def keep_freed_memory(device):
+    """On CPU, let glibc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default glibc hands large freed blocks back (munmap, or trimming the heap), so a training step,
+    which allocates and frees gigabytes of activations and gradients, page-faults them all in again the
+    next step. Raising the mmap and trim thresholds keeps them. Measured on 2 cores: a third fewer page
+    faults, SmolLM2 training steps 15-25 % faster, peak RSS 2-3 % higher. A no-op without glibc."""
+    if device.type != "cpu":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
