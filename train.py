@@ -423,6 +423,32 @@ def prepare_out(args, state, dist):
     return metrics
 
 
+def budget(args, n_examples):
+    """(optimizer steps, warmup steps) from --max-steps or --epochs."""
+    batches_per_epoch = math.ceil(n_examples / args.batch_size)
+    total_steps = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
+    return total_steps, args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
+
+
+def describe_budget(args, total_steps, n_available, dist):
+    n = total_steps * args.grad_accum * args.batch_size
+    coverage = f"a subset: {n:,} of {n_available:,}" if n < n_available else f"{n / n_available:.2f} epochs"
+    ranks = f", {dist.world} ranks x {args.batch_size // dist.world} ({'FSDP' if args.fsdp else 'DDP'})" if dist.world > 1 else ""
+    return f"{total_steps:,} steps x {args.grad_accum} x {args.batch_size} examples = {n:,} examples ({coverage}){ranks}"
+
+
+def data_parallel(model, args, dist, device):
+    """Under torchrun: DDP replicates the model, FSDP2 (--fsdp) shards it per layer; one process: unchanged."""
+    if dist.world == 1:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+
 def main(argv=None):
     args = get_args(argv)  # every flag checked before anything loads
     dist, device = Dist.init(args.device)
@@ -434,19 +460,12 @@ def main(argv=None):
     tokenizer = load_tokenizer(init)
     records, tokens, skips, dev_tokens, dev_records = load_data(args, tokenizer, init, dist)
 
-    batches_per_epoch = math.ceil(len(tokens) / args.batch_size)
-    total_steps = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
-    n_examples = total_steps * args.grad_accum * args.batch_size
-    coverage = (f"a subset: {n_examples:,} of {len(tokens):,}" if n_examples < len(tokens)
-                else f"{n_examples / len(tokens):.2f} epochs")
-    ranks = f", {dist.world} ranks x {args.batch_size // dist.world} ({'FSDP' if args.fsdp else 'DDP'})" if dist.world > 1 else ""
+    total_steps, warmup = budget(args, len(tokens))
     log(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {args.dtype}")
     log(f"data      {args.data}: {len(records):,} questions -> {len(tokens):,} {args.mode} examples "
         f"(filter={args.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens")
     log(f"          {skips.summary()}")
-    log(f"budget    {total_steps:,} steps x {args.grad_accum} x {args.batch_size} examples = {n_examples:,} examples "
-        f"({coverage}){ranks}")
+    log(f"budget    {describe_budget(args, total_steps, len(tokens), dist)}")
 
     trainer_state = None
     if args.resume is not None:
@@ -455,15 +474,7 @@ def main(argv=None):
         for change in args.changed:
             log(f"changed   {change} (--allow-changes)")
 
-    # data parallelism (under torchrun): DDP replicates the model, FSDP2 shards it; rank 0 saves the raw module
-    raw_model = model
-    if args.fsdp and dist.world > 1:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.layers:
-            fully_shard(layer)
-        model = fully_shard(model)
-    elif dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    raw_model, model = model, data_parallel(model, args, dist, device)  # rank 0 saves the raw module
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device.type)
     state = TrainState()
     if trainer_state is not None:
