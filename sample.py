@@ -26,7 +26,7 @@ class SampleConfig:
     batch_size: int = 8  # questions per prefill; the running batch is batch_size * n rows
     seed: int = 0
     check_every: int = 0  # steps between stop checks; 0 = 1 on CPU, 8 on CUDA
-    compile: bool = False  # torch.compile the one-token decode step (dynamic shapes: the cache grows)
+    compile: bool = False  # torch.compile the one-token decode step (static: attends over all cache slots)
 
 
 def next_token(logits, cfg, generator):
@@ -92,7 +92,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
         batch = list(range(start, min(start + cfg.batch_size, len(prompts))))
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
         cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device,
-                        dtype=next(model.parameters()).dtype)
+                        dtype=next(model.parameters()).dtype, static=cfg.compile)
         logits, _ = model(ids, attention_mask=mask, cache=cache)  # one prefill per question
         logits = logits[:, -1].repeat_interleave(cfg.n, 0)  # (B*n, V)
         cache = cache.repeat_rows(cfg.n)

@@ -105,6 +105,37 @@ def test_cached_decode_equals_full_forward(kind, tmp_path):
     assert cache.length == ids.shape[1] + new.shape[1]
 
 
+def greedy_with_cache(model, ids, mask, n_steps, how):
+    """Greedy tokens of a left-padded batch, decoding one token at a time through the cache, `how`:
+    "static" (attend over all slots under the validity mask), "filled" (the filled slots only), or
+    "masked" (each step through the prefill path with an attention mask)."""
+    cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + n_steps, static=how == "static")
+    out = []
+    with torch.no_grad():
+        logits, _ = model(ids, attention_mask=mask, cache=cache)
+        for _ in range(n_steps):
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(tok)
+            kwargs = {"attention_mask": torch.ones_like(tok)} if how == "masked" else {}
+            logits, _ = model(tok, cache=cache, **kwargs)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("kind", ["opt-preln", "llama-untied"])
+def test_static_decode_step_gives_the_same_tokens(kind, tmp_path):
+    """The fixed-shape decode step (index_copy_ at a device-side slot, all slots under the validity mask,
+    RoPE from a precomputed table) writes the same 16 greedy tokens as the filled-slot step and as the
+    slicing, masked path; unwritten slots stay zero."""
+    model = from_pretrained(save_hf(make_hf_model(kind), tmp_path))
+    with torch.no_grad():  # flatten the random init so that greedy tokens vary
+        model.embed_tokens.weight.mul_(0.3)
+    ids, mask = left_padded_batch([5, 9, 3, 7], pad_id=model.cfg.pad_token_id)
+    static = greedy_with_cache(model, ids, mask, 16, "static")
+    assert len(set(static.flatten().tolist())) > 1  # not a constant sequence
+    assert torch.equal(static, greedy_with_cache(model, ids, mask, 16, "filled"))
+    assert torch.equal(static, greedy_with_cache(model, ids, mask, 16, "masked"))
+
+
 @pytest.mark.parametrize("kind", ["opt-postln", "llama-untied"])
 def test_repeated_prompt_cache_equals_separate_prefills(kind, tmp_path):
     """One prefill expanded to N rows, then N different continuations: same logits as N prefills."""
