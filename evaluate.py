@@ -91,6 +91,16 @@ def my_batches(n_prompts, batch_size, dist):
     return range(dist.rank, -(-n_prompts // batch_size), dist.world)
 
 
+def timed(label, n_prompts, dist, decode):
+    """decode(progress) with a progress bar on rank 0 (each rank does 1/world of the questions) -> (outputs, s)."""
+    bar = Progress(n_prompts, label) if dist.main else None
+    t0 = time.time()
+    outs = decode((lambda k: bar.update(k * dist.world)) if bar else None)
+    if bar:
+        bar.close()
+    return outs, time.time() - t0
+
+
 def merge(shares):
     """Each rank's outputs (None where another rank had the question) -> one list."""
     return [next(s[i] for s in shares if s[i] is not None) for i in range(len(shares[0]))]
@@ -129,27 +139,18 @@ def main(argv=None):
     # greedy; for label-first students ("post", "label") the answer alone is enough: the fast path
     fast = mode in LABEL_FIRST
     batch = max(args.batch_size, 16)
-    bar = Progress(len(prompts), "greedy (answer only)" if fast else "greedy") if dist.main else None
-    t0 = time.time()
-    greedy_outs = greedy(model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
-                         batches=my_batches(len(prompts), batch, dist), progress=bar and (lambda k: bar.update(k * dist.world)))
-    greedy_s = time.time() - t0
-    if bar:
-        bar.close()
+    greedy_outs, greedy_s = timed("greedy (answer only)" if fast else "greedy", len(prompts), dist, lambda progress: greedy(
+        model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
+        batches=my_batches(len(prompts), batch, dist), progress=progress))
 
     chains, sc_s = None, 0.0
     if args.n > 0:
         sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               compile=args.compile)
-        bar = Progress(len(prompts), f"sample N={args.n}") if dist.main else None
-        t0 = time.time()
-        chains = generate(model, tokenizer, prompts, sc_cfg, eos_id=eos_id, pad_id=pad_id,
-                          batches=my_batches(len(prompts), args.batch_size, dist),
-                          progress=bar and (lambda k: bar.update(k * dist.world)))
-        sc_s = time.time() - t0
-        if bar:
-            bar.close()
+        chains, sc_s = timed(f"sample N={args.n}", len(prompts), dist, lambda progress: generate(
+            model, tokenizer, prompts, sc_cfg, eos_id=eos_id, pad_id=pad_id,
+            batches=my_batches(len(prompts), args.batch_size, dist), progress=progress))
 
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it

@@ -501,7 +501,7 @@ def main(argv=None):
             except Diverged as e:
                 if bar:
                     bar.close()
-                kept = f"the last good checkpoint is {args.out / 'last'} (step {saved_at})" if saved_at else "no checkpoint was written"
+                kept = f"the last good checkpoint is {args.out / 'last'} (step {saved_at})" if saved_at else "no `last` was written yet"
                 raise Diverged(f"step {state.step + 1}: {e}: training stopped before the optimizer step; {kept}. "
                                f"Lower --lr (now {args.lr:g}) or check the data") from None
             state.step, state.epoch, state.index = state.step + 1, epoch, index
