@@ -3,13 +3,14 @@
 SCoTD (Li et al. 2023, §3) fine-tunes small decoders -- OPT-125m/350m/1.3b in the paper -- on teacher
 rationales and then samples many chains from them at test time. This file is that student:
 
-- `Config`: a typed view of an HF `config.json` (`model_type` "opt" or "llama").
+- `Config`: a typed view of an HF `config.json` (`model_type` "opt", "llama" or "qwen2").
 - `Transformer`: embeddings -> blocks -> norm -> lm_head, with module names that mirror the HF
   checkpoints (after dropping the `model.` / `model.decoder.` prefix), so loading is a strict
   `load_state_dict` and nothing is transposed behind the reader's back.
     OPT:   learned positions (offset 2), LayerNorm, ReLU MLP, biases, pre-LN or post-LN (350m layout,
            with project_in/project_out), tied lm_head.
     Llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, tied or untied lm_head.
+    Qwen2: Llama's layout with biases on q/k/v (the Qwen2.5 teachers).
 - `KVCache`: a static, preallocated cache written in place, for prefill + one-token decode of
   left-padded batches, that can repeat one prompt's rows N times (N chains for self-consistency).
 
@@ -27,10 +28,12 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Config
 
+MODEL_TYPES = ("opt", "llama", "qwen2")
+
 
 @dataclass
 class Config:
-    model_type: str  # "opt" | "llama"
+    model_type: str  # "opt" | "llama" | "qwen2" (Llama's layout with q/k/v biases)
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -42,6 +45,7 @@ class Config:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = True
     bias: bool = False  # q/k/v/o and MLP biases (OPT: enable_bias)
+    qkv_bias: bool = False  # q/k/v biases only (Qwen2)
     # OPT only
     word_embed_proj_dim: int = 0  # 0 -> hidden_size; otherwise project_in/project_out exist (350m)
     do_layer_norm_before: bool = True  # False = post-LN (OPT-350m)
@@ -65,8 +69,8 @@ class Config:
                 return pad
 
     def __post_init__(self):
-        if self.model_type not in ("opt", "llama"):
-            raise ValueError(f"unsupported model_type {self.model_type!r}: scotd supports 'opt' and 'llama'")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {self.model_type!r}: scotd supports {', '.join(MODEL_TYPES)}")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.word_embed_proj_dim = self.word_embed_proj_dim or self.hidden_size
@@ -96,7 +100,9 @@ class Config:
                 do_layer_norm_before=hf.get("do_layer_norm_before", True),
                 final_layer_norm=hf.get("do_layer_norm_before", True) and not hf.get("_remove_final_layer_norm", False),
                 hf=hf)
-        if kind == "llama":
+        if kind in ("llama", "qwen2"):
+            if kind == "qwen2" and (hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or [])):
+                raise ValueError(f"{path}: sliding-window attention is not supported")
             rope_scaling = hf.get("rope_scaling") or {}
             if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
                 raise ValueError(f"{path}: rope_scaling {rope_scaling} is not supported (only default RoPE)")
@@ -104,14 +110,14 @@ class Config:
                 raise ValueError(f"{path}: attention_bias != mlp_bias is not supported")
             rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
             return cls(
-                model_type="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                model_type=kind, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
                 num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
                 num_key_value_heads=hf.get("num_key_value_heads") or 0, head_dim=hf.get("head_dim") or 0,
                 intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
                 hidden_act=hf.get("hidden_act", "silu"), tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                bias=hf.get("attention_bias", False), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                bias=hf.get("attention_bias", False), qkv_bias=kind == "qwen2", rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                 rope_theta=float(rope_theta), hf=hf)
-        raise ValueError(f"{path}: unsupported model_type {kind!r}: scotd supports 'opt' and 'llama'")
+        raise ValueError(f"{path}: unsupported model_type {kind!r}: scotd supports {', '.join(MODEL_TYPES)}")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -241,9 +247,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         n_head, n_kv, hd, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(d, n_head * hd, bias=cfg.bias)
-        self.k_proj = nn.Linear(d, n_kv * hd, bias=cfg.bias)
-        self.v_proj = nn.Linear(d, n_kv * hd, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(d, n_head * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, n_kv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, n_kv * hd, bias=qkv_bias)
         # HF names the output projection `out_proj` in OPT and `o_proj` in Llama; keep the checkpoint's name.
         self.out_name = "out_proj" if cfg.model_type == "opt" else "o_proj"
         self.add_module(self.out_name, nn.Linear(n_head * hd, d, bias=cfg.bias))

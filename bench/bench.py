@@ -72,7 +72,7 @@ def train_flops(cfg, B, T, head_positions):
     """Model FLOPs of one training step (backward = 2x forward) on a (B, T) batch whose lm_head runs at
     `head_positions` positions: every weight multiply-add, plus causal attention scores and mixing."""
     d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    mlp = (3 if cfg.model_type == "llama" else 2) * d * cfg.intermediate_size
+    mlp = (2 if cfg.model_type == "opt" else 3) * d * cfg.intermediate_size
     per_token = cfg.num_hidden_layers * (2 * d * q + 2 * d * kv + mlp)
     attention = cfg.num_hidden_layers * 2 * q * T * (T + 1) // 2  # QK^T and AV over the causal half, per row
     forward = 2 * (B * T * per_token + B * attention + head_positions * cfg.vocab_size * cfg.word_embed_proj_dim)

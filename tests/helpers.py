@@ -26,8 +26,11 @@ def hf_config(kind, **overrides):
         return OPTConfig(**kw)
     kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, rope_theta=100000.0, rms_norm_eps=1e-5,
-              tie_word_embeddings=(kind == "llama-tied"), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+              tie_word_embeddings=kind.endswith("-tied"), pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kw.update(overrides)
+    if kind.startswith("qwen2"):
+        from transformers import Qwen2Config
+        return Qwen2Config(**(kw | {"rope_theta": 1e6}))
     return LlamaConfig(**kw)
 
 
@@ -81,11 +84,11 @@ def left_padded_batch(lengths, pad_id=0, vocab=VOCAB, seed=0):
 
 
 def hf_logits(hf, ids, mask=None):
-    """transformers' logits; Llama is given positions that skip left padding, as OPT computes itself."""
+    """transformers' logits; RoPE models are given positions that skip left padding, as OPT computes itself."""
     kwargs = {}
     if mask is not None:
         kwargs["attention_mask"] = mask
-        if hf.config.model_type == "llama":
+        if hf.config.model_type != "opt":
             kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         return hf(ids, **kwargs).logits

@@ -16,7 +16,7 @@ from model import KVCache
 
 torch.set_num_threads(2)
 ATOL = 1e-4  # fp32 logits vs transformers
-KINDS = ["opt-preln", "opt-postln", "llama-tied", "llama-untied"]
+KINDS = ["opt-preln", "opt-postln", "llama-tied", "llama-untied", "qwen2-tied", "qwen2-untied"]
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -12,7 +12,7 @@ from checkpoint import from_pretrained, load_tokenizer
 from sample import SampleConfig, generate, next_token
 
 
-@pytest.mark.parametrize("kind", ["opt-preln", "opt-postln", "llama-tied"])
+@pytest.mark.parametrize("kind", ["opt-preln", "opt-postln", "llama-tied", "qwen2-untied"])
 def test_greedy_equals_transformers_generate_on_left_padded_batch(kind, tmp_path):
     hf = make_hf_model(kind)
     hf.generation_config.eos_token_id = None  # random weights: run the full length on both sides
