@@ -72,18 +72,29 @@ def _finished(tokens, n_new, tokenizer, cfg, eos_id):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None, batches=None):
+def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None, batches=None, prefix=None):
     """prompts: list of token-id lists -> per prompt, cfg.n dicts {"tokens", "text"}; text is cut at the
     first stop string (which is dropped) and tokens at EOS. `progress(k)` is called as k questions finish.
     tokenizer may be None when cfg.stop is empty (then only EOS and max_new_tokens end a chain).
 
     Prompts are taken cfg.batch_size at a time; batch k draws from its own generator seeded by
     (cfg.seed, k), so a run restricted to some `batches` (one rank's share) samples exactly what the
-    full run samples for them. Prompts outside `batches` get None."""
+    full run samples for them. Prompts outside `batches` get None.
+
+    `prefix`: token ids every prompt starts with (a few-shot header). It is prefilled once; each batch
+    starts from a copy of its cache and prefills only its own prompts (left-padded after the header:
+    padding is masked and skipped by positions, so the result is that of prefix + prompt)."""
     assert tokenizer is not None or not cfg.stop, "stop strings need the tokenizer to decode"
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
     decode = torch.compile(model, dynamic=True) if cfg.compile else model  # only the decode step, as gpt-fast
+    header = None
+    if prefix:  # the shared header: one prefill for the whole run
+        longest = max(len(p) for p in prompts)
+        header = KVCache(model.cfg, 1, len(prefix) + longest + cfg.max_new_tokens, device=device, dtype=dtype,
+                         static=cfg.compile)
+        model(torch.tensor([prefix], device=device), cache=header)
     results = [None] * len(prompts)
     n_batches = -(-len(prompts) // cfg.batch_size)
     for k in (range(n_batches) if batches is None else batches):
@@ -91,8 +102,11 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
         start = k * cfg.batch_size
         batch = list(range(start, min(start + cfg.batch_size, len(prompts))))
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
-        cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device,
-                        dtype=next(model.parameters()).dtype, static=cfg.compile)
+        if header is None:
+            cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device, dtype=dtype,
+                            static=cfg.compile)
+        else:
+            cache = header.repeat_rows(len(batch))
         logits, _ = model(ids, attention_mask=mask, cache=cache)  # one prefill per question
         logits = logits[:, -1].repeat_interleave(cfg.n, 0)  # (B*n, V)
         cache = cache.repeat_rows(cfg.n)

@@ -139,3 +139,20 @@ def test_compiled_decode_step_gives_the_same_tokens(student):
     eager = generate(model, None, prompts, SampleConfig(**cfg))
     compiled = generate(model, None, prompts, SampleConfig(**cfg, compile=True))
     assert compiled == eager
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prefix_prefilled_once_gives_the_same_tokens(student, temperature):
+    """A few-shot header prefilled once and copied into each batch: the same chains (greedy and seeded
+    sampling) as prefilling header + question from scratch, prompts of different lengths."""
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(0.05)  # flatten the random init so that samples differ
+    header = tok.encode("Q: Where do beavers live?\nA: Beavers build dams. So the answer is (b) river.\n\n").ids
+    questions = [tok.encode(q).ids for q in ("Q: what?\nA:", "Q: where do people keep their money?\nA:",
+                                             "Q: who?\nA:", "Q: what do cats like most of all?\nA:", "Q: why?\nA:")]
+    cfg = SampleConfig(n=3, temperature=temperature, max_new_tokens=10, stop=(), batch_size=2, seed=5)
+    shared = generate(model, None, questions, cfg, prefix=header)
+    scratch = generate(model, None, [header + q for q in questions], cfg)
+    assert shared == scratch
+    assert len({tuple(c["tokens"]) for o in shared for c in o}) > 1
