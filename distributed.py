@@ -61,5 +61,9 @@ class Dist:
             td.barrier()
 
     def close(self):
+        """Tear down together: a barrier first, so that no rank destroys its process group (and exits) while
+        a peer still has collectives in flight -- gloo then aborts at interpreter exit ("terminate called
+        without an active exception")."""
         if self.world > 1 and td.is_initialized():
+            td.barrier()
             td.destroy_process_group()

@@ -72,7 +72,8 @@ def _finished(tokens, n_new, tokenizer, cfg, eos_id):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None, batches=None, prefix=None):
+def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None, batches=None, prefix=None,
+             on_batch=None):
     """prompts: list of token-id lists -> per prompt, cfg.n dicts {"tokens", "text"}; text is cut at the
     first stop string (which is dropped) and tokens at EOS. `progress(k)` is called as k questions finish.
     tokenizer may be None when cfg.stop is empty (then only EOS and max_new_tokens end a chain).
@@ -80,6 +81,8 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
     Prompts are taken cfg.batch_size at a time; batch k draws from its own generator seeded by
     (cfg.seed, k), so a run restricted to some `batches` (one rank's share) samples exactly what the
     full run samples for them. Prompts outside `batches` get None.
+
+    `on_batch(indices, outs)` is called as each batch finishes (e.g. to write it out at once).
 
     `prefix`: token ids every prompt starts with (a few-shot header). It is prefilled once; each batch
     starts from a copy of its cache and prefills only its own prompts (left-padded after the header:
@@ -136,6 +139,8 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
             logits = decode(tok, cache=cache)[0][:, -1]
         for q in batch:
             results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id) for c in range(cfg.n)]
+        if on_batch:
+            on_batch(batch, [results[q] for q in batch])
         if progress:
             progress(len(batch))
     return results

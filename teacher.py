@@ -1,0 +1,169 @@
+"""Sample SCoTD's many-rationales corpus from a local teacher (SCoTD §2: N chains per training question).
+
+The teacher (any folder checkpoint.py loads) is prompted with K worked examples in scotd.py's format --
+the bundled PaLM rationales of K fixed train questions, which are left out of the output -- then each
+question; it writes N chains per question at temperature T. The header is the same for every question,
+so it is prefilled once (sample.generate(prefix=...)); each batch of questions is prefilled once and its
+cache repeated to N rows. A chain ends at its first newline: in this format a rationale and its answer
+sentence are one line, and instruct teachers go on after it without a blank line.
+
+    python teacher.py --teacher ~/.cache/scotd/teachers/Qwen2.5-Coder-1.5B-Instruct --n 30 --limit 1000 \\
+        --out data/csqa_qwen_train.jsonl
+
+Output: canonical JSONL (data.py), one record per question with its N rationales, each with the teacher's
+parsed `prediction` and `correct`; beside it `<out>.meta.json` holds the teacher, the prompt and the
+sampling settings. Resumable: a question's line is written (and flushed) as soon as its batch is done;
+the same command run again skips what is there, redoes a half-written last line, and gives the file an
+uninterrupted run gives (batch k samples from seed (seed, k) whatever ran before it).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import cli
+import data
+from checkpoint import from_pretrained, load_tokenizer
+from cli import InputError
+from distributed import Dist
+from model import DTYPES
+from report import Progress
+from sample import SampleConfig, generate
+from scotd import fewshot_prefix, format_query, format_target, parse_choice
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="HF-layout model folder")
+    p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="questions (canonical JSONL); rationales there are ignored")
+    p.add_argument("--n", type=cli.positive_int, default=30, help="rationales per question (the paper's 30)")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=1.0)
+    p.add_argument("--top-p", type=cli.fraction, default=1.0)
+    p.add_argument("--shots", type=cli.nonneg_int, default=4, help="worked examples in the prompt (bundled PaLM rationales)")
+    p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=96)
+    p.add_argument("--batch-size", type=cli.positive_int, default=4, help="questions per prefill (x n rows while sampling)")
+    p.add_argument("--out", required=True, help="output JSONL (plain, appended as questions finish)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    args = p.parse_args(argv)
+    cli.check_file(p, "--data", args.data)
+    cli.check_file(p, "--prompt", args.prompt)
+    cli.check_device(p, args.device)
+    if not (Path(args.teacher) / "config.json").is_file():
+        p.error(f"argument --teacher: {args.teacher} is not a model folder (no config.json)")
+    if args.out.endswith(".gz"):
+        p.error("argument --out: write plain .jsonl (it is appended to as questions finish); gzip it afterwards")
+    return args
+
+
+def exemplars(k):
+    """K fixed worked examples: the first K bundled train questions whose PaLM rationale is correct."""
+    chosen = []
+    for rec in data.read_corpus(data.DEFAULT_TRAIN):
+        r = rec["rationales"][0] if rec["rationales"] else None
+        if len(chosen) < k and r and r.get("correct") and r["text"].strip():
+            gold = rec["choices"].index(rec["answer"])
+            chosen.append((rec["id"], format_query(rec["question"], rec["choices"]),
+                           format_target("cot", rec["choices"], gold, r["text"])))
+    return chosen
+
+
+def rationale(text, rec):
+    """A chain -> {text, prediction, correct}, split at 'So the answer is' as the importers do."""
+    text, answer_part = data.split_teacher_output(text)
+    index = parse_choice(answer_part, rec["choices"]) if answer_part is not None else None
+    return data.make_rationale(text, None if index is None else rec["choices"][index], rec["answer"])
+
+
+def done_ids(out):
+    """Ids already in `out`; a half-written last line (a kill mid-write) is cut off, with a note."""
+    if not out.exists():
+        return set()
+    raw = out.read_bytes()
+    keep = raw[:raw.rfind(b"\n") + 1]
+    ids = set()
+    for n, line in enumerate(keep.decode("utf-8").splitlines(), 1):
+        try:
+            ids.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError):
+            raise InputError(f"{out}:{n}: not a record this script wrote; move the file away or choose another --out") from None
+    if len(keep) < len(raw):
+        print(f"note      {out}: dropped a half-written last line ({len(raw) - len(keep)} bytes); it is redone")
+        out.write_bytes(keep)
+    return ids
+
+
+class CorpusWriter:
+    """generate()'s on_batch: each question's record appended and flushed as soon as its batch is done."""
+
+    def __init__(self, f, records, done, bar):
+        self.f, self.records, self.done, self.bar = f, records, done, bar
+        self.tokens, self.t0 = 0, time.time()
+
+    def __call__(self, indices, outs):
+        for i, chains in zip(indices, outs):
+            rec = self.records[i]
+            if rec["id"] in self.done:  # a batch redone after a kill mid-write: its first lines are there
+                continue
+            row = {key: rec[key] for key in ("id", "question", "choices", "answer")}
+            row["rationales"] = [rationale(c["text"], rec) for c in chains]
+            self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.f.flush()
+            self.tokens += sum(len(c["tokens"]) for c in chains)
+            self.bar.update(1, f"{self.tokens / (time.time() - self.t0):,.0f} tok/s")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    _, device = Dist.init(args.device)
+    cli.keep_freed_memory(device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    shots = [] if args.prompt else exemplars(args.shots)
+    header = Path(args.prompt).read_text() if args.prompt else fewshot_prefix([(q, t) for _, q, t in shots])
+    records = [r for r in data.read_corpus(args.data) if r["id"] not in {i for i, _, _ in shots}]
+    records = records[:args.limit] if args.limit else records
+
+    out, meta_path = Path(args.out), Path(args.out + ".meta.json")
+    meta = {"teacher": str(args.teacher), "data": args.data, "exemplar_ids": [i for i, _, _ in shots], "prompt": header,
+            "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "stop": "\n",
+                         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed},
+            "dtype": args.dtype}
+    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+        raise InputError(f"{meta_path}: {out} was sampled with other settings; use the same flags, or another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    done = done_ids(out)
+
+    model = from_pretrained(args.teacher, device=device, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.teacher)
+    prompts = [tokenizer.encode(format_query(r["question"], r["choices"]), add_special_tokens=False).ids for r in records]
+    prefix = tokenizer.encode(header).ids
+    cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                       stop=("\n",), batch_size=args.batch_size, seed=args.seed)
+    n_batches = -(-len(records) // args.batch_size)
+    todo = [k for k in range(n_batches)
+            if any(r["id"] not in done for r in records[k * args.batch_size:(k + 1) * args.batch_size])]
+    print(f"teacher   {args.teacher} on {device}, {args.dtype}; {len(shots) or 'custom'}-shot header of {len(prefix)} tokens")
+    print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
+          f"x {args.n} chains (T={args.temperature})")
+    bar = Progress(len(records), "teacher", start=len(done))
+    with open(out, "a", encoding="utf-8") as f:
+        try:
+            generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
+                     batches=todo, prefix=prefix, on_batch=CorpusWriter(f, records, done, bar))
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")
+            raise SystemExit(130)
+    bar.close()
+    print(f"wrote     {out} ({len(records):,} questions x {args.n} rationales); settings in {meta_path}")
+    print(f"next      python data.py stats {out}")
+    return out
+
+
+if __name__ == "__main__":
+    cli.run(main)

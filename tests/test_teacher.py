@@ -1,0 +1,89 @@
+"""teacher.py: N rationales per question from a local teacher, written as they finish; a run stopped by
+Ctrl-C or cut mid-line by a kill resumes to the uninterrupted file, byte for byte."""
+
+import json
+
+import pytest
+
+import data
+import sample
+import teacher
+from helpers import tiny_student
+
+N_QUESTIONS, N_CHAINS = 7, 3
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return tiny_student(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def run(student, out, *extra):
+    return teacher.main(["--teacher", str(student), "--out", str(out), "--limit", str(N_QUESTIONS), "--n", str(N_CHAINS),
+                         "--shots", "2", "--batch-size", "2", "--max-new-tokens", "12", "--seed", "3", *extra])
+
+
+@pytest.fixture(scope="module")
+def straight(student, tmp_path_factory):
+    return run(student, tmp_path_factory.mktemp("straight") / "c.jsonl")
+
+
+def test_writes_n_rationales_per_question_in_the_canonical_format(straight):
+    records = data.read_corpus(straight)  # validates every record
+    assert len(records) == N_QUESTIONS and all(len(r["rationales"]) == N_CHAINS for r in records)
+    assert all(set(x) == {"text", "prediction", "correct"} for r in records for x in r["rationales"])
+    meta = json.loads(straight.with_name(straight.name + ".meta.json").read_text())
+    exemplars = set(meta["exemplar_ids"])
+    assert len(exemplars) == 2 and not exemplars & {r["id"] for r in records}  # prompt questions left out
+    assert meta["sampling"]["n"] == N_CHAINS and meta["prompt"].count("So the answer is") == 2
+
+
+def test_ctrl_c_then_rerun_gives_the_uninterrupted_file(student, straight, tmp_path, monkeypatch):
+    out = tmp_path / "c.jsonl"
+    real = teacher.CorpusWriter.__call__
+    calls = {"n": 0}
+
+    def interrupt_after_two_batches(self, indices, outs):
+        real(self, indices, outs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(teacher.CorpusWriter, "__call__", interrupt_after_two_batches)
+    with pytest.raises(SystemExit) as e:
+        run(student, out)
+    assert e.value.code == 130 and len(out.read_text().splitlines()) == 4
+    monkeypatch.setattr(teacher.CorpusWriter, "__call__", real)
+    run(student, out)
+    assert out.read_bytes() == straight.read_bytes()
+
+
+def test_half_written_last_line_is_redone(student, straight, tmp_path, capsys):
+    out = tmp_path / "c.jsonl"
+    whole = straight.read_bytes()
+    lines = whole.splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:3]) + lines[3][:25])  # killed inside line 4 (the second of batch 1)
+    (tmp_path / "c.jsonl.meta.json").write_text(straight.with_name(straight.name + ".meta.json").read_text())
+    run(student, out)
+    assert "dropped a half-written last line" in capsys.readouterr().out
+    assert out.read_bytes() == whole
+
+
+def test_changed_settings_are_refused(student, straight, tmp_path):
+    out = tmp_path / "c.jsonl"
+    out.write_bytes(straight.read_bytes())
+    (tmp_path / "c.jsonl.meta.json").write_text(straight.with_name(straight.name + ".meta.json").read_text())
+    with pytest.raises(teacher.InputError, match=r"c\.jsonl\.meta\.json: .* was sampled with other settings"):
+        run(student, out, "--temperature", "0.5")
+
+
+def test_header_is_prefilled_once(student, tmp_path, monkeypatch):
+    prefills = []
+    real = sample.KVCache.__init__
+
+    def counting(self, cfg, batch_size, *a, **k):
+        prefills.append(batch_size)
+        real(self, cfg, batch_size, *a, **k)
+    monkeypatch.setattr(sample.KVCache, "__init__", counting)
+    run(student, tmp_path / "c.jsonl")
+    assert prefills == [1]  # one cache built: the header's; each batch copies it
