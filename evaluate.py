@@ -24,7 +24,7 @@ from checkpoint import from_pretrained, load_tokenizer, read_run_info, recover_f
 from distributed import Dist
 from model import DTYPES
 from report import Progress, plot_lines
-from sample import SampleConfig, generate
+from sample import SampleConfig, batch_slices, generate
 from scotd import LETTERS, MODES, STOP, extract_answer, fewshot_prefix, majority_vote, vote_curve
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
@@ -70,14 +70,14 @@ def get_args(argv=None):
 
 
 def greedy(model, tokenizer, prompts, mode, max_new_tokens=96, batch_size=16, seed=0, compile=False,
-           batches=None, progress=None):
+           batches=None, on_batch=None):
     """Greedy continuations. Label-first students ("post", "label") state the answer first: decoding stops
     after the answer sentence (the fast path Wadhwa et al. 2024 point to), not after the rationale."""
     fast = mode in LABEL_FIRST
     cfg = SampleConfig(n=1, temperature=0.0, max_new_tokens=min(24, max_new_tokens) if fast else max_new_tokens,
                        stop=(". ", STOP) if fast else (STOP,), batch_size=batch_size, seed=seed, compile=compile)
     return generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
-                    progress=progress, batches=batches)
+                    batches=batches, on_batch=on_batch)
 
 
 def answers_of(mode, outs, records):
@@ -88,14 +88,14 @@ def answers_of(mode, outs, records):
 def my_batches(n_prompts, batch_size, dist):
     """This rank's share of the question batches (every world-th). Batch k samples from its own seed, so
     any number of ranks gives the single-process result."""
-    return range(dist.rank, -(-n_prompts // batch_size), dist.world)
+    return range(dist.rank, len(batch_slices(n_prompts, batch_size)), dist.world)
 
 
 def timed(label, n_prompts, dist, decode):
-    """decode(progress) with a progress bar on rank 0 (each rank does 1/world of the questions) -> (outputs, s)."""
+    """decode(on_batch) with a progress bar on rank 0 (each rank does 1/world of the questions) -> (outputs, s)."""
     bar = Progress(n_prompts, label) if dist.main else None
     t0 = time.time()
-    outs = decode((lambda k: bar.update(k * dist.world)) if bar else None)
+    outs = decode((lambda batch, _: bar.update(len(batch) * dist.world)) if bar else None)
     if bar:
         bar.close()
     return outs, time.time() - t0
@@ -139,18 +139,18 @@ def main(argv=None):
     # greedy; for label-first students ("post", "label") the answer alone is enough: the fast path
     fast = mode in LABEL_FIRST
     batch = max(args.batch_size, 16)
-    greedy_outs, greedy_s = timed("greedy (answer only)" if fast else "greedy", len(prompts), dist, lambda progress: greedy(
+    greedy_outs, greedy_s = timed("greedy (answer only)" if fast else "greedy", len(prompts), dist, lambda on_batch: greedy(
         model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
-        batches=my_batches(len(prompts), batch, dist), progress=progress))
+        batches=my_batches(len(prompts), batch, dist), on_batch=on_batch))
 
     chains, sc_s = None, 0.0
     if args.n > 0:
         sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               compile=args.compile)
-        chains, sc_s = timed(f"sample N={args.n}", len(prompts), dist, lambda progress: generate(
+        chains, sc_s = timed(f"sample N={args.n}", len(prompts), dist, lambda on_batch: generate(
             model, tokenizer, prompts, sc_cfg, eos_id=eos_id, pad_id=pad_id,
-            batches=my_batches(len(prompts), args.batch_size, dist), progress=progress))
+            batches=my_batches(len(prompts), args.batch_size, dist), on_batch=on_batch))
 
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it

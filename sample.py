@@ -51,6 +51,11 @@ def next_token(logits, cfg, generator):
     return torch.searchsorted(cdf, u, right=True)  # the first token whose cdf exceeds u
 
 
+def batch_slices(n_prompts, batch_size):
+    """Question batch k is prompts [k * batch_size, (k + 1) * batch_size): the unit of prefill and of seeding."""
+    return [range(s, min(s + batch_size, n_prompts)) for s in range(0, n_prompts, batch_size)]
+
+
 def left_pad(prompts, pad_id, device):
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
@@ -72,17 +77,16 @@ def _finished(tokens, n_new, tokenizer, cfg, eos_id):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=None, batches=None, prefix=None,
-             on_batch=None):
+def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None, prefix=None, on_batch=None):
     """prompts: list of token-id lists -> per prompt, cfg.n dicts {"tokens", "text"}; text is cut at the
-    first stop string (which is dropped) and tokens at EOS. `progress(k)` is called as k questions finish.
-    tokenizer may be None when cfg.stop is empty (then only EOS and max_new_tokens end a chain).
+    first stop string (which is dropped) and tokens at EOS. tokenizer may be None when cfg.stop is empty
+    (then only EOS and max_new_tokens end a chain).
 
-    Prompts are taken cfg.batch_size at a time; batch k draws from its own generator seeded by
-    (cfg.seed, k), so a run restricted to some `batches` (one rank's share) samples exactly what the
-    full run samples for them. Prompts outside `batches` get None.
+    Prompts are taken in `batch_slices`; batch k draws from its own generator seeded by (cfg.seed, k),
+    so a run restricted to some `batches` (one rank's share, or what a resumed run still lacks) samples
+    exactly what the full run samples for them. Prompts outside `batches` get None.
 
-    `on_batch(indices, outs)` is called as each batch finishes (e.g. to write it out at once).
+    `on_batch(indices, outs)` is called as each batch finishes (a progress bar, or writing it out at once).
 
     `prefix`: token ids every prompt starts with (a few-shot header). It is prefilled once; each batch
     starts from a copy of its cache and prefills only its own prompts (left-padded after the header:
@@ -99,11 +103,10 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
                          static=cfg.compile)
         model(torch.tensor([prefix], device=device), cache=header)
     results = [None] * len(prompts)
-    n_batches = -(-len(prompts) // cfg.batch_size)
-    for k in (range(n_batches) if batches is None else batches):
+    layout = batch_slices(len(prompts), cfg.batch_size)
+    for k in (range(len(layout)) if batches is None else batches):
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + k)
-        start = k * cfg.batch_size
-        batch = list(range(start, min(start + cfg.batch_size, len(prompts))))
+        batch = list(layout[k])
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
         if header is None:
             cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device, dtype=dtype,
@@ -141,8 +144,6 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, progress=Non
             results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id) for c in range(cfg.n)]
         if on_batch:
             on_batch(batch, [results[q] for q in batch])
-        if progress:
-            progress(len(batch))
     return results
 
 

@@ -29,7 +29,7 @@ from cli import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
-from sample import SampleConfig, generate
+from sample import SampleConfig, batch_slices, generate
 from scotd import fewshot_prefix, format_query, format_target, parse_choice
 
 
@@ -144,9 +144,8 @@ def main(argv=None):
     prefix = tokenizer.encode(header).ids
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                        stop=("\n",), batch_size=args.batch_size, seed=args.seed)
-    n_batches = -(-len(records) // args.batch_size)
-    todo = [k for k in range(n_batches)
-            if any(r["id"] not in done for r in records[k * args.batch_size:(k + 1) * args.batch_size])]
+    todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
+            if any(records[i]["id"] not in done for i in batch)]
     print(f"teacher   {args.teacher} on {device}, {args.dtype}; {len(shots) or 'custom'}-shot header of {len(prefix)} tokens")
     print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
           f"x {args.n} chains (T={args.temperature})")
