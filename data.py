@@ -160,6 +160,14 @@ def split_teacher_output(output):
     return rationale.strip(), answer.strip()
 
 
+def teacher_rationale(output, choices, answer):
+    """A teacher's completion -> {text, prediction, correct}: the rationale before 'So the answer is', and
+    the choice named after it (prediction None when it names no single choice)."""
+    text, answer_part = split_teacher_output(output)
+    index = parse_choice(answer_part, choices) if answer_part is not None else None
+    return make_rationale(text, None if index is None else choices[index], answer)
+
+
 def import_dsbs(folder, split, skips):
     """Distilling Step-by-Step CSQA: cqa_{train,test}.json (questions) + llm/{split}_CoT_k.json (PaLM outputs)."""
     folder = Path(folder)
@@ -183,13 +191,12 @@ def import_dsbs(folder, split, skips):
         if q["answer"] not in q["choices"]:
             skips.add("gold answer not among the choices", where)
             continue
-        rationale, answer_part = split_teacher_output(output)
+        r = teacher_rationale(output, q["choices"], q["answer"])
         rationales = []
-        if not rationale:
+        if not r["text"]:
             skips.add("empty rationale", where)
         else:
-            index = parse_choice(answer_part, q["choices"]) if answer_part is not None else None
-            rationales.append(make_rationale(rationale, None if index is None else q["choices"][index], q["answer"]))
+            rationales.append(r)
         records.append({"id": q["id"], "question": q["question"], "choices": q["choices"], "answer": q["answer"],
                         "rationales": rationales})
     return records
@@ -222,13 +229,10 @@ def import_scotd(release_json, questions_jsonl, skips):
         if not 0 <= item["index"] < len(questions):
             raise CorpusError(f"{where}: index {item['index']} outside {questions_jsonl} ({len(questions)} questions)")
         q = questions[item["index"]]
-        rationale, answer_part = split_teacher_output(item["rationale"])
-        if not rationale:
+        r = teacher_rationale(item["rationale"], q["choices"], q["answer"])
+        if not r["text"]:
             skips.add("empty rationale", where)
             continue
-        index = parse_choice(answer_part, q["choices"]) if answer_part else None
-        prediction = None if index is None else q["choices"][index]
-        r = make_rationale(rationale, prediction, q["answer"])
         r["correct"] = item["score"] >= 0.5  # the release's own judgement of the teacher
         q["rationales"].append(r)
     for n, q in enumerate(questions):

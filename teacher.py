@@ -30,7 +30,7 @@ from distributed import Dist
 from model import DTYPES
 from report import Progress
 from sample import SampleConfig, batch_slices, generate
-from scotd import fewshot_prefix, format_query, format_target, parse_choice
+from scotd import fewshot_prefix, format_query, format_target
 
 
 def get_args(argv=None):
@@ -65,18 +65,13 @@ def exemplars(k):
     chosen = []
     for rec in data.read_corpus(data.DEFAULT_TRAIN):
         r = rec["rationales"][0] if rec["rationales"] else None
-        if len(chosen) < k and r and r.get("correct") and r["text"].strip():
+        if len(chosen) == k:
+            break
+        if r and r.get("correct") and r["text"].strip():
             gold = rec["choices"].index(rec["answer"])
             chosen.append((rec["id"], format_query(rec["question"], rec["choices"]),
                            format_target("cot", rec["choices"], gold, r["text"])))
     return chosen
-
-
-def rationale(text, rec):
-    """A chain -> {text, prediction, correct}, split at 'So the answer is' as the importers do."""
-    text, answer_part = data.split_teacher_output(text)
-    index = parse_choice(answer_part, rec["choices"]) if answer_part is not None else None
-    return data.make_rationale(text, None if index is None else rec["choices"][index], rec["answer"])
 
 
 def done_ids(out):
@@ -110,7 +105,7 @@ class CorpusWriter:
             if rec["id"] in self.done:  # a batch redone after a kill mid-write: its first lines are there
                 continue
             row = {key: rec[key] for key in ("id", "question", "choices", "answer")}
-            row["rationales"] = [rationale(c["text"], rec) for c in chains]
+            row["rationales"] = [data.teacher_rationale(c["text"], rec["choices"], rec["answer"]) for c in chains]
             self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.f.flush()
             self.tokens += sum(len(c["tokens"]) for c in chains)
