@@ -145,6 +145,11 @@ def read_weights(folder):
     raise CheckpointError(f"{folder}: no {WEIGHTS} or {WEIGHTS_INDEX} found")
 
 
+def nonfinite_tensors(state):
+    """Names of the floating-point tensors holding NaN or inf, sorted."""
+    return sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+
+
 def load_state(model, state, source):
     """Strict load of an HF state dict: errors list every missing, unexpected, mis-shaped and non-finite tensor."""
     cfg = model.cfg
@@ -160,7 +165,7 @@ def load_state(model, state, source):
     unexpected = sorted(set(ours) - set(expected))
     shapes = sorted(f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k])}"
                     for k in set(ours) & set(expected) if ours[k].shape != expected[k])
-    nonfinite = sorted(k for k, v in ours.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    nonfinite = nonfinite_tensors(ours)
     if missing or unexpected or shapes or nonfinite:
         lines = [f"{source}: checkpoint does not match the {cfg.model_type} config" if missing or unexpected or shapes
                  else f"{source}: checkpoint has NaN or infinite weights (a diverged run?)"]

@@ -34,8 +34,8 @@ import torch
 
 import cli
 import data
-from checkpoint import (RUN_INFO, cache_dir, default_student, from_pretrained, load_tokenizer, read_run_info,
-                        recover_folder, save_pretrained)
+from checkpoint import (RUN_INFO, cache_dir, default_student, from_pretrained, load_tokenizer, nonfinite_tensors,
+                        read_run_info, recover_folder, save_pretrained)
 from cli import InputError
 from distributed import Dist
 from evaluate import answers_of, greedy
@@ -256,7 +256,7 @@ def save_checkpoint(folder, raw_model, model, optimizer, scaler, state, args, in
     TrainState); atomic; rank 0 writes. Refuses non-finite weights."""
     weights, optim = full_states(model, optimizer)
     if dist.main:
-        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = nonfinite_tensors(weights)
         if bad:
             raise Diverged(f"step {state.step}: non-finite weights ({', '.join(bad[:3])}); {folder} not written")
         trainer_state = {"optimizer": optim, "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
@@ -456,7 +456,7 @@ def main(argv=None):
     ctx, scaler = setup(args, dist, device)
 
     init = Path(args.init) if args.init else default_student()
-    model = from_pretrained(init, device=device)
+    model = from_pretrained(args.resume or init, device=device)  # resumed: the checkpoint's weights at once
     tokenizer = load_tokenizer(init)
     records, tokens, skips, dev_tokens, dev_records = load_data(args, tokenizer, init, dist)
 
@@ -470,7 +470,6 @@ def main(argv=None):
     trainer_state = None
     if args.resume is not None:
         trainer_state = load_trainer_state(args.resume)
-        model.load_state_dict(from_pretrained(args.resume, device=device).state_dict())
         for change in args.changed:
             log(f"changed   {change} (--allow-changes)")
 
