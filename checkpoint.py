@@ -186,7 +186,7 @@ def read_config(folder):
     if not path.exists():
         raise CheckpointError(f"{folder}: no config.json (expected an HF-layout model folder)")
     try:
-        return Config.from_dict(_read_json(path), path)
+        return Config.from_hf_json(path)
     except KeyError as e:
         raise CheckpointError(f"{path}: missing field {e}") from None
     except (ValueError, TypeError) as e:

@@ -82,7 +82,7 @@ class Config:
         try:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         return cls.from_dict(hf, path)
 
     @classmethod
