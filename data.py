@@ -31,6 +31,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import zipfile
 import zlib
 from collections import Counter
@@ -42,7 +43,7 @@ import torch
 
 import cli
 from cli import InputError
-from scotd import LETTERS, MODES, format_query, format_target, parse_choice
+from scotd import LETTERS, MODES, format_query, format_target, majority_vote, parse_choice
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TRAIN = DATA_DIR / "csqa_palm_train.jsonl.gz"
@@ -151,18 +152,29 @@ def make_rationale(text, prediction_text, answer):
 # Importers
 
 
+_LEAD_IN = re.compile(r"[,\s]*(?:\b(?:and\s+)?(?:so|thus|therefore|hence)\b)?[,\s]*(?:\b(?:the|my|our)\b)?\s*"
+                      r"(?:\b(?:correct|final|best|right)\b)?\s*$", re.IGNORECASE)
+
+
 def split_teacher_output(output):
-    """A few-shot completion -> (rationale, answer part): cut at the next '\\n\\nQ:', split at 'So the answer is'."""
+    """A few-shot completion -> (rationale, answer part), answer part None when it names no answer.
+
+    The completion is cut at the next '\\n\\nQ:'. The answer part follows its last "answer is" (as
+    scotd.extract_answer reads a cot chain) to the end of that sentence; the rationale is what precedes
+    it, less the lead-in ("... So the answer is (c) x." / "..., therefore the correct answer is: x").
+    """
     output = output.split("\n\nQ:")[0].strip()
-    if "So the answer is" not in output:
+    spans = list(re.finditer(r"answer is", output, re.IGNORECASE))
+    if not spans:
         return output, None
-    rationale, answer = output.split("So the answer is", 1)
-    return rationale.strip(), answer.strip()
+    answer = output[spans[-1].end():].lstrip(" :")
+    answer = re.split(r"(?<=[.!?])\s", answer, maxsplit=1)[0]  # "(d) bridge. Bridges span rivers." -> "(d) bridge."
+    return _LEAD_IN.sub("", output[:spans[-1].start()]), answer.strip()
 
 
 def teacher_rationale(output, choices, answer):
-    """A teacher's completion -> {text, prediction, correct}: the rationale before 'So the answer is', and
-    the choice named after it (prediction None when it names no single choice)."""
+    """A teacher's completion -> {text, prediction, correct}: the rationale before the sentence with its last
+    'answer is', and the choice that sentence names (prediction None when it names no single choice)."""
     text, answer_part = split_teacher_output(output)
     index = parse_choice(answer_part, choices) if answer_part is not None else None
     return make_rationale(text, None if index is None else choices[index], answer)
@@ -407,10 +419,13 @@ def stats(path, tokenizer=None):
     lines = [f"corpus            {path}",
              f"questions         {len(records):,}",
              f"rationales        {len(rationales):,} ({per_q.mean():.2f} per question, min {per_q.min()}, max {per_q.max()})",
-             f"teacher accuracy  {np.mean([r.get('correct', False) for r in rationales]):.1%} of rationales",
+             f"teacher accuracy  {np.mean([r.get('correct', False) for r in rationales]):.1%} of rationales "
+             f"({np.mean([r.get('prediction') is None for r in rationales]):.1%} name no single choice)",
              f"distinct-1 / -2   {distinct_n([r['text'] for r in rationales], 1):.3f} / "
-             f"{distinct_n([r['text'] for r in rationales], 2):.3f}",
-             f"for cot training  {skips.summary()}"]
+             f"{distinct_n([r['text'] for r in rationales], 2):.3f}"]
+    if per_q.max() > 1:
+        lines += many_rationale_stats([rec for rec in records if rec["rationales"]])
+    lines.append(f"for cot training  {skips.summary()}")
     if tokenizer is not None:
         q = [len(e.ids) for e in tokenizer.encode_batch([format_query(r["question"], r["choices"]) for r in records])]
         t = [len(e.ids) for e in tokenizer.encode_batch([r["text"] for r in rationales])]
@@ -418,6 +433,22 @@ def stats(path, tokenizer=None):
             p = np.percentile(xs, [50, 90, 99, 100]).astype(int)
             lines.append(f"{name:17s} p50 {p[0]}  p90 {p[1]}  p99 {p[2]}  max {p[3]}")
     return "\n".join(lines)
+
+
+def many_rationale_stats(records):
+    """SCoTD's corpus (N chains per question), per question: does the teacher's majority vote get it right,
+    does any chain, how many chains are distinct, how diverse their words, how many agree with the vote."""
+    votes = [majority_vote([r.get("prediction") for r in rec["rationales"]]) for rec in records]
+    agree = [np.mean([r.get("prediction") == v for r in rec["rationales"]]) if v is not None else 0.0
+             for rec, v in zip(records, votes)]
+    texts = [[r["text"] for r in rec["rationales"]] for rec in records]
+    return [f"majority vote     {np.mean([v == rec['answer'] for rec, v in zip(records, votes)]):.1%} of questions "
+            f"(any chain correct: {np.mean([any(r.get('correct') for r in rec['rationales']) for rec in records]):.1%})",
+            f"unique chains     {np.mean([len(set(t)) for t in texts]):.2f} per question",
+            f"within question   distinct-1 / -2 {np.mean([distinct_n(t, 1) for t in texts]):.3f} / "
+            f"{np.mean([distinct_n(t, 2) for t in texts]):.3f}",
+            f"answer agreement  {np.mean(agree):.1%} of a question's chains name its majority answer "
+            f"(all agree on {np.mean([a == 1.0 for a in agree]):.1%} of questions)"]
 
 
 def main():

@@ -73,6 +73,22 @@ def test_dsbs_importer_parses_palm_outputs_and_counts_skips(tmp_path):
     assert "cqa_train.json:3" in skips.summary()
 
 
+@pytest.mark.parametrize("output, text, prediction", [
+    ("Bridges cross rivers. So the answer is (d) bridge.", "Bridges cross rivers.", "bridge"),
+    ("Bridges cross rivers. Therefore, the answer is (d) bridge.", "Bridges cross rivers.", "bridge"),
+    ("Bridges cross rivers, so the correct answer is: (d) bridge", "Bridges cross rivers", "bridge"),
+    ("Bridges span it. The answer is (d) bridge. Rivers are long.", "Bridges span it.", "bridge"),  # chatter after
+    ("The answer is not (a) lake. Water runs under bridges. So the answer is (d).", "The answer is not (a) lake. "
+     "Water runs under bridges.", "bridge"),  # the last "answer is" commits, as scotd.extract_answer reads
+    ("It is also the answer is (b) river", "It is also", "river"),  # "so" inside "also" is not a lead-in
+    ("Rivers flow into the sea.", "Rivers flow into the sea.", None),  # no answer sentence
+    ("So the answer is (d) bridge.\n\nQ: next", "", "bridge"),
+])
+def test_teacher_completion_parser(output, text, prediction):
+    r = data.teacher_rationale(output, ["lake", "river", "sea", "bridge"], "bridge")
+    assert r == {"text": text, "prediction": prediction, "correct": prediction == "bridge"}
+
+
 def test_dsbs_importer_names_bad_line(tmp_path):
     folder = make_dsbs(tmp_path, ['{"id": "a"', "{}"], ["x", "y"])
     with pytest.raises(CorpusError, match=r"cqa_train\.json:1: invalid JSON"):
@@ -176,3 +192,23 @@ def test_stats_reports_the_corpus(student):
     assert "questions         1,221" in text
     assert "teacher accuracy  78.8% of rationales" in text  # 962 of 1,221 PaLM answers are gold
     assert "rationale tokens  p50" in text and "distinct-1 / -2" in text
+
+
+def test_stats_of_a_many_rationale_corpus(tmp_path):
+    def chain(text, prediction):
+        return {"text": text, "prediction": prediction, "correct": prediction == "pond"}
+    q = {"question": "Q?", "choices": ["lake", "pond", "sea"], "answer": "pond"}
+    records = [q | {"id": "a", "rationales": [chain("small water", "pond"), chain("small water", "pond"), chain("big", "lake")]},
+               q | {"id": "b", "rationales": [chain("salt water", "sea"), chain("wet", None), chain("a b a b", "pond")]},
+               q | {"id": "c", "rationales": []}]
+    path = tmp_path / "many.jsonl"
+    data.write_corpus(records, path)
+    text = data.stats(path)
+    assert "rationales        6 (2.00 per question, min 0, max 3)" in text
+    assert "teacher accuracy  50.0% of rationales (16.7% name no single choice)" in text
+    # votes: a -> pond (right), b -> sea (first of the tied sea/pond: wrong); c has no chains and is left out
+    assert "majority vote     50.0% of questions (any chain correct: 100.0%)" in text
+    assert "unique chains     2.50 per question" in text  # a: 2 distinct texts, b: 3
+    # distinct-1 within a: {small, water, big} / 5 words = 0.6; b: {salt, water, wet, a, b} / 7 ~ 0.714
+    assert f"distinct-1 / -2 {(0.6 + 5 / 7) / 2:.3f}" in text
+    assert "answer agreement  50.0% of a question's chains name its majority answer (all agree on 0.0% of questions)" in text
