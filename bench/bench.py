@@ -11,6 +11,10 @@
 2. Self-consistency sampling on CSQA validation questions, T = 0.7, stop at "\\n\\n", max 96 new tokens:
    generated tokens per second (tokens up to the stop, both sides) and wall time. HF side:
    generate(num_return_sequences=N, do_sample=True, stop_strings=["\\n\\n"]).
+3. Teacher sampling as teacher.py does it: a 4-shot CoT header (bundled PaLM rationales) before every
+   question, N = 30, T = 1.0, stop at "\\n". Ours prefills the header once for the whole run and each
+   question once; HF gets header + question as one prompt and generate(num_return_sequences=30) (which
+   prefills it 30 times). On SmolLM2-135M (always here) and on `--teacher FOLDER` (a fetched teacher).
 
 Every measurement runs in a fresh subprocess so that peak memory (max RSS on CPU, max allocated on
 CUDA) belongs to that side alone. Prints a markdown table with both figures and the ratio.
@@ -36,6 +40,7 @@ import data  # noqa: E402
 from checkpoint import default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from cli import keep_freed_memory  # noqa: E402
 from model import DTYPES, Config, Transformer  # noqa: E402
+from scotd import fewshot_prefix, format_query  # noqa: E402
 
 
 
@@ -64,6 +69,8 @@ def opt_random_folder(name, cache):
 
 
 def model_folder(name):
+    if Path(name).is_dir():  # a model folder given on the command line (--teacher)
+        return Path(name)
     cache = Path(os.environ.get("SCOTD_CACHE", Path.home() / ".cache" / "scotd"))
     return default_student() if name == "smollm2-135m" else opt_random_folder(name, cache)
 
@@ -168,22 +175,33 @@ def train_worker(side, name, steps, batch_size, device, dtype):
             "flop_s": flops / seconds, "flop_per_token": flops / useful}
 
 
-def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_tokens=96):
+def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_tokens=96, shots=0):
+    """Self-consistency sampling (shots = 0), or teacher.py's K-shot sampling (shots > 0)."""
     from sample import SampleConfig, generate
 
     folder = model_folder(name)
     tok = load_tokenizer(folder)
     records = data.read_corpus(data.DEFAULT_DEV)[:questions]
-    prompts = [tok.encode(data.format_query(r["question"], r["choices"])).ids for r in records]
+    if shots:  # teacher.py's prompt and settings
+        import teacher
+
+        header = tok.encode(fewshot_prefix([(q, t) for _, q, t in teacher.exemplars(shots)])).ids
+        prompts = [tok.encode(format_query(r["question"], r["choices"]), add_special_tokens=False).ids for r in records]
+        temperature, stop = 1.0, "\n"
+    else:
+        header, prompts = [], [tok.encode(format_query(r["question"], r["choices"])).ids for r in records]
+        temperature, stop = 0.7, "\n\n"
     torch.manual_seed(0)
     if side == "ours":
         keep_freed_memory(device)  # as evaluate.py does
         model = from_pretrained(folder, device=device, dtype=dtype)
-        cfg = SampleConfig(n=n, temperature=0.7, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=0)
-        generate(model, tok, prompts[:1], SampleConfig(n=2, max_new_tokens=4))  # warm-up
+        cfg = SampleConfig(n=n, temperature=temperature, max_new_tokens=max_new_tokens, stop=(stop,),
+                           batch_size=batch_size, seed=0)
+        generate(model, tok, prompts[:1], SampleConfig(n=2, max_new_tokens=4), prefix=header)  # warm-up
         sync(device)
         t0 = time.time()
-        outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
+        outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
+                        prefix=header)
         sync(device)
         seconds = time.time() - t0
         generated = sum(len(c["tokens"]) for o in outs for c in o)
@@ -197,11 +215,12 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         model.generation_config.pad_token_id = pad
 
         def run(batch_prompts, n, max_new):
+            batch_prompts = [header + p for p in batch_prompts]
             T = max(len(p) for p in batch_prompts)
             ids = torch.tensor([[pad] * (T - len(p)) + p for p in batch_prompts], device=device)
             mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch_prompts], device=device)
-            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
-                                 num_return_sequences=n, max_new_tokens=max_new, stop_strings=["\n\n"],
+            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                                 top_p=1.0, num_return_sequences=n, max_new_tokens=max_new, stop_strings=[stop],
                                  tokenizer=hf_tok)
             return out[:, T:].tolist()
 
@@ -210,7 +229,7 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
             for j in range(1, len(row) + 1):
                 if row[j - 1] == model.config.eos_token_id:
                     return j - 1
-                if "\n\n" in hf_tok.decode(row[:j]):
+                if stop in hf_tok.decode(row[:j]):
                     return j
             return len(row)
 
@@ -246,7 +265,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--only", default=None, choices=("train", "sample"))
+    p.add_argument("--only", default=None, choices=("train", "sample", "teacher"))
+    p.add_argument("--teacher", default=None, help="a fetched teacher folder for the teacher rows (besides SmolLM2)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -274,6 +294,12 @@ def main():
                       dtype=dtype)
             sample_rows.append((f"smollm2-135m, {kw['questions']} questions, N={n}", measure("sample", "ours", **kw),
                                 measure("sample", "hf", **kw)))
+    if args.only in (None, "teacher"):
+        for name in ("smollm2-135m",) + ((args.teacher,) if args.teacher else ()):
+            kw = dict(name=name, n=30, questions=2 if q else 8, batch_size=2 if q else 4, device=device, dtype=dtype,
+                      shots=4)
+            sample_rows.append((f"teacher.py: {Path(name).name}, 4-shot, {kw['questions']} questions, N=30",
+                                measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
