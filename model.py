@@ -12,7 +12,8 @@ rationales and then samples many chains from them at test time. This file is tha
     Llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, tied or untied lm_head.
     Qwen2: Llama's layout with biases on q/k/v (the Qwen2.5 teachers).
 - `KVCache`: a static, preallocated cache written in place, for prefill + one-token decode of
-  left-padded batches, that can repeat one prompt's rows N times (N chains for self-consistency).
+  left-padded batches, that can repeat one prompt's rows N times (N chains for self-consistency), and
+  whose rows can share one prefix cache they all attend to without a copy (a few-shot header).
 
 Loading and saving HF-layout folders, the tokenizer and the default student live in checkpoint.py.
 """
@@ -139,18 +140,25 @@ class KVCache:
     slots under the validity mask, so its shapes never change and the step can be captured once (CUDA
     graphs); unwritten slots are then zeros, masked out, adding exactly nothing. Eager steps attend over
     the filled slots only: the same tokens, and 3-4 % faster on CPU, where attention work is not free.
+
+    `shared`: a one-row cache (a few-shot header, prefilled once) that every row continues from. Its K/V
+    are attended to by all rows but stored once, not copied per row (see `shared_prefix_attention`);
+    this cache's slots hold only what follows it, and positions start at its length.
     """
 
-    def __init__(self, cfg, batch_size, max_seq_len, device=None, dtype=torch.float32, static=False):
+    def __init__(self, cfg, batch_size, max_seq_len, device=None, dtype=torch.float32, static=False, shared=None):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         alloc = torch.zeros if static else torch.empty  # eager steps never read a slot before writing it
         self.k = alloc(shape, device=device, dtype=dtype)  # (L, B, n_kv, S, hd)
         self.v = alloc(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # (B, S)
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) position of each row's next token
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the next slot, on the device (== length)
         self.length = 0  # slots filled so far, the same for every row
         self.static = static  # decode steps attend over all slots (fixed shapes) rather than the filled ones
+        assert shared is None or (shared.batch_size == 1 and shared.shared is None), "shared: a one-row cache"
+        self.shared = shared  # the prefix every row continues from (all real tokens), or None
+        self.offset = shared.length if shared is not None else 0  # positions of this cache's tokens start here
+        self.pos = torch.full((batch_size,), self.offset, dtype=torch.long, device=device)  # (B,) each row's next position
 
     @property
     def batch_size(self):
@@ -172,6 +180,11 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def shared_kv(self, layer):
+        """The shared prefix's K/V for `layer`: (n_kv, P, hd) each."""
+        P = self.shared.length
+        return self.shared.k[layer, 0, :, :P], self.shared.v[layer, 0, :, :P]
+
     def attended(self):
         """Slots a decode step attends over: all of them when static, else the filled ones and the new one."""
         return self.max_seq_len if self.static else self.length + 1
@@ -179,11 +192,12 @@ class KVCache:
     def _view(self, k, v, valid, pos):
         new = object.__new__(KVCache)
         new.k, new.v, new.valid, new.pos, new.slot, new.length, new.static = k, v, valid, pos, self.slot, self.length, self.static
+        new.shared, new.offset = self.shared, self.offset
         return new
 
     def repeat_rows(self, n):
         """Each row repeated n times in place order (row b -> rows b*n .. b*n+n-1): one prefill, n chains.
-        Only the filled slots are copied (the rest are zeroed if static)."""
+        Only the filled slots are copied (the rest are zeroed if static); a shared prefix is not copied."""
         L, B, n_kv, S, hd = self.k.shape
         new = self._view(self.k.new_empty(L, B * n, n_kv, S, hd), self.v.new_empty(L, B * n, n_kv, S, hd),
                          self.valid.repeat_interleave(n, 0), self.pos.repeat_interleave(n, 0))
@@ -235,6 +249,35 @@ def rope_table(max_positions, head_dim, theta, device):
     return angles.cos(), angles.sin()
 
 
+def shared_prefix_attention(q, k, v, mask, k_shared, v_shared):
+    """Attention of q (B, nh, T, hd) over a prefix all B rows share (k/v_shared (n_kv, P, hd), seen by
+    every query) followed by each row's own keys (k/v (B, n_kv, S, hd) under mask (B, 1, T, S)).
+
+    This is softmax attention over the concatenation [shared; own], computed in two parts and merged by
+    their log-sum-exps (as flash attention merges blocks), so the prefix is stored once, not per row.
+    The shared part is one matrix product for all rows' queries against the same keys (Hydragen,
+    Juravsky et al. 2024), instead of B matrix-vector products over B copies of the prefix.
+    """
+    B, nh, T, hd = q.shape
+    n_kv, P, _ = k_shared.shape
+    g = nh // n_kv  # query heads per K/V head (grouped-query attention)
+    scale = hd ** -0.5
+    qg = q.reshape(B, n_kv, g * T, hd)  # query head h = kv * g + j uses K/V head kv
+    # shared prefix: (n_kv, B*g*T, hd) @ (n_kv, hd, P), every query sees every prefix key
+    s1 = (qg.transpose(0, 1).reshape(n_kv, B * g * T, hd) @ k_shared.transpose(1, 2)).float() * scale
+    lse1 = s1.logsumexp(-1, keepdim=True)
+    o1 = ((s1 - lse1).exp().to(v_shared.dtype) @ v_shared).view(n_kv, B, g * T, hd).transpose(0, 1)
+    lse1 = lse1.view(n_kv, B, g * T, 1).transpose(0, 1)
+    # each row's own keys, masked: (B, n_kv, g*T, S)
+    s2 = (qg @ k.transpose(2, 3)).float() * scale
+    s2 = s2.view(B, n_kv, g, T, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, n_kv, g * T, -1)
+    lse2 = s2.logsumexp(-1, keepdim=True)  # finite: a query always sees itself
+    o2 = (s2 - lse2).exp().to(v.dtype) @ v
+    lse = torch.logaddexp(lse1, lse2)
+    y = o1 * (lse1 - lse).exp().to(o1.dtype) + o2 * (lse2 - lse).exp().to(o2.dtype)
+    return y.reshape(B, nh, T, hd)
+
+
 def apply_rope(x, cos, sin):
     """HF Llama convention: the two halves of each head are the (real, imaginary) parts."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -265,6 +308,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # write this step's K/V into its slots, then attend over the cache
             k, v = cache.write(layer, k, v)  # (B, n_kv, S, hd)
+            if cache.shared is not None:
+                y = shared_prefix_attention(q, k, v, mask, *cache.shared_kv(layer))
+                return getattr(self, self.out_name)(y.transpose(1, 2).reshape(B, T, -1))
         is_causal = mask is None and cache is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.cfg.num_key_value_heads != self.cfg.num_attention_heads)
@@ -389,7 +435,8 @@ class Transformer(nn.Module):
         else:
             key_valid = attention_mask
         # a token's position counts only the real tokens before it in its row, so left padding is harmless
-        positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T)
+        offset = 0 if cache is None else cache.offset  # tokens of a shared prefix before the cache's slots
+        positions = offset + (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T)
         mask = None
         if cache is not None or (padded and not attention_mask.all()):
             mask = self._attention_mask(key_valid, start, T)
@@ -397,7 +444,7 @@ class Transformer(nn.Module):
         if cache is not None:  # the decode step's counters continue from here
             cache.length += T
             cache.slot.fill_(cache.length)
-            cache.pos.copy_(key_valid.sum(1))
+            cache.pos.copy_(offset + key_valid.sum(1))
         return out
 
     def _decode_step(self, idx, cache):

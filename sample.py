@@ -2,7 +2,8 @@
 
 HF `generate(num_return_sequences=N)` prefills each prompt N times and keeps finished rows in the batch
 until the longest is done. Here a batch of questions is prefilled once (left-padded), each question's
-KV cache is repeated to N rows, and rows that hit a stop string, EOS or `max_new_tokens` leave the
+KV cache is repeated to N rows (a few-shot header common to all questions is prefilled once per run and
+attended to by every row from one copy), and rows that hit a stop string, EOS or `max_new_tokens` leave the
 running batch (in bulk, once a quarter of it is done), so the last long chain does not pay for the
 finished ones. Sampling inverts the CDF with one uniform per row, on the device, so it needs no
 device->host sync; stops are checked every `check_every` steps (1 on CPU, where a sync costs nothing).
@@ -88,9 +89,10 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
 
     `on_batch(indices, outs)` is called as each batch finishes (a progress bar, or writing it out at once).
 
-    `prefix`: token ids every prompt starts with (a few-shot header). It is prefilled once; each batch
-    starts from a copy of its cache and prefills only its own prompts (left-padded after the header:
-    padding is masked and skipped by positions, so the result is that of prefix + prompt)."""
+    `prefix`: token ids every prompt starts with (a few-shot header). It is prefilled once, and its cache
+    is shared by every row of every batch without a copy (KVCache(shared=...)); a batch prefills only its
+    own prompts (left-padded after the header: padding is masked and skipped by positions, so the result
+    is that of prefix + prompt)."""
     assert tokenizer is not None or not cfg.stop, "stop strings need the tokenizer to decode"
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -98,9 +100,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
     decode = torch.compile(model, dynamic=True) if cfg.compile else model  # only the decode step, as gpt-fast
     header = None
     if prefix:  # the shared header: one prefill for the whole run
-        longest = max(len(p) for p in prompts)
-        header = KVCache(model.cfg, 1, len(prefix) + longest + cfg.max_new_tokens, device=device, dtype=dtype,
-                         static=cfg.compile)
+        header = KVCache(model.cfg, 1, len(prefix), device=device, dtype=dtype)
         model(torch.tensor([prefix], device=device), cache=header)
     results = [None] * len(prompts)
     layout = batch_slices(len(prompts), cfg.batch_size)
@@ -108,11 +108,8 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + k)
         batch = list(layout[k])
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
-        if header is None:
-            cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device, dtype=dtype,
-                            static=cfg.compile)
-        else:
-            cache = header.repeat_rows(len(batch))
+        cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device, dtype=dtype,
+                        static=cfg.compile, shared=header)
         logits, _ = model(ids, attention_mask=mask, cache=cache)  # one prefill per question
         logits = logits[:, -1].repeat_interleave(cfg.n, 0)  # (B*n, V)
         cache = cache.repeat_rows(cfg.n)

@@ -173,6 +173,43 @@ def test_select_rows_keeps_the_chosen_chains(keep, tmp_path):
     torch.testing.assert_close(kept, full[keep, 1:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_prefix_cache_equals_full_forward(kind, tmp_path):
+    """Rows continuing one shared prefix cache (never copied per row): a left-padded prefill of 3 questions
+    after it, each repeated to 2 chains, 4 decode steps, a row dropped after the second -- every step's
+    logits equal a full forward over prefix + question + tokens so far (fp32, atol 1e-5)."""
+    model = from_pretrained(save_hf(make_hf_model(kind), tmp_path))
+    g = torch.Generator().manual_seed(7)
+    prefix = torch.randint(3, 99, (1, 6), generator=g)
+    ids, mask = left_padded_batch([4, 7, 2], pad_id=model.cfg.pad_token_id)
+    new = torch.randint(3, 99, (6, 4), generator=g)
+    questions = [ids[b, mask[b].bool()].tolist() for b in range(3)]
+    rows = [b // 2 for b in range(6)]  # chain r continues question r // 2
+
+    def reference(t, keep):
+        """Last-position logits of the full sequences of rows `keep` after t decoded tokens."""
+        seqs = [prefix[0].tolist() + questions[rows[r]] + new[r, :t].tolist() for r in keep]
+        T = max(map(len, seqs))
+        full_ids = torch.tensor([[0] * (T - len(x)) + x for x in seqs])
+        full_mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs])
+        return model(full_ids, attention_mask=full_mask)[0][:, -1]
+
+    with torch.no_grad():
+        header = KVCache(model.cfg, 1, 6)
+        model(prefix, cache=header)
+        cache = KVCache(model.cfg, 3, ids.shape[1] + 4, shared=header)
+        logits, _ = model(ids, attention_mask=mask, cache=cache)
+        torch.testing.assert_close(logits[:, -1].repeat_interleave(2, 0), reference(0, range(6)), atol=1e-5, rtol=0)
+        cache, keep = cache.repeat_rows(2), list(range(6))
+        for t in range(4):
+            step, _ = model(new[keep, t:t + 1], cache=cache)
+            torch.testing.assert_close(step[:, 0], reference(t + 1, keep), atol=1e-5, rtol=0)
+            if t == 1:  # chain 3 is done: it leaves the running batch
+                keep = [0, 1, 2, 4, 5]
+                cache = cache.select_rows([0, 1, 2, 4, 5])
+    assert header.length == 6 and cache.k.shape[3] == ids.shape[1] + 4  # rows hold no copy of the prefix
+
+
 # -----------------------------------------------------------------------------
 # Strict loading: bad input names the tensor or file
 

@@ -78,12 +78,14 @@ def test_changed_settings_are_refused(student, straight, tmp_path):
 
 
 def test_header_is_prefilled_once(student, tmp_path, monkeypatch):
-    prefills = []
+    caches = []
     real = sample.KVCache.__init__
 
-    def counting(self, cfg, batch_size, *a, **k):
-        prefills.append(batch_size)
-        real(self, cfg, batch_size, *a, **k)
-    monkeypatch.setattr(sample.KVCache, "__init__", counting)
+    def recording(self, *a, **k):
+        real(self, *a, **k)
+        caches.append(self)
+    monkeypatch.setattr(sample.KVCache, "__init__", recording)
     run(student, tmp_path / "c.jsonl")
-    assert prefills == [1]  # one cache built: the header's; each batch copies it
+    header, *batches = caches
+    assert header.shared is None and header.batch_size == 1  # one cache of its own: the header's, prefilled once
+    assert batches and all(c.shared is header for c in batches)  # every batch attends to it, no copy
