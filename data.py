@@ -377,28 +377,76 @@ def length_bucketed_batches(lengths, batch_size, rng):
     return batches
 
 
-def pack(batch, max_len, pad_id):
-    """Pack examples end to end into rows of max_len. Returns idx, targets and doc ids (B, T): a token
-    attends only within its own example (Transformer.forward(docs=...): a block-diagonal causal mask)."""
-    rows, row = [], []
+def question_batches(queries, lengths, batch_size, rng):
+    """Batches for shared-prefix training: a question's examples stay together, so that a micro-batch
+    holds few questions with several rationales each (what `layout(share=True)` saves on). Questions are
+    shuffled, sorted by their tokens within windows of 50 batches (little padding), laid end to end and
+    cut into batches of batch_size examples (a question may straddle two); the batches are shuffled.
+    queries: one hashable key per example (its query's tokens)."""
+    groups = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(q, []).append(i)
+    groups = list(groups.values())
+    order = rng.permutation(len(groups))
+    window = max(1, int(len(order) * batch_size * 50 / max(1, len(queries))))  # ~50 batches of questions
+    flat = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window], key=lambda g: sum(lengths[i] for i in groups[g]))
+        flat += [i for g in chunk for i in groups[g]]
+    batches = [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def layout(batch, pad_id, row_len, share=False, pack=False):
+    """A micro-batch of (ids, n_query) -> rows (idx, targets, docs, branches), each (B, T), for
+    Transformer.forward(docs=..., branches=...).
+
+    An example is a prefix (its query less the last token: no loss) and a branch (the query's last token,
+    then the target: it predicts the target). share=True: examples with the same prefix (a question's K
+    rationales) form one group -- the prefix once, then its K branches, each attending to the prefix and
+    to itself only, with positions that restart after the prefix (branches = 1, 2, ...; 0 = the prefix).
+    So the loss and the gradients are those of the K examples, for q + K*r tokens instead of K*(q + r).
+    A group over row_len tokens spills into another (prefix repeated). share=False: a group per example.
+    pack=True: groups end to end in rows of up to row_len tokens (docs = group id), else one group a row.
+    Padding: docs -1, targets -100."""
+    groups, where = [], {}  # [prefix, [branch, ...], tokens]; where: prefix -> index of its open group
     for ids, n_query in batch:
-        if row and sum(len(i) - 1 for i, _ in row) + len(ids) - 1 > max_len:
+        ids = np.asarray(ids, dtype=np.int64)
+        prefix, branch = ids[:n_query - 1], ids[n_query - 1:]
+        g = where.get(prefix.tobytes()) if share else None
+        if g is None or groups[g][2] + len(branch) - 1 > row_len:
+            groups.append([prefix, [], len(prefix)])
+            g = len(groups) - 1
+            where[prefix.tobytes()] = g
+        groups[g][1].append(branch)
+        groups[g][2] += len(branch) - 1
+    rows, row, used = [], [], 0
+    for group in groups:
+        if row and (not pack or used + group[2] > row_len):
             rows.append(row)
-            row = []
-        row.append((ids, n_query))
+            row, used = [], 0
+        row.append(group)
+        used += group[2]
     rows.append(row)
-    T = max(sum(len(i) - 1 for i, _ in r) for r in rows)
+    T = max(sum(group[2] for group in r) for r in rows)
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), T), -100, dtype=torch.long)
     docs = torch.full((len(rows), T), -1, dtype=torch.long)
+    branches = torch.zeros((len(rows), T), dtype=torch.long)
     for b, r in enumerate(rows):
         pos = 0
-        for d, (ids, n_query) in enumerate(r):
-            x, y = collate([(ids, n_query)], pad_id)
-            n = x.shape[1]
-            idx[b, pos:pos + n], targets[b, pos:pos + n], docs[b, pos:pos + n] = x[0], y[0], d
-            pos += n
-    return idx, targets, docs
+        for d, (prefix, group_branches, n) in enumerate(r):
+            docs[b, pos:pos + n] = d
+            idx[b, pos:pos + len(prefix)] = torch.from_numpy(prefix)
+            pos += len(prefix)
+            for k, branch in enumerate(group_branches, 1):
+                m = len(branch) - 1
+                idx[b, pos:pos + m] = torch.from_numpy(branch[:-1])
+                targets[b, pos:pos + m] = torch.from_numpy(branch[1:])
+                branches[b, pos:pos + m] = k
+                pos += m
+    return idx, targets, docs, branches
 
 
 # -----------------------------------------------------------------------------

@@ -364,20 +364,16 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def positions_in_docs(docs):
-    """(B, T) document ids of packed rows -> each token's position within its own document."""
-    T = docs.shape[1]
-    t = torch.arange(T, device=docs.device).expand_as(docs)
-    first = torch.ones_like(docs, dtype=torch.bool)
-    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    return t - torch.where(first, t, 0).cummax(1).values
-
-
-def packed_mask(docs):
-    """(B, T) document ids -> (B, 1, T, T) bool: causal within a document, nothing across documents."""
+def tree_mask(docs, branches=None):
+    """(B, T) group ids (packed rows) and branch ids -> (B, 1, T, T) bool: a token sees the earlier tokens of
+    its own group that are shared (branch 0: a question's prefix) or in its own branch (a rationale).
+    Without branches: causal within each group, nothing across (packing)."""
     T = docs.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
-    return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]
+    mask = (docs[:, :, None] == docs[:, None, :]) & causal
+    if branches is not None:
+        mask &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    return mask[:, None]
 
 
 # -----------------------------------------------------------------------------
@@ -408,19 +404,23 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None, docs=None):
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, docs=None, branches=None):
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (logits of the target
         positions only (N, V), mean cross-entropy over them).
 
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding; None means no padding.
         targets (B, T): the token each position should predict (already shifted), -100 = no loss.
         cache: a KVCache; the T new tokens go into its next slots and attend to everything before.
-        docs (B, T): document ids of packed rows; positions restart and attention stays within each.
+        docs (B, T): group ids of packed rows: positions restart and attention stays within each group.
+        branches (B, T): with docs, shared-prefix rows (data.layout): 0 = a group's prefix, k = its k-th
+        branch, which sees the prefix and itself only; its positions continue from the prefix's.
         """
         B, T = idx.shape
         if docs is not None:
             assert cache is None and attention_mask is None, "packed rows are for training, without a cache"
-            return self._run(idx, targets, positions_in_docs(docs), packed_mask(docs), None)
+            mask = tree_mask(docs, branches)
+            positions = mask[:, 0].sum(-1) - 1  # a token's position: the tokens it sees, itself excluded
+            return self._run(idx, targets, positions, mask, None)
         if cache is not None and T == 1 and attention_mask is None:
             return self._decode_step(idx, cache)
         start = 0 if cache is None else cache.length

@@ -48,7 +48,8 @@ CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~11 min for SmolLM2-135M on 2
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
 OUTPUTS = ("best", "last", "metrics.jsonl", "args.json", "loss.png")  # what a run writes into --out
 # flags a --resume must share with the run it continues (else the result is not that run's continuation)
-MUST_MATCH = ("init", "data", "mode", "filter", "rationales_per_question", "limit", "max_len", "pack", "batch_size",
+MUST_MATCH = ("init", "data", "mode", "filter", "rationales_per_question", "limit", "max_len", "pack", "row_len",
+              "share_prefix", "batch_size",
               "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "grad_clip", "seed")
 
 
@@ -73,6 +74,9 @@ def get_args(argv=None):
     p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-len", type=cli.positive_int, default=256, help="longer examples are skipped and counted")
     p.add_argument("--pack", action="store_true", help="pack examples into rows (block-diagonal mask) instead of length buckets")
+    p.add_argument("--share-prefix", default="auto", choices=("auto", "on", "off"),
+                   help="a question once, its rationales as branches of one row (auto: on when a question has several)")
+    p.add_argument("--row-len", type=cli.positive_int, default=512, help="token budget of a packed or shared-prefix row")
     p.add_argument("--lr", type=cli.positive_float, default=1e-4)
     p.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1)
     p.add_argument("--warmup-steps", type=cli.nonneg_int, default=None, help="default: 5%% of the steps")
@@ -144,31 +148,43 @@ def get_lr(step, total_steps, args, warmup):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay)
 
 
-def epoch_batches(lengths, batch_size, seed, epoch):
-    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
-    return data.length_bucketed_batches(lengths, batch_size, np.random.default_rng([seed, epoch]))
+def epoch_batches(tokens, args, epoch):
+    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same.
+    Shared-prefix training keeps a question's examples together (data.question_batches)."""
+    rng = np.random.default_rng([args.seed, epoch])
+    lengths = [len(t) for t, _ in tokens]
+    if args.shared:
+        return data.question_batches([t[:n].tobytes() for t, n in tokens], lengths, args.batch_size, rng)
+    return data.length_bucketed_batches(lengths, args.batch_size, rng)
 
 
-def micro_batches(tokens, lengths, args, start_epoch, start_index):
+def resolve_share_prefix(args, tokens):
+    """args.shared: --share-prefix, where auto = on when some question has several training examples."""
+    queries = [t[:n].tobytes() for t, n in tokens]
+    args.shared = args.share_prefix == "on" or (args.share_prefix == "auto" and len(set(queries)) < len(queries))
+
+
+def micro_batches(tokens, args, start_epoch, start_index):
     """Endless (epoch, index, batch) from a data position on; index counts the batches of epoch consumed."""
     epoch, index = start_epoch, start_index
     while True:
-        batches = epoch_batches(lengths, args.batch_size, args.seed, epoch)
+        batches = epoch_batches(tokens, args, epoch)
         for i in range(index, len(batches)):
             yield epoch, i + 1, [tokens[j] for j in batches[i]]
         epoch, index = epoch + 1, 0
 
 
 def to_tensors(batch, args, pad_id, device):
-    """A micro-batch of (ids, n_query) -> (idx, targets, docs) on the device. An empty share (a last global
-    batch with fewer examples than ranks) becomes one padding token without targets: zero loss and zero
-    gradients, but the rank still joins the gradient all-reduce."""
+    """A micro-batch of (ids, n_query) -> (idx, targets, docs, branches) on the device: right-padded rows
+    (docs None: plain causal attention), or data.layout's packed and/or shared-prefix rows. An empty share
+    (a last global batch with fewer examples than ranks) becomes one padding token without targets: zero
+    loss and zero gradients, but the rank still joins the gradient all-reduce."""
     batch = batch or [(np.array([pad_id, pad_id]), 2)]
-    if args.pack:
-        idx, targets, docs = data.pack(batch, args.max_len, pad_id)
-        return idx.to(device), targets.to(device), docs.to(device)
+    if args.pack or args.shared:
+        rows = data.layout(batch, pad_id, args.row_len, share=args.shared, pack=args.pack)
+        return tuple(x.to(device) for x in rows)
     idx, targets = data.collate(batch, pad_id)
-    return idx.to(device), targets.to(device), None
+    return idx.to(device), targets.to(device), None, None
 
 
 # -----------------------------------------------------------------------------
@@ -183,11 +199,11 @@ def train_step(model, optimizer, scaler, window, ctx, grad_clip, dist=Dist()):
     DDP averages gradients over ranks, hence the factor dist.world. Returns (mean loss, grad norm, tokens).
     A non-finite loss, or a non-finite gradient norm outside fp16 (where the GradScaler skips the step
     and lowers its scale), raises Diverged before the optimizer touches the weights."""
-    n_window = dist.sum(sum(int((t != -100).sum()) for _, t, _ in window))
+    n_window = dist.sum(sum(int((t != -100).sum()) for _, t, _, _ in window))
     loss_sum = 0.0
-    for i, (idx, targets, docs) in enumerate(window):
+    for i, (idx, targets, docs, branches) in enumerate(window):
         with no_sync(model, last=i == len(window) - 1), ctx:
-            _, loss = model(idx, targets, docs=docs)
+            _, loss = model(idx, targets, docs=docs, branches=branches)
             n = int((targets != -100).sum())
             scaler.scale(loss * (n * dist.world / n_window)).backward()
         loss_sum += loss.item() * n
@@ -331,9 +347,9 @@ def evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, ctx, device):
     model.eval()
     losses, counts = [], []
     for s in range(0, len(dev_tokens), args.batch_size):
-        idx, targets, docs = to_tensors(dev_tokens[s:s + args.batch_size], args, model.cfg.pad_token_id, device)
+        idx, targets, docs, branches = to_tensors(dev_tokens[s:s + args.batch_size], args, model.cfg.pad_token_id, device)
         with ctx:
-            _, loss = model(idx, targets, docs=docs)
+            _, loss = model(idx, targets, docs=docs, branches=branches)
         n = int((targets != -100).sum())
         losses.append(loss.item() * n)
         counts.append(n)
@@ -459,11 +475,13 @@ def main(argv=None):
     model = from_pretrained(args.resume or init, device=device)  # resumed: the checkpoint's weights at once
     tokenizer = load_tokenizer(init)
     records, tokens, skips, dev_tokens, dev_records = load_data(args, tokenizer, init, dist)
+    resolve_share_prefix(args, tokens)
 
     total_steps, warmup = budget(args, len(tokens))
     log(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {args.dtype}")
     log(f"data      {args.data}: {len(records):,} questions -> {len(tokens):,} {args.mode} examples "
-        f"(filter={args.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens")
+        f"(filter={args.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens"
+        f"{'; shared-prefix rows (a question once, its rationales as branches)' if args.shared else ''}")
     log(f"          {skips.summary()}")
     log(f"budget    {describe_budget(args, total_steps, len(tokens), dist)}")
 
@@ -482,7 +500,7 @@ def main(argv=None):
     metrics = prepare_out(args, state, dist)
     step_model = torch.compile(model) if args.compile else model  # checkpoints never see the compiled wrapper
 
-    stream = micro_batches(tokens, [len(t) for t, _ in tokens], args, state.epoch, state.index)
+    stream = micro_batches(tokens, args, state.epoch, state.index)
     bar = Progress(total_steps, "train", start=state.step) if dist.main else None
     raw_model.train()
     t0, tokens_seen, saved_at = time.time(), 0, state.step

@@ -7,7 +7,10 @@
    and peak memory, plus the model FLOPs each side spends per target token and how fast it runs them
    (against the matmul peak measured in the same run on CPU; MFU against the bf16 peak on CUDA).
    HF side: the same weights through transformers, padded batches in random order and labels -100 on
-   the query, as the official SCoTD code trains. Ours: train.py's own step.
+   the query, as the official SCoTD code trains. Ours: train.py's own step. Both sides use train.py's
+   optimizer (fused AdamW, same betas, eps and weight decay). Plus a SCoTD-shaped workload: K = 30
+   rationales per question (stand-in: each bundled rationale repeated 30 times), the same question-grouped
+   batches on all sides, ours in shared-prefix rows and in plain rows.
 2. Self-consistency sampling on CSQA validation questions, T = 0.7, stop at "\\n\\n", max 96 new tokens:
    generated tokens per second (tokens up to the stop, both sides) and wall time. HF side:
    generate(num_return_sequences=N, do_sample=True, stop_strings=["\\n\\n"]).
@@ -27,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -116,35 +120,43 @@ def sync(device):
 # Workers (one per subprocess)
 
 
-def train_worker(side, name, steps, batch_size, device, dtype):
+def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False):
+    """k = 1: the bundled corpus (one rationale per question); ours batches by length, transformers in random
+    order. k > 1: a SCoTD-shaped stand-in -- each example repeated k times as k rationales of its question
+    -- with the same question-grouped batches on every side; ours in plain or shared-prefix rows (share).
+    Both sides: train.make_optimizer's AdamW (fused kernel, betas (0.9, 0.95), eps 1e-8, decay 0.1 on
+    matrices), grad clip 1.0."""
     import train
 
     folder = model_folder(name)
     cfg = Config.from_hf_json(folder / "config.json")
     tok = load_tokenizer(folder)
     examples = data.build_examples(data.read_corpus(data.DEFAULT_TRAIN), "cot", "correct")
-    tokens = data.tokenize_examples(examples, tok, 256, data.Skips())
+    tokens = [t for t in data.tokenize_examples(examples, tok, 256, data.Skips()) for _ in range(k)]
     rng = np.random.default_rng(0)
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     torch.manual_seed(0)
+    grouped = data.question_batches([t[:n].tobytes() for t, n in tokens], [len(t) for t, _ in tokens], batch_size,
+                                    rng) if k > 1 else None
     if side == "ours":
         keep_freed_memory(device)  # as train.py does
         model = from_pretrained(folder, device=device).train()
-        batches = data.length_bucketed_batches([len(t) for t, _ in tokens], batch_size, rng)
+        batches = grouped or data.length_bucketed_batches([len(t) for t, _ in tokens], batch_size, rng)
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
+        layout = Namespace(pack=False, shared=share, row_len=512)
 
         def step(batch):
-            idx, targets = data.collate(batch, 0)
-            n = train.train_step(model, optimizer, scaler, [(idx.to(device), targets.to(device), None)], ctx, 1.0)[2]
-            return n, train_flops(cfg, *idx.shape, n)  # the head runs on target positions only
+            rows = train.to_tensors(batch, layout, 0, device)
+            n = train.train_step(model, optimizer, scaler, [rows], ctx, 1.0)[2]
+            return n, train_flops(cfg, *rows[0].shape, n)  # the head runs on target positions only
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
         order = rng.permutation(len(tokens))
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+        batches = grouped or [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
 
         def step(batch):
             T = max(len(ids) for ids, _ in batch)
@@ -288,6 +300,12 @@ def main():
             kw = dict(name=name, steps=4 if q else 20, batch_size=8, device=device, dtype=dtype)
             train_rows.append((f"{name}, batch 8, {kw['steps']} steps", measure("train", "ours", **kw),
                                measure("train", "hf", **kw)))
+        # SCoTD-shaped: K = 30 rationales per question (stand-in: each bundled rationale repeated 30 times)
+        kw = dict(name="smollm2-135m", steps=4 if q else 20, batch_size=8, device=device, dtype=dtype, k=30)
+        hf = measure("train", "hf", **kw)
+        for share in (True, False):
+            train_rows.append((f"smollm2-135m, K=30 stand-in, batch 8, {kw['steps']} steps, "
+                               f"{'shared-prefix' if share else 'plain'} rows", measure("train", "ours", share=share, **kw), hf))
     if args.only in (None, "sample"):
         for n in (10, 30):
             kw = dict(name="smollm2-135m", n=n, questions=4 if q else 32, batch_size=4 if q else 8, device=device,

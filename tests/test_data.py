@@ -171,7 +171,7 @@ def test_packed_loss_equals_unpacked_loss(student):
     idx, targets = data.collate(tokens, pad_id=0)
     with torch.no_grad():
         _, unpacked = model(idx, targets)
-        pidx, ptargets, docs = data.pack(tokens, max_len=400, pad_id=0)
+        pidx, ptargets, docs, _ = data.layout(tokens, pad_id=0, row_len=400, pack=True)
         assert pidx.shape[0] < len(tokens)  # really packed several examples per row
         _, packed = model(pidx, ptargets, docs=docs)
     torch.testing.assert_close(packed, unpacked, atol=1e-5, rtol=0)

@@ -294,3 +294,34 @@ def test_compiled_training_matches_eager(student, tmp_path):
     compiled = run(student, tmp_path / "c", "--max-steps", "2", "--compile")
     assert max(abs(x - y) for x, y in zip(losses(eager), losses(compiled))) <= 1e-4
     assert "_orig_mod" not in "".join(load_file(str(compiled / "last" / "model.safetensors")))  # the raw module is saved
+
+
+def many_rationale_corpus(path):
+    """20 bundled questions with 3 distinct rationales each (the PaLM one, and two variants of it)."""
+    import data
+    records = [r for r in data.read_corpus(data.DEFAULT_TRAIN)[:40] if r["rationales"] and r["rationales"][0]["correct"]][:20]
+    for r in records:
+        first = r["rationales"][0]
+        r["rationales"] = [first, first | {"text": "Think. " + first["text"]}, first | {"text": first["text"] + " Yes."}]
+    data.write_corpus(records, path)
+    return path
+
+
+def test_shared_prefix_run_resumes_exactly(student, tmp_path, monkeypatch, capsys):
+    """On a corpus with 3 rationales per question --share-prefix auto turns on (off turns it off); a SIGINT
+    inside a training forward, then --resume, gives the uninterrupted run's loss rows and weights exactly."""
+    corpus = many_rationale_corpus(tmp_path / "many.jsonl")
+    flags = ["--data", str(corpus), *INTERRUPTIBLE]
+    straight = run(student, tmp_path / "a", *flags)
+    assert "shared-prefix rows" in capsys.readouterr().out
+    out = tmp_path / "b"
+    with monkeypatch.context() as m:
+        inject(m, "forward", 5, lambda: os.kill(os.getpid(), signal.SIGINT))
+        with pytest.raises(SystemExit):
+            run(student, out, *flags)
+    run(student, out, *flags, "--resume")
+    assert losses(out) == losses(straight)
+    assert_same_weights(out / "last", straight / "last")
+    capsys.readouterr()
+    run(student, tmp_path / "c", *flags, "--share-prefix", "off", "--max-steps", "2")
+    assert "shared-prefix rows" not in capsys.readouterr().out
