@@ -8,12 +8,21 @@ the student on (query -> rationale + answer). The corpus holds exactly that, one
      "rationales": [{"text": "The answer must be ...", "prediction": "math problem", "correct": true}]}
 
 `answer` and `prediction` are choice texts (`prediction` is null when the teacher named no single
-choice); `correct` is prediction == answer. Importers turn releases into it:
+choice); `correct` is prediction == answer. A numeric question (GSM8K) has no "choices": its `answer`
+and `prediction` are normalised numbers as text (scotd.parse_number: "1000.5", "72", "-3"):
+
+    {"id": "gsm8k-train-2", "question": "Natalia sold clips to ...", "answer": "72",
+     "rationales": [{"text": "Natalia sold 48/2 = 24 clips in May. ...", "prediction": "72", "correct": true}]}
+
+Importers turn releases into it:
     dsbs:  Distilling Step-by-Step's CSQA with PaLM-540B rationales (one per question) -- bundled in data/
     scotd: the SCoTD release (csqa_30x.json style, ~30 GPT-3 rationales per question) + the question JSONL
+    gsm8k: GSM8K's train/test JSONL; the human solution is the rationale (calculator annotations
+           <<48/2=24>> removed, lines joined), the number after "####" the answer -- bundled in data/
 
     python data.py import-dsbs ../shared/corpora/dsbs-cqa-palm data/
     python data.py import-scotd csqa_30x.json train_rand_split.jsonl out.jsonl.gz
+    python data.py import-gsm8k ../shared/corpora/gsm8k data/
     python data.py stats [corpus]
 
 Bad input, the rule: what makes a file something other than a corpus is fatal -- a line that is not
@@ -43,11 +52,13 @@ import torch
 
 import cli
 from cli import InputError
-from scotd import LETTERS, MODES, format_query, format_target, majority_vote, parse_choice
+from scotd import LETTERS, MODES, format_query, format_target, majority_vote, parse_choice, parse_number
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TRAIN = DATA_DIR / "csqa_palm_train.jsonl.gz"
 DEFAULT_DEV = DATA_DIR / "csqa_palm_validation.jsonl.gz"
+GSM8K_TRAIN = DATA_DIR / "gsm8k_train.jsonl.gz"
+GSM8K_TEST = DATA_DIR / "gsm8k_test.jsonl.gz"
 FILTERS = ("correct", "all")
 
 
@@ -102,7 +113,7 @@ def _json_lines(path):
 # -----------------------------------------------------------------------------
 # Canonical corpus
 
-REQUIRED = {"id": str, "question": str, "choices": list, "answer": str, "rationales": list}
+REQUIRED = {"id": str, "question": str, "answer": str, "rationales": list}
 
 
 def check_record(rec, where):
@@ -111,15 +122,27 @@ def check_record(rec, where):
             raise CorpusError(f"{where}: missing field {key!r}")
         if not isinstance(rec[key], kind):
             raise CorpusError(f"{where}: field {key!r} should be a {kind.__name__}")
+    for r in rec["rationales"]:
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+            raise CorpusError(f"{where}: each rationale needs a 'text' string")
+    if "choices" not in rec:  # a numeric question
+        if parse_number(rec["answer"]) != rec["answer"]:
+            raise CorpusError(f"{where}: a question without 'choices' needs a number as its answer "
+                              f"(normalised, e.g. '1000.5'), got {rec['answer']!r}")
+        return
+    if not isinstance(rec["choices"], list):
+        raise CorpusError(f"{where}: field 'choices' should be a list")
     if not 2 <= len(rec["choices"]) <= len(LETTERS):
         raise CorpusError(f"{where}: expected 2..{len(LETTERS)} choices, got {len(rec['choices'])}")
     if not all(isinstance(c, str) for c in rec["choices"]):
         raise CorpusError(f"{where}: field 'choices' should be a list of strings")
     if rec["answer"] not in rec["choices"]:
         raise CorpusError(f"{where}: answer {rec['answer']!r} is not among the choices {rec['choices']}")
-    for r in rec["rationales"]:
-        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-            raise CorpusError(f"{where}: each rationale needs a 'text' string")
+
+
+def gold(rec):
+    """The answer as scotd.extract_answer reads one: the choice's index, or the normalised number."""
+    return rec["choices"].index(rec["answer"]) if "choices" in rec else rec["answer"]
 
 
 def read_corpus(path):
@@ -174,9 +197,14 @@ def split_teacher_output(output):
 
 def teacher_rationale(output, choices, answer):
     """A teacher's completion -> {text, prediction, correct}: the rationale before the sentence with its last
-    'answer is', and the choice that sentence names (prediction None when it names no single choice)."""
+    'answer is', and the choice that sentence names (prediction None when it names no single choice) --
+    or, for a numeric question (choices None), the number it names."""
     text, answer_part = split_teacher_output(output)
-    index = parse_choice(answer_part, choices) if answer_part is not None else None
+    if answer_part is None:
+        return make_rationale(text, None, answer)
+    if choices is None:
+        return make_rationale(text, parse_number(answer_part), answer)
+    index = parse_choice(answer_part, choices)
     return make_rationale(text, None if index is None else choices[index], answer)
 
 
@@ -253,12 +281,37 @@ def import_scotd(release_json, questions_jsonl, skips):
     return [q for q in questions if q["rationales"]]
 
 
+def import_gsm8k(path, split, skips):
+    """GSM8K JSONL ({"question", "answer": "step\\nstep\\n#### 72"}) -> numeric records whose one rationale
+    is the human solution: calculator annotations (<<48/2=24>>) removed, a Socratic split's "sub-question
+    ** " prefixes dropped, lines joined by spaces (a target is one paragraph); the answer is the number
+    after "####". A solution without such a number, or without steps, is a counted skip."""
+    records = []
+    for n, q in _json_lines(path):
+        where = f"{path}:{n}"
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(q.get("answer"), str):
+            raise CorpusError(f"{where}: expected an object with 'question' and 'answer' strings")
+        solution, sep, final = q["answer"].rpartition("####")
+        answer = parse_number(final) if sep else None
+        if answer is None:
+            skips.add("no number after '####'", where)
+            continue
+        steps = [re.sub(r"<<[^>]*>>", "", line.split(" ** ")[-1]).strip() for line in solution.splitlines()]
+        text = " ".join(step for step in steps if step)
+        if not text:
+            skips.add("empty rationale", where)
+            continue
+        records.append({"id": f"gsm8k-{split}-{n}", "question": q["question"].strip(), "answer": answer,
+                        "rationales": [make_rationale(text, answer, answer)]})
+    return records
+
+
 # -----------------------------------------------------------------------------
 # Examples: (query, target) pairs for a target mode and filter
 
 
 def build_examples(records, mode, filter="correct", rationales_per_question=None, seed=0, skips=None):
-    """Records -> list of dicts {id, query, target, answer_index}. The paper trains on every sampled
+    """Records -> list of dicts {id, query, target, answer (data.gold)}. The paper trains on every sampled
     rationale (§2); `filter="correct"` keeps only rationales whose teacher answer is gold."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -268,11 +321,12 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
     rng = random.Random(seed)
     examples = []
     for rec in records:
-        query = format_query(rec["question"], rec["choices"])
-        gold = rec["choices"].index(rec["answer"])
+        choices = rec.get("choices")
+        query = format_query(rec["question"], choices)
+        answer = gold(rec)
         if mode == "label":
-            examples.append({"id": rec["id"], "query": query, "target": format_target("label", rec["choices"], gold),
-                             "answer_index": gold})
+            examples.append({"id": rec["id"], "query": query, "target": format_target("label", choices, answer),
+                             "answer": answer})
             continue
         kept = []
         for r in rec["rationales"]:
@@ -280,8 +334,10 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
                 skips.add("empty rationale", rec["id"])
             elif filter == "correct" and not r.get("correct"):
                 skips.add("teacher answer wrong (filter=correct)", rec["id"])
-            elif r.get("prediction") not in rec["choices"]:
+            elif choices is not None and r.get("prediction") not in choices:
                 skips.add("teacher answer not a single choice", rec["id"])
+            elif choices is None and (r.get("prediction") is None or parse_number(r["prediction"]) != r["prediction"]):
+                skips.add("teacher answer not a number", rec["id"])
             else:
                 kept.append(r)
         if not kept:
@@ -291,9 +347,9 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
             kept = rng.sample(kept, rationales_per_question)
         for r in kept:
             # the student learns the teacher's answer with its rationale (with filter=all it may be wrong)
-            index = rec["choices"].index(r["prediction"])
-            examples.append({"id": rec["id"], "query": query, "answer_index": gold,
-                             "target": format_target(mode, rec["choices"], index, r["text"])})
+            said = choices.index(r["prediction"]) if choices is not None else r["prediction"]
+            examples.append({"id": rec["id"], "query": query, "answer": answer,
+                             "target": format_target(mode, choices, said, r["text"])})
     return examples
 
 
@@ -475,7 +531,7 @@ def stats(path, tokenizer=None):
         lines += many_rationale_stats([rec for rec in records if rec["rationales"]])
     lines.append(f"for cot training  {skips.summary()}")
     if tokenizer is not None:
-        q = [len(e.ids) for e in tokenizer.encode_batch([format_query(r["question"], r["choices"]) for r in records])]
+        q = [len(e.ids) for e in tokenizer.encode_batch([format_query(r["question"], r.get("choices")) for r in records])]
         t = [len(e.ids) for e in tokenizer.encode_batch([r["text"] for r in rationales])]
         for name, xs in (("query tokens", q), ("rationale tokens", t)):
             p = np.percentile(xs, [50, 90, 99, 100]).astype(int)
@@ -509,6 +565,9 @@ def main():
     p.add_argument("release_json")
     p.add_argument("questions_jsonl")
     p.add_argument("out")
+    p = sub.add_parser("import-gsm8k", help="GSM8K folder (train.jsonl, test.jsonl) -> canonical numeric train/test")
+    p.add_argument("folder")
+    p.add_argument("out_dir", nargs="?", default=str(DATA_DIR))
     p = sub.add_parser("stats", help="corpus statistics")
     p.add_argument("corpus", nargs="?", default=str(DEFAULT_TRAIN))
     p.add_argument("--tokenizer", default=None, help="model folder for token lengths (default: the default student)")
@@ -519,6 +578,12 @@ def main():
             records = import_dsbs(args.folder, split, skips)
             write_corpus(records, Path(args.out_dir) / name)
             print(f"{split}: {len(records):,} questions -> {Path(args.out_dir) / name}; {skips.summary()}")
+    elif args.cmd == "import-gsm8k":
+        for split, name in (("train", GSM8K_TRAIN.name), ("test", GSM8K_TEST.name)):
+            skips = Skips()
+            records = import_gsm8k(Path(args.folder) / f"{split}.jsonl", split, skips)
+            write_corpus(records, Path(args.out_dir) / name)
+            print(f"{split}: {len(records):,} problems -> {Path(args.out_dir) / name}; {skips.summary()}")
     elif args.cmd == "import-scotd":
         skips = Skips()
         records = import_scotd(args.release_json, args.questions_jsonl, skips)

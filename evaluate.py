@@ -81,8 +81,8 @@ def greedy(model, tokenizer, prompts, mode, max_new_tokens=96, batch_size=16, se
 
 
 def answers_of(mode, outs, records):
-    """Per question, the choice index each chain commits to (None = abstained)."""
-    return [[extract_answer(mode, c["text"], r["choices"]) for c in o] for o, r in zip(outs, records)]
+    """Per question, the answer each chain commits to (data.gold's kind: a choice index or a number; None = abstained)."""
+    return [[extract_answer(mode, c["text"], r.get("choices")) for c in o] for o, r in zip(outs, records)]
 
 
 def my_batches(n_prompts, batch_size, dist):
@@ -126,12 +126,13 @@ def main(argv=None):
     records = data.read_corpus(args.data)
     total = len(records)
     records = records[:limit] if limit else records
-    golds = [r["choices"].index(r["answer"]) for r in records]
+    golds = [data.gold(r) for r in records]
     prefix = ""
-    if args.fewshot:
-        exemplars = data.build_examples(data.read_corpus(data.DEFAULT_TRAIN)[:100], mode, "correct")[:args.fewshot]
+    if args.fewshot:  # worked examples from the train split of the same task
+        source = data.DEFAULT_TRAIN if "choices" in records[0] else data.GSM8K_TRAIN
+        exemplars = data.build_examples(data.read_corpus(source)[:100], mode, "correct")[:args.fewshot]
         prefix = fewshot_prefix([(x["query"], x["target"]) for x in exemplars])
-    prompts = [tokenizer.encode(prefix + data.format_query(r["question"], r["choices"])).ids for r in records]
+    prompts = [tokenizer.encode(prefix + data.format_query(r["question"], r.get("choices"))).ids for r in records]
     log(f"model     {checkpoint} ({mode} mode{f', {args.fewshot}-shot' if args.fewshot else ''}) on {device}, {args.dtype}")
     log(f"data      {args.data}: {len(records):,} of {total:,} questions"
           f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
@@ -173,14 +174,14 @@ def main(argv=None):
     preds_path = out / f"predictions-{stem}.jsonl"
     with open(preds_path.with_suffix(".tmp"), "w") as f:
         for i, r in enumerate(records):
-            row = {"id": r["id"], "gold": LETTERS[golds[i]], "greedy": {"text": greedy_outs[i][0]["text"],
-                   "answer": _letter(greedy_answers[i])}, "greedy_correct": greedy_answers[i] == golds[i]}
+            row = {"id": r["id"], "gold": _shown(golds[i]), "greedy": {"text": greedy_outs[i][0]["text"],
+                   "answer": _shown(greedy_answers[i])}, "greedy_correct": greedy_answers[i] == golds[i]}
             if chains:
                 votes = answers[i]
-                row["chains"] = [{"text": c["text"], "answer": _letter(a), "tokens": len(c["tokens"])}
+                row["chains"] = [{"text": c["text"], "answer": _shown(a), "tokens": len(c["tokens"])}
                                  for c, a in zip(chains[i], votes)]
                 vote = majority_vote(votes)
-                row["vote"], row["vote_correct"] = _letter(vote), vote == golds[i]
+                row["vote"], row["vote_correct"] = _shown(vote), vote == golds[i]
             f.write(json.dumps(row) + "\n")
     preds_path.with_suffix(".tmp").replace(preds_path)
 
@@ -210,8 +211,9 @@ def main(argv=None):
     return out
 
 
-def _letter(index):
-    return None if index is None else LETTERS[index]
+def _shown(answer):
+    """A choice index as its letter; a number as it is; an abstention as None."""
+    return LETTERS[answer] if isinstance(answer, int) else answer
 
 
 if __name__ == "__main__":

@@ -9,19 +9,26 @@ Two variants from related work are targets too:
                   (Wadhwa et al. 2024): the answer can be read without generating the rationale.
     mode "label": " The answer is ({x}) {choice}.\\n\\n"               -- no rationale (the baseline).
 Every target ends with a blank line, the stop string the sampler watches for.
+
+Two tasks: multiple choice (CSQA: the answer is one of the choices, read as its index) and numeric
+(GSM8K: no choices; the query is "Q: {question}\nA:", the answer a number, read as its normalised text,
+"1,000.50" -> "1000.5"). The same targets serve both: " ... So the answer is 72.\n\n".
 """
 
 import re
 from collections import Counter
+from decimal import Decimal, InvalidOperation
 
 MODES = ("cot", "post", "label")
 LETTERS = "abcdefghij"
 STOP = "\n\n"
 
 
-def format_query(question, choices):
-    lines = [f"Q: {question}", "Answer Choices:"]
-    lines += [f"({LETTERS[i]}) {c}" for i, c in enumerate(choices)]
+def format_query(question, choices=None):
+    """The prompt: the question, then its choices (none for a numeric question), then "A:"."""
+    lines = [f"Q: {question}"]
+    if choices is not None:
+        lines += ["Answer Choices:"] + [f"({LETTERS[i]}) {c}" for i, c in enumerate(choices)]
     return "\n".join(lines) + "\nA:"
 
 
@@ -29,9 +36,10 @@ def format_answer(choices, index):
     return f"({LETTERS[index]}) {choices[index]}"
 
 
-def format_target(mode, choices, answer_index, rationale=None):
-    """The text the student learns to write after the query (rationale and/or answer, then STOP)."""
-    answer = format_answer(choices, answer_index)
+def format_target(mode, choices, answer, rationale=None):
+    """The text the student learns to write after the query (rationale and/or answer, then STOP).
+    answer: the choice's index, or for a numeric question (choices None) the number's text."""
+    answer = format_answer(choices, answer) if choices is not None else answer
     if mode == "cot":
         return f" {rationale.strip()} So the answer is {answer}.{STOP}"
     if mode == "post":
@@ -70,8 +78,22 @@ def parse_choice(text, choices):
     return matches[0] if len(matches) == 1 else None
 
 
+def parse_number(text):
+    """The first number in text, normalised ("$1,000.50" -> "1000.5", "72.0" -> "72", "-3" -> "-3"), or None."""
+    m = re.search(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+", text.replace("$", ""))
+    if not m:
+        return None
+    try:
+        value = Decimal(m.group(0).replace(",", ""))
+    except InvalidOperation:
+        return None
+    text = format(value.normalize(), "f") if value != value.to_integral() else str(value.to_integral())
+    return "0" if text in ("-0", "0") else text
+
+
 def extract_answer(mode, generated, choices):
-    """The choice index a generated continuation commits to, or None (an abstention).
+    """The answer a generated continuation commits to, or None (an abstention): the choice's index, or
+    for a numeric question (choices None) the normalised number.
 
     cot:   the answer after the last "answer is" (the rationale comes first).
     post/label: the answer after the first "answer is" (it leads the continuation).
@@ -84,7 +106,7 @@ def extract_answer(mode, generated, choices):
     tail = _ANSWER.match(text, start).group(1)
     if mode != "cot":
         tail = tail.split(". ")[0]  # the rationale follows the answer
-    return parse_choice(tail, choices)
+    return parse_choice(tail, choices) if choices is not None else parse_number(tail)
 
 
 # -----------------------------------------------------------------------------

@@ -60,17 +60,18 @@ def get_args(argv=None):
     return args
 
 
-def exemplars(k):
-    """K fixed worked examples: the first K bundled train questions whose PaLM rationale is correct."""
+def exemplars(k, source=data.DEFAULT_TRAIN):
+    """K fixed worked examples: the first K questions of a bundled train corpus whose rationale is correct
+    (CSQA's PaLM rationales; GSM8K's human solutions for numeric questions)."""
     chosen = []
-    for rec in data.read_corpus(data.DEFAULT_TRAIN):
+    for rec in data.read_corpus(source):
         r = rec["rationales"][0] if rec["rationales"] else None
         if len(chosen) == k:
             break
         if r and r.get("correct") and r["text"].strip():
-            gold = rec["choices"].index(rec["answer"])
-            chosen.append((rec["id"], format_query(rec["question"], rec["choices"]),
-                           format_target("cot", rec["choices"], gold, r["text"])))
+            choices = rec.get("choices")
+            chosen.append((rec["id"], format_query(rec["question"], choices),
+                           format_target("cot", choices, data.gold(rec), r["text"])))
     return chosen
 
 
@@ -104,8 +105,8 @@ class CorpusWriter:
             rec = self.records[i]
             if rec["id"] in self.done:  # a batch redone after a kill mid-write: its first lines are there
                 continue
-            row = {key: rec[key] for key in ("id", "question", "choices", "answer")}
-            row["rationales"] = [data.teacher_rationale(c["text"], rec["choices"], rec["answer"]) for c in chains]
+            row = {key: rec[key] for key in ("id", "question", "choices", "answer") if key in rec}
+            row["rationales"] = [data.teacher_rationale(c["text"], rec.get("choices"), rec["answer"]) for c in chains]
             self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.f.flush()
             self.tokens += sum(len(c["tokens"]) for c in chains)
@@ -117,9 +118,11 @@ def main(argv=None):
     _, device = Dist.init(args.device)
     cli.keep_freed_memory(device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    shots = [] if args.prompt else exemplars(args.shots)
+    records = data.read_corpus(args.data)
+    source = data.DEFAULT_TRAIN if "choices" in records[0] else data.GSM8K_TRAIN  # exemplars of the same task
+    shots = [] if args.prompt else exemplars(args.shots, source)
     header = Path(args.prompt).read_text() if args.prompt else fewshot_prefix([(q, t) for _, q, t in shots])
-    records = [r for r in data.read_corpus(args.data) if r["id"] not in {i for i, _, _ in shots}]
+    records = [r for r in records if r["id"] not in {i for i, _, _ in shots}]
     records = records[:args.limit] if args.limit else records
 
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
@@ -135,7 +138,7 @@ def main(argv=None):
 
     model = from_pretrained(args.teacher, device=device, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.teacher)
-    prompts = [tokenizer.encode(format_query(r["question"], r["choices"]), add_special_tokens=False).ids for r in records]
+    prompts = [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids for r in records]
     prefix = tokenizer.encode(header).ids
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                        stop=("\n",), batch_size=args.batch_size, seed=args.seed)

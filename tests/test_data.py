@@ -29,7 +29,7 @@ def test_bundled_corpus_sizes():
 
 @pytest.mark.parametrize("line,message", [
     ('{"id": "q2", "question": ', r"bad\.jsonl:2: invalid JSON"),
-    (json.dumps({k: v for k, v in REC.items() if k != "choices"}), r"bad\.jsonl:2: missing field 'choices'"),
+    (json.dumps({k: v for k, v in REC.items() if k != "choices"}), r"bad\.jsonl:2: a question without 'choices' needs a number as its answer"),
     (json.dumps(REC | {"answer": "mars"}), r"bad\.jsonl:2: answer 'mars' is not among the choices"),
     (json.dumps(REC | {"rationales": [{"prediction": "zoo"}]}), r"bad\.jsonl:2: each rationale needs a 'text'"),
 ])
