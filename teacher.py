@@ -12,9 +12,10 @@ sentence are one line, and instruct teachers go on after it without a blank line
 
 Output: canonical JSONL (data.py), one record per question with its N rationales, each with the teacher's
 parsed `prediction` and `correct`; beside it `<out>.meta.json` holds the teacher, the prompt and the
-sampling settings. Resumable: a question's line is written (and flushed) as soon as its batch is done;
-the same command run again skips what is there, redoes a half-written last line, and gives the file an
-uninterrupted run gives (batch k samples from seed (seed, k) whatever ran before it).
+sampling settings, and `<out>.runs.jsonl` a line per invocation (start, seconds, questions, tokens; not
+written when the process is killed). Resumable: a question's line is written (and flushed) as soon as its
+batch is done; the same command run again skips what is there, redoes a half-written last line, and gives
+the file an uninterrupted run gives (batch k samples from seed (seed, k) whatever ran before it).
 """
 
 import argparse
@@ -98,7 +99,7 @@ class CorpusWriter:
 
     def __init__(self, f, records, done, bar):
         self.f, self.records, self.done, self.bar = f, records, done, bar
-        self.tokens, self.t0 = 0, time.time()
+        self.tokens, self.questions, self.t0 = 0, 0, time.time()
 
     def __call__(self, indices, outs):
         for i, chains in zip(indices, outs):
@@ -110,6 +111,7 @@ class CorpusWriter:
             self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.f.flush()
             self.tokens += sum(len(c["tokens"]) for c in chains)
+            self.questions += 1
             self.bar.update(1, f"{self.tokens / (time.time() - self.t0):,.0f} tok/s")
 
 
@@ -148,14 +150,20 @@ def main(argv=None):
     print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
           f"x {args.n} chains (T={args.temperature})")
     bar = Progress(len(records), "teacher", start=len(done))
-    with open(out, "a", encoding="utf-8") as f:
-        try:
-            generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
-                     batches=todo, prefix=prefix, on_batch=CorpusWriter(f, records, done, bar))
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")
-            raise SystemExit(130)
+    writer = CorpusWriter(open(out, "a", encoding="utf-8"), records, done, bar)
+    try:
+        generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
+                 batches=todo, prefix=prefix, on_batch=writer)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")
+        raise SystemExit(130)
+    finally:  # what this invocation did, for the corpus's wall time (a run resumed n times has n lines)
+        writer.f.close()
+        with open(args.out + ".runs.jsonl", "a") as f:
+            f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(writer.t0)),
+                                "seconds": round(time.time() - writer.t0, 3), "questions": writer.questions,
+                                "generated_tokens": writer.tokens}) + "\n")
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions x {args.n} rationales); settings in {meta_path}")
     print(f"next      python data.py stats {out}")

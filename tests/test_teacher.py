@@ -56,6 +56,9 @@ def test_ctrl_c_then_rerun_gives_the_uninterrupted_file(student, straight, tmp_p
     monkeypatch.setattr(teacher.CorpusWriter, "__call__", real)
     run(student, out)
     assert out.read_bytes() == straight.read_bytes()
+    runs = [json.loads(ln) for ln in (tmp_path / "c.jsonl.runs.jsonl").read_text().splitlines()]
+    assert [r["questions"] for r in runs] == [4, len(straight.read_text().splitlines()) - 4]  # one line a run
+    assert all(r["seconds"] > 0 and r["generated_tokens"] > 0 for r in runs), runs
 
 
 def test_half_written_last_line_is_redone(student, straight, tmp_path, capsys):
