@@ -1,0 +1,81 @@
+"""README's teacher table from the files experiments/teacher_runs.sh writes (and a student's evaluate.py
+predictions on the same questions): accuracy with a 95 % Wilson interval, abstentions, throughput.
+
+    python experiments/teacher_table.py [--student runs/cot/eval/predictions-csqa_palm_validation.jsonl]
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+from scotd import majority_vote  # noqa: E402
+
+
+def wilson(k, n, z=1.96):
+    """95 % Wilson score interval of k successes in n, as percentages."""
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return 100 * (mid - half), 100 * (mid + half)
+
+
+def cell(k, n):
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.1f} % [{lo:.1f}, {hi:.1f}]"
+
+
+def throughput(path):
+    runs = [json.loads(ln) for ln in Path(str(path) + ".runs.jsonl").read_text().splitlines()] \
+        if Path(str(path) + ".runs.jsonl").exists() else []
+    seconds, tokens = sum(r["seconds"] for r in runs), sum(r["generated_tokens"] for r in runs)
+    return f"{tokens / seconds:,.0f}" if seconds else "-"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", default=str(ROOT / "experiments" / "teachers"))
+    p.add_argument("--student", default=None, help="evaluate.py predictions (greedy + chains) on the same questions")
+    args = p.parse_args()
+    print("| model (4-shot CoT prompt for the teachers) | questions | greedy | one chain, T = 1.0 | majority of 10, T = 1.0 "
+          "| any of 10 right | chains with no answer | tokens/s (CPU) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for size in ("0.5B", "1.5B"):
+        greedy_path = Path(args.folder) / f"qwen-{size}-greedy.jsonl"
+        many_path = Path(args.folder) / f"qwen-{size}-n10.jsonl"
+        if not greedy_path.exists():
+            continue
+        greedy = data.read_corpus(greedy_path)
+        row = [f"Qwen2.5-Coder-{size}-Instruct (teacher)", f"{len(greedy)}",
+               cell(sum(r["rationales"][0]["correct"] for r in greedy), len(greedy))]
+        if many_path.exists():
+            many = data.read_corpus(many_path)
+            chains = [c for r in many for c in r["rationales"]]
+            votes = [majority_vote([c["prediction"] for c in r["rationales"]]) for r in many]
+            row += [cell(sum(c["correct"] for c in chains), len(chains)),
+                    cell(sum(v == r["answer"] for v, r in zip(votes, many)), len(many)),
+                    cell(sum(any(c["correct"] for c in r["rationales"]) for r in many), len(many)),
+                    f"{100 * sum(c['prediction'] is None for c in chains) / len(chains):.1f} %",
+                    f"{throughput(greedy_path)} greedy, {throughput(many_path)} sampling"]
+            if len(many) != len(greedy):
+                row[1] += f" ({len(many)} sampled so far)"
+        else:
+            row += ["-"] * 4 + [f"{throughput(greedy_path)} greedy"]
+        print("| " + " | ".join(row) + " |")
+    if args.student:
+        rows = [json.loads(ln) for ln in Path(args.student).read_text().splitlines()]
+        chains = [c for r in rows for c in r.get("chains", [])]
+        first = [r["chains"][0]["answer"] == r["gold"] for r in rows if r.get("chains")]
+        print(f"| student: SmolLM2-135M after `python train.py` (PaLM rationales), T = 0.7 | {len(rows)} | "
+              f"{cell(sum(r['greedy_correct'] for r in rows), len(rows))} | {cell(sum(first), len(first))} | "
+              f"{cell(sum(r.get('vote_correct', False) for r in rows), len(rows))} | "
+              f"{cell(sum(any(c['answer'] == r['gold'] for c in r['chains']) for r in rows), len(rows))} | "
+              f"{100 * sum(c['answer'] is None for c in chains) / max(1, len(chains)):.1f} % | - |")
+
+
+if __name__ == "__main__":
+    main()
