@@ -29,6 +29,15 @@ def cell(k, n):
     return f"{100 * k / n:.1f} % [{lo:.1f}, {hi:.1f}]"
 
 
+def finished(path):
+    """The complete records of a file a teacher run may still be appending to (a partial last line is left out)."""
+    raw = path.read_text(encoding="utf-8") if path.exists() else ""
+    lines = raw[:raw.rfind("\n") + 1].splitlines()
+    for n, line in enumerate(lines, 1):
+        data.check_record(json.loads(line), f"{path}:{n}")
+    return [json.loads(line) for line in lines]
+
+
 def throughput(path):
     runs = [json.loads(ln) for ln in Path(str(path) + ".runs.jsonl").read_text().splitlines()] \
         if Path(str(path) + ".runs.jsonl").exists() else []
@@ -47,13 +56,13 @@ def main():
     for size in ("0.5B", "1.5B"):
         greedy_path = Path(args.folder) / f"qwen-{size}-greedy.jsonl"
         many_path = Path(args.folder) / f"qwen-{size}-n10.jsonl"
-        if not greedy_path.exists():
+        greedy = finished(greedy_path)
+        if not greedy:
             continue
-        greedy = data.read_corpus(greedy_path)
         row = [f"Qwen2.5-Coder-{size}-Instruct (teacher)", f"{len(greedy)}",
                cell(sum(r["rationales"][0]["correct"] for r in greedy), len(greedy))]
-        if many_path.exists():
-            many = data.read_corpus(many_path)
+        many = finished(many_path)
+        if many:
             chains = [c for r in many for c in r["rationales"]]
             votes = [majority_vote([c["prediction"] for c in r["rationales"]]) for r in many]
             row += [cell(sum(c["correct"] for c in chains), len(chains)),
