@@ -25,10 +25,9 @@ from distributed import Dist
 from model import DTYPES
 from report import Progress, plot_lines
 from sample import SampleConfig, batch_slices, generate
-from scotd import LETTERS, MODES, STOP, extract_answer, fewshot_prefix, majority_vote, vote_curve
+from scotd import LABEL_FIRST, LETTERS, MODES, STOP, extract_answer, fewshot_prefix, majority_vote, vote_curve
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
-LABEL_FIRST = ("post", "label")  # modes whose answer leads the continuation: greedy stops after it
 
 
 def get_args(argv=None):

@@ -7,6 +7,8 @@ and at test time samples N chains and takes a majority vote over their answers (
 Two variants from related work are targets too:
     mode "post":  " The answer is ({x}) {choice}. {rationale}\\n\\n"  -- label first, rationale after
                   (Wadhwa et al. 2024): the answer can be read without generating the rationale.
+    mode "post-shuffled": "post" with the rationale's words in a fixed random order -- Wadhwa et al.'s
+                  control: does the text after the label help by its meaning or by its tokens alone?
     mode "label": " The answer is ({x}) {choice}.\\n\\n"               -- no rationale (the baseline).
 Every target ends with a blank line, the stop string the sampler watches for.
 
@@ -15,11 +17,14 @@ Two tasks: multiple choice (CSQA: the answer is one of the choices, read as its 
 "1,000.50" -> "1000.5"). The same targets serve both: " ... So the answer is 72.\n\n".
 """
 
+import hashlib
+import random
 import re
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 
-MODES = ("cot", "post", "label")
+MODES = ("cot", "post", "post-shuffled", "label")
+LABEL_FIRST = ("post", "post-shuffled", "label")  # the answer leads the continuation
 LETTERS = "abcdefghij"
 STOP = "\n\n"
 
@@ -44,9 +49,18 @@ def format_target(mode, choices, answer, rationale=None):
         return f" {rationale.strip()} So the answer is {answer}.{STOP}"
     if mode == "post":
         return f" The answer is {answer}. {rationale.strip()}{STOP}"
+    if mode == "post-shuffled":
+        return f" The answer is {answer}. {shuffle_words(rationale)}{STOP}"
     if mode == "label":
         return f" The answer is {answer}.{STOP}"
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def shuffle_words(text):
+    """The words of text in a random order fixed by the text itself (the same every epoch and run)."""
+    words = text.split()
+    random.Random(hashlib.sha256(text.encode()).digest()).shuffle(words)
+    return " ".join(words)
 
 
 def fewshot_prefix(exemplars):
@@ -96,7 +110,7 @@ def extract_answer(mode, generated, choices):
     for a numeric question (choices None) the normalised number.
 
     cot:   the answer after the last "answer is" (the rationale comes first).
-    post/label: the answer after the first "answer is" (it leads the continuation).
+    post/post-shuffled/label: the answer after the first "answer is" (it leads the continuation).
     """
     text = generated.split(STOP)[0]
     spans = [m.start() for m in re.finditer(r"answer is", text, re.IGNORECASE)]

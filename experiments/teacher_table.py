@@ -6,7 +6,6 @@ predictions on the same questions): accuracy with a 95 % Wilson interval, absten
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -14,19 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+from report import wilson  # noqa: E402
 from scotd import majority_vote  # noqa: E402
 
 
-def wilson(k, n, z=1.96):
-    """95 % Wilson score interval of k successes in n, as percentages."""
-    p, d = k / n, 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return 100 * (mid - half), 100 * (mid + half)
-
-
 def cell(k, n):
-    lo, hi = wilson(k, n)
-    return f"{100 * k / n:.1f} % [{lo:.1f}, {hi:.1f}]"
+    low, high = wilson(k, n)
+    return f"{100 * k / n:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def finished(path):

@@ -61,3 +61,14 @@ def test_fewshot_prefix_is_worked_examples_then_blank_lines():
     q = format_query("Where?", CHOICES)
     prefix = fewshot_prefix([(q, format_target("cot", CHOICES, 2, "Wood."))] * 2)
     assert prefix == (q + " Wood. So the answer is (c) wooded area.\n\n") * 2
+
+
+def test_post_shuffled_target_is_the_label_then_the_rationale_words_in_a_fixed_order():
+    rationale = "Beavers build dams from wood they cut in wooded areas near rivers."
+    target = format_target("post-shuffled", CHOICES, 2, rationale)
+    head = " The answer is (c) wooded area. "
+    assert target.startswith(head) and target.endswith("\n\n")
+    words = target[len(head):-2].split()
+    assert sorted(words) == sorted(rationale.split()) and words != rationale.split()
+    assert format_target("post-shuffled", CHOICES, 2, rationale) == target  # the same every time
+    assert extract_answer("post-shuffled", target, CHOICES) == 2

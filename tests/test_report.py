@@ -1,0 +1,34 @@
+"""report.py's statistics: intervals and paired tests, against values computed by hand or by definition."""
+
+import numpy as np
+import pytest
+
+from report import mcnemar, paired_bootstrap, wilson
+
+
+def test_wilson_interval():
+    low, high = wilson(50, 100)  # textbook: 0.5 +- 0.0966...
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    low, high = wilson(0, 20)  # never below 0, and not degenerate at the boundary
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.1611, abs=1e-4)
+
+
+def test_mcnemar_counts_only_discordant_pairs():
+    a = [1] * 30 + [1] * 9 + [0] * 1 + [0] * 60  # 9 questions only a gets right, 1 only b
+    b = [1] * 30 + [0] * 9 + [1] * 1 + [0] * 60
+    assert mcnemar(a, b) == pytest.approx(2 * (1 + 10) / 2 ** 10)  # exact binomial, k <= 1 of 10
+    assert mcnemar(a, a) == 1.0
+
+
+def test_paired_bootstrap_sees_what_unpaired_intervals_miss():
+    """b is a plus 12 extra right answers on 400 questions: the paired difference is clearly positive even
+    though the two Wilson intervals overlap."""
+    rng = np.random.default_rng(0)
+    a = (rng.random(400) < 0.5).astype(int)
+    b = a.copy()
+    b[np.flatnonzero(a == 0)[:12]] = 1
+    diff, (low, high), p = paired_bootstrap(b, a)
+    assert diff == pytest.approx(12 / 400) and 0 < low <= diff <= high and p < 0.01
+    assert wilson(a.sum(), 400)[1] > wilson(b.sum(), 400)[0]  # the unpaired intervals overlap
+    diff, (low, high), p = paired_bootstrap(a, a)
+    assert diff == 0 and low == high == 0 and p == 1.0
