@@ -176,6 +176,16 @@ def micro_batches(tokens, args, start_epoch, start_index):
         epoch, index = epoch + 1, 0
 
 
+def rank_share(batch, dist, contiguous):
+    """This rank's examples of a global micro-batch: every world-th one, or with shared-prefix rows a contiguous
+    slice (question-grouped batches: a question's branches then stay on one rank, sharing its prefix)."""
+    if not contiguous:
+        return batch[dist.rank::dist.world]
+    size, extra = divmod(len(batch), dist.world)
+    start = dist.rank * size + min(dist.rank, extra)
+    return batch[start:start + size + (dist.rank < extra)]
+
+
 def to_tensors(batch, args, pad_id, device):
     """A micro-batch of (ids, n_query) -> (idx, targets, docs, branches) on the device: right-padded rows
     (docs None: plain causal attention), or data.layout's packed and/or shared-prefix rows. An empty share
@@ -518,7 +528,7 @@ def main(argv=None):
             window = []
             for _ in range(args.grad_accum):
                 epoch, index, batch = next(stream)
-                window.append(to_tensors(batch[dist.rank::dist.world], args, raw_model.cfg.pad_token_id, device))
+                window.append(to_tensors(rank_share(batch, dist, args.shared), args, raw_model.cfg.pad_token_id, device))
             try:
                 train_loss, grad_norm, n_window = train_step(step_model, optimizer, scaler, window, ctx, args.grad_clip, dist)
             except Diverged as e:

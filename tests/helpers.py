@@ -128,3 +128,14 @@ def tiny_student(folder, model_type="llama", vocab_size=384, seed=0):
     torch.manual_seed(seed)
     save_pretrained(Transformer(cfg), folder, tokenizer_from=src)
     return folder
+
+
+def many_rationale_corpus(path):
+    """20 bundled questions with 3 distinct rationales each (the PaLM one, and two variants of it)."""
+    from data import DEFAULT_TRAIN, read_corpus, write_corpus
+    records = [r for r in read_corpus(DEFAULT_TRAIN)[:40] if r["rationales"] and r["rationales"][0]["correct"]][:20]
+    for r in records:
+        first = r["rationales"][0]
+        r["rationales"] = [first, first | {"text": "Think. " + first["text"]}, first | {"text": first["text"] + " Yes."}]
+    write_corpus(records, path)
+    return path

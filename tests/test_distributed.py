@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_student
+from helpers import many_rationale_corpus, tiny_student
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 COMMON = ["--limit", "48", "--batch-size", "8", "--eval-every", "0", "--eval-questions", "4", "--lr", "3e-3",
@@ -93,5 +93,16 @@ def test_last_batch_with_fewer_examples_than_ranks(student, tmp_path):
             "--eval-every", "0", "--eval-questions", "2", "--lr", "3e-3", "--warmup-steps", "0", "--seed", "5"]
     stdout = launch("train.py", *args, "--out", str(tmp_path / "one"))
     assert "9 cot examples" in stdout  # 3 steps = the epoch's batches of 4, 4 and 1
+    launch("train.py", *args, "--out", str(tmp_path / "two"), nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5)
+
+
+def test_shared_prefix_rows_under_ddp_equal_one_process(student, tmp_path):
+    """3 rationales per question, --share-prefix auto: each rank takes a contiguous slice of the question-grouped
+    batch (train.rank_share) and builds shared rows from it; weights and losses equal one process's."""
+    corpus = many_rationale_corpus(tmp_path / "many.jsonl")
+    args = ["--init", str(student), "--data", str(corpus), "--max-steps", "4", *COMMON]
+    stdout = launch("train.py", *args, "--out", str(tmp_path / "one"))
+    assert "shared-prefix rows" in stdout
     launch("train.py", *args, "--out", str(tmp_path / "two"), nproc=2)
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5)

@@ -118,3 +118,11 @@ def test_training_steps_give_the_same_weights_both_ways(tmp_path):
     assert moved > 1e-2  # the steps really changed the weights
     for k in weights[0]:
         torch.testing.assert_close(weights[1][k], weights[0][k], atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_shares_are_contiguous_slices_that_cover_the_batch(world):
+    batch = list(range(8))
+    shares = [train.rank_share(batch, Namespace(rank=r, world=world), True) for r in range(world)]
+    assert sum(shares, []) == batch and max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert [train.rank_share(batch, Namespace(rank=r, world=world), False) for r in range(world)][0] == batch[::world]

@@ -15,7 +15,7 @@ import checkpoint
 import model as model_module
 import train
 from checkpoint import from_pretrained
-from helpers import tiny_student
+from helpers import many_rationale_corpus, tiny_student
 
 ROOT = train.Path(train.__file__).resolve().parent
 INTERRUPTIBLE = ["--max-steps", "8", "--grad-accum", "2", "--save-every", "3"]
@@ -294,17 +294,6 @@ def test_compiled_training_matches_eager(student, tmp_path):
     compiled = run(student, tmp_path / "c", "--max-steps", "2", "--compile")
     assert max(abs(x - y) for x, y in zip(losses(eager), losses(compiled))) <= 1e-4
     assert "_orig_mod" not in "".join(load_file(str(compiled / "last" / "model.safetensors")))  # the raw module is saved
-
-
-def many_rationale_corpus(path):
-    """20 bundled questions with 3 distinct rationales each (the PaLM one, and two variants of it)."""
-    import data
-    records = [r for r in data.read_corpus(data.DEFAULT_TRAIN)[:40] if r["rationales"] and r["rationales"][0]["correct"]][:20]
-    for r in records:
-        first = r["rationales"][0]
-        r["rationales"] = [first, first | {"text": "Think. " + first["text"]}, first | {"text": first["text"] + " Yes."}]
-    data.write_corpus(records, path)
-    return path
 
 
 def test_shared_prefix_run_resumes_exactly(student, tmp_path, monkeypatch, capsys):
