@@ -85,6 +85,15 @@ def wilson(k, n, z=1.96):
     return mid - half, mid + half
 
 
+def bootstrap_mean(per_question, samples=10_000, seed=0):
+    """Mean of per-question values (e.g. the share of a question's chains that are right) and its 95 %
+    interval from resampling questions: chains of one question are not independent draws."""
+    x = np.asarray(per_question, dtype=float)
+    means = x[np.random.default_rng(seed).integers(0, len(x), (samples, len(x)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(x.mean()), (float(low), float(high))
+
+
 def paired_bootstrap(a, b, samples=10_000, seed=0):
     """Two systems' per-question correctness (0/1 arrays over the same questions) -> (accuracy difference
     a - b, its 95 % interval from resampling questions, two-sided p-value of "no difference")."""

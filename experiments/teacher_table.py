@@ -1,5 +1,6 @@
 """README's teacher table from the files experiments/teacher_runs.sh writes (and a student's evaluate.py
-predictions on the same questions): accuracy with a 95 % Wilson interval, abstentions, throughput.
+predictions on the same questions): accuracy with a 95 % interval (Wilson over questions; for one chain, a
+bootstrap over questions), abstentions, throughput.
 
     python experiments/teacher_table.py [--student runs/cot/eval/predictions-csqa_palm_validation.jsonl]
 """
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-from report import wilson  # noqa: E402
+from report import bootstrap_mean, wilson  # noqa: E402
 from scotd import majority_vote  # noqa: E402
 
 
@@ -29,6 +30,13 @@ def finished(path):
     for n, line in enumerate(lines, 1):
         data.check_record(json.loads(line), f"{path}:{n}")
     return [json.loads(line) for line in lines]
+
+
+def chain_cell(per_question):
+    """Accuracy of one sampled chain: the mean over questions of their share of right chains, with a 95 %
+    interval from resampling questions (a question's chains are not independent)."""
+    mean, (low, high) = bootstrap_mean(per_question)
+    return f"{100 * mean:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def throughput(path):
@@ -58,7 +66,7 @@ def main():
         if many:
             chains = [c for r in many for c in r["rationales"]]
             votes = [majority_vote([c["prediction"] for c in r["rationales"]]) for r in many]
-            row += [cell(sum(c["correct"] for c in chains), len(chains)),
+            row += [chain_cell([sum(c["correct"] for c in r["rationales"]) / len(r["rationales"]) for r in many]),
                     cell(sum(v == r["answer"] for v, r in zip(votes, many)), len(many)),
                     cell(sum(any(c["correct"] for c in r["rationales"]) for r in many), len(many)),
                     f"{100 * sum(c['prediction'] is None for c in chains) / len(chains):.1f} %",
@@ -71,9 +79,9 @@ def main():
     if args.student:
         rows = [json.loads(ln) for ln in Path(args.student).read_text().splitlines()]
         chains = [c for r in rows for c in r.get("chains", [])]
-        first = [r["chains"][0]["answer"] == r["gold"] for r in rows if r.get("chains")]
+        right = [sum(c["answer"] == r["gold"] for c in r["chains"]) / len(r["chains"]) for r in rows]
         print(f"| student: SmolLM2-135M after `python train.py` (PaLM rationales), T = 0.7 | {len(rows)} | "
-              f"{cell(sum(r['greedy_correct'] for r in rows), len(rows))} | {cell(sum(first), len(first))} | "
+              f"{cell(sum(r['greedy_correct'] for r in rows), len(rows))} | {chain_cell(right)} | "
               f"{cell(sum(r.get('vote_correct', False) for r in rows), len(rows))} | "
               f"{cell(sum(any(c['answer'] == r['gold'] for c in r['chains']) for r in rows), len(rows))} | "
               f"{100 * sum(c['answer'] is None for c in chains) / max(1, len(chains)):.1f} % | - |")

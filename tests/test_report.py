@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from report import mcnemar, paired_bootstrap, wilson
+from report import bootstrap_mean, mcnemar, paired_bootstrap, wilson
 
 
 def test_wilson_interval():
@@ -32,3 +32,12 @@ def test_paired_bootstrap_sees_what_unpaired_intervals_miss():
     assert wilson(a.sum(), 400)[1] > wilson(b.sum(), 400)[0]  # the unpaired intervals overlap
     diff, (low, high), p = paired_bootstrap(a, a)
     assert diff == 0 and low == high == 0 and p == 1.0
+
+
+def test_bootstrap_over_questions_is_wider_than_treating_chains_as_independent():
+    """100 questions whose 10 chains all agree (all right or all wrong): 1,000 chains, but only 100
+    independent outcomes -- the interval is that of 100, not of 1,000."""
+    per_question = [1.0] * 50 + [0.0] * 50
+    mean, (low, high) = bootstrap_mean(per_question)
+    assert mean == 0.5 and high - low > 0.17  # Wilson for 500/1000 would be ~0.06 wide
+    assert wilson(500, 1000)[1] - wilson(500, 1000)[0] < 0.07
