@@ -9,6 +9,7 @@ finished ones. Sampling inverts the CDF with one uniform per row, on the device,
 device->host sync; stops are checked every `check_every` steps (1 on CPU, where a sync costs nothing).
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ class SampleConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     max_new_tokens: int = 96
-    stop: tuple = ("\n\n",)
+    stop: tuple = ("\n\n",)  # strings that end a chain; cut off
+    stop_after: tuple = ()  # regular expressions that end a chain; kept (e.g. the end of the answer sentence)
     batch_size: int = 8  # questions per prefill; the running batch is batch_size * n rows
     seed: int = 0
     check_every: int = 0  # steps between stop checks; 0 = 1 on CPU, 8 on CUDA
@@ -71,10 +73,15 @@ def _finished(tokens, n_new, tokenizer, cfg, eos_id):
     """Did the last n_new tokens end the chain (EOS, or completing a stop string)?"""
     if eos_id is not None and eos_id in tokens[-n_new:]:
         return True
-    if not cfg.stop:
+    if not cfg.stop and not cfg.stop_after:
         return False
     tail = tokenizer.decode(tokens[-(n_new + 8):], skip_special_tokens=False)  # a stop spans a few tokens at most
-    return any(s in tail for s in cfg.stop)
+    if any(s in tail for s in cfg.stop):
+        return True
+    if cfg.stop_after:  # a sentence can be longer: look at the last 48 tokens
+        tail = tokenizer.decode(tokens[-(n_new + 48):], skip_special_tokens=False)
+        return any(re.search(p, tail) for p in cfg.stop_after)
+    return False
 
 
 @torch.no_grad()
@@ -145,15 +152,18 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
 
 
 def _clean(tokens, tokenizer, cfg, eos_id):
-    """Cut a chain at EOS or just after the token that completes the first stop string; drop the stop."""
+    """Cut a chain at EOS or just after the token that completes the first stop: a stop string is dropped,
+    a stop_after match kept."""
     if eos_id is not None and eos_id in tokens:
         tokens = tokens[:tokens.index(eos_id)]
     if tokenizer is None:  # token ids only (no stop strings to cut at)
         return {"tokens": tokens, "text": None}
-    text = tokenizer.decode(tokens, skip_special_tokens=False)
-    if any(s in text for s in cfg.stop):
-        n = next(k for k in range(1, len(tokens) + 1)
-                 if any(s in tokenizer.decode(tokens[:k], skip_special_tokens=False) for s in cfg.stop))
-        tokens = tokens[:n]
-        text = text[:min(text.index(s) for s in cfg.stop if s in text)]
+    decode = lambda k: tokenizer.decode(tokens[:k], skip_special_tokens=False)  # noqa: E731
+    text = decode(len(tokens))
+    cuts = [(text.index(s), lambda t, s=s: s in t) for s in cfg.stop if s in text]  # (text end, "is it complete")
+    cuts += [(m.end(), lambda t, e=m.end(): len(t) >= e) for m in (re.search(p, text) for p in cfg.stop_after) if m]
+    if cuts:
+        end, complete = min(cuts, key=lambda c: c[0])
+        tokens = tokens[:next(k for k in range(1, len(tokens) + 1) if complete(decode(k)))]
+        text = text[:end]
     return {"tokens": tokens, "text": text}

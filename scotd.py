@@ -23,6 +23,7 @@ import re
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 
+ANSWER_END = r"answer is [^\n]*?[.!?](?=\s)"  # the end of an answer sentence ("So the answer is (d) bridge." + space)
 MODES = ("cot", "post", "post-shuffled", "label")
 LABEL_FIRST = ("post", "post-shuffled", "label")  # the answer leads the continuation
 LETTERS = "abcdefghij"

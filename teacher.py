@@ -4,8 +4,9 @@ The teacher (any folder checkpoint.py loads) is prompted with K worked examples 
 the bundled PaLM rationales of K fixed train questions, which are left out of the output -- then each
 question; it writes N chains per question at temperature T. The header is the same for every question,
 so it is prefilled once (sample.generate(prefix=...)); each batch of questions is prefilled once and its
-cache repeated to N rows. A chain ends at its first newline: in this format a rationale and its answer
-sentence are one line, and instruct teachers go on after it without a blank line.
+cache repeated to N rows. A chain ends after its answer sentence ("... So the answer is (d) bridge.") or at
+its first newline (`--stop newline`: the newline only): in this format a rationale and its answer sentence
+are one line, and instruct teachers go on after it, on the same line or the next, instead of stopping.
 
     python teacher.py --teacher ~/.cache/scotd/teachers/Qwen2.5-Coder-1.5B-Instruct --n 30 --limit 1000 \\
         --out data/csqa_qwen_train.jsonl
@@ -31,7 +32,7 @@ from distributed import Dist
 from model import DTYPES
 from report import Progress
 from sample import SampleConfig, batch_slices, generate
-from scotd import fewshot_prefix, format_query, format_target
+from scotd import ANSWER_END, fewshot_prefix, format_query, format_target
 
 
 def get_args(argv=None):
@@ -45,6 +46,8 @@ def get_args(argv=None):
     p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=96)
+    p.add_argument("--stop", default="answer", choices=("answer", "newline"),
+                   help="end a chain after its answer sentence or at a newline (answer), or at a newline only")
     p.add_argument("--batch-size", type=cli.positive_int, default=4, help="questions per prefill (x n rows while sampling)")
     p.add_argument("--out", required=True, help="output JSONL (plain, appended as questions finish)")
     p.add_argument("--seed", type=int, default=0)
@@ -129,7 +132,8 @@ def main(argv=None):
 
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
     meta = {"teacher": str(args.teacher), "data": args.data, "exemplar_ids": [i for i, _, _ in shots], "prompt": header,
-            "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "stop": "\n",
+            "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                         "stop": "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}",
                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed},
             "dtype": args.dtype}
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
@@ -143,7 +147,8 @@ def main(argv=None):
     prompts = [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids for r in records]
     prefix = tokenizer.encode(header).ids
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                       stop=("\n",), batch_size=args.batch_size, seed=args.seed)
+                       stop=("\n",), stop_after=(ANSWER_END,) if args.stop == "answer" else (), batch_size=args.batch_size,
+                       seed=args.seed)
     todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
             if any(records[i]["id"] not in done for i in batch)]
     print(f"teacher   {args.teacher} on {device}, {args.dtype}; {len(shots) or 'custom'}-shot header of {len(prefix)} tokens")

@@ -10,12 +10,13 @@ T=${SCOTD_TEACHERS:-$HOME/.cache/scotd/teachers}
 VAL=data/csqa_palm_validation.jsonl.gz
 for size in 0.5B 1.5B; do  # few-shot CoT accuracy on the first 200 validation questions
     python teacher.py --teacher "$T/Qwen2.5-Coder-$size-Instruct" --data $VAL --limit 200 --n 1 --temperature 0 \
-        --batch-size 16 --out experiments/teachers/qwen-$size-greedy.jsonl
+        --batch-size 16 --stop newline --out experiments/teachers/qwen-$size-greedy.jsonl
 done
 for size in 0.5B 1.5B; do
     python teacher.py --teacher "$T/Qwen2.5-Coder-$size-Instruct" --data $VAL --limit 200 --n 10 --temperature 1.0 \
-        --batch-size 8 --out experiments/teachers/qwen-$size-n10.jsonl
+        --batch-size 8 --stop newline --out experiments/teachers/qwen-$size-n10.jsonl
 done
-# the corpus: 1,000 train questions x 10 rationales from the better teacher
+# the corpus: 1,000 train questions x 10 rationales from the better teacher, each chain ended after its answer
+# sentence (the runs above stop at a newline only: they were made before --stop answer existed)
 python teacher.py --teacher "$T/Qwen2.5-Coder-1.5B-Instruct" --n 10 --temperature 1.0 --limit 1000 \
     --batch-size 8 --out data/csqa_qwen_train.jsonl

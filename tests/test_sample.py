@@ -9,6 +9,8 @@ import evaluate
 import train
 from helpers import left_padded_batch, make_hf_model, save_hf, tiny_student
 from checkpoint import from_pretrained, load_tokenizer
+from scotd import ANSWER_END
+import sample
 from sample import SampleConfig, generate, next_token
 
 
@@ -156,3 +158,18 @@ def test_shared_prefix_prefilled_once_gives_the_same_tokens(student, temperature
     scratch = generate(model, None, [header + q for q in questions], cfg)
     assert shared == scratch
     assert len({tuple(c["tokens"]) for o in shared for c in o}) > 1
+
+
+def test_a_chain_can_end_after_its_answer_sentence(student):
+    """stop_after keeps what it matches and ends the chain there (teacher.py: the end of the answer sentence,
+    before the teacher rambles on); a plain stop string is cut off; without either the chain runs on."""
+    tok = load_tokenizer(student)
+    tokens = tok.encode(" Rivers flow. So the answer is (b) river. It is wet and long\nQ: next").ids
+    cfg = SampleConfig(stop=("\n",), stop_after=(ANSWER_END,))
+    out = sample._clean(tokens, tok, cfg, eos_id=None)
+    assert out["text"] == " Rivers flow. So the answer is (b) river."
+    assert tok.decode(out["tokens"]).startswith(out["text"])  # the token that completed the match ends it
+    ends = [k for k in range(1, len(tokens) + 1) if sample._finished(tokens[:k], 1, tok, cfg, None)]
+    assert ends and ends[0] == len(out["tokens"]) + 1  # generation stops one token later (the space after "."), cut off
+    assert sample._clean(tokens, tok, SampleConfig(stop=("\n",)), None)["text"] == " Rivers flow. So the answer is (b) river. It is wet and long"
+    assert sample._clean(tokens[:5], tok, cfg, None)["tokens"] == tokens[:5]  # no stop yet: all of it
