@@ -145,6 +145,12 @@ def gold(rec):
     return rec["choices"].index(rec["answer"]) if "choices" in rec else rec["answer"]
 
 
+def train_corpus_of(records):
+    """The bundled train corpus of the records' task, where few-shot exemplars come from: CSQA for
+    multiple-choice questions, GSM8K for numeric ones."""
+    return DEFAULT_TRAIN if "choices" in records[0] else GSM8K_TRAIN
+
+
 def read_corpus(path):
     """Canonical JSONL (optionally gzipped) -> list of records, validated; errors name file:line."""
     records = []
@@ -433,12 +439,18 @@ def length_bucketed_batches(lengths, batch_size, rng):
     return batches
 
 
+def query_keys(tokens):
+    """One hashable key per tokenised example (ids, n_query): its query's tokens, the same for all of a
+    question's rationales."""
+    return [ids[:n].tobytes() for ids, n in tokens]
+
+
 def question_batches(queries, lengths, batch_size, rng):
     """Batches for shared-prefix training: a question's examples stay together, so that a micro-batch
     holds few questions with several rationales each (what `layout(share=True)` saves on). Questions are
     shuffled, sorted by their tokens within windows of 50 batches (little padding), laid end to end and
     cut into batches of batch_size examples (a question may straddle two); the batches are shuffled.
-    queries: one hashable key per example (its query's tokens)."""
+    queries: one hashable key per example (query_keys)."""
     groups = {}
     for i, q in enumerate(queries):
         groups.setdefault(q, []).append(i)

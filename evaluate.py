@@ -128,8 +128,8 @@ def main(argv=None):
     golds = [data.gold(r) for r in records]
     prefix = ""
     if args.fewshot:  # worked examples from the train split of the same task
-        source = data.DEFAULT_TRAIN if "choices" in records[0] else data.GSM8K_TRAIN
-        exemplars = data.build_examples(data.read_corpus(source)[:100], mode, "correct")[:args.fewshot]
+        exemplars = data.build_examples(data.read_corpus(data.train_corpus_of(records))[:100], mode, "correct")
+        exemplars = exemplars[:args.fewshot]
         prefix = fewshot_prefix([(x["query"], x["target"]) for x in exemplars])
     prompts = [tokenizer.encode(prefix + data.format_query(r["question"], r.get("choices"))).ids for r in records]
     log(f"model     {checkpoint} ({mode} mode{f', {args.fewshot}-shot' if args.fewshot else ''}) on {device}, {args.dtype}")

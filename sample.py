@@ -75,13 +75,9 @@ def _finished(tokens, n_new, tokenizer, cfg, eos_id):
         return True
     if not cfg.stop and not cfg.stop_after:
         return False
-    tail = tokenizer.decode(tokens[-(n_new + 8):], skip_special_tokens=False)  # a stop spans a few tokens at most
-    if any(s in tail for s in cfg.stop):
-        return True
-    if cfg.stop_after:  # a sentence can be longer: look at the last 48 tokens
-        tail = tokenizer.decode(tokens[-(n_new + 48):], skip_special_tokens=False)
-        return any(re.search(p, tail) for p in cfg.stop_after)
-    return False
+    # a stop string spans a few tokens at most; a stop_after match (a sentence) can be longer
+    tail = tokenizer.decode(tokens[-(n_new + (48 if cfg.stop_after else 8)):], skip_special_tokens=False)
+    return any(s in tail for s in cfg.stop) or any(re.search(p, tail) for p in cfg.stop_after)
 
 
 @torch.no_grad()

@@ -79,6 +79,11 @@ def exemplars(k, source=data.DEFAULT_TRAIN):
     return chosen
 
 
+def fewshot_header(shots):
+    """The K-shot prompt every question follows: exemplars' (id, query, target) as worked examples."""
+    return fewshot_prefix([(query, target) for _, query, target in shots])
+
+
 def done_ids(out):
     """Ids already in `out`; a half-written last line (a kill mid-write) is cut off, with a note."""
     if not out.exists():
@@ -124,9 +129,8 @@ def main(argv=None):
     cli.keep_freed_memory(device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     records = data.read_corpus(args.data)
-    source = data.DEFAULT_TRAIN if "choices" in records[0] else data.GSM8K_TRAIN  # exemplars of the same task
-    shots = [] if args.prompt else exemplars(args.shots, source)
-    header = Path(args.prompt).read_text() if args.prompt else fewshot_prefix([(q, t) for _, q, t in shots])
+    shots = [] if args.prompt else exemplars(args.shots, data.train_corpus_of(records))  # of the same task
+    header = Path(args.prompt).read_text() if args.prompt else fewshot_header(shots)
     records = [r for r in records if r["id"] not in {i for i, _, _ in shots}]
     records = records[:args.limit] if args.limit else records
 

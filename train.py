@@ -150,27 +150,27 @@ def get_lr(step, total_steps, args, warmup):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay)
 
 
-def epoch_batches(tokens, args, epoch):
+def epoch_batches(lengths, queries, args, epoch):
     """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same.
-    Shared-prefix training keeps a question's examples together (data.question_batches)."""
+    Shared-prefix training (queries given) keeps a question's examples together (data.question_batches)."""
     rng = np.random.default_rng([args.seed, epoch])
-    lengths = [len(t) for t, _ in tokens]
-    if args.shared:
-        return data.question_batches([t[:n].tobytes() for t, n in tokens], lengths, args.batch_size, rng)
+    if queries is not None:
+        return data.question_batches(queries, lengths, args.batch_size, rng)
     return data.length_bucketed_batches(lengths, args.batch_size, rng)
 
 
 def resolve_share_prefix(args, tokens):
     """args.shared: --share-prefix, where auto = on when some question has several training examples."""
-    queries = [t[:n].tobytes() for t, n in tokens]
+    queries = data.query_keys(tokens)
     args.shared = args.share_prefix == "on" or (args.share_prefix == "auto" and len(set(queries)) < len(queries))
 
 
 def micro_batches(tokens, args, start_epoch, start_index):
     """Endless (epoch, index, batch) from a data position on; index counts the batches of epoch consumed."""
     epoch, index = start_epoch, start_index
+    lengths, queries = [len(t) for t, _ in tokens], data.query_keys(tokens) if args.shared else None
     while True:
-        batches = epoch_batches(tokens, args, epoch)
+        batches = epoch_batches(lengths, queries, args, epoch)
         for i in range(index, len(batches)):
             yield epoch, i + 1, [tokens[j] for j in batches[i]]
         epoch, index = epoch + 1, 0
@@ -410,13 +410,16 @@ def setup(args, dist, device):
 
 
 def load_data(args, tokenizer, init, dist):
-    """Corpus -> (query, target) examples -> token ids, every skip counted; plus the dev examples."""
+    """Corpus -> (query, target) examples -> token ids, every skip counted; plus the dev examples and where
+    they come from."""
     skips = data.Skips()
     records = data.read_corpus(args.data)
     if args.dev_data is None and "choices" not in records[0]:  # numeric (GSM8K): no validation split of its own
         records, dev_records = records[:-DEV_HOLDOUT], records[-DEV_HOLDOUT:]
+        dev_from = f"the last {DEV_HOLDOUT} questions of --data, held out of training"
     else:
-        dev_records = data.read_corpus(args.dev_data or data.DEFAULT_DEV)
+        dev_from = args.dev_data or data.DEFAULT_DEV
+        dev_records = data.read_corpus(dev_from)
     if args.limit:
         records = records[:args.limit]
     examples = data.build_examples(records, args.mode, args.filter, args.rationales_per_question, args.seed, skips)
@@ -429,7 +432,7 @@ def load_data(args, tokenizer, init, dist):
         raise InputError(f"{args.data}: no training examples left ({skips.summary()})")
     dev_examples = data.build_examples(dev_records[:64], args.mode, args.filter, 1, args.seed, data.Skips())
     dev_tokens = data.tokenize_examples(dev_examples, tokenizer, args.max_len, data.Skips())
-    return records, tokens, skips, dev_tokens, dev_records[:args.eval_questions]
+    return records, tokens, skips, dev_tokens, dev_records[:args.eval_questions], dev_from
 
 
 def prepare_out(args, state, dist):
@@ -489,7 +492,7 @@ def main(argv=None):
     init = Path(args.init) if args.init else default_student()
     model = from_pretrained(args.resume or init, device=device)  # resumed: the checkpoint's weights at once
     tokenizer = load_tokenizer(init)
-    records, tokens, skips, dev_tokens, dev_records = load_data(args, tokenizer, init, dist)
+    records, tokens, skips, dev_tokens, dev_records, dev_from = load_data(args, tokenizer, init, dist)
     resolve_share_prefix(args, tokens)
 
     total_steps, warmup = budget(args, len(tokens))
@@ -498,7 +501,7 @@ def main(argv=None):
         f"(filter={args.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens"
         f"{'; shared-prefix rows (a question once, its rationales as branches)' if args.shared else ''}")
     log(f"          {skips.summary()}")
-    log(f"dev       {args.dev_data or (data.DEFAULT_DEV if 'choices' in records[0] else f'the last {DEV_HOLDOUT} questions of --data, held out of training')}")
+    log(f"dev       {dev_from}")
     log(f"budget    {describe_budget(args, total_steps, len(tokens), dist)}")
 
     trainer_state = None

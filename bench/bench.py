@@ -44,7 +44,7 @@ import data  # noqa: E402
 from checkpoint import default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from cli import keep_freed_memory  # noqa: E402
 from model import DTYPES, Config, Transformer  # noqa: E402
-from scotd import fewshot_prefix, format_query  # noqa: E402
+from scotd import format_query  # noqa: E402
 
 
 
@@ -136,8 +136,8 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False)
     rng = np.random.default_rng(0)
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     torch.manual_seed(0)
-    grouped = data.question_batches([t[:n].tobytes() for t, n in tokens], [len(t) for t, _ in tokens], batch_size,
-                                    rng) if k > 1 else None
+    grouped = data.question_batches(data.query_keys(tokens), [len(t) for t, _ in tokens], batch_size, rng) \
+        if k > 1 else None
     if side == "ours":
         keep_freed_memory(device)  # as train.py does
         model = from_pretrained(folder, device=device).train()
@@ -197,7 +197,7 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
     if shots:  # teacher.py's prompt and settings
         import teacher
 
-        header = tok.encode(fewshot_prefix([(q, t) for _, q, t in teacher.exemplars(shots)])).ids
+        header = tok.encode(teacher.fewshot_header(teacher.exemplars(shots))).ids
         prompts = [tok.encode(format_query(r["question"], r["choices"]), add_special_tokens=False).ids for r in records]
         temperature, stop = 1.0, "\n"
     else:

@@ -26,10 +26,10 @@ def cell(k, n):
 def finished(path):
     """The complete records of a file a teacher run may still be appending to (a partial last line is left out)."""
     raw = path.read_text(encoding="utf-8") if path.exists() else ""
-    lines = raw[:raw.rfind("\n") + 1].splitlines()
-    for n, line in enumerate(lines, 1):
-        data.check_record(json.loads(line), f"{path}:{n}")
-    return [json.loads(line) for line in lines]
+    records = [json.loads(line) for line in raw[:raw.rfind("\n") + 1].splitlines()]
+    for n, rec in enumerate(records, 1):
+        data.check_record(rec, f"{path}:{n}")
+    return records
 
 
 def chain_cell(per_question):
