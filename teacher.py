@@ -13,14 +13,16 @@ are one line, and instruct teachers go on after it, on the same line or the next
 
 Output: canonical JSONL (data.py), one record per question with its N rationales, each with the teacher's
 parsed `prediction` and `correct`; beside it `<out>.meta.json` holds the teacher, the prompt and the
-sampling settings, and `<out>.runs.jsonl` a line per invocation (start, seconds, questions, tokens; not
-written when the process is killed). Resumable: a question's line is written (and flushed) as soon as its
+sampling settings, and `<out>.runs.jsonl` the wall time: after every batch, the invocation's running total
+(start, seconds, questions, tokens), so even a killed run leaves its time (`run_totals` reads it). Resumable: a question's line is written (and flushed) as soon as its
 batch is done; the same command run again skips what is there, redoes a half-written last line, and gives
-the file an uninterrupted run gives (batch k samples from seed (seed, k) whatever ran before it).
+the file an uninterrupted run gives (batch k samples from seed (seed, k) whatever ran before it). Ctrl-C and
+SIGTERM stop it cleanly (exit 130 / 143).
 """
 
 import argparse
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -102,11 +104,25 @@ def done_ids(out):
     return ids
 
 
-class CorpusWriter:
-    """generate()'s on_batch: each question's record appended and flushed as soon as its batch is done."""
+def run_totals(out):
+    """<out>.runs.jsonl -> one {started, seconds, questions, generated_tokens} per invocation (its last line)."""
+    path = Path(str(out) + ".runs.jsonl")
+    totals = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # cut by a kill -9: the line before it has that run's time
+            continue
+        totals[row["started"]] = row
+    return list(totals.values())
 
-    def __init__(self, f, records, done, bar):
-        self.f, self.records, self.done, self.bar = f, records, done, bar
+
+class CorpusWriter:
+    """generate()'s on_batch: each question's record appended and flushed as soon as its batch is done, then
+    this invocation's running total appended to <out>.runs.jsonl."""
+
+    def __init__(self, f, runs, records, done, bar):
+        self.f, self.runs, self.records, self.done, self.bar = f, runs, records, done, bar
         self.tokens, self.questions, self.t0 = 0, 0, time.time()
 
     def __call__(self, indices, outs):
@@ -121,6 +137,14 @@ class CorpusWriter:
             self.tokens += sum(len(c["tokens"]) for c in chains)
             self.questions += 1
             self.bar.update(1, f"{self.tokens / (time.time() - self.t0):,.0f} tok/s")
+        self.runs.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.t0)),
+                                    "seconds": round(time.time() - self.t0, 3), "questions": self.questions,
+                                    "generated_tokens": self.tokens}) + "\n")
+        self.runs.flush()
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM stops like Ctrl-C: every finished question is already written
 
 
 def main(argv=None):
@@ -159,20 +183,19 @@ def main(argv=None):
     print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
           f"x {args.n} chains (T={args.temperature})")
     bar = Progress(len(records), "teacher", start=len(done))
-    writer = CorpusWriter(open(out, "a", encoding="utf-8"), records, done, bar)
+    writer = CorpusWriter(open(out, "a", encoding="utf-8"), open(args.out + ".runs.jsonl", "a"), records, done, bar)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
                  batches=todo, prefix=prefix, on_batch=writer)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
         print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")
-        raise SystemExit(130)
-    finally:  # what this invocation did, for the corpus's wall time (a run resumed n times has n lines)
+        raise SystemExit(128 + signal.SIGTERM if e.args == (signal.SIGTERM,) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         writer.f.close()
-        with open(args.out + ".runs.jsonl", "a") as f:
-            f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(writer.t0)),
-                                "seconds": round(time.time() - writer.t0, 3), "questions": writer.questions,
-                                "generated_tokens": writer.tokens}) + "\n")
+        writer.runs.close()
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions x {args.n} rationales); settings in {meta_path}")
     print(f"next      python data.py stats {out}")

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from report import bootstrap_mean, wilson  # noqa: E402
 from scotd import majority_vote  # noqa: E402
+from teacher import run_totals  # noqa: E402
 
 
 def cell(k, n):
@@ -40,8 +41,7 @@ def chain_cell(per_question):
 
 
 def throughput(path):
-    runs = [json.loads(ln) for ln in Path(str(path) + ".runs.jsonl").read_text().splitlines()] \
-        if Path(str(path) + ".runs.jsonl").exists() else []
+    runs = run_totals(path)
     seconds, tokens = sum(r["seconds"] for r in runs), sum(r["generated_tokens"] for r in runs)
     return f"{tokens / seconds:,.0f}" if seconds else "-"
 

@@ -2,6 +2,8 @@
 Ctrl-C or cut mid-line by a kill resumes to the uninterrupted file, byte for byte."""
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -56,9 +58,35 @@ def test_ctrl_c_then_rerun_gives_the_uninterrupted_file(student, straight, tmp_p
     monkeypatch.setattr(teacher.CorpusWriter, "__call__", real)
     run(student, out)
     assert out.read_bytes() == straight.read_bytes()
-    runs = [json.loads(ln) for ln in (tmp_path / "c.jsonl.runs.jsonl").read_text().splitlines()]
-    assert [r["questions"] for r in runs] == [4, len(straight.read_text().splitlines()) - 4]  # one line a run
+    runs = teacher.run_totals(out)  # a running total after every batch; the last of an invocation is its total
+    assert [r["questions"] for r in runs] == [4, len(straight.read_text().splitlines()) - 4]
     assert all(r["seconds"] > 0 and r["generated_tokens"] > 0 for r in runs), runs
+
+
+def test_sigterm_mid_decode_stops_cleanly_and_keeps_the_time(student, straight, tmp_path, monkeypatch):
+    """A kill (SIGTERM) arriving in the middle of the second batch's decoding: exit 143, the first batch's
+    questions are in the file and its time in runs.jsonl; the rerun completes the uninterrupted file."""
+    out = tmp_path / "c.jsonl"
+    real = sample.next_token
+    steps_after_first_batch = {"n": 0}
+
+    def kill_mid_decode(*a, **k):
+        if out.exists() and len(out.read_text().splitlines()) == 2:
+            steps_after_first_batch["n"] += 1
+            if steps_after_first_batch["n"] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample, "next_token", kill_mid_decode)
+    with pytest.raises(SystemExit) as e:
+        run(student, out)
+    assert e.value.code == 143 and steps_after_first_batch["n"] == 3
+    assert len(out.read_text().splitlines()) == 2
+    assert [r["questions"] for r in teacher.run_totals(out)] == [2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the run
+    monkeypatch.setattr(sample, "next_token", real)
+    run(student, out)
+    assert out.read_bytes() == straight.read_bytes()
 
 
 def test_half_written_last_line_is_redone(student, straight, tmp_path, capsys):
