@@ -51,15 +51,18 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def plot_lines(path, series, xlabel, ylabel, title):
-    """series: {name: (xs, ys)} -> a PNG line chart. Written to a temporary name, then renamed."""
+def plot_lines(path, series, xlabel, ylabel, title, bands=None):
+    """series: {name: (xs, ys)} -> a PNG line chart; bands: {name: (lows, highs)} shaded around a line (an
+    interval). Written to a temporary name, then renamed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=name, marker="o" if len(xs) <= 40 else None)
+        line, = ax.plot(xs, ys, label=name, marker="o" if len(xs) <= 40 else None)
+        if bands and name in bands:
+            ax.fill_between(xs, *bands[name], color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

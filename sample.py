@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cli import InputError
 from model import KVCache
 
 
@@ -100,6 +101,12 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
+    longest = len(prefix or []) + max(map(len, prompts), default=0) + cfg.max_new_tokens
+    if longest > model.cfg.max_position_embeddings:
+        raise InputError(f"the longest prompt ({longest - cfg.max_new_tokens} tokens{' with the header' if prefix else ''}) "
+                         f"+ max_new_tokens {cfg.max_new_tokens} needs {longest} positions; the model has "
+                         f"{model.cfg.max_position_embeddings} (max_position_embeddings): shorten the prompt or "
+                         "lower max_new_tokens")
     decode = torch.compile(model, dynamic=True) if cfg.compile else model  # only the decode step, as gpt-fast
     header = None
     if prefix:  # the shared header: one prefill for the whole run

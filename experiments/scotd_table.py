@@ -1,96 +1,369 @@
-"""Reproduce the SCoTD comparisons with the real student on the bundled CSQA + PaLM corpus.
+"""The SCoTD and Wadhwa et al. claims, measured: one command, resumable, every cell with a 95 % interval.
 
-    python experiments/scotd_table.py                 # GPU: full budgets, all 1,221 validation questions
-    python experiments/scotd_table.py --cpu-budget    # CPU: the default train.py budget, a validation subset
+    nice python experiments/scotd_table.py                 # all of it (many CPU hours); run again to continue
+    python experiments/scotd_table.py --report-only        # rewrite results.md, the plot and README's table
 
-Trains, with identical budgets and seed: `label` (answer only), `cot` filter=correct, `cot` filter=all,
-`post` (answer, then rationale); evaluates each greedily and the `cot` students with self-consistency
-(N chains; accuracy at N = 5, 10, 20 read off one vote curve), plus the untuned student prompted
-few-shot as a floor. Resumable: a finished run (its eval summary exists) is skipped, a started one
-resumes from its `last` checkpoint. Writes experiments/results.md and experiments/vote-curves.png.
+Students (SmolLM2-135M-Instruct, seed 1337, AdamW lr 1e-4, batch 8; train.py's defaults otherwise):
+  on the bundled PaLM corpus (one rationale per question), --palm-steps optimizer steps each (400 x 8 =
+  3,200 examples, 0.43 of an epoch of the 7,388 correct rationales: the least the issue allows, since an
+  epoch of five students does not fit the CPU budget): `label`, `cot`, `cot --filter all`, `post`,
+  `post-shuffled`;
+  on the teacher corpus (data/csqa_qwen_train.jsonl: Qwen2.5-Coder-1.5B, 10 chains per question, its
+  correct ones kept): K = 1, 5 and all rationales per question for one pass over the questions (the
+  paper's setting: more rationales, more training), and K = 1 and 5 for as many steps as K = all took
+  (the control: more steps on fewer rationales);
+  and the untuned student prompted with 3 worked examples (the floor).
+Each student is evaluated on its final weights (`last`: nothing is chosen on validation) greedily on all
+1,221 CSQA validation questions and, if it writes its rationale first, with self-consistency on the first
+400 (N = 20 chains at T = 0.7; the vote curve k = 1..20 is read off the same chains). Beside them, the
+teacher's own 4-shot accuracy on the first 200 (experiments/teachers/, from teacher_runs.sh).
+
+A claim is tested by a paired bootstrap over the questions both systems answered (and McNemar's exact
+test). "A beats B" is *reproduced* when the 95 % interval of A - B lies above 0, *not reproduced* when it
+lies below MARGIN (an effect that large is excluded), else *inconclusive at this size*. "A does as well
+as B" is reproduced when the interval lies above -MARGIN, not reproduced when it lies below 0.
+
+Resumable: a student is three steps (train, greedy, self-consistency), each skipped once its output is
+there; a train step cut short resumes from its newest `last` save (train.py --resume: the same result as
+an uninterrupted run). Students on the teacher corpus wait until it holds --corpus-questions questions.
+Writes experiments/results.md, experiments/vote-curves.png and the table between README's markers.
 """
 
 import argparse
 import json
+import math
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from checkpoint import default_student  # noqa: E402
-from report import plot_lines  # noqa: E402
+from report import bootstrap_mean, mcnemar, paired_bootstrap, plot_lines, wilson  # noqa: E402
+from scotd import majority_vote  # noqa: E402
 
-RUNS = {  # name: (mode, filter)
-    "label": ("label", "correct"),
-    "cot-correct": ("cot", "correct"),
-    "cot-all": ("cot", "all"),
-    "post": ("post", "correct"),
-}
+MARGIN = 0.02  # the smallest accuracy difference the verdicts care about
+TEACHER_CORPUS = ROOT / "data" / "csqa_qwen_train.jsonl"
+TEACHERS = ROOT / "experiments" / "teachers"
+CORPORA = {"palm": "PaLM, 1 per question", "teacher": "Qwen 1.5B, 10 per question"}
+README_BEGIN, README_END = "<!-- scotd_table: begin (written by experiments/scotd_table.py) -->", "<!-- scotd_table: end -->"
 
 
-def main():
+@dataclass
+class Student:
+    name: str
+    what: str
+    train: list = None      # train.py flags; None: evaluated as it is (the untuned floor)
+    corpus: str = "palm"    # "palm" (bundled) or "teacher" (data/csqa_qwen_train.jsonl)
+    chains: bool = True     # writes its rationale first: self-consistency and a vote curve
+    steps_of: str = None    # the equal-steps control: as many optimizer steps as this student took
+    evaluate: list = field(default_factory=list)  # extra evaluate.py flags
+
+
+STUDENTS = [  # in the order they run: the main comparisons first
+    Student("cot", "`cot`: rationale, then answer", ["--mode", "cot"]),
+    Student("label", "`label`: answer only", ["--mode", "label"], chains=False),
+    Student("qwen-K1", "`cot`, Qwen corpus, K = 1, one pass", ["--rationales-per-question", "1", "--epochs", "1"], "teacher"),
+    Student("qwen-K5", "`cot`, Qwen corpus, K = 5, one pass", ["--rationales-per-question", "5", "--epochs", "1"], "teacher"),
+    Student("qwen-Kall", "`cot`, Qwen corpus, K = all, one pass", ["--epochs", "1"], "teacher"),
+    Student("post", "`post`: answer, then rationale", ["--mode", "post"], chains=False),
+    Student("post-shuffled", "`post`, rationale words shuffled", ["--mode", "post-shuffled"], chains=False),
+    Student("cot-all", "`cot`, teacher's wrong rationales kept", ["--mode", "cot", "--filter", "all"]),
+    Student("qwen-K1-steps", "`cot`, Qwen corpus, K = 1, K = all's steps", ["--rationales-per-question", "1"],
+            "teacher", steps_of="qwen-Kall"),
+    Student("qwen-K5-steps", "`cot`, Qwen corpus, K = 5, K = all's steps", ["--rationales-per-question", "5"],
+            "teacher", steps_of="qwen-Kall"),
+    Student("untuned", "untuned, worked examples in the prompt", None, chains=False, evaluate=["--mode", "cot"]),
+]
+
+CLAIMS = [  # (paper, claim, system A, system B, kind); "name@sc": the N-chain vote, "teacher": Qwen 1.5B 4-shot
+    ("SCoTD", "CoT distillation beats training on labels alone", "cot", "label", "beats"),
+    ("SCoTD", "the distilled student beats the untuned one prompted with worked examples", "cot", "untuned", "beats"),
+    ("SCoTD", "many rationales per question: K = all beats K = 1 (one pass)", "qwen-Kall", "qwen-K1", "beats"),
+    ("SCoTD", "K = 5 beats K = 1 (one pass)", "qwen-K5", "qwen-K1", "beats"),
+    ("SCoTD", "control: K = all beats K = 1 at equal steps", "qwen-Kall", "qwen-K1-steps", "beats"),
+    ("SCoTD", "control: K = all beats K = 5 at equal steps", "qwen-Kall", "qwen-K5-steps", "beats"),
+    ("SCoTD", "self-consistency beats greedy decoding (PaLM `cot` student)", "cot@sc", "cot", "beats"),
+    ("SCoTD", "self-consistency beats greedy decoding (unfiltered rationales)", "cot-all@sc", "cot-all", "beats"),
+    ("SCoTD", "self-consistency beats greedy decoding (Qwen corpus, K = all)", "qwen-Kall@sc", "qwen-Kall", "beats"),
+    ("Wadhwa", "rationale after the label does as well as before it", "post", "cot", "as well"),
+    ("Wadhwa", "after the label, the rationale's words in random order do as well", "post-shuffled", "post", "as well"),
+    ("-", "keeping the teacher's wrong rationales vs filtering them (no claim)", "cot-all", "cot", "report"),
+    ("-", "student (Qwen corpus, K = all) vs its teacher, greedy (no claim)", "qwen-Kall", "teacher", "report"),
+    ("-", "student vs its teacher, majority of the chains (no claim)", "qwen-Kall@sc", "teacher@sc", "report"),
+]
+
+
+# -----------------------------------------------------------------------------
+# Running the students
+
+
+class StepLog:
+    """<run>/steps.json: each step's command and the seconds spent on it, summed over invocations; the time
+    is rewritten every 30 s, so a killed session loses at most that much of the record."""
+
+    def __init__(self, path, step, command):
+        self.path, self.step, self.command = path, step, command
+        self.before = self.read().get(step, {}).get("seconds", 0.0)
+        self.t0, self.stop = time.time(), threading.Event()
+
+    def read(self):
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def write(self):
+        steps = self.read()
+        steps[self.step] = {"command": self.command, "seconds": round(self.before + time.time() - self.t0, 1)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(steps, indent=1))
+        tmp.replace(self.path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write()
+        threading.Thread(target=lambda: [self.write() for _ in iter(lambda: self.stop.wait(30), True)], daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.write()
+
+
+def corpus_questions(path):
+    """Complete lines of a corpus that teacher.py may still be appending to (a cut last line is not counted)."""
+    if not path.exists():
+        return 0
+    n = 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        n += line.endswith(b"\n")
+    return n
+
+
+def trained_steps(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(r["step"] for r in rows)
+
+
+class Runner:
+    def __init__(self, args):
+        self.args, self.out, self.ran = args, Path(args.out), 0
+
+    def call(self, run, step, script, main, argv):
+        command = f"python {script} " + " ".join(argv).replace(f"{ROOT}/", "")
+        print(f"\n>>> {command}", flush=True)
+        t0 = time.time()
+        with StepLog(run / "steps.json", step, command):
+            main(argv)
+        print(f"<<< {time.time() - t0:.0f} s", flush=True)
+        self.ran += 1
+
+    def run(self, s):
+        """Train (or resume) and evaluate one student; returns why it was skipped, or None."""
+        a, run = self.args, self.out / s.name
+        if s.corpus == "teacher":
+            have = corpus_questions(Path(a.teacher_corpus))
+            if have < a.corpus_questions:
+                return f"waits for the teacher corpus ({have:,} of {a.corpus_questions:,} questions in {a.teacher_corpus})"
+        checkpoint = run / "last"
+        if s.train is None:
+            checkpoint = Path(a.init) if a.init else default_student()
+        elif not (run / "trained.json").exists():
+            if s.steps_of and not (self.out / s.steps_of / "trained.json").exists():
+                return f"waits for {s.steps_of} (it sets the number of steps)"
+            argv = [*s.train, "--out", str(run), "--seed", str(a.seed), "--batch-size", str(a.batch_size),
+                    "--eval-every", "0", "--save-every", str(a.save_every)]
+            if s.corpus == "teacher":
+                argv += ["--data", str(a.teacher_corpus), "--limit", str(a.corpus_questions)]
+            elif a.train_limit:
+                argv += ["--limit", str(a.train_limit)]
+            if s.steps_of:
+                argv += ["--max-steps", str(json.loads((self.out / s.steps_of / "trained.json").read_text())["steps"])]
+            elif "--epochs" not in s.train:
+                argv += ["--max-steps", str(a.palm_steps)]
+            if a.init:
+                argv += ["--init", str(a.init)]
+            # --overwrite: a run that stopped before its first save starts again (it clears only train.py's outputs)
+            argv.append("--resume" if (run / "last" / train.STATE_FILE).exists() else "--overwrite")
+            self.call(run, "train", "train.py", train.main, argv)
+            (run / "trained.json").write_text(json.dumps({"steps": trained_steps(run)}))
+        common = ["--checkpoint", str(checkpoint), "--seed", str(a.seed), *s.evaluate]
+        if s.train is None:
+            common += ["--fewshot", str(a.fewshot)]
+        if not summary(run / "greedy").exists():
+            self.call(run, "greedy", "evaluate.py", evaluate.main,
+                      [*common, "--n", "0", "--limit", str(a.greedy_limit), "--out", str(run / "greedy")])
+        if s.chains and not summary(run / "sc").exists():
+            self.call(run, "self-consistency", "evaluate.py", evaluate.main,
+                      [*common, "--n", str(a.n), "--temperature", str(a.temperature), "--limit", str(a.sc_limit),
+                       "--out", str(run / "sc")])
+        return None
+
+
+def summary(folder):
+    return folder / f"summary-{Path(data.DEFAULT_DEV).name.split('.')[0]}.json"
+
+
+# -----------------------------------------------------------------------------
+# Reading the results: per question, right or wrong
+
+
+def predictions(folder):
+    path = summary(folder).with_name(summary(folder).name.replace("summary-", "predictions-").replace(".json", ".jsonl"))
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def outcomes(out, n, teachers):
+    """{system: {question id: right?}} for every finished evaluation, plus {student: vote curve rows}."""
+    systems, curves = {}, {}
+    for s in STUDENTS:
+        run = out / s.name
+        if summary(run / "greedy").exists():
+            systems[s.name] = {r["id"]: r["greedy_correct"] for r in predictions(run / "greedy")}
+        if summary(run / "sc").exists():
+            rows = predictions(run / "sc")
+            systems[f"{s.name}@sc"] = {r["id"]: r["vote_correct"] for r in rows}
+            systems[f"{s.name}@chain"] = {r["id"]: np.mean([c["answer"] == r["gold"] for c in r["chains"]]) for r in rows}
+            curves[s.name] = [[majority_vote([c["answer"] for c in r["chains"][:k]]) == r["gold"] for r in rows]
+                              for k in range(1, n + 1)]
+    for kind, path in (("teacher", teachers / "qwen-1.5B-greedy.jsonl"), ("teacher@sc", teachers / "qwen-1.5B-n10.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if rows:
+            systems[kind] = {r["id"]: majority_vote([x["prediction"] for x in r["rationales"]]) == r["answer"] for r in rows}
+            if kind == "teacher@sc":
+                systems["teacher@chain"] = {r["id"]: np.mean([x["correct"] for x in r["rationales"]]) for r in rows}
+    return systems, curves
+
+
+def acc_cell(right):
+    right = list(right)
+    low, high = wilson(sum(right), len(right))
+    return f"{100 * np.mean(right):.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def chain_cell(shares):
+    mean, (low, high) = bootstrap_mean(list(shares))
+    return f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def verdict(kind, low, high):
+    if kind == "report":
+        return "(reported)"
+    if kind == "beats":
+        return "reproduced" if low > 0 else "not reproduced" if high < MARGIN else "inconclusive at this size"
+    return "reproduced" if low > -MARGIN else "not reproduced" if high < 0 else "inconclusive at this size"
+
+
+def compare(systems, a, b, kind):
+    """One claim's row: paired over the questions both systems answered."""
+    if a not in systems or b not in systems:
+        return None
+    ids = [i for i in systems[a] if i in systems[b]]
+    xa, xb = [systems[a][i] for i in ids], [systems[b][i] for i in ids]
+    diff, (low, high), p = paired_bootstrap(xa, xb)
+    return {"n": len(ids), "a": float(np.mean(xa)), "b": float(np.mean(xb)), "diff": diff, "low": low, "high": high,
+            "p": p, "mcnemar": mcnemar(xa, xb), "verdict": verdict(kind, low, high)}
+
+
+def report(args, skipped, wall0):
+    out = Path(args.out)
+    systems, curves = outcomes(out, args.n, Path(args.teachers))
+    commands, total = [], 0.0
+    rows = [f"| student | trained on | steps x {args.batch_size} | greedy, % [95 % CI] (questions) | one chain, % | "
+            f"majority of {args.n}, % | wall time (min) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in STUDENTS:
+        run = out / s.name
+        if s.name not in systems:
+            rows.append(f"| {s.what} | {CORPORA[s.corpus] if s.train else '-'} | | {skipped.get(s.name, 'not run yet')} | | | |")
+            continue
+        steps = json.loads((run / "trained.json").read_text())["steps"] if (run / "trained.json").exists() else "-"
+        steps_run = StepLog(run / "steps.json", None, None).read()
+        commands += [step["command"] for step in steps_run.values()]
+        total += sum(step["seconds"] for step in steps_run.values())
+        sc = systems.get(f"{s.name}@sc")
+        rows.append(f"| {s.what} | {CORPORA[s.corpus] if s.train else '-'} | {steps} | {acc_cell(systems[s.name].values())} "
+                    f"({len(systems[s.name])}) | {chain_cell(systems[f'{s.name}@chain'].values()) if sc else '-'} | "
+                    f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | "
+                    + " + ".join(f"{step['seconds'] / 60:.1f}" for step in steps_run.values()) + " |")
+    if "teacher" in systems:
+        sc = systems.get("teacher@sc")
+        rows.append(f"| teacher: Qwen2.5-Coder-1.5B, 4-shot (T = 1.0, 10 chains) | - | - | "
+                    f"{acc_cell(systems['teacher'].values())} ({len(systems['teacher'])}) | "
+                    f"{chain_cell(systems['teacher@chain'].values()) if sc else '-'} | "
+                    f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | see README |")
+    claims = ["| paper | claim | A vs B | questions | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for paper, claim, a, b, kind in CLAIMS:
+        c = compare(systems, a, b, kind)
+        if c is None:
+            claims.append(f"| {paper} | {claim} | {a} vs {b} | | | | not run yet |")
+            continue
+        claims.append(f"| {paper} | {claim} | {a} vs {b} | {c['n']} | {100 * c['diff']:+.1f} [{100 * c['low']:+.1f}, "
+                      f"{100 * c['high']:+.1f}] | {c['p']:.3f} / {c['mcnemar']:.3f} | {c['verdict']} |")
+    note = (f"CSQA validation (1,221 questions; self-consistency on the first {args.sc_limit}, T = {args.temperature}); "
+            f"SmolLM2-135M-Instruct students, seed {args.seed}; verdict margin {100 * MARGIN:.0f} points; "
+            f"`@sc`: majority of {args.n} chains. Wall time: minutes of train + greedy + self-consistency, as run.")
+    table = "\n".join(rows) + "\n\n" + "\n".join(claims)
+    text = (f"# SCoTD claims, measured\n\n{note}\n\n{table}\n\nMachine: {args.machine}; {total / 3600:.1f} h of "
+            "steps in all.\n\nCommands, one per step, as run:\n" + "".join(f"    {c}\n" for c in commands)
+            + f"\nThis invocation: {(time.time() - wall0) / 60:.0f} min.\n")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.md").write_text(text)
+    if curves:
+        ks = list(range(1, args.n + 1))
+        series = {name: (ks, [float(np.mean(c)) for c in curve]) for name, curve in curves.items()}
+        bands = {name: tuple(zip(*[wilson(sum(c), len(c)) for c in curve])) for name, curve in curves.items()}
+        plot_lines(results / "vote-curves.png", series, "chains voted over (k)", "accuracy",
+                   f"self-consistency, CSQA validation (first {args.sc_limit}), 95 % bands", bands=bands)
+    readme = Path(args.readme)
+    if readme.exists() and README_BEGIN in readme.read_text():
+        head, rest = readme.read_text().split(README_BEGIN)
+        readme.write_text(f"{head}{README_BEGIN}\n{note}\n\n{table}\n{README_END}{rest.split(README_END, 1)[1]}")
+    print(text)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/experiments")
-    p.add_argument("--cpu-budget", action="store_true", help="train.py's CPU default budget and --limit questions")
-    p.add_argument("--limit", type=int, default=None, help="validation questions (default: all; 100 with --cpu-budget)")
-    p.add_argument("--n", type=int, default=20, help="chains for self-consistency")
+    p.add_argument("--out", default=str(ROOT / "runs" / "scotd-table"))
+    p.add_argument("--only", default=None, help="comma-separated student names (default: all, in order)")
+    p.add_argument("--report-only", action="store_true", help="write the tables from what is finished; run nothing")
+    p.add_argument("--palm-steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--teacher-corpus", default=str(TEACHER_CORPUS))
+    p.add_argument("--corpus-questions", type=int, default=1000)
+    p.add_argument("--greedy-limit", type=int, default=0, help="validation questions for greedy (0 = all 1,221)")
+    p.add_argument("--sc-limit", type=int, default=400)
+    p.add_argument("--n", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--fewshot", type=int, default=3)
-    args = p.parse_args()
-    out = ROOT / args.out
-    limit = args.limit if args.limit is not None else (100 if args.cpu_budget else 0)
-    budget = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    if args.cpu_budget and not budget:
-        budget = ["--max-steps", str(train.CPU_DEFAULT["max_steps"]), "--batch-size", str(train.CPU_DEFAULT["batch_size"])]
-    commands = []
-
-    def evaluate_once(name, checkpoint, extra):
-        summary = out / name / "eval" / "summary-csqa_palm_validation.json"
-        if not summary.exists():
-            argv = ["--checkpoint", str(checkpoint), "--limit", str(limit), "--temperature", str(args.temperature),
-                    "--seed", str(args.seed), "--out", str(summary.parent), *extra]
-            commands.append("python evaluate.py " + " ".join(argv).replace(f"{ROOT}/", ""))
-            evaluate.main(argv)
-        return json.loads(summary.read_text())
-
-    results, t0 = {}, time.time()
-    fewshot = ["--mode", "cot", "--n", "0", "--fewshot", str(args.fewshot)]
-    results[f"untuned, {args.fewshot}-shot CoT prompt (floor)"] = evaluate_once("untuned", default_student(), fewshot)
-    for name, (mode, filt) in RUNS.items():
-        run = out / name
-        if not (run / "best" / "config.json").exists() or not (run / "loss.png").exists():
-            argv = ["--mode", mode, "--filter", filt, "--out", str(run), "--seed", str(args.seed), *budget]
-            if (run / "last" / "trainer_state.pt").exists():
-                argv.append("--resume")
-            elif run.exists():
-                argv.append("--overwrite")  # a run that stopped before its first save
-            commands.append("python train.py " + " ".join(argv).replace(f"{ROOT}/", ""))
-            train.main(argv)
-        results[name] = evaluate_once(name, run / "best", ["--n", str(args.n) if mode == "cot" else "0"])
-
-    lines = [f"| student | greedy | SC N=5 | SC N=10 | SC N={args.n} |", "| --- | --- | --- | --- | --- |"]
-    for name, r in results.items():
-        c = r["vote_curve"]
-        at = lambda k: f"{c[k - 1]:.1%}" if len(c) >= k else "-"  # noqa: E731
-        lines.append(f"| {name} | {r['greedy_acc']:.1%} | {at(5)} | {at(10)} | {at(args.n)} |")
-    n_q = next(iter(results.values()))["questions"]
-    table = "\n".join(lines)
-    text = (f"CSQA validation, {n_q} questions; SmolLM2-135M-Instruct; T = {args.temperature}; seed {args.seed}; "
-            f"wall time {(time.time() - t0) / 60:.0f} min this invocation\n\n{table}\n\ncommands:\n"
-            + "\n".join(f"    {c}" for c in commands) + "\n")
-    (ROOT / "experiments" / "results.md").write_text(text)
-    curves = {name: (list(range(1, len(r["vote_curve"]) + 1)), r["vote_curve"])
-              for name, r in results.items() if r["vote_curve"]}
-    if curves:
-        plot_lines(ROOT / "experiments" / "vote-curves.png", curves, "chains voted over (k)", "accuracy",
-                   f"self-consistency, CSQA validation ({n_q} questions)")
-    print(text)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--fewshot", type=int, default=3, help="worked examples in the untuned student's prompt")
+    p.add_argument("--init", default=None, help="student folder (default: SmolLM2-135M-Instruct); for smoke tests")
+    p.add_argument("--train-limit", type=int, default=None, help="first N PaLM train questions; for smoke tests")
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--results", default=str(ROOT / "experiments"), help="folder for results.md and vote-curves.png")
+    p.add_argument("--teachers", default=str(TEACHERS), help="teacher_runs.sh's outputs (the teacher's own accuracy)")
+    p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")
+    args = p.parse_args(argv)
+    names = [s.name for s in STUDENTS]
+    only = args.only.split(",") if args.only else names
+    if unknown := set(only) - set(names):
+        p.error(f"--only: unknown students {sorted(unknown)}; expected some of {names}")
+    wall0, skipped = time.time(), {}
+    runner = Runner(args)
+    if not args.report_only:
+        for s in STUDENTS:
+            if s.name in only and (why := runner.run(s)):
+                skipped[s.name] = why
+                print(f"skip      {s.name}: {why}", flush=True)
+    report(args, skipped, wall0)
 
 
 if __name__ == "__main__":

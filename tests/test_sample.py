@@ -173,3 +173,16 @@ def test_a_chain_can_end_after_its_answer_sentence(student):
     assert ends and ends[0] == len(out["tokens"]) + 1  # generation stops one token later (the space after "."), cut off
     assert sample._clean(tokens, tok, SampleConfig(stop=("\n",)), None)["text"] == " Rivers flow. So the answer is (b) river. It is wet and long"
     assert sample._clean(tokens[:5], tok, cfg, None)["tokens"] == tokens[:5]  # no stop yet: all of it
+
+
+def test_prompt_longer_than_the_model_positions_is_a_clear_error(student, tmp_path, capsys):
+    """Past max_position_embeddings the position table has no row: say so before decoding, with the numbers.
+    Through evaluate.py it is one line and exit 1 (a 12-shot prompt is ~2,000 tokens; the tiny model has 512)."""
+    model = from_pretrained(student)
+    with pytest.raises(sample.InputError, match=r"the longest prompt \(420 tokens\) \+ max_new_tokens 96 needs 516 "
+                                                r"positions; the model has 512 \(max_position_embeddings\)"):
+        generate(model, None, [[5] * 420, [5] * 10], SampleConfig(max_new_tokens=96, stop=()))
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli.run(lambda: evaluate.main(["--checkpoint", str(student), "--fewshot", "12", "--limit", "2",
+                                                "--n", "0", "--out", str(tmp_path)]))
+    assert e.value.code == 1 and "max_position_embeddings" in capsys.readouterr().err

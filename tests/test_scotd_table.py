@@ -1,0 +1,97 @@
+"""experiments/scotd_table.py on a tiny student: one command trains and evaluates every kind of student,
+writes the tables with intervals and verdicts, and a second invocation runs nothing and writes the same."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import data
+from helpers import tiny_student
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("scotd_table", ROOT / "experiments" / "scotd_table.py")
+table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table)
+
+ONLY = "cot,label,qwen-K1,qwen-Kall,qwen-K1-steps,untuned"
+
+
+def teacher_corpus(path, questions=6, chains=3):
+    """A many-rationale corpus shaped like teacher.py's: each question's PaLM rationale in `chains` wordings,
+    one of them wrong (filtered out by --filter correct)."""
+    records = []
+    for r in data.read_corpus(data.DEFAULT_TRAIN)[:questions]:
+        right = r["rationales"][0]
+        wrong = next(c for c in r["choices"] if c != r["answer"])
+        r["rationales"] = [{"text": f"{right['text']} ({k})", "prediction": r["answer"], "correct": True}
+                           for k in range(chains - 1)] + [{"text": "I am not sure.", "prediction": wrong, "correct": False}]
+        records.append(r)
+    data.write_corpus(records, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("table")
+    readme = tmp / "README.md"
+    readme.write_text(f"intro\n{table.README_BEGIN}\nold table\n{table.README_END}\nrest\n")
+    argv = ["--out", str(tmp / "runs"), "--results", str(tmp / "results"), "--readme", str(readme),
+            "--teachers", str(tmp / "no-teachers"), "--init", str(tiny_student(tmp / "m")), "--only", ONLY,
+            "--palm-steps", "2", "--batch-size", "4", "--train-limit", "24", "--greedy-limit", "6", "--sc-limit", "4",
+            "--n", "3", "--fewshot", "1", "--teacher-corpus", str(teacher_corpus(tmp / "qwen.jsonl")), "--corpus-questions", "6"]
+    return tmp, argv
+
+
+def test_one_command_writes_every_cell_and_resumes_to_the_same_tables(setup, capsys):
+    tmp, argv = setup
+    table.main(argv)
+    first = (tmp / "results" / "results.md").read_text()
+    runs = tmp / "runs"
+    steps = {name: json.loads((runs / name / "trained.json").read_text())["steps"] for name in ONLY.split(",")[:-1]}
+    assert steps["cot"] == steps["label"] == 2  # --palm-steps
+    assert steps["qwen-K1"] == 2 and steps["qwen-Kall"] == 3  # one pass: 6 and 12 examples, 4 a step
+    assert steps["qwen-K1-steps"] == steps["qwen-Kall"]  # the equal-steps control
+    for name in ("cot", "qwen-K1", "qwen-Kall", "qwen-K1-steps"):  # rationale-first: greedy and self-consistency
+        assert len(table.predictions(runs / name / "sc")) == 4
+    assert not (runs / "label" / "sc").exists() and not (runs / "untuned" / "sc").exists()
+    assert len(table.predictions(runs / "untuned" / "greedy")) == 6
+    for claim in ("CoT distillation beats training on labels alone", "K = all beats K = 1 (one pass)",
+                  "control: K = all beats K = 1 at equal steps", "self-consistency beats greedy decoding (PaLM"):
+        row = next(line for line in first.splitlines() if claim in line)
+        assert any(v in row for v in ("| reproduced |", "| not reproduced |", "| inconclusive at this size |")), row
+    assert "rationale after the label does as well as before it | post vs cot | | | | not run yet |" in first
+    assert "python train.py --mode cot --out" in first and (tmp / "results" / "vote-curves.png").stat().st_size > 0
+    readme = (tmp / "README.md").read_text()
+    assert "old table" not in readme and readme.startswith("intro\n") and readme.endswith(f"{table.README_END}\nrest\n")
+    assert "| `cot`: rationale, then answer |" in readme
+
+    capsys.readouterr()
+    table.main(argv)  # everything is there: nothing runs, the tables are the same
+    assert ">>> python" not in capsys.readouterr().out
+    second = (tmp / "results" / "results.md").read_text()
+    strip = lambda text: text.split("This invocation")[0]  # noqa: E731
+    assert strip(second) == strip(first)
+
+
+def test_teacher_students_wait_for_the_corpus(setup, capsys):
+    tmp, argv = setup
+    small = teacher_corpus(tmp / "small.jsonl", questions=3)
+    with open(small, "a") as f:
+        f.write('{"id": "cut by a kill')  # a half-written line is not a question
+    table.main([*argv[:-4], "--teacher-corpus", str(small), "--corpus-questions", "6", "--out", str(tmp / "runs2"),
+                "--only", "qwen-K1,qwen-K1-steps", "--results", str(tmp / "results2")])
+    out = capsys.readouterr().out
+    assert f"skip      qwen-K1: waits for the teacher corpus (3 of 6 questions in {small})" in out
+    assert "waits for the teacher corpus" in (tmp / "results2" / "results.md").read_text()
+    assert not (tmp / "runs2" / "qwen-K1").exists()
+
+
+@pytest.mark.parametrize("kind,low,high,expected", [
+    ("beats", 0.001, 0.08, "reproduced"), ("beats", -0.03, 0.019, "not reproduced"),
+    ("beats", -0.01, 0.05, "inconclusive at this size"), ("as well", -0.019, 0.03, "reproduced"),
+    ("as well", -0.06, -0.001, "not reproduced"), ("as well", -0.05, 0.02, "inconclusive at this size"),
+    ("report", -0.5, 0.5, "(reported)")])
+def test_verdicts_follow_the_interval(kind, low, high, expected):
+    assert table.verdict(kind, low, high) == expected
