@@ -296,7 +296,7 @@ def report(args, skipped, wall0):
         rows.append(f"| teacher: Qwen2.5-Coder-1.5B, 4-shot (T = 1.0, 10 chains) | - | - | "
                     f"{acc_cell(systems['teacher'].values())} ({len(systems['teacher'])}) | "
                     f"{chain_cell(systems['teacher@chain'].values()) if sc else '-'} | "
-                    f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | see README |")
+                    f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | see the teacher table |")
     claims = ["| paper | claim | A vs B | questions | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for paper, claim, a, b, kind in CLAIMS:
