@@ -12,7 +12,14 @@ choice); `correct` is prediction == answer. A numeric question (GSM8K) has no "c
 and `prediction` are normalised numbers as text (scotd.parse_number: "1000.5", "72", "-3"):
 
     {"id": "gsm8k-train-2", "question": "Natalia sold clips to ...", "answer": "72",
-     "rationales": [{"text": "Natalia sold 48/2 = 24 clips in May. ...", "prediction": "72", "correct": true}]}
+     "rationales": [{"text": "Natalia sold 48/2 = 24 clips in May. ...", "prediction": "72", "correct": true,
+                     "steps": ["Natalia sold 48/2 = 24 clips in May.", ...]}]}
+
+A Socratic rationale (Shridhar et al. 2022; teacher.py --socratic writes them) adds one sub-question per
+step, and its text is the Socratic chain (scotd.socratic_rationale: "sub-question ** step", a line each):
+
+     "rationales": [{"text": "How many clips did she sell in May? ** Natalia sold 48/2 = 24 clips ...\n...",
+                     "prediction": "72", "correct": true, "steps": [...], "subquestions": ["How many ...?", ...]}]
 
 Importers turn releases into it:
     dsbs:  Distilling Step-by-Step's CSQA with PaLM-540B rationales (one per question) -- bundled in data/
@@ -52,7 +59,8 @@ import torch
 
 import cli
 from cli import InputError
-from scotd import LETTERS, MODES, format_query, format_target, majority_vote, parse_choice, parse_number
+from scotd import (LETTERS, MODES, SOCRATIC_ROLES, format_query, format_target, majority_vote, parse_choice, parse_number,
+                   socratic_turns)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TRAIN = DATA_DIR / "csqa_palm_train.jsonl.gz"
@@ -291,7 +299,8 @@ def import_gsm8k(path, split, skips):
     """GSM8K JSONL ({"question", "answer": "step\\nstep\\n#### 72"}) -> numeric records whose one rationale
     is the human solution: calculator annotations (<<48/2=24>>) removed, a Socratic split's "sub-question
     ** " prefixes dropped, lines joined by spaces (a target is one paragraph); the answer is the number
-    after "####". A solution without such a number, or without steps, is a counted skip."""
+    after "####"; the rationale keeps its `steps` (the lines) for Socratic sub-questions (teacher.py --socratic).
+A solution without such a number, or without steps, is a counted skip."""
     records = []
     for n, q in _json_lines(path):
         where = f"{path}:{n}"
@@ -303,12 +312,12 @@ def import_gsm8k(path, split, skips):
             skips.add("no number after '####'", where)
             continue
         steps = [re.sub(r"<<[^>]*>>", "", line.split(" ** ")[-1]).strip() for line in solution.splitlines()]
-        text = " ".join(step for step in steps if step)
-        if not text:
+        steps = [step for step in steps if step]
+        if not steps:
             skips.add("empty rationale", where)
             continue
         records.append({"id": f"gsm8k-{split}-{n}", "question": q["question"].strip(), "answer": answer,
-                        "rationales": [make_rationale(text, answer, answer)]})
+                        "rationales": [make_rationale(" ".join(steps), answer, answer) | {"steps": steps}]})
     return records
 
 
@@ -319,8 +328,8 @@ def import_gsm8k(path, split, skips):
 def build_examples(records, mode, filter="correct", rationales_per_question=None, seed=0, skips=None):
     """Records -> list of dicts {id, query, target, answer (data.gold)}. The paper trains on every sampled
     rationale (§2); `filter="correct"` keeps only rationales whose teacher answer is gold."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode not in MODES + SOCRATIC_ROLES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES + SOCRATIC_ROLES}")
     if filter not in FILTERS:
         raise ValueError(f"unknown filter {filter!r}; expected one of {FILTERS}")
     skips = skips if skips is not None else Skips()
@@ -351,6 +360,14 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
             continue
         if rationales_per_question and len(kept) > rationales_per_question:
             kept = rng.sample(kept, rationales_per_question)
+        if mode in SOCRATIC_ROLES:  # the two-model variant: a problem's chain split into turns
+            for r in kept:
+                if len(r.get("subquestions") or []) != len(r.get("steps") or [None]):
+                    skips.add("rationale without a sub-question for each step (Socratic)", rec["id"])
+                    continue
+                examples += [{"id": rec["id"], "query": context, "target": target, "answer": answer} for context, target
+                             in socratic_turns(query, r["subquestions"], r["steps"], r["prediction"])[mode]]
+            continue
         for r in kept:
             # the student learns the teacher's answer with its rationale (with filter=all it may be wrong)
             said = choices.index(r["prediction"]) if choices is not None else r["prediction"]

@@ -4,6 +4,8 @@
     python evaluate.py --checkpoint runs/cot/best --n 30 --temperature 0.7
     python evaluate.py --data contrast_set.jsonl         # any corpus in the canonical format
     torchrun --nproc_per_node 4 evaluate.py ...          # questions sharded over ranks, same result
+    python evaluate.py --checkpoint runs/solve/last --decomposer runs/decompose/last --data data/gsm8k_test.jsonl.gz
+                                                         # Socratic CoT, two models (socratic_chains)
 
 Prints a table (greedy accuracy, self-consistency accuracy at N, abstention rate, mean chain length,
 tokens/s) and writes, next to the checkpoint, predictions JSONL (every chain, its parsed answer, the
@@ -13,6 +15,7 @@ vote, the gold answer) and a PNG of accuracy against the number of chains voted 
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +23,14 @@ import torch
 
 import cli
 import data
+from cli import InputError
 from checkpoint import from_pretrained, load_tokenizer, read_run_info, recover_folder
 from distributed import Dist
 from model import DTYPES
 from report import Progress, plot_lines
 from sample import SampleConfig, batch_slices, generate
-from scotd import LABEL_FIRST, LETTERS, MODES, STOP, extract_answer, fewshot_prefix, majority_vote, vote_curve
+from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, STOP, SUB, extract_answer, fewshot_prefix, majority_vote,
+                   socratic_context, vote_curve)
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
 
@@ -35,6 +40,9 @@ def get_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="HF-layout folder (default: the newest runs/*/best)")
     p.add_argument("--data", default=str(data.DEFAULT_DEV), help="canonical corpus JSONL(.gz)")
     p.add_argument("--mode", default=None, choices=MODES, help="target mode (default: the one it was trained with)")
+    p.add_argument("--decomposer", default=None, help="Socratic CoT: this model writes the sub-questions, --checkpoint "
+                   "(trained with --mode solve) answers them")
+    p.add_argument("--max-rounds", type=cli.positive_int, default=10, help="Socratic: sub-questions per chain at most")
     p.add_argument("--n", "--chains", dest="n", type=cli.nonneg_int, default=10,
                    help="chains per question for self-consistency (0 = greedy only); under torchrun write --chains")
     p.add_argument("--temperature", type=cli.nonneg_float, default=0.7, help="0 = greedy chains")
@@ -59,8 +67,9 @@ def get_args(argv=None):
             p.error("no checkpoint found under runs/*/best: run `python train.py` first, or pass --checkpoint")
         args.checkpoint = found[-1].parent
     args.checkpoint = recover_folder(args.checkpoint)
-    if not (args.checkpoint / "config.json").is_file():
-        p.error(f"argument --checkpoint: {args.checkpoint} is not a model folder (no config.json)")
+    for flag, folder in (("--checkpoint", args.checkpoint), ("--decomposer", args.decomposer)):
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            p.error(f"argument {flag}: {folder} is not a model folder (no config.json)")
     return args
 
 
@@ -77,6 +86,46 @@ def greedy(model, tokenizer, prompts, mode, max_new_tokens=96, batch_size=16, se
                        stop=(". ", STOP) if fast else (STOP,), batch_size=batch_size, seed=seed, compile=compile)
     return generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
                     batches=batches, on_batch=on_batch)
+
+
+@torch.no_grad()
+def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, on_round=None):
+    """Socratic CoT with two models (Shridhar et al. 2022), batched over every chain of every question: each
+    round the decomposer writes each unfinished chain's next sub-question (up to " **"), then the solver
+    the step that answers it (up to the newline); a chain ends when a step states the answer ("... So the
+    answer is 18."), or with no answer when the decomposer writes none or max_rounds pass. cfg.n chains a
+    query, each sampled on its own row (a round's seed is derived from cfg.seed and the round).
+    -> per query, cfg.n dicts {"text": the chain as a unified model writes it, "tokens": every generated id}."""
+    rows = [q for q in queries for _ in range(cfg.n)]
+    lines, tokens, done = [[] for _ in rows], [[] for _ in rows], [False] * len(rows)
+    one = replace(cfg, n=1, batch_size=cfg.batch_size * cfg.n)
+    for r in range(max_rounds):
+        active = [i for i in range(len(rows)) if not done[i]]
+        if not active:
+            break
+        contexts = [socratic_context(rows[i], lines[i]) for i in active]
+        asked = generate(decomposer, tokenizer, [tokenizer.encode(c).ids for c in contexts],
+                         replace(one, stop=(SUB.strip(), "\n"), max_new_tokens=48, seed=cfg.seed * 1000 + 2 * r),
+                         eos_id=decomposer.cfg.eos_token_id, pad_id=decomposer.cfg.pad_token_id)
+        solving, prompts = [], []
+        for i, c, (o,) in zip(active, contexts, asked):
+            tokens[i] += o["tokens"]
+            question = o["text"].strip()
+            if not question:  # no sub-question: the chain ends without an answer
+                done[i] = True
+                continue
+            solving.append((i, question))
+            prompts.append(tokenizer.encode(c + ("" if lines[i] else " ") + question + SUB).ids)
+        steps = generate(solver, tokenizer, prompts, replace(one, stop=("\n",), seed=cfg.seed * 1000 + 2 * r + 1),
+                         eos_id=solver.cfg.eos_token_id, pad_id=solver.cfg.pad_token_id) if prompts else []
+        for (i, question), (o,) in zip(solving, steps):
+            tokens[i] += o["tokens"]
+            lines[i].append(f"{question}{SUB} {o['text'].strip()}")
+            done[i] = "answer is" in o["text"]
+        if on_round:
+            on_round(r, sum(not d for d in done))
+    chains = [{"text": " " + "\n".join(ls), "tokens": t} for ls, t in zip(lines, tokens)]
+    return [chains[k * cfg.n:(k + 1) * cfg.n] for k in range(len(queries))]
 
 
 def answers_of(mode, outs, records):
@@ -105,6 +154,49 @@ def merge(shares):
     return [next(s[i] for s in shares if s[i] is not None) for i in range(len(shares[0]))]
 
 
+def decode(args, mode, model, tokenizer, prompts, dist):
+    """Greedy chains, then args.n sampled chains a question -> (greedy outputs, seconds, chains or None, seconds).
+    For label-first students ("post", "label") greedy stops after the answer sentence: the fast path."""
+    batch = max(args.batch_size, 16)
+    greedy_outs, greedy_s = timed("greedy (answer only)" if mode in LABEL_FIRST else "greedy", len(prompts), dist,
+                                  lambda on_batch: greedy(model, tokenizer, prompts, mode, args.max_new_tokens, batch,
+                                                          args.seed, args.compile, batches=my_batches(len(prompts), batch, dist),
+                                                          on_batch=on_batch))
+    chains, sc_s = None, 0.0
+    if args.n > 0:
+        sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                              compile=args.compile)
+        chains, sc_s = timed(f"sample N={args.n}", len(prompts), dist, lambda on_batch: generate(
+            model, tokenizer, prompts, sc_cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
+            batches=my_batches(len(prompts), args.batch_size, dist), on_batch=on_batch))
+    return greedy_outs, greedy_s, chains, sc_s
+
+
+def socratic(args, mode, solver, tokenizer, records, prefix, device, dist):
+    """decode()'s counterpart for Socratic CoT: --checkpoint the solver, --decomposer the decomposer."""
+    if mode != "solve" or not args.decomposer:
+        raise InputError(f"Socratic CoT needs two models: --checkpoint trained with --mode solve (this one: {mode}) and "
+                         "--decomposer trained with --mode decompose")
+    if dist.world > 1:
+        raise InputError("--decomposer runs in one process; run it without torchrun")
+    decomposer = from_pretrained(args.decomposer, device=device, dtype=DTYPES[args.dtype])
+    queries = [prefix + data.format_query(r["question"], r.get("choices")) for r in records]
+    results = []
+    for n, temperature, label in ((1, 0.0, "socratic greedy"), (args.n, args.temperature, f"socratic N={args.n}")):
+        if n == 0:
+            results += [None, 0.0]
+            continue
+        cfg = SampleConfig(n=n, temperature=temperature, top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed)
+        bar, t0 = Progress(args.max_rounds, label), time.time()
+        outs = socratic_chains(decomposer, solver, tokenizer, queries, cfg, args.max_rounds,
+                               on_round=lambda r, running: bar.update(1, f"{running:,} chains running"))
+        bar.close()
+        results += [outs, time.time() - t0]
+    return tuple(results)
+
+
 def main(argv=None):
     args = get_args(argv)  # every flag checked before anything loads
     dist, device = Dist.init(args.device)
@@ -121,7 +213,6 @@ def main(argv=None):
 
     model = from_pretrained(checkpoint, device=device, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(checkpoint)
-    pad_id, eos_id = model.cfg.pad_token_id, model.cfg.eos_token_id
     records = data.read_corpus(args.data)
     total = len(records)
     records = records[:limit] if limit else records
@@ -136,21 +227,12 @@ def main(argv=None):
     log(f"data      {args.data}: {len(records):,} of {total:,} questions"
           f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
-    # greedy; for label-first students ("post", "label") the answer alone is enough: the fast path
+    if mode in SOCRATIC_ROLES or args.decomposer:
+        greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, records, prefix, device, dist)
+        mode = "cot"  # the chains read as a unified model's: the answer after the last "answer is"
+    else:
+        greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, dist)
     fast = mode in LABEL_FIRST
-    batch = max(args.batch_size, 16)
-    greedy_outs, greedy_s = timed("greedy (answer only)" if fast else "greedy", len(prompts), dist, lambda on_batch: greedy(
-        model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
-        batches=my_batches(len(prompts), batch, dist), on_batch=on_batch))
-
-    chains, sc_s = None, 0.0
-    if args.n > 0:
-        sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                              compile=args.compile)
-        chains, sc_s = timed(f"sample N={args.n}", len(prompts), dist, lambda on_batch: generate(
-            model, tokenizer, prompts, sc_cfg, eos_id=eos_id, pad_id=pad_id,
-            batches=my_batches(len(prompts), args.batch_size, dist), on_batch=on_batch))
 
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it

@@ -12,6 +12,13 @@ Two variants from related work are targets too:
     mode "label": " The answer is ({x}) {choice}.\\n\\n"               -- no rationale (the baseline).
 Every target ends with a blank line, the stop string the sampler watches for.
 
+Socratic CoT (Shridhar et al. 2022), on numeric problems: the chain is sub-questions, each followed by the
+step that answers it, a line each -- " How many eggs does she sell? ** 16 - 3 - 4 = 9 eggs.\nHow much ...
+** ... So the answer is 18.\n\n" (GSM8K's socratic format). One "unified" model writes it as a cot target;
+the two-model variant splits it into turns (socratic_turns): a *decomposer* writes the next sub-question
+from the problem and the lines so far, a *solver* writes the step that answers it, and the last step
+carries the answer sentence, which ends the chain.
+
 Two tasks: multiple choice (CSQA: the answer is one of the choices, read as its index) and numeric
 (GSM8K: no choices; the query is "Q: {question}\nA:", the answer a number, read as its normalised text,
 "1,000.50" -> "1000.5"). The same targets serve both: " ... So the answer is 72.\n\n".
@@ -25,6 +32,8 @@ from decimal import Decimal, InvalidOperation
 
 ANSWER_END = r"answer is [^\n]*?[.!?](?=\s)"  # the end of an answer sentence ("So the answer is (d) bridge." + space)
 MODES = ("cot", "post", "post-shuffled", "label")
+SOCRATIC_ROLES = ("decompose", "solve")  # the two models of Socratic CoT (train.py --mode; data.build_examples)
+SUB = " **"  # ends a sub-question: its answer follows on the same line
 LABEL_FIRST = ("post", "post-shuffled", "label")  # the answer leads the continuation
 LETTERS = "abcdefghij"
 STOP = "\n\n"
@@ -55,6 +64,33 @@ def format_target(mode, choices, answer, rationale=None):
     if mode == "label":
         return f" The answer is {answer}.{STOP}"
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def socratic_rationale(subquestions, steps):
+    """The Socratic chain as one rationale (the unified model's target, through format_target("cot"))."""
+    return "\n".join(f"{q}{SUB} {s}" for q, s in zip(subquestions, steps))
+
+
+def socratic_context(query, lines):
+    """What both Socratic models read: the query, then the finished lines ("sub-question ** step")."""
+    return query + "".join(("\n" if i else " ") + line for i, line in enumerate(lines)) + ("\n" if lines else "")
+
+
+def socratic_turns(query, subquestions, steps, answer):
+    """One solved problem -> the two models' (context, target) pairs, turn by turn:
+    decompose: (problem + lines so far) -> " next sub-question **"
+    solve:     (problem + lines so far + sub-question **) -> " step\n"; the last step -> " step So the answer is X.\n\n"
+    Concatenated, the turns are exactly query + format_target("cot", None, answer, socratic_rationale(...))."""
+    turns = {"decompose": [], "solve": []}
+    lines = []
+    for i, (q, s) in enumerate(zip(subquestions, steps)):
+        context = socratic_context(query, lines)
+        lead = "" if lines else " "  # the first line follows "A:" after a space; the others start a line
+        turns["decompose"].append((context, f"{lead}{q}{SUB}"))
+        last = i == len(steps) - 1
+        turns["solve"].append((context + f"{lead}{q}{SUB}", f" {s}" + (f" So the answer is {answer}.{STOP}" if last else "\n")))
+        lines.append(f"{q}{SUB} {s}")
+    return turns
 
 
 def shuffle_words(text):

@@ -11,6 +11,16 @@ are one line, and instruct teachers go on after it, on the same line or the next
     python teacher.py --teacher ~/.cache/scotd/teachers/Qwen2.5-Coder-1.5B-Instruct --n 30 --limit 1000 \\
         --out data/csqa_qwen_train.jsonl
 
+`--socratic` writes sub-questions instead (Socratic CoT, Shridhar et al. 2022, who generated them for
+datasets without annotations): for each GSM8K *train* problem, one question per gold solution step -- the
+question the step answers -- from a 4-shot prompt hand-written on train problems 1-4 (SOCRATIC_SHOTS;
+greedy by default). A problem's record then holds a Socratic rationale (data.py: "sub-question ** step"
+lines, with `steps` and `subquestions`); an output that does not give exactly one question per step is
+kept under the record's "rejected" with the reason, and the record has no rationale (a counted skip).
+
+    python teacher.py --socratic --teacher ~/.cache/scotd/teachers/Qwen2.5-Coder-1.5B-Instruct --limit 1000 \\
+        --out data/gsm8k_socratic_train.jsonl
+
 Output: canonical JSONL (data.py), one record per question with its N rationales, each with the teacher's
 parsed `prediction` and `correct`; beside it `<out>.meta.json` holds the teacher, the prompt and the
 sampling settings, and `<out>.runs.jsonl` the wall time: after every batch, the invocation's running total
@@ -22,8 +32,10 @@ SIGTERM stop it cleanly (exit 130 / 143).
 
 import argparse
 import json
+import re
 import signal
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import cli
@@ -34,20 +46,34 @@ from distributed import Dist
 from model import DTYPES
 from report import Progress
 from sample import SampleConfig, batch_slices, generate
-from scotd import ANSWER_END, fewshot_prefix, format_query, format_target
+from scotd import ANSWER_END, fewshot_prefix, format_query, format_target, socratic_rationale
+
+# Socratic sub-questions for the first GSM8K train problems, written for this prompt (never test problems)
+SOCRATIC_SHOTS = {
+    "gsm8k-train-1": ["How many clips did Natalia sell in May?",
+                      "How many clips did Natalia sell altogether in April and May?"],
+    "gsm8k-train-2": ["How much does Weng earn per minute?", "How much did Weng earn for 50 minutes of babysitting?"],
+    "gsm8k-train-3": ["How much money does Betty have in the beginning?", "How much money did Betty's grandparents give her?",
+                      "How much more money does Betty need to buy the wallet?"],
+    "gsm8k-train-4": ["How many pages did Julie read today?", "How many pages has Julie read since yesterday?",
+                      "How many pages are left to be read?", "How many pages should Julie read tomorrow?"],
+}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="HF-layout model folder")
-    p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="questions (canonical JSONL); rationales there are ignored")
-    p.add_argument("--n", type=cli.positive_int, default=30, help="rationales per question (the paper's 30)")
-    p.add_argument("--temperature", type=cli.nonneg_float, default=1.0)
+    p.add_argument("--socratic", action="store_true", help="write sub-questions for GSM8K train solutions (see above)")
+    p.add_argument("--data", default=None, help="questions (canonical JSONL); rationales there are ignored "
+                   "(default: bundled CSQA train; GSM8K train with --socratic)")
+    p.add_argument("--n", type=cli.positive_int, default=None, help="rationales per question (default: the paper's 30; "
+                   "1 with --socratic)")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=None, help="default 1.0; 0 (greedy) with --socratic")
     p.add_argument("--top-p", type=cli.fraction, default=1.0)
     p.add_argument("--shots", type=cli.nonneg_int, default=4, help="worked examples in the prompt (bundled PaLM rationales)")
     p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars)")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=96)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default 96; 200 with --socratic")
     p.add_argument("--stop", default="answer", choices=("answer", "newline"),
                    help="end a chain after its answer sentence or at a newline (answer), or at a newline only")
     p.add_argument("--batch-size", type=cli.positive_int, default=4, help="questions per prefill (x n rows while sampling)")
@@ -56,7 +82,13 @@ def get_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     args = p.parse_args(argv)
+    defaults = dict(data=str(data.GSM8K_TRAIN), n=1, temperature=0.0, max_new_tokens=200) if args.socratic else \
+        dict(data=str(data.DEFAULT_TRAIN), n=30, temperature=1.0, max_new_tokens=96)
+    for key, value in defaults.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     cli.check_file(p, "--data", args.data)
+    if args.socratic and Path(args.data).resolve() == data.GSM8K_TEST.resolve():
+        p.error("argument --data: --socratic never prompts on test problems; use GSM8K train")
     cli.check_file(p, "--prompt", args.prompt)
     cli.check_device(p, args.device)
     if not (Path(args.teacher) / "config.json").is_file():
@@ -84,6 +116,46 @@ def exemplars(k, source=data.DEFAULT_TRAIN):
 def fewshot_header(shots):
     """The K-shot prompt every question follows: exemplars' (id, query, target) as worked examples."""
     return fewshot_prefix([(query, target) for _, query, target in shots])
+
+
+def socratic_query(rec):
+    steps = rec["rationales"][0]["steps"]
+    return (f"Problem: {rec['question']}\nSolution steps:\n" + "".join(f"{i}. {x}\n" for i, x in enumerate(steps, 1))
+            + "Questions, one for each step (the question the step answers):\n1.")
+
+
+def socratic_header(records):
+    """The 4-shot sub-question prompt: SOCRATIC_SHOTS with their problems and steps, a blank line apart."""
+    by_id = {r["id"]: r for r in records}
+    return "".join(socratic_query(by_id[i]) + "".join(f"{'' if k == 1 else f'{k}.'} {q}\n" for k, q in enumerate(qs, 1))
+                   + "\n" for i, qs in SOCRATIC_SHOTS.items())
+
+
+def parse_subquestions(output, n):
+    """The teacher's continuation after "1." -> n sub-questions, or (None, why) when it does not give exactly
+    one question per step, numbered 1..n, each ending with "?"."""
+    found = [(int(m.group(1)), m.group(2).strip()) for m in re.finditer(r"^\s*(\d+)\.[ \t]*(.*)$", "1." + output, re.M)]
+    if [k for k, _ in found] != list(range(1, len(found) + 1)) or len(found) != n:
+        return None, f"{len(found)} numbered questions for {n} steps"
+    if not all(q.endswith("?") for _, q in found):
+        return None, "not every line is a question"
+    return [q for _, q in found], None
+
+
+def rationales(rec, chains, socratic):
+    """A question's sampled chains -> (its rationales, the rejected outputs with their reasons)."""
+    if not socratic:
+        return [data.teacher_rationale(c["text"], rec.get("choices"), rec["answer"]) for c in chains], []
+    kept, rejected = [], []
+    steps = rec["rationales"][0]["steps"]
+    for c in chains:
+        subquestions, why = parse_subquestions(c["text"], len(steps))
+        if why:
+            rejected.append({"why": why, "output": c["text"]})
+        else:
+            kept.append({"text": socratic_rationale(subquestions, steps), "prediction": rec["answer"], "correct": True,
+                         "steps": steps, "subquestions": subquestions})
+    return kept, rejected
 
 
 def done_ids(out):
@@ -121,9 +193,10 @@ class CorpusWriter:
     """generate()'s on_batch: each question's record appended and flushed as soon as its batch is done, then
     this invocation's running total appended to <out>.runs.jsonl."""
 
-    def __init__(self, f, runs, records, done, bar):
-        self.f, self.runs, self.records, self.done, self.bar = f, runs, records, done, bar
+    def __init__(self, f, runs, records, done, bar, socratic=False):
+        self.f, self.runs, self.records, self.done, self.bar, self.socratic = f, runs, records, done, bar, socratic
         self.tokens, self.questions, self.t0 = 0, 0, time.time()
+        self.started = datetime.fromtimestamp(self.t0, timezone.utc).isoformat(timespec="microseconds")  # the run's key
 
     def __call__(self, indices, outs):
         for i, chains in zip(indices, outs):
@@ -131,14 +204,15 @@ class CorpusWriter:
             if rec["id"] in self.done:  # a batch redone after a kill mid-write: its first lines are there
                 continue
             row = {key: rec[key] for key in ("id", "question", "choices", "answer") if key in rec}
-            row["rationales"] = [data.teacher_rationale(c["text"], rec.get("choices"), rec["answer"]) for c in chains]
+            row["rationales"], rejected = rationales(rec, chains, self.socratic)
+            if rejected:
+                row["rejected"] = rejected
             self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.f.flush()
             self.tokens += sum(len(c["tokens"]) for c in chains)
             self.questions += 1
             self.bar.update(1, f"{self.tokens / (time.time() - self.t0):,.0f} tok/s")
-        self.runs.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.t0)),
-                                    "seconds": round(time.time() - self.t0, 3), "questions": self.questions,
+        self.runs.write(json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3), "questions": self.questions,
                                     "generated_tokens": self.tokens}) + "\n")
         self.runs.flush()
 
@@ -153,17 +227,27 @@ def main(argv=None):
     cli.keep_freed_memory(device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     records = data.read_corpus(args.data)
-    shots = [] if args.prompt else exemplars(args.shots, data.train_corpus_of(records))  # of the same task
-    header = Path(args.prompt).read_text() if args.prompt else fewshot_header(shots)
-    records = [r for r in records if r["id"] not in {i for i, _, _ in shots}]
+    if args.socratic:
+        for n, r in enumerate(records, 1):
+            if "choices" in r or not (r["rationales"] and r["rationales"][0].get("steps")):
+                raise InputError(f"{args.data}:{n}: --socratic needs numeric problems whose first rationale has "
+                                 "its solution `steps` (data.py import-gsm8k writes them)")
+        shot_ids = [] if args.prompt else list(SOCRATIC_SHOTS)
+        header = Path(args.prompt).read_text() if args.prompt else socratic_header(data.read_corpus(data.GSM8K_TRAIN))
+    else:
+        shots = [] if args.prompt else exemplars(args.shots, data.train_corpus_of(records))  # of the same task
+        shot_ids = [i for i, _, _ in shots]
+        header = Path(args.prompt).read_text() if args.prompt else fewshot_header(shots)
+    records = [r for r in records if r["id"] not in shot_ids]
     records = records[:args.limit] if args.limit else records
 
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
-    meta = {"teacher": str(args.teacher), "data": args.data, "exemplar_ids": [i for i, _, _ in shots], "prompt": header,
+    stop = "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}"
+    meta = {"teacher": str(args.teacher), "data": args.data, "exemplar_ids": shot_ids, "prompt": header,
             "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                         "stop": "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}",
+                         "stop": "a blank line, or \\nProblem:" if args.socratic else stop,
                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed},
-            "dtype": args.dtype}
+            "dtype": args.dtype} | ({"socratic": True} if args.socratic else {})
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         raise InputError(f"{meta_path}: {out} was sampled with other settings; use the same flags, or another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,18 +256,22 @@ def main(argv=None):
 
     model = from_pretrained(args.teacher, device=device, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.teacher)
-    prompts = [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids for r in records]
+    query = socratic_query if args.socratic else (lambda r: format_query(r["question"], r.get("choices")))
+    prompts = [tokenizer.encode(query(r), add_special_tokens=False).ids for r in records]
     prefix = tokenizer.encode(header).ids
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                       stop=("\n",), stop_after=(ANSWER_END,) if args.stop == "answer" else (), batch_size=args.batch_size,
-                       seed=args.seed)
+                       stop=("\n\n", "\nProblem:") if args.socratic else ("\n",),
+                       stop_after=(ANSWER_END,) if args.stop == "answer" and not args.socratic else (),
+                       batch_size=args.batch_size, seed=args.seed)
     todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
             if any(records[i]["id"] not in done for i in batch)]
-    print(f"teacher   {args.teacher} on {device}, {args.dtype}; {len(shots) or 'custom'}-shot header of {len(prefix)} tokens")
+    print(f"teacher   {args.teacher} on {device}, {args.dtype}; {len(shot_ids) or 'custom'}-shot "
+          f"{'sub-question ' if args.socratic else ''}header of {len(prefix)} tokens")
     print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
           f"x {args.n} chains (T={args.temperature})")
     bar = Progress(len(records), "teacher", start=len(done))
-    writer = CorpusWriter(open(out, "a", encoding="utf-8"), open(args.out + ".runs.jsonl", "a"), records, done, bar)
+    writer = CorpusWriter(open(out, "a", encoding="utf-8"), open(args.out + ".runs.jsonl", "a"), records, done, bar,
+                          args.socratic)
     signal.signal(signal.SIGTERM, _stop)
     try:
         generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,

@@ -41,7 +41,7 @@ from distributed import Dist
 from evaluate import answers_of, greedy
 from model import DTYPES
 from report import Progress, append_jsonl, plot_lines
-from scotd import MODES
+from scotd import MODES, SOCRATIC_ROLES
 
 STATE_FILE = "trainer_state.pt"
 DEV_HOLDOUT = 64  # numeric corpora: the last questions, held out of training for dev loss and accuracy
@@ -64,7 +64,8 @@ def get_args(argv=None):
     p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="canonical corpus JSONL(.gz)")
     p.add_argument("--dev-data", default=None, help="corpus for dev loss and greedy accuracy (default: CSQA validation "
                    "for a multiple-choice corpus; for a numeric one, its last 64 questions, held out of training)")
-    p.add_argument("--mode", default="cot", choices=MODES)
+    p.add_argument("--mode", default="cot", choices=MODES + SOCRATIC_ROLES,
+                   help="the target (scotd.py); decompose/solve: the two Socratic models, from a corpus with sub-questions")
     p.add_argument("--filter", default="correct", choices=data.FILTERS)
     p.add_argument("--rationales-per-question", type=cli.positive_int, default=None)
     p.add_argument("--limit", type=cli.positive_int, default=None, help="use the first N training questions")
@@ -365,8 +366,8 @@ def evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, ctx, device):
         n = int((targets != -100).sum())
         losses.append(loss.item() * n)
         counts.append(n)
-    accuracy = float("nan")
-    if dev_records:
+    accuracy = float("nan")  # a Socratic role answers nothing alone: evaluate.py --decomposer runs the pair
+    if dev_records and args.mode not in SOCRATIC_ROLES:
         prompts = [tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids for r in dev_records]
         with ctx:
             outs = greedy(model, tokenizer, prompts, args.mode)

@@ -56,9 +56,10 @@ def test_import_gsm8k_cleans_solutions_and_counts_skips(tmp_path):
     records = data.import_gsm8k(path, "train", skips)
     assert records == [
         {"id": "gsm8k-train-1", "question": "Natalia sold 48 clips ... ?", "answer": "72",
-         "rationales": [{"text": "She sold 48/2 = 24. In all 48+24 = 72.", "prediction": "72", "correct": True}]},
+         "rationales": [{"text": "She sold 48/2 = 24. In all 48+24 = 72.", "prediction": "72", "correct": True,
+                         "steps": ["She sold 48/2 = 24.", "In all 48+24 = 72."]}]},
         {"id": "gsm8k-train-3", "question": "Money?", "answer": "1000",
-         "rationales": [{"text": "It costs $1,000.", "prediction": "1000", "correct": True}]}]
+         "rationales": [{"text": "It costs $1,000.", "prediction": "1000", "correct": True, "steps": ["It costs $1,000."]}]}]
     assert skips.counts == {"no number after '####'": 2, "empty rationale": 1}
     assert "train.jsonl:2" in skips.summary()
 

@@ -1,0 +1,107 @@
+"""Socratic CoT (Shridhar et al. 2022): the chain's turns, the two models' examples, the teacher's
+sub-question parser, and the decomposer -> solver loop end to end on tiny models."""
+
+import json
+
+import pytest
+
+import data
+import evaluate
+import teacher
+import train
+from helpers import tiny_student
+from scotd import extract_answer, format_query, format_target, socratic_rationale, socratic_turns
+
+SUBQ = ["How many clips in May?", "How many clips in all?"]
+STEPS = ["Natalia sold 48/2 = 24 clips in May.", "Natalia sold 48+24 = 72 clips altogether."]
+
+
+def test_turns_concatenate_to_the_unified_chain():
+    query = format_query("Natalia sold 48 clips in April and half as many in May. How many in all?")
+    turns = socratic_turns(query, SUBQ, STEPS, "72")
+    assert turns["decompose"] == [(query, " How many clips in May? **"),
+                                  (query + " How many clips in May? ** Natalia sold 48/2 = 24 clips in May.\n",
+                                   "How many clips in all? **")]
+    assert [target for _, target in turns["solve"]] == [" Natalia sold 48/2 = 24 clips in May.\n",
+                                                        " Natalia sold 48+24 = 72 clips altogether. So the answer is 72.\n\n"]
+    text = query
+    for (d_context, d_target), (s_context, s_target) in zip(turns["decompose"], turns["solve"]):
+        assert d_context == text and s_context == text + d_target  # each model reads what came before
+        text += d_target + s_target
+    unified = format_target("cot", None, "72", socratic_rationale(SUBQ, STEPS))
+    assert text == query + unified and extract_answer("cot", unified, None) == "72"
+
+
+def socratic_record(rec, subquestions):
+    r = rec["rationales"][0]
+    return rec | {"rationales": [r | {"subquestions": subquestions, "text": socratic_rationale(subquestions, r["steps"])}]}
+
+
+def test_examples_of_each_role_and_counted_skips():
+    a, b = data.read_corpus(data.GSM8K_TRAIN)[:2]
+    assert a["rationales"][0]["steps"] == ["Natalia sold 48/2 = 24 clips in May.",
+                                           "Natalia sold 48+24 = 72 clips altogether in April and May."]
+    records = [socratic_record(a, SUBQ), socratic_record(b, ["How much a minute?"])]  # b: 1 question for 2 steps
+    skips = data.Skips()
+    for role in ("decompose", "solve"):
+        examples = data.build_examples(records, role, skips=skips)
+        assert [x["target"] for x in examples] == [t for _, t in socratic_turns(format_query(a["question"]), SUBQ,
+                                                                                   a["rationales"][0]["steps"], "72")[role]]
+    assert skips.counts == {"rationale without a sub-question for each step (Socratic)": 2}
+    cot = data.build_examples(records, "cot")  # the unified model: the Socratic chain as a cot target
+    assert cot[0]["target"].startswith(" How many clips in May? ** Natalia sold 48/2 = 24 clips in May.\nHow many")
+
+
+@pytest.mark.parametrize("output, n, expected", [
+    (" How many in May?\n2. How many in all?", 2, (["How many in May?", "How many in all?"], None)),
+    (" How many in May?\n2. How many in all?\n3. And June?", 2, (None, "3 numbered questions for 2 steps")),
+    (" How many in May?\n3. How many in all?", 2, (None, "2 numbered questions for 2 steps")),  # misnumbered
+    (" How many in May?\n2. She sold 72.", 2, (None, "not every line is a question")),
+    ("", 1, (None, "not every line is a question")),
+])
+def test_subquestion_parser(output, n, expected):
+    assert teacher.parse_subquestions(output, n) == expected
+
+
+def test_teacher_socratic_keeps_rejections_and_never_prompts_on_test(tmp_path, capsys):
+    student = tiny_student(tmp_path / "m")
+    config = json.loads((student / "config.json").read_text())  # the 4-shot header is ~2,000 tiny-BPE tokens: RoPE
+    (student / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 4096}))  # has no table to grow
+    out = tmp_path / "s.jsonl"
+    teacher.main(["--socratic", "--teacher", str(student), "--limit", "3", "--max-new-tokens", "8", "--out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["gsm8k-train-5", "gsm8k-train-6", "gsm8k-train-7"]  # 1-4 are the prompt's
+    for r in records:  # a random model writes no usable questions: kept with the reason, no rationale
+        assert r["rationales"] == [] and r["rejected"][0]["why"] and "output" in r["rejected"][0]
+    meta = json.loads(out.with_name("s.jsonl.meta.json").read_text())
+    assert meta["socratic"] and meta["exemplar_ids"] == list(teacher.SOCRATIC_SHOTS)
+    assert meta["prompt"].count("Questions, one for each step") == 4
+    kept, rejected = teacher.rationales(data.read_corpus(data.GSM8K_TRAIN)[0],
+                                        [{"text": " How many clips in May?\n2. How many clips in all?"}], socratic=True)
+    assert rejected == [] and kept[0]["subquestions"] == SUBQ and kept[0]["text"].startswith("How many clips in May? **")
+    with pytest.raises(SystemExit):
+        teacher.get_args(["--socratic", "--teacher", str(student), "--data", str(data.GSM8K_TEST), "--out", "x.jsonl"])
+    assert "never prompts on test problems" in capsys.readouterr().err
+
+
+def test_decomposer_and_solver_answer_end_to_end(tmp_path):
+    """Tiny decomposer and solver trained to memorise two problems' Socratic chains: evaluate.py's loop asks
+    each sub-question, solves it, stops at the answer sentence and reads the answer, greedy and sampled."""
+    recs = data.read_corpus(data.GSM8K_TRAIN)[:2]
+    corpus = tmp_path / "c.jsonl"
+    data.write_corpus([socratic_record(recs[0], SUBQ), socratic_record(recs[1], ["How much a minute?", "How much in all?"])],
+                      corpus)
+    init = tiny_student(tmp_path / "m")
+    for role in ("decompose", "solve"):
+        train.main(["--init", str(init), "--data", str(corpus), "--dev-data", str(corpus), "--mode", role, "--out",
+                    str(tmp_path / role), "--max-steps", "200", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "0",
+                    "--weight-decay", "0", "--eval-every", "0", "--max-len", "512"])
+    evaluate.main(["--checkpoint", str(tmp_path / "solve" / "last"), "--decomposer", str(tmp_path / "decompose" / "last"),
+                   "--data", str(corpus), "--n", "2", "--out", str(tmp_path / "eval")])
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions-c.jsonl").read_text().splitlines()]
+    assert rows[0]["greedy"]["text"] == " " + socratic_rationale(SUBQ, STEPS[:1] + [
+        "Natalia sold 48+24 = 72 clips altogether in April and May."]) + " So the answer is 72."
+    assert [r["greedy"]["answer"] for r in rows] == ["72", "10"] and all(r["vote_correct"] for r in rows)
+    with pytest.raises(evaluate.InputError, match="needs two models"):
+        evaluate.main(["--checkpoint", str(tmp_path / "solve" / "last"), "--data", str(corpus), "--n", "0",
+                       "--out", str(tmp_path / "e2")])
