@@ -132,14 +132,15 @@ def socratic_header(records):
 
 
 def parse_subquestions(output, n):
-    """The teacher's continuation after "1." -> n sub-questions, or (None, why) when it does not give exactly
-    one question per step, numbered 1..n, each ending with "?"."""
+    """The teacher's continuation after "1." -> (n sub-questions, None), or (None, why) when it does not give
+    exactly one question per step, numbered 1..n. A line is cut after its "?" (instruct teachers go on with
+    "To solve this problem, ..." on the same line)."""
     found = [(int(m.group(1)), m.group(2).strip()) for m in re.finditer(r"^\s*(\d+)\.[ \t]*(.*)$", "1." + output, re.M)]
     if [k for k, _ in found] != list(range(1, len(found) + 1)) or len(found) != n:
         return None, f"{len(found)} numbered questions for {n} steps"
-    if not all(q.endswith("?") for _, q in found):
+    if not all("?" in q for _, q in found):
         return None, "not every line is a question"
-    return [q for _, q in found], None
+    return [q[:q.index("?") + 1] for _, q in found], None
 
 
 def rationales(rec, chains, socratic):

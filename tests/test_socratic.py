@@ -57,6 +57,7 @@ def test_examples_of_each_role_and_counted_skips():
     (" How many in May?\n2. How many in all?\n3. And June?", 2, (None, "3 numbered questions for 2 steps")),
     (" How many in May?\n3. How many in all?", 2, (None, "2 numbered questions for 2 steps")),  # misnumbered
     (" How many in May?\n2. She sold 72.", 2, (None, "not every line is a question")),
+    (" How many in May?\n2. How many in all? To solve this problem, we", 2, (["How many in May?", "How many in all?"], None)),
     ("", 1, (None, "not every line is a question")),
 ])
 def test_subquestion_parser(output, n, expected):
