@@ -30,7 +30,7 @@ from model import DTYPES
 from report import Progress, plot_lines
 from sample import SampleConfig, batch_slices, generate
 from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, STOP, SUB, extract_answer, fewshot_prefix, majority_vote,
-                   socratic_context, vote_curve)
+                   socratic_ask, socratic_context, socratic_line, vote_curve)
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
 
@@ -115,12 +115,12 @@ def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, 
                 done[i] = True
                 continue
             solving.append((i, question))
-            prompts.append(tokenizer.encode(c + ("" if lines[i] else " ") + question + SUB).ids)
+            prompts.append(tokenizer.encode(c + socratic_ask(lines[i], question)).ids)
         steps = generate(solver, tokenizer, prompts, replace(one, stop=("\n",), seed=cfg.seed * 1000 + 2 * r + 1),
                          eos_id=solver.cfg.eos_token_id, pad_id=solver.cfg.pad_token_id) if prompts else []
         for (i, question), (o,) in zip(solving, steps):
             tokens[i] += o["tokens"]
-            lines[i].append(f"{question}{SUB} {o['text'].strip()}")
+            lines[i].append(socratic_line(question, o["text"].strip()))
             done[i] = "answer is" in o["text"]
         if on_round:
             on_round(r, sum(not d for d in done))

@@ -66,9 +66,19 @@ def format_target(mode, choices, answer, rationale=None):
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
+def socratic_line(subquestion, step):
+    """One line of a Socratic chain: the sub-question, then the step that answers it."""
+    return f"{subquestion}{SUB} {step}"
+
+
+def socratic_ask(lines, subquestion):
+    """The next sub-question as it follows the lines so far (the first follows "A:" after a space)."""
+    return ("" if lines else " ") + subquestion + SUB
+
+
 def socratic_rationale(subquestions, steps):
     """The Socratic chain as one rationale (the unified model's target, through format_target("cot"))."""
-    return "\n".join(f"{q}{SUB} {s}" for q, s in zip(subquestions, steps))
+    return "\n".join(map(socratic_line, subquestions, steps))
 
 
 def socratic_context(query, lines):
@@ -84,12 +94,11 @@ def socratic_turns(query, subquestions, steps, answer):
     turns = {"decompose": [], "solve": []}
     lines = []
     for i, (q, s) in enumerate(zip(subquestions, steps)):
-        context = socratic_context(query, lines)
-        lead = "" if lines else " "  # the first line follows "A:" after a space; the others start a line
-        turns["decompose"].append((context, f"{lead}{q}{SUB}"))
+        context, asked = socratic_context(query, lines), socratic_ask(lines, q)
+        turns["decompose"].append((context, asked))
         last = i == len(steps) - 1
-        turns["solve"].append((context + f"{lead}{q}{SUB}", f" {s}" + (f" So the answer is {answer}.{STOP}" if last else "\n")))
-        lines.append(f"{q}{SUB} {s}")
+        turns["solve"].append((context + asked, f" {s}" + (f" So the answer is {answer}.{STOP}" if last else "\n")))
+        lines.append(socratic_line(q, s))
     return turns
 
 
