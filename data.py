@@ -170,6 +170,17 @@ def read_corpus(path):
     return records
 
 
+def read_finished(path):
+    """The complete records of a corpus a teacher run may still be appending to: a cut last line is left
+    out (not an error), a missing file is empty; every complete record is validated."""
+    path = Path(path)
+    raw = path.read_text(encoding="utf-8") if path.exists() else ""
+    records = [json.loads(line) for line in raw[:raw.rfind("\n") + 1].splitlines()]
+    for n, rec in enumerate(records, 1):
+        check_record(rec, f"{path}:{n}")
+    return records
+
+
 def write_corpus(records, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,18 @@ def wilson(k, n, z=1.96):
     return mid - half, mid + half
 
 
+def wilson_cell(k, n):
+    """A table cell: the accuracy k / n in percent with its 95 % Wilson interval, "58.4 % [52.8, 63.9]"."""
+    low, high = wilson(k, n)
+    return f"{100 * k / n:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def bootstrap_cell(per_question):
+    """A table cell: the mean of per-question values in percent with its 95 % bootstrap interval."""
+    mean, (low, high) = bootstrap_mean(list(per_question))
+    return f"{100 * mean:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def bootstrap_mean(per_question, samples=10_000, seed=0):
     """Mean of per-question values (e.g. the share of a question's chains that are right) and its 95 %
     interval from resampling questions: chains of one question are not independent draws."""

@@ -47,7 +47,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from checkpoint import default_student  # noqa: E402
-from report import bootstrap_mean, mcnemar, paired_bootstrap, plot_lines, wilson  # noqa: E402
+from report import bootstrap_cell, mcnemar, paired_bootstrap, plot_lines, wilson, wilson_cell  # noqa: E402
 from scotd import majority_vote  # noqa: E402
 
 MARGIN = 0.02  # the smallest accuracy difference the verdicts care about
@@ -136,16 +136,6 @@ class StepLog:
         self.write()
 
 
-def corpus_questions(path):
-    """Complete lines of a corpus that teacher.py may still be appending to (a cut last line is not counted)."""
-    if not path.exists():
-        return 0
-    n = 0
-    for line in path.read_bytes().splitlines(keepends=True):
-        n += line.endswith(b"\n")
-    return n
-
-
 def trained_steps(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return max(r["step"] for r in rows)
@@ -168,7 +158,7 @@ class Runner:
         """Train (or resume) and evaluate one student; returns why it was skipped, or None."""
         a, run = self.args, self.out / s.name
         if s.corpus == "teacher":
-            have = corpus_questions(Path(a.teacher_corpus))
+            have = len(data.read_finished(a.teacher_corpus))
             if have < a.corpus_questions:
                 return f"waits for the teacher corpus ({have:,} of {a.corpus_questions:,} questions in {a.teacher_corpus})"
         checkpoint = run / "last"
@@ -233,7 +223,7 @@ def outcomes(out, n, teachers):
             curves[s.name] = [[majority_vote([c["answer"] for c in r["chains"][:k]]) == r["gold"] for r in rows]
                               for k in range(1, n + 1)]
     for kind, path in (("teacher", teachers / "qwen-1.5B-greedy.jsonl"), ("teacher@sc", teachers / "qwen-1.5B-n10.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        rows = data.read_finished(path)  # the 10-chain run may still be writing
         if rows:
             systems[kind] = {r["id"]: majority_vote([x["prediction"] for x in r["rationales"]]) == r["answer"] for r in rows}
             if kind == "teacher@sc":
@@ -243,13 +233,7 @@ def outcomes(out, n, teachers):
 
 def acc_cell(right):
     right = list(right)
-    low, high = wilson(sum(right), len(right))
-    return f"{100 * np.mean(right):.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-
-
-def chain_cell(shares):
-    mean, (low, high) = bootstrap_mean(list(shares))
-    return f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    return wilson_cell(sum(right), len(right))
 
 
 def verdict(kind, low, high):
@@ -275,8 +259,8 @@ def report(args, skipped, wall0):
     out = Path(args.out)
     systems, curves = outcomes(out, args.n, Path(args.teachers))
     commands, total = [], 0.0
-    rows = [f"| student | trained on | steps x {args.batch_size} | greedy, % [95 % CI] (questions) | one chain, % | "
-            f"majority of {args.n}, % | wall time (min) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [f"| student | trained on | steps x {args.batch_size} | greedy [95 % CI] (questions) | one chain | "
+            f"majority of {args.n} | wall time (min) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in STUDENTS:
         run = out / s.name
         if s.name not in systems:
@@ -288,14 +272,14 @@ def report(args, skipped, wall0):
         total += sum(step["seconds"] for step in steps_run.values())
         sc = systems.get(f"{s.name}@sc")
         rows.append(f"| {s.what} | {CORPORA[s.corpus] if s.train else '-'} | {steps} | {acc_cell(systems[s.name].values())} "
-                    f"({len(systems[s.name])}) | {chain_cell(systems[f'{s.name}@chain'].values()) if sc else '-'} | "
+                    f"({len(systems[s.name])}) | {bootstrap_cell(systems[f'{s.name}@chain'].values()) if sc else '-'} | "
                     f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | "
                     + " + ".join(f"{step['seconds'] / 60:.1f}" for step in steps_run.values()) + " |")
     if "teacher" in systems:
         sc = systems.get("teacher@sc")
         rows.append(f"| teacher: Qwen2.5-Coder-1.5B, 4-shot (T = 1.0, 10 chains) | - | - | "
                     f"{acc_cell(systems['teacher'].values())} ({len(systems['teacher'])}) | "
-                    f"{chain_cell(systems['teacher@chain'].values()) if sc else '-'} | "
+                    f"{bootstrap_cell(systems['teacher@chain'].values()) if sc else '-'} | "
                     f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | see the teacher table |")
     claims = ["| paper | claim | A vs B | questions | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

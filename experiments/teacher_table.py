@@ -14,30 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-from report import bootstrap_mean, wilson  # noqa: E402
+from report import bootstrap_cell, wilson_cell  # noqa: E402
 from scotd import majority_vote  # noqa: E402
 from teacher import run_totals  # noqa: E402
-
-
-def cell(k, n):
-    low, high = wilson(k, n)
-    return f"{100 * k / n:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
-
-
-def finished(path):
-    """The complete records of a file a teacher run may still be appending to (a partial last line is left out)."""
-    raw = path.read_text(encoding="utf-8") if path.exists() else ""
-    records = [json.loads(line) for line in raw[:raw.rfind("\n") + 1].splitlines()]
-    for n, rec in enumerate(records, 1):
-        data.check_record(rec, f"{path}:{n}")
-    return records
-
-
-def chain_cell(per_question):
-    """Accuracy of one sampled chain: the mean over questions of their share of right chains, with a 95 %
-    interval from resampling questions (a question's chains are not independent)."""
-    mean, (low, high) = bootstrap_mean(per_question)
-    return f"{100 * mean:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def throughput(path):
@@ -57,18 +36,18 @@ def main():
     for size in ("0.5B", "1.5B"):
         greedy_path = Path(args.folder) / f"qwen-{size}-greedy.jsonl"
         many_path = Path(args.folder) / f"qwen-{size}-n10.jsonl"
-        greedy = finished(greedy_path)
+        greedy = data.read_finished(greedy_path)
         if not greedy:
             continue
         row = [f"Qwen2.5-Coder-{size}-Instruct (teacher)", f"{len(greedy)}",
-               cell(sum(r["rationales"][0]["correct"] for r in greedy), len(greedy))]
-        many = finished(many_path)
+               wilson_cell(sum(r["rationales"][0]["correct"] for r in greedy), len(greedy))]
+        many = data.read_finished(many_path)
         if many:
             chains = [c for r in many for c in r["rationales"]]
             votes = [majority_vote([c["prediction"] for c in r["rationales"]]) for r in many]
-            row += [chain_cell([sum(c["correct"] for c in r["rationales"]) / len(r["rationales"]) for r in many]),
-                    cell(sum(v == r["answer"] for v, r in zip(votes, many)), len(many)),
-                    cell(sum(any(c["correct"] for c in r["rationales"]) for r in many), len(many)),
+            row += [bootstrap_cell([sum(c["correct"] for c in r["rationales"]) / len(r["rationales"]) for r in many]),
+                    wilson_cell(sum(v == r["answer"] for v, r in zip(votes, many)), len(many)),
+                    wilson_cell(sum(any(c["correct"] for c in r["rationales"]) for r in many), len(many)),
                     f"{100 * sum(c['prediction'] is None for c in chains) / len(chains):.1f} %",
                     f"{throughput(greedy_path)} greedy, {throughput(many_path)} sampling"]
             if len(many) != len(greedy):
@@ -81,9 +60,9 @@ def main():
         chains = [c for r in rows for c in r.get("chains", [])]
         right = [sum(c["answer"] == r["gold"] for c in r["chains"]) / len(r["chains"]) for r in rows]
         print(f"| student: SmolLM2-135M after `python train.py` (PaLM rationales), T = 0.7 | {len(rows)} | "
-              f"{cell(sum(r['greedy_correct'] for r in rows), len(rows))} | {chain_cell(right)} | "
-              f"{cell(sum(r.get('vote_correct', False) for r in rows), len(rows))} | "
-              f"{cell(sum(any(c['answer'] == r['gold'] for c in r['chains']) for r in rows), len(rows))} | "
+              f"{wilson_cell(sum(r['greedy_correct'] for r in rows), len(rows))} | {bootstrap_cell(right)} | "
+              f"{wilson_cell(sum(r.get('vote_correct', False) for r in rows), len(rows))} | "
+              f"{wilson_cell(sum(any(c['answer'] == r['gold'] for c in r['chains']) for r in rows), len(rows))} | "
               f"{100 * sum(c['answer'] is None for c in chains) / max(1, len(chains)):.1f} % | - |")
 
 
