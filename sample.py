@@ -82,6 +82,15 @@ def _finished(tokens, n_new, tokenizer, cfg, eos_id):
 
 
 @torch.no_grad()
+def prefill(model, ids):
+    """A one-row cache of `ids` (a header every prompt starts with), for generate(prefix=...)."""
+    p = next(model.parameters())
+    header = KVCache(model.cfg, 1, len(ids), device=p.device, dtype=p.dtype)
+    model(torch.tensor([ids], device=p.device), cache=header)
+    return header
+
+
+@torch.no_grad()
 def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None, prefix=None, on_batch=None):
     """prompts: list of token-id lists -> per prompt, cfg.n dicts {"tokens", "text"}; text is cut at the
     first stop string (which is dropped) and tokens at EOS. tokenizer may be None when cfg.stop is empty
@@ -93,7 +102,8 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
 
     `on_batch(indices, outs)` is called as each batch finishes (a progress bar, or writing it out at once).
 
-    `prefix`: token ids every prompt starts with (a few-shot header). It is prefilled once, and its cache
+    `prefix`: token ids every prompt starts with (a few-shot header), or `prefill(model, ids)` of them for a
+    caller that calls generate() many times with one header. It is prefilled once, and its cache
     is shared by every row of every batch without a copy (KVCache(shared=...)); a batch prefills only its
     own prompts (left-padded after the header: padding is masked and skipped by positions, so the result
     is that of prefix + prompt)."""
@@ -101,17 +111,15 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
-    longest = len(prefix or []) + max(map(len, prompts), default=0) + cfg.max_new_tokens
+    shared = isinstance(prefix, KVCache)
+    longest = (prefix.length if shared else len(prefix or [])) + max(map(len, prompts), default=0) + cfg.max_new_tokens
     if longest > model.cfg.max_position_embeddings:
         raise InputError(f"the longest prompt ({longest - cfg.max_new_tokens} tokens{' with the header' if prefix else ''}) "
                          f"+ max_new_tokens {cfg.max_new_tokens} needs {longest} positions; the model has "
                          f"{model.cfg.max_position_embeddings} (max_position_embeddings): shorten the prompt or "
                          "lower max_new_tokens")
     decode = torch.compile(model, dynamic=True) if cfg.compile else model  # only the decode step, as gpt-fast
-    header = None
-    if prefix:  # the shared header: one prefill for the whole run
-        header = KVCache(model.cfg, 1, len(prefix), device=device, dtype=dtype)
-        model(torch.tensor([prefix], device=device), cache=header)
+    header = prefix if shared else prefill(model, prefix) if prefix else None  # one prefill for the whole run
     results = [None] * len(prompts)
     layout = batch_slices(len(prompts), cfg.batch_size)
     for k in (range(len(layout)) if batches is None else batches):

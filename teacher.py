@@ -13,10 +13,11 @@ are one line, and instruct teachers go on after it, on the same line or the next
 
 `--socratic` writes sub-questions instead (Socratic CoT, Shridhar et al. 2022, who generated them for
 datasets without annotations): for each GSM8K *train* problem, one question per gold solution step -- the
-question the step answers -- from a 4-shot prompt hand-written on train problems 1-4 (SOCRATIC_SHOTS;
-greedy by default). A problem's record then holds a Socratic rationale (data.py: "sub-question ** step"
-lines, with `steps` and `subquestions`); an output that does not give exactly one question per step is
-kept under the record's "rejected" with the reason, and the record has no rationale (a counted skip).
+question the step answers -- asked in rounds, one step a round (the prompt: the problem, the earlier steps
+each with its question, then the next step), from a 4-shot prompt hand-written on train problems 1-4
+(SOCRATIC_SHOTS; greedy by default). A problem's record then holds a Socratic rationale (data.py:
+"sub-question ** step" lines, with `steps` and `subquestions`); a chain whose output for some step asks no
+question is kept under the record's "rejected" with the reason, and gives no rationale (a counted skip).
 
     python teacher.py --socratic --teacher ~/.cache/scotd/teachers/Qwen2.5-Coder-1.5B-Instruct --limit 1000 \\
         --out data/gsm8k_socratic_train.jsonl
@@ -35,6 +36,7 @@ import json
 import re
 import signal
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from cli import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
-from sample import SampleConfig, batch_slices, generate
+from sample import SampleConfig, batch_slices, generate, prefill
 from scotd import ANSWER_END, fewshot_prefix, format_query, format_target, socratic_rationale
 
 # Socratic sub-questions for the first GSM8K train problems, written for this prompt (never test problems)
@@ -73,7 +75,7 @@ def get_args(argv=None):
     p.add_argument("--shots", type=cli.nonneg_int, default=4, help="worked examples in the prompt (bundled PaLM rationales)")
     p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars)")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default 96; 200 with --socratic")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default 96; 48 a question with --socratic")
     p.add_argument("--stop", default="answer", choices=("answer", "newline"),
                    help="end a chain after its answer sentence or at a newline (answer), or at a newline only")
     p.add_argument("--batch-size", type=cli.positive_int, default=4, help="questions per prefill (x n rows while sampling)")
@@ -82,7 +84,7 @@ def get_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     args = p.parse_args(argv)
-    defaults = dict(data=str(data.GSM8K_TRAIN), n=1, temperature=0.0, max_new_tokens=200) if args.socratic else \
+    defaults = dict(data=str(data.GSM8K_TRAIN), n=1, temperature=0.0, max_new_tokens=48) if args.socratic else \
         dict(data=str(data.DEFAULT_TRAIN), n=30, temperature=1.0, max_new_tokens=96)
     for key, value in defaults.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
@@ -118,29 +120,66 @@ def fewshot_header(shots):
     return fewshot_prefix([(query, target) for _, query, target in shots])
 
 
-def socratic_query(rec):
+ASKS = "Question it answers:"
+
+
+def socratic_round(rec, asked):
+    """The sub-question prompt for the step after the questions `asked` so far: the problem, each earlier
+    step followed by the question it answers, then the next step and its question to write."""
     steps = rec["rationales"][0]["steps"]
-    return (f"Problem: {rec['question']}\nSolution steps:\n" + "".join(f"{i}. {x}\n" for i, x in enumerate(steps, 1))
-            + "Questions, one for each step (the question the step answers):\n1.")
+    return (f"Problem: {rec['question']}\n" + "".join(f"Step: {s}\n{ASKS} {q}\n" for s, q in zip(steps, asked))
+            + f"Step: {steps[len(asked)]}\n{ASKS}")
 
 
 def socratic_header(records):
-    """The 4-shot sub-question prompt: SOCRATIC_SHOTS with their problems and steps, a blank line apart."""
+    """The 4-shot sub-question prompt: SOCRATIC_SHOTS's problems with every step and its question."""
     by_id = {r["id"]: r for r in records}
-    return "".join(socratic_query(by_id[i]) + "".join(f"{'' if k == 1 else f'{k}.'} {q}\n" for k, q in enumerate(qs, 1))
-                   + "\n" for i, qs in SOCRATIC_SHOTS.items())
+    return "".join(socratic_round(by_id[i], qs[:-1]) + f" {qs[-1]}\n\n" for i, qs in SOCRATIC_SHOTS.items())
 
 
-def parse_subquestions(output, n):
-    """The teacher's continuation after "1." -> (n sub-questions, None), or (None, why) when it does not give
-    exactly one question per step, numbered 1..n. A line is cut after its "?" (instruct teachers go on with
-    "To solve this problem, ..." on the same line)."""
-    found = [(int(m.group(1)), m.group(2).strip()) for m in re.finditer(r"^\s*(\d+)\.[ \t]*(.*)$", "1." + output, re.M)]
-    if [k for k, _ in found] != list(range(1, len(found) + 1)) or len(found) != n:
-        return None, f"{len(found)} numbered questions for {n} steps"
-    if not all("?" in q for _, q in found):
-        return None, "not every line is a question"
-    return [q[:q.index("?") + 1] for _, q in found], None
+def subquestion(output):
+    """The teacher's line after "Question it answers:" -> the question (cut after its "?": instruct teachers
+    go on with "To solve this, ..."), or None when the line asks nothing."""
+    line = output.strip().split("\n")[0]
+    return line[:line.index("?") + 1] if "?" in line else None
+
+
+def ask_subquestions(ask, rows):
+    """Sub-questions for problems `rows` (GSM8K records with solution `steps`), in rounds: round r asks, for
+    every row with a step r, the question that step answers, the prompt holding the row's earlier steps and
+    questions (one line a round: a teacher asked for all at once miscounts the steps). `ask(prompts, r)` ->
+    one {"text", "tokens"} per prompt. A row whose output asks nothing is stopped there, with the reason.
+    -> per row {"subquestions", "why" (None when every step has its question), "tokens": every generated id}."""
+    asked, why, tokens = [[] for _ in rows], [None] * len(rows), [[] for _ in rows]
+    for r in range(max((len(x["rationales"][0]["steps"]) for x in rows), default=0)):
+        active = [j for j, x in enumerate(rows) if why[j] is None and r < len(x["rationales"][0]["steps"])]
+        if not active:
+            break
+        for j, out in zip(active, ask([socratic_round(rows[j], asked[j]) for j in active], r)):
+            tokens[j] += out["tokens"]
+            q = subquestion(out["text"])
+            if q is None:
+                why[j] = f"step {r + 1}: not a question: {out['text'].strip()[:200]!r}"
+            else:
+                asked[j].append(q)
+    return [{"subquestions": a, "why": w, "tokens": t} for a, w, t in zip(asked, why, tokens)]
+
+
+def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch):
+    """ask_subquestions over each batch of problems (cfg.n chains each), the header prefilled once for the
+    run; a round's seed is derived from (cfg.seed, batch, round). on_batch as sample.generate's."""
+    layout = batch_slices(len(records), cfg.batch_size)
+    for k in batches:
+        batch = list(layout[k])
+
+        def ask(prompts, r):
+            ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+            one = replace(cfg, n=1, batch_size=len(ids), seed=(cfg.seed * 1_000_003 + k) * 1_000 + r)
+            return [o for (o,) in generate(model, tokenizer, ids, one, eos_id=model.cfg.eos_token_id,
+                                           pad_id=model.cfg.pad_token_id, prefix=header)]
+
+        chains = ask_subquestions(ask, [records[i] for i in batch for _ in range(cfg.n)])
+        on_batch(batch, [chains[j * cfg.n:(j + 1) * cfg.n] for j in range(len(batch))])
 
 
 def rationales(rec, chains, socratic):
@@ -150,12 +189,11 @@ def rationales(rec, chains, socratic):
     kept, rejected = [], []
     steps = rec["rationales"][0]["steps"]
     for c in chains:
-        subquestions, why = parse_subquestions(c["text"], len(steps))
-        if why:
-            rejected.append({"why": why, "output": c["text"]})
+        if c["why"]:
+            rejected.append({"why": c["why"], "subquestions": c["subquestions"]})
         else:
-            kept.append({"text": socratic_rationale(subquestions, steps), "prediction": rec["answer"], "correct": True,
-                         "steps": steps, "subquestions": subquestions})
+            kept.append({"text": socratic_rationale(c["subquestions"], steps), "prediction": rec["answer"], "correct": True,
+                         "steps": steps, "subquestions": c["subquestions"]})
     return kept, rejected
 
 
@@ -200,6 +238,7 @@ class CorpusWriter:
         self.started = datetime.fromtimestamp(self.t0, timezone.utc).isoformat(timespec="microseconds")  # the run's key
 
     def __call__(self, indices, outs):
+        self.tokens += sum(len(c["tokens"]) for chains in outs for c in chains)  # the whole batch's, before the bar moves
         for i, chains in zip(indices, outs):
             rec = self.records[i]
             if rec["id"] in self.done:  # a batch redone after a kill mid-write: its first lines are there
@@ -210,7 +249,6 @@ class CorpusWriter:
                 row["rejected"] = rejected
             self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.f.flush()
-            self.tokens += sum(len(c["tokens"]) for c in chains)
             self.questions += 1
             self.bar.update(1, f"{self.tokens / (time.time() - self.t0):,.0f} tok/s")
         self.runs.write(json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3), "questions": self.questions,
@@ -246,7 +284,7 @@ def main(argv=None):
     stop = "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}"
     meta = {"teacher": str(args.teacher), "data": args.data, "exemplar_ids": shot_ids, "prompt": header,
             "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                         "stop": "a blank line, or \\nProblem:" if args.socratic else stop,
+                         "stop": "\\n (one question a round)" if args.socratic else stop,
                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed},
             "dtype": args.dtype} | ({"socratic": True} if args.socratic else {})
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
@@ -257,11 +295,9 @@ def main(argv=None):
 
     model = from_pretrained(args.teacher, device=device, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.teacher)
-    query = socratic_query if args.socratic else (lambda r: format_query(r["question"], r.get("choices")))
-    prompts = [tokenizer.encode(query(r), add_special_tokens=False).ids for r in records]
     prefix = tokenizer.encode(header).ids
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                       stop=("\n\n", "\nProblem:") if args.socratic else ("\n",),
+                       stop=("\n",),
                        stop_after=(ANSWER_END,) if args.stop == "answer" and not args.socratic else (),
                        batch_size=args.batch_size, seed=args.seed)
     todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
@@ -275,8 +311,13 @@ def main(argv=None):
                           args.socratic)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
-                 batches=todo, prefix=prefix, on_batch=writer)
+        if args.socratic:  # rounds of one question a step, each round a generate() from the header's one prefill
+            socratic_generate(model, tokenizer, records, prefill(model, prefix), cfg, todo, writer)
+        else:
+            prompts = [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids
+                       for r in records]
+            generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
+                     batches=todo, prefix=prefix, on_batch=writer)
     except KeyboardInterrupt as e:
         bar.close()
         print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")

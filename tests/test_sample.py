@@ -145,8 +145,9 @@ def test_compiled_decode_step_gives_the_same_tokens(student):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_shared_prefix_prefilled_once_gives_the_same_tokens(student, temperature):
-    """A few-shot header prefilled once and copied into each batch: the same chains (greedy and seeded
-    sampling) as prefilling header + question from scratch, prompts of different lengths."""
+    """A few-shot header prefilled once and shared by each batch (by generate, or by the caller for many
+    generate calls): the same chains (greedy and seeded sampling) as prefilling header + question from
+    scratch, prompts of different lengths."""
     model, tok = from_pretrained(student), load_tokenizer(student)
     with torch.no_grad():
         model.embed_tokens.weight.mul_(0.05)  # flatten the random init so that samples differ
@@ -157,6 +158,7 @@ def test_shared_prefix_prefilled_once_gives_the_same_tokens(student, temperature
     shared = generate(model, None, questions, cfg, prefix=header)
     scratch = generate(model, None, [header + q for q in questions], cfg)
     assert shared == scratch
+    assert generate(model, None, questions, cfg, prefix=sample.prefill(model, header)) == shared  # prefilled by the caller
     assert len({tuple(c["tokens"]) for o in shared for c in o}) > 1
 
 

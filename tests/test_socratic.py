@@ -1,5 +1,5 @@
 """Socratic CoT (Shridhar et al. 2022): the chain's turns, the two models' examples, the teacher's
-sub-question parser, and the decomposer -> solver loop end to end on tiny models."""
+sub-question rounds, and the decomposer -> solver loop end to end on tiny models."""
 
 import json
 
@@ -52,16 +52,43 @@ def test_examples_of_each_role_and_counted_skips():
     assert cot[0]["target"].startswith(" How many clips in May? ** Natalia sold 48/2 = 24 clips in May.\nHow many")
 
 
-@pytest.mark.parametrize("output, n, expected", [
-    (" How many in May?\n2. How many in all?", 2, (["How many in May?", "How many in all?"], None)),
-    (" How many in May?\n2. How many in all?\n3. And June?", 2, (None, "3 numbered questions for 2 steps")),
-    (" How many in May?\n3. How many in all?", 2, (None, "2 numbered questions for 2 steps")),  # misnumbered
-    (" How many in May?\n2. She sold 72.", 2, (None, "not every line is a question")),
-    (" How many in May?\n2. How many in all? To solve this problem, we", 2, (["How many in May?", "How many in all?"], None)),
-    ("", 1, (None, "not every line is a question")),
+@pytest.mark.parametrize("output, expected", [
+    (" How many clips in May?", "How many clips in May?"),
+    (" How many in all? To solve this problem, we", "How many in all?"),  # cut after its "?"
+    (" She sold 72 clips.\nHow many?", None),  # the question line asks nothing
+    ("", None),
 ])
-def test_subquestion_parser(output, n, expected):
-    assert teacher.parse_subquestions(output, n) == expected
+def test_subquestion_line(output, expected):
+    assert teacher.subquestion(output) == expected
+
+
+def test_subquestions_are_asked_a_step_a_round_reading_the_earlier_ones():
+    """ask_subquestions with a scripted teacher: each round's prompt is the problem, the earlier steps with the
+    questions asked for them, then this step -- the format the header's worked examples show -- and a row that
+    asks nothing is stopped there with the reason."""
+    recs = data.read_corpus(data.GSM8K_TRAIN)[:4]  # the header's worked examples: every round of each is in it
+    header = teacher.socratic_header(recs)
+    for rec, qs in zip(recs, teacher.SOCRATIC_SHOTS.values()):
+        assert all(teacher.socratic_round(rec, qs[:r]) + f" {qs[r]}\n" in header for r in range(len(qs)))
+    recs = recs[:3]
+    prompts = []
+
+    def ask(batch, r):  # asks "Q<r> of <problem>?" by reading the prompt, except for problem 3's second step
+        prompts.append(batch)
+        return [{"text": " Nothing." if (p.startswith("Problem: " + recs[2]["question"]) and r == 1)
+                 else f" Q{r + 1} of {p[9:20]}? Then more", "tokens": [r, 0]} for p in batch]
+
+    chains = teacher.ask_subquestions(ask, recs)
+    steps = [len(r["rationales"][0]["steps"]) for r in recs]
+    assert steps == [2, 2, 3] and [len(b) for b in prompts] == [3, 3]  # problem 3 stopped in round 2
+    assert prompts[1][0] == teacher.socratic_round(recs[0], [f"Q1 of {recs[0]['question'][:11]}?"])
+    assert chains[0] == {"subquestions": [f"Q{r} of {recs[0]['question'][:11]}?" for r in (1, 2)], "why": None,
+                         "tokens": [0, 0, 1, 0]}
+    assert chains[2]["why"] == "step 2: not a question: 'Nothing.'" and len(chains[2]["subquestions"]) == 1
+    kept, rejected = teacher.rationales(recs[0], chains[:1], socratic=True)
+    assert rejected == [] and kept[0]["text"] == socratic_rationale(chains[0]["subquestions"], recs[0]["rationales"][0]["steps"])
+    assert teacher.rationales(recs[2], chains[2:], socratic=True) == ([], [{"why": chains[2]["why"],
+                                                                            "subquestions": chains[2]["subquestions"]}])
 
 
 def test_teacher_socratic_keeps_rejections_and_never_prompts_on_test(tmp_path, capsys):
@@ -73,13 +100,11 @@ def test_teacher_socratic_keeps_rejections_and_never_prompts_on_test(tmp_path, c
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["gsm8k-train-5", "gsm8k-train-6", "gsm8k-train-7"]  # 1-4 are the prompt's
     for r in records:  # a random model writes no usable questions: kept with the reason, no rationale
-        assert r["rationales"] == [] and r["rejected"][0]["why"] and "output" in r["rejected"][0]
+        assert r["rationales"] == [] and r["rejected"][0]["why"].startswith("step 1: not a question")
     meta = json.loads(out.with_name("s.jsonl.meta.json").read_text())
     assert meta["socratic"] and meta["exemplar_ids"] == list(teacher.SOCRATIC_SHOTS)
-    assert meta["prompt"].count("Questions, one for each step") == 4
-    kept, rejected = teacher.rationales(data.read_corpus(data.GSM8K_TRAIN)[0],
-                                        [{"text": " How many clips in May?\n2. How many clips in all?"}], socratic=True)
-    assert rejected == [] and kept[0]["subquestions"] == SUBQ and kept[0]["text"].startswith("How many clips in May? **")
+    assert meta["prompt"].count("Problem: ") == 4 and meta["prompt"].count(teacher.ASKS) == sum(
+        map(len, teacher.SOCRATIC_SHOTS.values()))
     with pytest.raises(SystemExit):
         teacher.get_args(["--socratic", "--teacher", str(student), "--data", str(data.GSM8K_TEST), "--out", "x.jsonl"])
     assert "never prompts on test problems" in capsys.readouterr().err
