@@ -141,18 +141,19 @@ def trained_steps(run):
     return max(r["step"] for r in rows)
 
 
+def run_step(run, step, script, main, argv):
+    """script's main(argv), printed as the command it stands for, its time kept in <run>/steps.json."""
+    command = f"python {script} " + " ".join(argv).replace(f"{ROOT}/", "")
+    print(f"\n>>> {command}", flush=True)
+    t0 = time.time()
+    with StepLog(run / "steps.json", step, command):
+        main(argv)
+    print(f"<<< {time.time() - t0:.0f} s", flush=True)
+
+
 class Runner:
     def __init__(self, args):
-        self.args, self.out, self.ran = args, Path(args.out), 0
-
-    def call(self, run, step, script, main, argv):
-        command = f"python {script} " + " ".join(argv).replace(f"{ROOT}/", "")
-        print(f"\n>>> {command}", flush=True)
-        t0 = time.time()
-        with StepLog(run / "steps.json", step, command):
-            main(argv)
-        print(f"<<< {time.time() - t0:.0f} s", flush=True)
-        self.ran += 1
+        self.args, self.out = args, Path(args.out)
 
     def run(self, s):
         """Train (or resume) and evaluate one student; returns why it was skipped, or None."""
@@ -181,31 +182,32 @@ class Runner:
                 argv += ["--init", str(a.init)]
             # --overwrite: a run that stopped before its first save starts again (it clears only train.py's outputs)
             argv.append("--resume" if (run / "last" / train.STATE_FILE).exists() else "--overwrite")
-            self.call(run, "train", "train.py", train.main, argv)
+            run_step(run, "train", "train.py", train.main, argv)
             (run / "trained.json").write_text(json.dumps({"steps": trained_steps(run)}))
         common = ["--checkpoint", str(checkpoint), "--seed", str(a.seed), *s.evaluate]
         if s.train is None:
             common += ["--fewshot", str(a.fewshot)]
         if not summary(run / "greedy").exists():
-            self.call(run, "greedy", "evaluate.py", evaluate.main,
+            run_step(run, "greedy", "evaluate.py", evaluate.main,
                       [*common, "--n", "0", "--limit", str(a.greedy_limit), "--out", str(run / "greedy")])
         if s.chains and not summary(run / "sc").exists():
-            self.call(run, "self-consistency", "evaluate.py", evaluate.main,
+            run_step(run, "self-consistency", "evaluate.py", evaluate.main,
                       [*common, "--n", str(a.n), "--temperature", str(a.temperature), "--limit", str(a.sc_limit),
                        "--out", str(run / "sc")])
         return None
 
 
-def summary(folder):
-    return folder / f"summary-{Path(data.DEFAULT_DEV).name.split('.')[0]}.json"
+def summary(folder, dev=data.DEFAULT_DEV):
+    """evaluate.py's summary of `dev` in folder (its predictions sit beside it)."""
+    return folder / f"summary-{Path(dev).name.split('.')[0]}.json"
 
 
 # -----------------------------------------------------------------------------
 # Reading the results: per question, right or wrong
 
 
-def predictions(folder):
-    path = summary(folder).with_name(summary(folder).name.replace("summary-", "predictions-").replace(".json", ".jsonl"))
+def predictions(folder, dev=data.DEFAULT_DEV):
+    path = summary(folder, dev).with_name(summary(folder, dev).name.replace("summary-", "predictions-").replace(".json", ".jsonl"))
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

@@ -1,0 +1,233 @@
+"""Socratic CoT (Shridhar et al. 2022) on GSM8K, measured: one command, resumable, every cell with a 95 % interval.
+
+    nice python experiments/socratic_table.py              # all of it (many CPU hours); run again to continue
+    python experiments/socratic_table.py --report-only     # rewrite socratic-results.md and README's table
+
+1. Sub-questions: the teacher (Qwen2.5-Coder-1.5B, `teacher.py --socratic`: one question a gold step, greedy)
+   for the first --problems GSM8K *train* problems after the prompt's four. Problems with a question for
+   every step are kept, and every student below trains on exactly those problems (the last 64 held out by
+   train.py for its dev loss), so the rows differ in the target only.
+2. Students (SmolLM2-135M-Instruct, seed 1337, --epochs passes over those problems, batch 8, --max-len 512):
+   `cot`        the human solution, then the answer (the Socratic paper's CoT baseline, on the same problems);
+   `unified`    one model writes "sub-question ** step" lines, then the answer;
+   `two-model`  a decomposer (--mode decompose) asks, a solver (--mode solve) answers, turn by turn;
+   `untuned`    the untuned student, 3 worked train solutions in the prompt (the floor).
+3. Evaluation on GSM8K test (never seen in training or prompts): greedy on all 1,319, self-consistency on
+   the first --sc-limit (N = --n chains at T = 0.7), on the final weights (`last`: nothing chosen on test).
+Claims are tested as in scotd_table.py: paired bootstrap over the problems, "reproduced" when the 95 %
+interval of A - B lies above 0, "not reproduced" when it lies below the 2-point margin, else "inconclusive
+at this size". Writes experiments/socratic-results.md and the table between README's markers.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import teacher  # noqa: E402
+import train  # noqa: E402
+from checkpoint import default_student  # noqa: E402
+from report import bootstrap_cell  # noqa: E402
+from scotd_table import MARGIN, StepLog, acc_cell, compare, predictions, run_step, summary, trained_steps  # noqa: E402
+
+TEST = data.GSM8K_TEST
+CORPUS = ROOT / "data" / "gsm8k_socratic_train.jsonl"
+QWEN = Path.home() / ".cache" / "scotd" / "teachers" / "Qwen2.5-Coder-1.5B-Instruct"
+README_BEGIN, README_END = "<!-- socratic_table: begin (written by experiments/socratic_table.py) -->", "<!-- socratic_table: end -->"
+
+
+@dataclass
+class Student:
+    name: str
+    what: str
+    train: list = None       # train.py flags; None: the untuned student
+    corpus: str = "socratic"  # which of the two same-problem corpora it trains on: "socratic" or "cot"
+    decomposer: str = None   # evaluated with this student as its decomposer (two models)
+    evaluated: bool = True
+    evaluate: list = field(default_factory=list)
+
+
+STUDENTS = [
+    Student("cot", "CoT: the human solution, then the answer", ["--mode", "cot"], "cot"),
+    Student("unified", "Socratic, one model: sub-question ** step lines", ["--mode", "cot"]),
+    Student("decompose", "(the two-model variant's decomposer)", ["--mode", "decompose"], evaluated=False),
+    Student("two-model", "Socratic, two models: decomposer asks, solver answers", ["--mode", "solve"], decomposer="decompose"),
+    Student("untuned", "untuned, worked train solutions in the prompt", None, evaluate=["--mode", "cot"]),
+]
+
+CLAIMS = [  # (claim, A, B, kind): "name@sc" is the majority of the chains
+    ("CoT distillation beats the untuned student prompted with worked solutions", "cot", "untuned", "beats"),
+    ("Socratic two-model beats CoT distillation on the same problems", "two-model", "cot", "beats"),
+    ("Socratic unified beats CoT distillation on the same problems", "unified", "cot", "beats"),
+    ("two models vs one unified model (no claim)", "two-model", "unified", "report"),
+    ("self-consistency beats greedy decoding (CoT)", "cot@sc", "cot", "beats"),
+    ("self-consistency beats greedy decoding (Socratic unified)", "unified@sc", "unified", "beats"),
+]
+
+
+def same_problem_corpora(corpus, out):
+    """The teacher's records with a Socratic rationale -> two corpora of exactly those problems, in the same
+    order: the Socratic chains, and the GSM8K human solutions. -> (socratic path, cot path, kept, rejected)."""
+    records = data.read_finished(corpus)
+    kept = [r for r in records if r["rationales"]]
+    gold = {r["id"]: r for r in data.read_corpus(data.GSM8K_TRAIN)}
+    paths = out / "socratic-corpus.jsonl", out / "cot-corpus.jsonl"
+    data.write_corpus(kept, paths[0])
+    data.write_corpus([gold[r["id"]] for r in kept], paths[1])
+    return *paths, len(kept), len(records) - len(kept)
+
+
+def run(args):
+    """Every step not yet done, in order; returns {student: why it waits}."""
+    out, waits = Path(args.out), {}
+    have = len(data.read_finished(args.corpus)) if Path(args.corpus).exists() else 0
+    if have < args.problems:
+        if not (Path(args.teacher) / "config.json").exists():
+            return {s.name: f"waits for the sub-questions ({have:,} of {args.problems:,} problems in {args.corpus}; "
+                            "teacher absent: python experiments/fetch_teachers.py)" for s in STUDENTS}
+        run_step(out / "teacher", "sub-questions", "teacher.py", teacher.main,
+                 ["--socratic", "--teacher", str(args.teacher), "--limit", str(args.problems), "--batch-size",
+                  str(args.teacher_batch), "--out", str(args.corpus)])
+    paths = dict(zip(("socratic", "cot"), same_problem_corpora(args.corpus, out)))
+    for s in STUDENTS:
+        folder = out / s.name
+        if s.train is not None and not (folder / "trained.json").exists():
+            argv = [*s.train, "--data", str(paths[s.corpus]), "--epochs", str(args.epochs), "--out", str(folder),
+                    "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
+                    "--eval-every", "0", "--save-every", str(args.save_every)]
+            argv += ["--init", str(args.init)] if args.init else []
+            argv.append("--resume" if (folder / "last" / train.STATE_FILE).exists() else "--overwrite")
+            run_step(folder, "train", "train.py", train.main, argv)
+            (folder / "trained.json").write_text(json.dumps({"steps": trained_steps(folder)}))
+        if not s.evaluated:
+            continue
+        if s.decomposer and not (out / s.decomposer / "trained.json").exists():
+            waits[s.name] = f"waits for {s.decomposer}"
+            continue
+        checkpoint = folder / "last" if s.train is not None else Path(args.init) if args.init else default_student()
+        common = ["--checkpoint", str(checkpoint), "--data", str(TEST), "--seed", str(args.seed),
+                  "--max-new-tokens", str(args.max_new_tokens), *s.evaluate]
+        common += ["--decomposer", str(out / s.decomposer / "last")] if s.decomposer else []
+        common += ["--fewshot", str(args.fewshot)] if s.train is None else []
+        for step, flags in (("greedy", ["--n", "0", "--limit", str(args.greedy_limit)]),
+                            ("sc", ["--n", str(args.n), "--temperature", "0.7", "--limit", str(args.sc_limit)])):
+            if (step == "sc" and s.train is None) or summary(folder / step, TEST).exists():
+                continue
+            run_step(folder, step, "evaluate.py", evaluate.main, [*common, *flags, "--out", str(folder / step)])
+    return waits
+
+
+def outcomes(out):
+    """{system: {problem id: right?}}, "@sc" the vote and "@chain" the mean of single chains."""
+    systems = {}
+    for s in STUDENTS:
+        folder = out / s.name
+        if summary(folder / "greedy", TEST).exists():
+            systems[s.name] = {r["id"]: r["greedy_correct"] for r in predictions(folder / "greedy", TEST)}
+        if summary(folder / "sc", TEST).exists():
+            rows = predictions(folder / "sc", TEST)
+            systems[f"{s.name}@sc"] = {r["id"]: r["vote_correct"] for r in rows}
+            systems[f"{s.name}@chain"] = {r["id"]: sum(c["answer"] == r["gold"] for c in r["chains"]) / len(r["chains"])
+                                          for r in rows}
+    return systems
+
+
+def report(args, waits, wall0):
+    out = Path(args.out)
+    systems = outcomes(out)
+    kept = rejected = 0
+    if Path(args.corpus).exists():
+        records = data.read_finished(args.corpus)
+        kept = sum(bool(r["rationales"]) for r in records)
+        rejected = len(records) - kept
+    rows = [f"| student | steps x {args.batch_size} | greedy, test [95 % CI] (problems) | one chain | majority of {args.n} | "
+            "wall time (min) |", "| --- | --- | --- | --- | --- | --- |"]
+    commands, total = [], 0.0
+    for step in StepLog(out / "teacher" / "steps.json", None, None).read().values():
+        commands.append(step["command"])
+        total += step["seconds"]
+    for s in STUDENTS:
+        folder = out / s.name
+        steps_run = StepLog(folder / "steps.json", None, None).read()
+        commands += [step["command"] for step in steps_run.values()]
+        total += sum(step["seconds"] for step in steps_run.values())
+        if not s.evaluated:
+            continue
+        trained = json.loads((folder / "trained.json").read_text())["steps"] if (folder / "trained.json").exists() else "-"
+        if s.decomposer and (out / s.decomposer / "trained.json").exists():
+            trained = f"{json.loads((out / s.decomposer / 'trained.json').read_text())['steps']} + {trained}"
+        if s.name not in systems:
+            rows.append(f"| {s.what} | {trained} | {waits.get(s.name, 'not run yet')} | | | |")
+            continue
+        sc = systems.get(f"{s.name}@sc")
+        minutes = [v["seconds"] / 60 for v in steps_run.values()]
+        if s.decomposer:
+            minutes = [v["seconds"] / 60 for v in StepLog(out / s.decomposer / "steps.json", None, None).read().values()] + minutes
+        rows.append(f"| {s.what} | {trained} | {acc_cell(systems[s.name].values())} ({len(systems[s.name])}) | "
+                    f"{bootstrap_cell(systems[f'{s.name}@chain'].values()) if sc else '-'} | "
+                    f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | "
+                    + " + ".join(f"{m:.1f}" for m in minutes) + " |")
+    claims = ["| claim | A vs B | problems | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for claim, a, b, kind in CLAIMS:
+        c = compare(systems, a, b, kind)
+        claims.append(f"| {claim} | {a} vs {b} | | | | not run yet |" if c is None else
+                      f"| {claim} | {a} vs {b} | {c['n']} | {100 * c['diff']:+.1f} [{100 * c['low']:+.1f}, "
+                      f"{100 * c['high']:+.1f}] | {c['p']:.3f} / {c['mcnemar']:.3f} | {c['verdict']} |")
+    note = (f"GSM8K test (1,319 problems; self-consistency on the first {args.sc_limit}, T = 0.7). Students: "
+            f"SmolLM2-135M-Instruct, seed {args.seed}, {args.epochs} epochs over the {kept:,} train problems whose "
+            f"sub-questions the teacher wrote for every step ({rejected:,} of the first {kept + rejected:,} rejected), "
+            f"less the 64 train.py holds out; verdict margin {100 * MARGIN:.0f} points; `@sc`: majority of {args.n} "
+            "chains. Wall time: minutes of each step (train, greedy, self-consistency), as run.")
+    table = "\n".join(rows) + "\n\n" + "\n".join(claims)
+    text = (f"# Socratic CoT on GSM8K, measured\n\n{note}\n\n{table}\n\nMachine: {args.machine}; {total / 3600:.1f} h "
+            "of steps in all (the teacher's sub-questions included).\n\nCommands, one per step, as run:\n"
+            + "".join(f"    {c}\n" for c in commands) + f"\nThis invocation: {(time.time() - wall0) / 60:.0f} min.\n")
+    Path(args.results).write_text(text)
+    readme = Path(args.readme)
+    if readme.exists() and README_BEGIN in readme.read_text():
+        head, rest = readme.read_text().split(README_BEGIN)
+        readme.write_text(f"{head}{README_BEGIN}\n{note}\n\n{table}\n{README_END}{rest.split(README_END, 1)[1]}")
+    print(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "runs" / "socratic-table"))
+    p.add_argument("--report-only", action="store_true", help="write the tables from what is finished; run nothing")
+    p.add_argument("--teacher", default=str(QWEN))
+    p.add_argument("--corpus", default=str(CORPUS), help="teacher.py --socratic's output (resumed if short)")
+    p.add_argument("--problems", type=int, default=1000, help="train problems the teacher writes sub-questions for")
+    p.add_argument("--teacher-batch", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--greedy-limit", type=int, default=0, help="test problems for greedy (0 = all 1,319)")
+    p.add_argument("--sc-limit", type=int, default=200)
+    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="a chain's tokens (a step's, for the solver)")
+    p.add_argument("--max-len", type=int, default=512, help="train.py --max-len")
+    p.add_argument("--fewshot", type=int, default=3, help="worked solutions in the untuned student's prompt")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--init", default=None, help="student folder (default: SmolLM2-135M-Instruct); for smoke tests")
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--results", default=str(ROOT / "experiments" / "socratic-results.md"))
+    p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")
+    args = p.parse_args(argv)
+    wall0 = time.time()
+    waits = {} if args.report_only else run(args)
+    for name, why in waits.items():
+        print(f"skip      {name}: {why}", flush=True)
+    report(args, waits, wall0)
+
+
+if __name__ == "__main__":
+    main()
