@@ -308,11 +308,15 @@ def report(args, skipped, wall0):
         bands = {name: tuple(zip(*[wilson(sum(c), len(c)) for c in curve])) for name, curve in curves.items()}
         plot_lines(results / "vote-curves.png", series, "chains voted over (k)", "accuracy",
                    f"self-consistency, CSQA validation (first {args.sc_limit}), 95 % bands", bands=bands)
-    readme = Path(args.readme)
-    if readme.exists() and README_BEGIN in readme.read_text():
-        head, rest = readme.read_text().split(README_BEGIN)
-        readme.write_text(f"{head}{README_BEGIN}\n{note}\n\n{table}\n{README_END}{rest.split(README_END, 1)[1]}")
+    write_between(Path(args.readme), README_BEGIN, README_END, f"{note}\n\n{table}")
     print(text)
+
+
+def write_between(readme, begin, end, text):
+    """Replace what lies between README's two marker lines with text (a README without them is left alone)."""
+    if readme.exists() and begin in readme.read_text():
+        head, rest = readme.read_text().split(begin)
+        readme.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv=None):

@@ -36,7 +36,8 @@ import teacher  # noqa: E402
 import train  # noqa: E402
 from checkpoint import default_student  # noqa: E402
 from report import bootstrap_cell  # noqa: E402
-from scotd_table import MARGIN, StepLog, acc_cell, compare, predictions, run_step, summary, trained_steps  # noqa: E402
+from scotd_table import (MARGIN, StepLog, acc_cell, compare, predictions, run_step, summary, trained_steps,  # noqa: E402
+                         write_between)
 
 TEST = data.GSM8K_TEST
 CORPUS = ROOT / "data" / "gsm8k_socratic_train.jsonl"
@@ -192,10 +193,7 @@ def report(args, waits, wall0):
             "of steps in all (the teacher's sub-questions included).\n\nCommands, one per step, as run:\n"
             + "".join(f"    {c}\n" for c in commands) + f"\nThis invocation: {(time.time() - wall0) / 60:.0f} min.\n")
     Path(args.results).write_text(text)
-    readme = Path(args.readme)
-    if readme.exists() and README_BEGIN in readme.read_text():
-        head, rest = readme.read_text().split(README_BEGIN)
-        readme.write_text(f"{head}{README_BEGIN}\n{note}\n\n{table}\n{README_END}{rest.split(README_END, 1)[1]}")
+    write_between(Path(args.readme), README_BEGIN, README_END, f"{note}\n\n{table}")
     print(text)
 
 
