@@ -311,6 +311,8 @@ class Attention(nn.Module):
             if cache.shared is not None:
                 y = shared_prefix_attention(q, k, v, mask, *cache.shared_kv(layer))
                 return getattr(self, self.out_name)(y.transpose(1, 2).reshape(B, T, -1))
+        if isinstance(mask, TreeAttention):  # packed / shared-prefix training rows
+            return getattr(self, self.out_name)(mask.attend(q, k, v).reshape(B, T, -1))
         is_causal = mask is None and cache is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.cfg.num_key_value_heads != self.cfg.num_attention_heads)
@@ -364,16 +366,103 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def tree_mask(docs, branches=None):
-    """(B, T) group ids (packed rows) and branch ids -> (B, 1, T, T) bool: a token sees the earlier tokens of
-    its own group that are shared (branch 0: a question's prefix) or in its own branch (a rationale).
-    Without branches: causal within each group, nothing across (packing)."""
-    T = docs.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
-    mask = (docs[:, :, None] == docs[:, None, :]) & causal
-    if branches is not None:
-        mask &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
-    return mask[:, None]
+class TreeAttention:
+    """Attention for packed and shared-prefix rows (data.layout), segment by segment instead of under a
+    dense (T, T) mask. docs (B, T): a token's group in its row (-1 = padding); branches (B, T): 0 = the
+    group's prefix (a question), k = its k-th branch (a rationale), which sees the prefix and itself only.
+
+    The prefixes, gathered into a (groups, P) batch, attend causally to themselves; the branches, gathered
+    into a (branches, R) batch, attend to their group's prefix keys followed by their own, causally. That
+    is the dense mask's attention exactly, for sum(P^2 + R * (P + R)) scores instead of T^2 a row: with a
+    question's 30 rationales in one row (q = 70, r = 45: T = 1,420), 7x fewer. Positions (`positions`):
+    a prefix from 0, each branch continuing from its prefix's length. Built on the host from docs and
+    branches (one device->host copy a batch); padding gets a zero output (it has no loss, nothing sees it).
+    """
+
+    def __init__(self, docs, branches=None):
+        B, T = docs.shape
+        device = docs.device
+        d = docs.cpu()
+        br = torch.zeros_like(d) if branches is None else branches.cpu()
+        cuts = ((d[:, 1:] != d[:, :-1]) | (br[:, 1:] != br[:, :-1])).nonzero().tolist()
+        starts = [[0] for _ in range(B)]
+        for b, t in cuts:
+            starts[b].append(t + 1)
+        prefixes, branch_rows, group_of = {}, [], []  # (row, doc) -> prefix token indices; per branch: its tokens, group
+        order = {}  # (row, doc) -> its index among the prefixes
+        positions = torch.zeros(B, T, dtype=torch.long)
+        for b in range(B):
+            ends = starts[b][1:] + [T]
+            for s, e in zip(starts[b], ends):
+                doc, k = int(d[b, s]), int(br[b, s])
+                if doc < 0:
+                    continue
+                flat = list(range(b * T + s, b * T + e))
+                if k == 0:
+                    prefixes[(b, doc)] = flat
+                    order[(b, doc)] = len(order)
+                    positions[b, s:e] = torch.arange(e - s)
+                else:  # a branch follows its prefix (or has none: a one-token query)
+                    prefix = prefixes.setdefault((b, doc), [])
+                    branch_rows.append(flat)
+                    group_of.append(order.setdefault((b, doc), len(order)))
+                    positions[b, s:e] = torch.arange(len(prefix), len(prefix) + e - s)
+        self.positions = positions.to(device)
+        self.prefix_idx, self.prefix_valid = self._pad(list(prefixes.values()), device)
+        self.branch_idx, self.branch_valid = self._pad(branch_rows, device)
+        self.branch_group = torch.tensor(group_of, dtype=torch.long, device=device)
+        P, R = self.prefix_idx.shape[1], self.branch_idx.shape[1]
+        causal_p = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        causal_r = torch.ones(R, R, dtype=torch.bool, device=device).tril()
+        # (G, 1, P, P) and (NB, 1, R, P + R); a query always sees itself, so no row is all False
+        self.prefix_mask = ((causal_p & self.prefix_valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+        own = (causal_r & self.branch_valid[:, None, :]) | torch.eye(R, dtype=torch.bool, device=device)
+        self.branch_mask = torch.cat((self.prefix_valid[self.branch_group][:, None, :].expand(-1, R, -1), own), 2)[:, None]
+        # the output: each token's row in [prefix outputs; branch outputs; a zero row for padding]
+        where = self.prefix_valid.flatten().nonzero()[:, 0], self.branch_valid.flatten().nonzero()[:, 0]
+        n_out = len(where[0]) + len(where[1])
+        source = torch.full((B * T,), n_out, dtype=torch.long, device=device)
+        source[self.prefix_idx[self.prefix_valid]] = torch.arange(len(where[0]), device=device)
+        source[self.branch_idx[self.branch_valid]] = torch.arange(len(where[0]), n_out, device=device)
+        self.valid_at, self.source, self.shape = where, source, (B, T)
+
+    @staticmethod
+    def _pad(rows, device):
+        """Lists of flat token indices -> (n, L) indices (padding points at token 0) and (n, L) validity."""
+        L = max((len(r) for r in rows), default=0) or 1
+        idx = torch.zeros(len(rows), L, dtype=torch.long)
+        valid = torch.zeros(len(rows), L, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            valid[i, :len(r)] = True
+        return idx.to(device), valid.to(device)
+
+    def attend(self, q, k, v):
+        """q (B, nh, T, hd), k/v (B, n_kv, T, hd) -> (B, T, nh, hd). Gathers are index_select (their
+        backward an index_add, not a sorting index_put), of q, k and v together."""
+        B, T = self.shape
+        nh, n_kv, hd = q.shape[1], k.shape[1], q.shape[3]
+        qkv = torch.cat((q, k, v), 1).transpose(1, 2).reshape(B * T, nh + 2 * n_kv, hd)  # token-major
+
+        def gather(idx):  # (n, L) token indices -> q (n, nh, L, hd), k and v (n, n_kv, L, hd)
+            x = qkv.index_select(0, idx.flatten()).view(*idx.shape, nh + 2 * n_kv, hd).transpose(1, 2)
+            return x.split((nh, n_kv, n_kv), 1)
+
+        def valid_rows(y, at):  # (n, nh, L, hd) -> the real positions' rows (N, nh, hd)
+            return y.transpose(1, 2).reshape(-1, nh, hd).index_select(0, at)
+
+        gqa = nh != n_kv
+        qp, kp, vp = gather(self.prefix_idx)
+        out = [valid_rows(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.prefix_mask, enable_gqa=gqa),
+                          self.valid_at[0])]
+        if self.branch_idx.shape[0]:
+            qb, kb, vb = gather(self.branch_idx)
+            kb = torch.cat((kp.index_select(0, self.branch_group), kb), 2)  # its prefix's keys, then its own
+            vb = torch.cat((vp.index_select(0, self.branch_group), vb), 2)
+            out.append(valid_rows(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.branch_mask,
+                                                                 enable_gqa=gqa), self.valid_at[1]))
+        out.append(q.new_zeros(1, nh, hd))  # padding's output
+        return torch.cat(out).index_select(0, self.source).view(B, T, nh, hd)
 
 
 # -----------------------------------------------------------------------------
@@ -418,9 +507,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if docs is not None:
             assert cache is None and attention_mask is None, "packed rows are for training, without a cache"
-            mask = tree_mask(docs, branches)
-            positions = mask[:, 0].sum(-1) - 1  # a token's position: the tokens it sees, itself excluded
-            return self._run(idx, targets, positions, mask, None)
+            tree = TreeAttention(docs, branches)
+            return self._run(idx, targets, tree.positions, tree, None)
         if cache is not None and T == 1 and attention_mask is None:
             return self._decode_step(idx, cache)
         start = 0 if cache is None else cache.length

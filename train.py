@@ -79,7 +79,8 @@ def get_args(argv=None):
     p.add_argument("--pack", action="store_true", help="pack examples into rows (block-diagonal mask) instead of length buckets")
     p.add_argument("--share-prefix", default="auto", choices=("auto", "on", "off"),
                    help="a question once, its rationales as branches of one row (auto: on when a question has several)")
-    p.add_argument("--row-len", type=cli.positive_int, default=512, help="token budget of a packed or shared-prefix row")
+    p.add_argument("--row-len", type=cli.positive_int, default=2048, help="token budget of a packed or shared-prefix row "
+                   "(attention within a row costs by segment, not row length: model.TreeAttention)")
     p.add_argument("--lr", type=cli.positive_float, default=1e-4)
     p.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1)
     p.add_argument("--warmup-steps", type=cli.nonneg_int, default=None, help="default: 5%% of the steps")

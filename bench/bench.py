@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 from checkpoint import default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from cli import keep_freed_memory  # noqa: E402
-from model import DTYPES, Config, Transformer  # noqa: E402
+from model import DTYPES, Config, Transformer, TreeAttention  # noqa: E402
 from scotd import format_query  # noqa: E402
 
 
@@ -79,15 +79,27 @@ def model_folder(name):
     return default_student() if name == "smollm2-135m" else opt_random_folder(name, cache)
 
 
-def train_flops(cfg, B, T, head_positions):
-    """Model FLOPs of one training step (backward = 2x forward) on a (B, T) batch whose lm_head runs at
-    `head_positions` positions: every weight multiply-add, plus causal attention scores and mixing."""
+def train_flops(cfg, tokens, pairs, head_positions):
+    """Model FLOPs of one training step (backward = 2x forward): every weight multiply-add on `tokens`
+    positions, attention scores and mixing over the `pairs` (query, key) pairs it computes, and the lm_head
+    at `head_positions` positions."""
     d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     mlp = (2 if cfg.model_type == "opt" else 3) * d * cfg.intermediate_size
     per_token = cfg.num_hidden_layers * (2 * d * q + 2 * d * kv + mlp)
-    attention = cfg.num_hidden_layers * 2 * q * T * (T + 1) // 2  # QK^T and AV over the causal half, per row
-    forward = 2 * (B * T * per_token + B * attention + head_positions * cfg.vocab_size * cfg.word_embed_proj_dim)
-    return 3 * forward
+    attention = cfg.num_hidden_layers * 2 * q * pairs  # QK^T and AV
+    return 3 * 2 * (tokens * per_token + attention + head_positions * cfg.vocab_size * cfg.word_embed_proj_dim)
+
+
+def attended_pairs(idx, docs=None, branches=None):
+    """(query, key) pairs attention computes: the causal half of each padded row, or for packed /
+    shared-prefix rows what model.TreeAttention computes (each prefix causally, each branch over its
+    prefix and causally over itself)."""
+    if docs is None:
+        B, T = idx.shape
+        return B * T * (T + 1) // 2
+    tree = TreeAttention(docs, branches)
+    P, R = tree.prefix_valid.sum(1), tree.branch_valid.sum(1)
+    return int((P * (P + 1) // 2).sum() + (R * P[tree.branch_group] + R * (R + 1) // 2).sum())
 
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for MFU
@@ -144,12 +156,12 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False)
         batches = grouped or data.length_bucketed_batches([len(t) for t, _ in tokens], batch_size, rng)
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-        layout = Namespace(pack=False, shared=share, row_len=512)
+        layout = Namespace(pack=False, shared=share, row_len=2048)  # train.py --row-len: a question's 30 rationales fit one row
 
         def step(batch):
             rows = train.to_tensors(batch, layout, 0, device)
             n = train.train_step(model, optimizer, scaler, [rows], ctx, 1.0)[2]
-            return n, train_flops(cfg, *rows[0].shape, n)  # the head runs on target positions only
+            return n, train_flops(cfg, rows[0].numel(), attended_pairs(*rows[:1], *rows[2:]), n)  # head: targets only
     else:
         from transformers import AutoModelForCausalLM
 
@@ -173,7 +185,8 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return int((labels != -100).sum()), train_flops(cfg, len(batch), T, len(batch) * T)  # padded, head everywhere
+            return int((labels != -100).sum()), train_flops(cfg, len(batch) * T, attended_pairs(input_ids),
+                                                            len(batch) * T)  # padded, head everywhere
 
     step([tokens[i] for i in batches[0]])  # warm-up
     sync(device)
@@ -277,7 +290,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--only", default=None, choices=("train", "sample", "teacher"))
+    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher"),
+                   help="one group of rows (k30: the K = 30 training workload only)")
     p.add_argument("--teacher", default=None, help="a fetched teacher folder for the teacher rows (besides SmolLM2)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -300,12 +314,15 @@ def main():
             kw = dict(name=name, steps=4 if q else 20, batch_size=8, device=device, dtype=dtype)
             train_rows.append((f"{name}, batch 8, {kw['steps']} steps", measure("train", "ours", **kw),
                                measure("train", "hf", **kw)))
-        # SCoTD-shaped: K = 30 rationales per question (stand-in: each bundled rationale repeated 30 times)
-        kw = dict(name="smollm2-135m", steps=4 if q else 20, batch_size=8, device=device, dtype=dtype, k=30)
-        hf = measure("train", "hf", **kw)
-        for share in (True, False):
-            train_rows.append((f"smollm2-135m, K=30 stand-in, batch 8, {kw['steps']} steps, "
-                               f"{'shared-prefix' if share else 'plain'} rows", measure("train", "ours", share=share, **kw), hf))
+    if args.only in (None, "train", "k30"):
+        # SCoTD-shaped: K = 30 rationales per question (stand-in: each bundled rationale repeated 30 times), in
+        # micro-batches of 8 (a question over ~4 of them) and of 30 (a question's rationales together)
+        for batch in (8, 30):
+            kw = dict(name="smollm2-135m", steps=4 if q else 20, batch_size=batch, device=device, dtype=dtype, k=30)
+            hf = measure("train", "hf", **kw)
+            for share in (True, False):
+                train_rows.append((f"smollm2-135m, K=30 stand-in, batch {batch}, {kw['steps']} steps, "
+                                   f"{'shared-prefix' if share else 'plain'} rows", measure("train", "ours", share=share, **kw), hf))
     if args.only in (None, "sample"):
         for n in (10, 30):
             kw = dict(name="smollm2-135m", n=n, questions=4 if q else 32, batch_size=4 if q else 8, device=device,

@@ -14,6 +14,7 @@ import torch
 import data
 import train
 from checkpoint import from_pretrained
+import model as model_module
 from helpers import make_hf_model, save_hf
 
 torch.set_num_threads(2)
@@ -126,3 +127,30 @@ def test_rank_shares_are_contiguous_slices_that_cover_the_batch(world):
     shares = [train.rank_share(batch, Namespace(rank=r, world=world), True) for r in range(world)]
     assert sum(shares, []) == batch and max(map(len, shares)) - min(map(len, shares)) <= 1
     assert [train.rank_share(batch, Namespace(rank=r, world=world), False) for r in range(world)][0] == batch[::world]
+
+
+def test_tree_attention_is_the_dense_tree_mask_attention():
+    """model.TreeAttention, segment by segment, against one SDPA over the dense (T, T) tree mask (a token sees
+    the earlier tokens of its group's prefix and of its own branch): rows packing two groups, a group whose
+    branches spill to the next row, a one-token query with no prefix, padding; grouped-query heads. Equal
+    outputs on every real token (1e-6, fp32), padding's zero, and the positions the mask implies."""
+    docs = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1],
+                         [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, -1],
+                         [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, -1]])
+    branches = torch.tensor([[0, 0, 0, 1, 1, 2, 0, 0, 1, 1, 0, 0],
+                             [0, 0, 1, 1, 2, 2, 2, 3, 1, 1, 2, 0],  # doc 1: two branches, no prefix
+                             [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0]])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, 12, 8, generator=g) for h in (4, 2, 2))
+    tree = model_module.TreeAttention(docs, branches)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    mask = (docs[:, :, None] == docs[:, None, :]) & causal
+    mask &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    mask |= torch.eye(12, dtype=torch.bool)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+    real = docs >= 0
+    out = tree.attend(q, k, v)
+    torch.testing.assert_close(out[real], dense.transpose(1, 2)[real], atol=1e-6, rtol=0)
+    assert out[~real].abs().max() == 0
+    implied = (mask & real[:, None, :]).sum(-1) - 1  # the real tokens a token sees, itself excluded
+    assert torch.equal(tree.positions[real], implied[real])
