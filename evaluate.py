@@ -30,7 +30,7 @@ from model import DTYPES
 from report import Progress, plot_lines
 from sample import SampleConfig, batch_slices, generate
 from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, STOP, SUB, extract_answer, fewshot_prefix, majority_vote,
-                   socratic_ask, socratic_context, socratic_line, vote_curve)
+                   socratic_ask, socratic_context, socratic_line, states_answer, vote_curve)
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
 
@@ -121,7 +121,7 @@ def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, 
         for (i, question), (o,) in zip(solving, steps):
             tokens[i] += o["tokens"]
             lines[i].append(socratic_line(question, o["text"].strip()))
-            done[i] = "answer is" in o["text"]
+            done[i] = states_answer(o["text"])
         if on_round:
             on_round(r, sum(not d for d in done))
     chains = [{"text": " " + "\n".join(ls), "tokens": t} for ls, t in zip(lines, tokens)]

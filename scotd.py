@@ -151,6 +151,11 @@ def parse_number(text):
     return "0" if text in ("-0", "0") else text
 
 
+def states_answer(text):
+    """Does text state an answer ("... So the answer is 18.", any case)? It ends a Socratic chain."""
+    return re.search(r"answer is", text, re.IGNORECASE) is not None
+
+
 def extract_answer(mode, generated, choices):
     """The answer a generated continuation commits to, or None (an abstention): the choice's index, or
     for a numeric question (choices None) the normalised number.

@@ -9,7 +9,7 @@ import evaluate
 import train
 from data import CorpusError, Skips
 from helpers import tiny_student
-from scotd import extract_answer, format_query, format_target, majority_vote, parse_number, vote_curve
+from scotd import extract_answer, format_query, format_target, majority_vote, parse_number, states_answer, vote_curve
 
 
 @pytest.mark.parametrize("text, number", [
@@ -30,6 +30,9 @@ def test_numeric_query_target_and_extraction():
     assert extract_answer("post", " The answer is 12. Because 3 x 4 = 12.", None) == "12"  # the first
     assert extract_answer("cot", " I cannot tell.", None) is None  # abstains
     assert extract_answer("cot", " So the answer is unknown.", None) is None
+    # a Socratic step that states the answer ends its chain, whatever the case
+    assert states_answer("She sold 72 clips. So the answer is 72.") and states_answer("The Answer Is 72.")
+    assert not states_answer("Natalia sold 48/2 = 24 clips in May.")
 
 
 def test_vote_over_numbers():
