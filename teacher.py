@@ -284,7 +284,7 @@ def main(argv=None):
     stop = "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}"
     meta = {"teacher": str(args.teacher), "data": args.data, "exemplar_ids": shot_ids, "prompt": header,
             "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                         "stop": "\\n (one question a round)" if args.socratic else stop,
+                         "stop": "\\n, or after the question's ? (one question a round)" if args.socratic else stop,
                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed},
             "dtype": args.dtype} | ({"socratic": True} if args.socratic else {})
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
@@ -298,7 +298,7 @@ def main(argv=None):
     prefix = tokenizer.encode(header).ids
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                        stop=("\n",),
-                       stop_after=(ANSWER_END,) if args.stop == "answer" and not args.socratic else (),
+                       stop_after=(r"\?",) if args.socratic else (ANSWER_END,) if args.stop == "answer" else (),
                        batch_size=args.batch_size, seed=args.seed)
     todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
             if any(records[i]["id"] not in done for i in batch)]
