@@ -132,34 +132,78 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
         logits = logits[:, -1].repeat_interleave(cfg.n, 0)  # (B*n, V)
         cache = cache.repeat_rows(cfg.n)
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
-        out = {row: [] for row in rows}
-        done = set()  # finished rows still in the running batch
-        pending = []  # sampled tokens not yet copied to the host
-        for step in range(cfg.max_new_tokens):
-            tok = next_token(logits, cfg, generator)  # (R, 1)
-            pending.append(tok)
-            last = step == cfg.max_new_tokens - 1
-            if len(pending) == check_every or last:
-                new = torch.cat(pending, 1).tolist()  # the only device->host copy
-                pending = []
-                for r, row in enumerate(rows):
-                    if row not in done:
-                        out[row] += new[r]
-                        if _finished(out[row], len(new[r]), tokenizer, cfg, eos_id):
-                            done.add(row)
-                if len(done) == len(rows) or last:
-                    break
-                # finished chains leave the running batch; compacting moves every later row's cache
-                # slots, so it waits until a quarter of the rows are done (at most 25 % of rows wasted)
-                if 4 * len(done) >= len(rows):
-                    keep = [r for r, row in enumerate(rows) if row not in done]
-                    cache, tok, rows, done = cache.select_rows(keep), tok[keep], [rows[r] for r in keep], set()
-            logits = decode(tok, cache=cache)[0][:, -1]
+        out = _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every)[0]
         for q in batch:
             results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id) for c in range(cfg.n)]
         if on_batch:
             on_batch(batch, [results[q] for q in batch])
     return results
+
+
+def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every, compact=True):
+    """Sample from `logits` (one row per entry of `rows`) until every row has finished -> ({row: its tokens},
+    the steps run). Every step's tokens but the last are written to the cache, for every running row.
+    compact: finished rows leave the running batch (and the cache); else they run on to the end."""
+    out = {row: [] for row in rows}
+    done = set()  # finished rows still in the running batch
+    pending = []  # sampled tokens not yet copied to the host
+    for step in range(cfg.max_new_tokens):
+        tok = next_token(logits, cfg, generator)  # (R, 1)
+        pending.append(tok)
+        last = step == cfg.max_new_tokens - 1
+        if len(pending) == check_every or last:
+            new = torch.cat(pending, 1).tolist()  # the only device->host copy
+            pending = []
+            for r, row in enumerate(rows):
+                if row not in done:
+                    out[row] += new[r]
+                    if _finished(out[row], len(new[r]), tokenizer, cfg, eos_id):
+                        done.add(row)
+            if len(done) == len(rows) or last:
+                break
+            # finished chains leave the running batch; compacting moves every later row's cache
+            # slots, so it waits until a quarter of the rows are done (at most 25 % of rows wasted)
+            if compact and 4 * len(done) >= len(rows):
+                keep = [r for r, row in enumerate(rows) if row not in done]
+                cache, tok, rows, done = cache.select_rows(keep), tok[keep], [rows[r] for r in keep], set()
+        logits = decode(tok, cache=cache)[0][:, -1]
+    return out, step + 1
+
+
+@torch.no_grad()
+def generate_turns(model, tokenizer, prompts, cfg, turn, max_len, eos_id=None, pad_id=0, prefix=None):
+    """A dialogue per prompt, all in one batch and one cache: each row's prompt is prefilled, a turn decoded
+    (cut at its stop as generate() cuts a chain), then `turn(i, output)` gives the token ids that follow row
+    i's output before its next turn, or None when the row is done. A turn prefills only what was appended,
+    so k turns cost one prefill of the whole text, not k; tokens a row sampled after its stop are masked
+    out of the cache. `max_len`: cache slots (all turns' tokens). cfg.n must be 1. -> per row, its outputs."""
+    assert cfg.n == 1, "one chain a row"
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    header = prefix if isinstance(prefix, KVCache) else prefill(model, prefix) if prefix else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    rows, outputs = list(range(len(prompts))), [[] for _ in prompts]
+    ids, mask = left_pad(prompts, pad_id, device)
+    cache = KVCache(model.cfg, len(rows), max_len, device=device, dtype=dtype, shared=header)
+    while rows:
+        logits = model(ids, attention_mask=mask, cache=cache)[0][:, -1]
+        start = cache.length
+        out, steps = _decode(model, cache, logits, rows, cfg, generator, tokenizer, eos_id, 1, compact=False)
+        appended, keep = [], []
+        for r, i in enumerate(rows):
+            kept = _clean(out[i], tokenizer, cfg, eos_id)
+            outputs[i].append(kept)
+            written = min(len(kept["tokens"]), steps - 1)  # the last step's tokens are not in the cache
+            cache.valid[r, start + written:start + steps - 1] = False  # what it sampled after its stop
+            follow = turn(i, kept)
+            if follow is not None:
+                assert len(follow) > 0, "a turn appends at least one token"
+                keep.append(r)
+                appended.append(kept["tokens"][written:] + list(follow))
+        rows = [rows[r] for r in keep]
+        if rows:
+            cache = cache.select_rows(keep)
+            ids, mask = left_pad(appended, pad_id, device)
+    return outputs
 
 
 def _clean(tokens, tokenizer, cfg, eos_id):

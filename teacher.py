@@ -13,9 +13,10 @@ are one line, and instruct teachers go on after it, on the same line or the next
 
 `--socratic` writes sub-questions instead (Socratic CoT, Shridhar et al. 2022, who generated them for
 datasets without annotations): for each GSM8K *train* problem, one question per gold solution step -- the
-question the step answers -- asked in rounds, one step a round (the prompt: the problem, the earlier steps
-each with its question, then the next step), from a 4-shot prompt hand-written on train problems 1-4
-(SOCRATIC_SHOTS; greedy by default). A problem's record then holds a Socratic rationale (data.py:
+question the step answers -- asked one step a turn (the text: the problem, the earlier steps each with its
+question, then the next step; all turns of a batch continue one KV cache, so a turn prefills only the step
+it appends: sample.generate_turns), from a 4-shot prompt hand-written on train problems 1-4 (SOCRATIC_SHOTS;
+greedy by default). A problem's record then holds a Socratic rationale (data.py:
 "sub-question ** step" lines, with `steps` and `subquestions`); a chain whose output for some step asks no
 question is kept under the record's "rejected" with the reason, and gives no rationale (a counted skip).
 
@@ -47,7 +48,7 @@ from cli import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
-from sample import SampleConfig, batch_slices, generate, prefill
+from sample import SampleConfig, batch_slices, generate, generate_turns, prefill
 from scotd import ANSWER_END, fewshot_prefix, format_query, format_target, socratic_rationale
 
 # Socratic sub-questions for the first GSM8K train problems, written for this prompt (never test problems)
@@ -144,41 +145,51 @@ def subquestion(output):
     return line[:line.index("?") + 1] if "?" in line else None
 
 
-def ask_subquestions(ask, rows):
-    """Sub-questions for problems `rows` (GSM8K records with solution `steps`), in rounds: round r asks, for
-    every row with a step r, the question that step answers, the prompt holding the row's earlier steps and
-    questions (one line a round: a teacher asked for all at once miscounts the steps). `ask(prompts, r)` ->
-    one {"text", "tokens"} per prompt. A row whose output asks nothing is stopped there, with the reason.
-    -> per row {"subquestions", "why" (None when every step has its question), "tokens": every generated id}."""
-    asked, why, tokens = [[] for _ in rows], [None] * len(rows), [[] for _ in rows]
-    for r in range(max((len(x["rationales"][0]["steps"]) for x in rows), default=0)):
-        active = [j for j, x in enumerate(rows) if why[j] is None and r < len(x["rationales"][0]["steps"])]
-        if not active:
-            break
-        for j, out in zip(active, ask([socratic_round(rows[j], asked[j]) for j in active], r)):
-            tokens[j] += out["tokens"]
-            q = subquestion(out["text"])
-            if q is None:
-                why[j] = f"step {r + 1}: not a question: {out['text'].strip()[:200]!r}"
-            else:
-                asked[j].append(q)
-    return [{"subquestions": a, "why": w, "tokens": t} for a, w, t in zip(asked, why, tokens)]
+class Asking:
+    """The sub-question dialogues of `rows` (GSM8K records with solution `steps`), one step a turn: a row's
+    text starts as socratic_round(rec, []) -- the problem, step 1, and "Question it answers:" -- and after the
+    teacher's question for step r (cut after its "?"), the turn appends step r + 1 and asks again, so the text
+    is always socratic_round(rec, questions so far): one question a step (a teacher asked for all at once
+    miscounts the steps). A row whose output asks nothing is stopped there, with the reason."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.asked, self.why, self.tokens = [[] for _ in rows], [None] * len(rows), [[] for _ in rows]
+
+    def prompt(self, j):
+        return socratic_round(self.rows[j], [])
+
+    def turn(self, j, out):
+        """Row j's output {"text", "tokens"} -> the text that follows it (the next step), or None: done."""
+        self.tokens[j] += out["tokens"]
+        steps, q = self.rows[j]["rationales"][0]["steps"], subquestion(out["text"])
+        if q is None:
+            self.why[j] = f"step {len(self.asked[j]) + 1}: not a question: {out['text'].strip()[:200]!r}"
+            return None
+        self.asked[j].append(q)
+        return f"\nStep: {steps[len(self.asked[j])]}\n{ASKS}" if len(self.asked[j]) < len(steps) else None
+
+    def chains(self):
+        """-> per row {"subquestions", "why" (None when every step has its question), "tokens": all generated}."""
+        return [{"subquestions": a, "why": w, "tokens": t} for a, w, t in zip(self.asked, self.why, self.tokens)]
 
 
 def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch):
-    """ask_subquestions over each batch of problems (cfg.n chains each), the header prefilled once for the
-    run; a round's seed is derived from (cfg.seed, batch, round). on_batch as sample.generate's."""
+    """Asking's dialogues for each batch of problems (cfg.n chains each), all turns of a batch in one cache
+    (sample.generate_turns: a turn prefills only the step it appends), the header prefilled once for the run;
+    batch k samples from seed (cfg.seed, k). on_batch as sample.generate's."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     layout = batch_slices(len(records), cfg.batch_size)
     for k in batches:
         batch = list(layout[k])
-
-        def ask(prompts, r):
-            ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-            one = replace(cfg, n=1, batch_size=len(ids), seed=(cfg.seed * 1_000_003 + k) * 1_000 + r)
-            return [o for (o,) in generate(model, tokenizer, ids, one, eos_id=model.cfg.eos_token_id,
-                                           pad_id=model.cfg.pad_token_id, prefix=header)]
-
-        chains = ask_subquestions(ask, [records[i] for i in batch for _ in range(cfg.n)])
+        asking = Asking([records[i] for i in batch for _ in range(cfg.n)])
+        prompts = [encode(asking.prompt(j)) for j in range(len(asking.rows))]
+        need = max(len(p) + sum(len(encode(f"\nStep: {s}\n{ASKS}")) + cfg.max_new_tokens for s in rec["rationales"][0]["steps"])
+                   for p, rec in zip(prompts, asking.rows))  # cache slots: every turn's tokens
+        generate_turns(model, tokenizer, prompts, replace(cfg, n=1, seed=cfg.seed * 1_000_003 + k),
+                       lambda j, out: None if (follow := asking.turn(j, out)) is None else encode(follow), need,
+                       eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id, prefix=header)
+        chains = asking.chains()
         on_batch(batch, [chains[j * cfg.n:(j + 1) * cfg.n] for j in range(len(batch))])
 
 
@@ -284,7 +295,7 @@ def main(argv=None):
     stop = "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}"
     meta = {"teacher": str(args.teacher), "data": args.data, "exemplar_ids": shot_ids, "prompt": header,
             "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                         "stop": "\\n, or after the question's ? (one question a round)" if args.socratic else stop,
+                         "stop": "\\n, or after the question's ? (one question a turn)" if args.socratic else stop,
                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed},
             "dtype": args.dtype} | ({"socratic": True} if args.socratic else {})
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
@@ -311,7 +322,7 @@ def main(argv=None):
                           args.socratic)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        if args.socratic:  # rounds of one question a step, each round a generate() from the header's one prefill
+        if args.socratic:  # a question a step, turn by turn, from the header's one prefill
             socratic_generate(model, tokenizer, records, prefill(model, prefix), cfg, todo, writer)
         else:
             prompts = [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids

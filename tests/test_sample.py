@@ -188,3 +188,32 @@ def test_prompt_longer_than_the_model_positions_is_a_clear_error(student, tmp_pa
         evaluate.cli.run(lambda: evaluate.main(["--checkpoint", str(student), "--fewshot", "12", "--limit", "2",
                                                 "--n", "0", "--out", str(tmp_path)]))
     assert e.value.code == 1 and "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_turns_in_one_cache_equal_prefilling_each_turn_from_scratch(student):
+    """generate_turns: greedy turns continued in one cache (a turn prefills only what was appended; what a row
+    sampled after its stop is masked out; a row that ends its dialogue early leaves the batch) give the tokens
+    of prefilling prompt + every earlier output + appended text from scratch for each turn."""
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    with torch.no_grad():  # the random init greedily repeats one token; shaken, its rows stop at different steps
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3 * p.std().clamp(min=0.02))
+    prompts = [tok.encode(q).ids for q in ("Q: what?\nA:", "Q: where do people keep their money?\nA:", "Q: who?\nA:")]
+    follow = [tok.encode(x).ids for x in ("\nQ: and then?\nA:", "\nQ: so where is the river?\nA:")]
+    cfg = SampleConfig(n=1, temperature=0.0, max_new_tokens=10, stop=(), stop_after=("\x07",))
+    turns = {0: 3, 1: 2, 2: 3}  # the second row's dialogue ends a turn early
+    seen = {i: 0 for i in turns}
+
+    def turn(i, out):
+        seen[i] += 1
+        return follow[seen[i] - 1] if seen[i] < turns[i] else None
+
+    outputs = sample.generate_turns(model, tok, prompts, cfg, turn, max_len=128)
+    assert [len(row) for row in outputs] == [3, 2, 3]
+    lengths = [[len(row[t]["tokens"]) for row in outputs if t < len(row)] for t in range(3)]
+    assert any(min(n) < max(n) for n in lengths), lengths  # a row stopped while another ran on: masked slots
+    for i, row in enumerate(outputs):
+        text = list(prompts[i])
+        for t, out in enumerate(row):
+            assert generate(model, tok, [text], cfg)[0][0] == out, (i, t)
+            text += out["tokens"] + (follow[t] if t + 1 < len(row) else [])

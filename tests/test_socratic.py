@@ -62,29 +62,32 @@ def test_subquestion_line(output, expected):
     assert teacher.subquestion(output) == expected
 
 
-def test_subquestions_are_asked_a_step_a_round_reading_the_earlier_ones():
-    """ask_subquestions with a scripted teacher: each round's prompt is the problem, the earlier steps with the
-    questions asked for them, then this step -- the format the header's worked examples show -- and a row that
-    asks nothing is stopped there with the reason."""
+def test_subquestions_are_asked_a_step_a_turn_reading_the_earlier_ones():
+    """teacher.Asking with a scripted teacher: after each question the dialogue's text is the problem, the
+    earlier steps with the questions asked for them, then the next step -- the format the header's worked
+    examples show -- and a row that asks nothing is stopped there with the reason."""
     recs = data.read_corpus(data.GSM8K_TRAIN)[:4]  # the header's worked examples: every round of each is in it
     header = teacher.socratic_header(recs)
     for rec, qs in zip(recs, teacher.SOCRATIC_SHOTS.values()):
         assert all(teacher.socratic_round(rec, qs[:r]) + f" {qs[r]}\n" in header for r in range(len(qs)))
     recs = recs[:3]
-    prompts = []
-
-    def ask(batch, r):  # asks "Q<r> of <problem>?" by reading the prompt, except for problem 3's second step
-        prompts.append(batch)
-        return [{"text": " Nothing." if (p.startswith("Problem: " + recs[2]["question"]) and r == 1)
-                 else f" Q{r + 1} of {p[9:20]}? Then more", "tokens": [r, 0]} for p in batch]
-
-    chains = teacher.ask_subquestions(ask, recs)
-    steps = [len(r["rationales"][0]["steps"]) for r in recs]
-    assert steps == [2, 2, 3] and [len(b) for b in prompts] == [3, 3]  # problem 3 stopped in round 2
-    assert prompts[1][0] == teacher.socratic_round(recs[0], [f"Q1 of {recs[0]['question'][:11]}?"])
-    assert chains[0] == {"subquestions": [f"Q{r} of {recs[0]['question'][:11]}?" for r in (1, 2)], "why": None,
-                         "tokens": [0, 0, 1, 0]}
-    assert chains[2]["why"] == "step 2: not a question: 'Nothing.'" and len(chains[2]["subquestions"]) == 1
+    asking = teacher.Asking(recs)
+    text = {j: asking.prompt(j) for j in range(3)}
+    active, r = [0, 1, 2], 0
+    while active:
+        going = []
+        for j in active:  # row 2 writes no question for its second step
+            said = " Nothing." if (j == 2 and r == 1) else f" Q{r + 1} of row {j}? Then more"
+            follow = asking.turn(j, {"text": said, "tokens": [r]})
+            if follow is not None:
+                text[j] += said.split(" Then")[0] + follow
+                assert text[j] == teacher.socratic_round(recs[j], asking.asked[j])
+                going.append(j)
+        active, r = going, r + 1
+    chains = asking.chains()
+    assert [len(x["rationales"][0]["steps"]) for x in recs] == [2, 2, 3] and r == 2  # two turns: all done
+    assert chains[0] == {"subquestions": ["Q1 of row 0?", "Q2 of row 0?"], "why": None, "tokens": [0, 1]}
+    assert chains[2] == {"subquestions": ["Q1 of row 2?"], "why": "step 2: not a question: 'Nothing.'", "tokens": [0, 1]}
     kept, rejected = teacher.rationales(recs[0], chains[:1], socratic=True)
     assert rejected == [] and kept[0]["text"] == socratic_rationale(chains[0]["subquestions"], recs[0]["rationales"][0]["steps"])
     assert teacher.rationales(recs[2], chains[2:], socratic=True) == ([], [{"why": chains[2]["why"],
