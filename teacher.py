@@ -244,7 +244,7 @@ class CorpusWriter:
     this invocation's running total appended to <out>.runs.jsonl."""
 
     def __init__(self, f, runs, records, done, bar, socratic=False):
-        self.f, self.runs, self.records, self.done, self.bar, self.socratic = f, runs, records, done, bar, socratic
+        self.f, self.runs, self.records, self.done, self.bar, self.socratic = f, Path(runs), records, done, bar, socratic
         self.tokens, self.questions, self.t0 = 0, 0, time.time()
         self.started = datetime.fromtimestamp(self.t0, timezone.utc).isoformat(timespec="microseconds")  # the run's key
 
@@ -262,9 +262,9 @@ class CorpusWriter:
             self.f.flush()
             self.questions += 1
             self.bar.update(1, f"{self.tokens / (time.time() - self.t0):,.0f} tok/s")
-        self.runs.write(json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3), "questions": self.questions,
-                                    "generated_tokens": self.tokens}) + "\n")
-        self.runs.flush()
+        with open(self.runs, "a") as runs:  # opened a batch at a time: an invocation with nothing to do writes nothing
+            runs.write(json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
+                                   "questions": self.questions, "generated_tokens": self.tokens}) + "\n")
 
 
 def _stop(signum, frame):
@@ -318,7 +318,7 @@ def main(argv=None):
     print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
           f"x {args.n} chains (T={args.temperature})")
     bar = Progress(len(records), "teacher", start=len(done))
-    writer = CorpusWriter(open(out, "a", encoding="utf-8"), open(args.out + ".runs.jsonl", "a"), records, done, bar,
+    writer = CorpusWriter(open(out, "a", encoding="utf-8"), args.out + ".runs.jsonl", records, done, bar,
                           args.socratic)
     signal.signal(signal.SIGTERM, _stop)
     try:
@@ -336,7 +336,6 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         writer.f.close()
-        writer.runs.close()
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions x {args.n} rationales); settings in {meta_path}")
     print(f"next      python data.py stats {out}")

@@ -4,6 +4,7 @@ Ctrl-C or cut mid-line by a kill resumes to the uninterrupted file, byte for byt
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,9 @@ def test_ctrl_c_then_rerun_gives_the_uninterrupted_file(student, straight, tmp_p
     runs = teacher.run_totals(out)  # a running total after every batch; the last of an invocation is its total
     assert [r["questions"] for r in runs] == [4, len(straight.read_text().splitlines()) - 4]
     assert all(r["seconds"] > 0 and r["generated_tokens"] > 0 for r in runs), runs
+    Path(str(out) + ".runs.jsonl").unlink()
+    run(student, out)  # nothing left to sample: nothing recorded, not even an empty runs file
+    assert not Path(str(out) + ".runs.jsonl").exists()
 
 
 def test_sigterm_mid_decode_stops_cleanly_and_keeps_the_time(student, straight, tmp_path, monkeypatch):
