@@ -83,7 +83,12 @@ def _finished(tokens, n_new, tokenizer, cfg, eos_id):
 
 @torch.no_grad()
 def prefill(model, ids):
-    """A one-row cache of `ids` (a header every prompt starts with), for generate(prefix=...)."""
+    """A one-row cache of `ids` (a header every prompt starts with), for generate(prefix=...); a cache
+    already prefilled is returned as it is, and no ids (None or []) give None."""
+    if ids is None or isinstance(ids, KVCache):
+        return ids
+    if not ids:
+        return None
     p = next(model.parameters())
     header = KVCache(model.cfg, 1, len(ids), device=p.device, dtype=p.dtype)
     model(torch.tensor([ids], device=p.device), cache=header)
@@ -119,7 +124,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
                          f"{model.cfg.max_position_embeddings} (max_position_embeddings): shorten the prompt or "
                          "lower max_new_tokens")
     decode = torch.compile(model, dynamic=True) if cfg.compile else model  # only the decode step, as gpt-fast
-    header = prefix if shared else prefill(model, prefix) if prefix else None  # one prefill for the whole run
+    header = prefill(model, prefix)  # one prefill for the whole run
     results = [None] * len(prompts)
     layout = batch_slices(len(prompts), cfg.batch_size)
     for k in (range(len(layout)) if batches is None else batches):
@@ -179,7 +184,7 @@ def generate_turns(model, tokenizer, prompts, cfg, turn, max_len, eos_id=None, p
     out of the cache. `max_len`: cache slots (all turns' tokens). cfg.n must be 1. -> per row, its outputs."""
     assert cfg.n == 1, "one chain a row"
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    header = prefix if isinstance(prefix, KVCache) else prefill(model, prefix) if prefix else None
+    header = prefill(model, prefix)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     rows, outputs = list(range(len(prompts))), [[] for _ in prompts]
     ids, mask = left_pad(prompts, pad_id, device)
