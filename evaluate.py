@@ -28,9 +28,9 @@ from checkpoint import from_pretrained, load_tokenizer, read_run_info, recover_f
 from distributed import Dist
 from model import DTYPES
 from report import Progress, plot_lines
-from sample import SampleConfig, batch_slices, generate
+from sample import SampleConfig, batch_slices, generate, generate_turns
 from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, STOP, SUB, extract_answer, fewshot_prefix, majority_vote,
-                   socratic_ask, socratic_context, socratic_line, states_answer, vote_curve)
+                   socratic_line, states_answer, vote_curve)
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
 
@@ -88,44 +88,56 @@ def greedy(model, tokenizer, prompts, mode, max_new_tokens=96, batch_size=16, se
                     batches=batches, on_batch=on_batch)
 
 
+class Socratic:
+    """The two-model Socratic dialogue's bookkeeping, a chain a row (sample.generate_turns' `turn`): turn 0 of
+    each round is the decomposer's sub-question (ended by " **"), turn 1 the solver's step (ended by the
+    newline). A chain ends when a step states the answer ("... So the answer is 18."), or with no answer when
+    the decomposer writes no sub-question (empty, or not ended by " **"), the solver writes nothing, or
+    max_rounds pass."""
+
+    def __init__(self, n_rows, tokenizer, max_rounds):
+        self.tokenizer, self.max_rounds = tokenizer, max_rounds
+        self.lines, self.asked, self.tokens = [[] for _ in range(n_rows)], [None] * n_rows, [[] for _ in range(n_rows)]
+
+    def turn(self, i, m, out):
+        self.tokens[i] += out["tokens"]
+        if m == 0:  # the decomposer's sub-question: the solver reads it as written, " **" included
+            self.asked[i] = out["text"].strip()
+            ended = self.tokenizer.decode(out["tokens"]).rstrip().endswith(SUB.strip())
+            return [] if self.asked[i] and ended else None
+        self.lines[i].append(socratic_line(self.asked[i], out["text"].strip()))
+        done = states_answer(out["text"]) or not out["tokens"] or len(self.lines[i]) == self.max_rounds
+        return None if done else []
+
+    def chains(self):
+        """-> per row {"text": the chain as a unified model writes it, "tokens": both models' generated ids}."""
+        return [{"text": " " + "\n".join(lines), "tokens": t} for lines, t in zip(self.lines, self.tokens)]
+
+
 @torch.no_grad()
-def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, on_round=None):
-    """Socratic CoT with two models (Shridhar et al. 2022), batched over every chain of every question: each
-    round the decomposer writes each unfinished chain's next sub-question (up to " **"), then the solver
-    the step that answers it (up to the newline); a chain ends when a step states the answer ("... So the
-    answer is 18."), or with no answer when the decomposer writes none or max_rounds pass. cfg.n chains a
-    query, each sampled on its own row (a round's seed is derived from cfg.seed and the round).
-    -> per query, cfg.n dicts {"text": the chain as a unified model writes it, "tokens": every generated id}."""
-    rows = [q for q in queries for _ in range(cfg.n)]
-    lines, tokens, done = [[] for _ in rows], [[] for _ in rows], [False] * len(rows)
-    one = replace(cfg, n=1, batch_size=cfg.batch_size * cfg.n)
-    for r in range(max_rounds):
-        active = [i for i in range(len(rows)) if not done[i]]
-        if not active:
-            break
-        contexts = [socratic_context(rows[i], lines[i]) for i in active]
-        asked = generate(decomposer, tokenizer, [tokenizer.encode(c).ids for c in contexts],
-                         replace(one, stop=(SUB.strip(), "\n"), max_new_tokens=48, seed=cfg.seed * 1000 + 2 * r),
-                         eos_id=decomposer.cfg.eos_token_id, pad_id=decomposer.cfg.pad_token_id)
-        solving, prompts = [], []
-        for i, c, (o,) in zip(active, contexts, asked):
-            tokens[i] += o["tokens"]
-            question = o["text"].strip()
-            if not question:  # no sub-question: the chain ends without an answer
-                done[i] = True
-                continue
-            solving.append((i, question))
-            prompts.append(tokenizer.encode(c + socratic_ask(lines[i], question)).ids)
-        steps = generate(solver, tokenizer, prompts, replace(one, stop=("\n",), seed=cfg.seed * 1000 + 2 * r + 1),
-                         eos_id=solver.cfg.eos_token_id, pad_id=solver.cfg.pad_token_id) if prompts else []
-        for (i, question), (o,) in zip(solving, steps):
-            tokens[i] += o["tokens"]
-            lines[i].append(socratic_line(question, o["text"].strip()))
-            done[i] = states_answer(o["text"])
-        if on_round:
-            on_round(r, sum(not d for d in done))
-    chains = [{"text": " " + "\n".join(ls), "tokens": t} for ls, t in zip(lines, tokens)]
-    return [chains[k * cfg.n:(k + 1) * cfg.n] for k in range(len(queries))]
+def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, on_batch=None):
+    """Socratic CoT with two models (Shridhar et al. 2022): cfg.n chains a query, each a dialogue in which the
+    decomposer asks the next sub-question and the solver answers it (Socratic). A batch of cfg.batch_size
+    queries (x n rows) runs all its rounds in one pair of caches (sample.generate_turns: each model prefills
+    only the other's last turn), and samples from seed (cfg.seed, batch k) as generate() does.
+    -> per query, cfg.n dicts {"text", "tokens"}; on_batch(indices, outs) as generate()'s."""
+    ask = replace(cfg, n=1, stop=(SUB.strip(), "\n"), max_new_tokens=48)
+    solve = replace(cfg, n=1, stop=("\n",))
+    results = [None] * len(queries)
+    for k, batch in enumerate(batch_slices(len(queries), cfg.batch_size)):
+        prompts = [tokenizer.encode(queries[q]).ids for q in batch for _ in range(cfg.n)]
+        seeds = [replace(c, seed=(cfg.seed * 1_000_003 + k) * 2 + m) for m, c in enumerate((ask, solve))]
+        # cache slots: the prompt, then a round's turns (each model's cache holds both: what it wrote, what it read)
+        slots = max(map(len, prompts)) + max_rounds * (ask.max_new_tokens + solve.max_new_tokens + 1)
+        dialogue = Socratic(len(prompts), tokenizer, max_rounds)
+        generate_turns([decomposer, solver], tokenizer, prompts, seeds, dialogue.turn, slots,
+                       eos_id=solver.cfg.eos_token_id, pad_id=solver.cfg.pad_token_id)
+        chains = dialogue.chains()
+        for j, q in enumerate(batch):
+            results[q] = chains[j * cfg.n:(j + 1) * cfg.n]
+        if on_batch:
+            on_batch(list(batch), [results[q] for q in batch])
+    return results
 
 
 def answers_of(mode, outs, records):
@@ -189,11 +201,9 @@ def socratic(args, mode, solver, tokenizer, records, prefix, device, dist):
             continue
         cfg = SampleConfig(n=n, temperature=temperature, top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, seed=args.seed)
-        bar, t0 = Progress(args.max_rounds, label), time.time()
-        outs = socratic_chains(decomposer, solver, tokenizer, queries, cfg, args.max_rounds,
-                               on_round=lambda r, running: bar.update(1, f"{running:,} chains running"))
-        bar.close()
-        results += [outs, time.time() - t0]
+        outs, seconds = timed(label, len(queries), dist, lambda on_batch: socratic_chains(
+            decomposer, solver, tokenizer, queries, cfg, args.max_rounds, on_batch=on_batch))
+        results += [outs, seconds]
     return tuple(results)
 
 

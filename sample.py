@@ -176,38 +176,49 @@ def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, chec
 
 
 @torch.no_grad()
-def generate_turns(model, tokenizer, prompts, cfg, turn, max_len, eos_id=None, pad_id=0, prefix=None):
-    """A dialogue per prompt, all in one batch and one cache: each row's prompt is prefilled, a turn decoded
-    (cut at its stop as generate() cuts a chain), then `turn(i, output)` gives the token ids that follow row
-    i's output before its next turn, or None when the row is done. A turn prefills only what was appended,
-    so k turns cost one prefill of the whole text, not k; tokens a row sampled after its stop are masked
-    out of the cache. `max_len`: cache slots (all turns' tokens). cfg.n must be 1. -> per row, its outputs."""
-    assert cfg.n == 1, "one chain a row"
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    header = prefill(model, prefix)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    rows, outputs = list(range(len(prompts))), [[] for _ in prompts]
-    ids, mask = left_pad(prompts, pad_id, device)
-    cache = KVCache(model.cfg, len(rows), max_len, device=device, dtype=dtype, shared=header)
+def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None, pad_id=0, prefix=None):
+    """A dialogue per prompt, all in one batch: turn t of every running row is written by models[t % len(models)]
+    with cfgs[t % len(models)] (one model, or e.g. a decomposer and a solver taking turns). Each turn's output
+    is cut at its stop as generate() cuts a chain, then `turn(i, m, output)` gives the token ids that follow
+    row i's output (possibly none), or None when the row is done. Every model keeps one cache of each row's
+    text and prefills only what it has not yet read (what was appended, and the other models' turns), so k
+    turns cost one prefill of the whole text a model, not k; tokens a row sampled after its stop are masked
+    out. `max_len`: cache slots (all turns' tokens). cfg.n must be 1; model m samples from its own generator,
+    seeded with cfgs[m].seed. -> per row, its outputs in turn order."""
+    assert all(cfg.n == 1 for cfg in cfgs) and len(cfgs) == len(models), "one chain a row, one cfg a model"
+    assert len(models) == 1 or not isinstance(prefix, KVCache), "a prefilled header belongs to one model"
+    device, dtype = next(models[0].parameters()).device, next(models[0].parameters()).dtype
+    generators = [torch.Generator(device=device).manual_seed(cfg.seed) for cfg in cfgs]
+    text = [list(p) for p in prompts]  # each row's dialogue so far (token ids)
+    read = [[0] * len(prompts) for _ in models]  # how much of it each model's cache holds
+    caches, cached = [None] * len(models), [None] * len(models)  # per model: its cache, and whose rows it holds
+    rows, outputs, t = list(range(len(prompts))), [[] for _ in prompts], 0
     while rows:
+        m, t = t % len(models), t + 1
+        model, cfg = models[m], cfgs[m]
+        if caches[m] is None:
+            caches[m] = KVCache(model.cfg, len(rows), max_len, device=device, dtype=dtype, shared=prefill(model, prefix))
+        else:  # rows whose dialogue ended since this model's last turn leave its cache
+            caches[m] = caches[m].select_rows([cached[m].index(i) for i in rows])
+        cache, cached[m] = caches[m], rows
+        unread = [text[i][read[m][i]:] for i in rows]
+        assert all(unread), "a turn continues from at least one token the model has not read"
+        ids, mask = left_pad(unread, pad_id, device)
         logits = model(ids, attention_mask=mask, cache=cache)[0][:, -1]
         start = cache.length
-        out, steps = _decode(model, cache, logits, rows, cfg, generator, tokenizer, eos_id, 1, compact=False)
-        appended, keep = [], []
+        out, steps = _decode(model, cache, logits, rows, cfg, generators[m], tokenizer, eos_id, 1, compact=False)
+        going = []
         for r, i in enumerate(rows):
             kept = _clean(out[i], tokenizer, cfg, eos_id)
             outputs[i].append(kept)
             written = min(len(kept["tokens"]), steps - 1)  # the last step's tokens are not in the cache
             cache.valid[r, start + written:start + steps - 1] = False  # what it sampled after its stop
-            follow = turn(i, kept)
+            read[m][i] = len(text[i]) + written
+            follow = turn(i, m, kept)
+            text[i] += kept["tokens"] + list(follow or [])
             if follow is not None:
-                assert len(follow) > 0, "a turn appends at least one token"
-                keep.append(r)
-                appended.append(kept["tokens"][written:] + list(follow))
-        rows = [rows[r] for r in keep]
-        if rows:
-            cache = cache.select_rows(keep)
-            ids, mask = left_pad(appended, pad_id, device)
+                going.append(i)
+        rows = going
     return outputs
 
 

@@ -34,7 +34,6 @@ SIGTERM stop it cleanly (exit 130 / 143).
 
 import argparse
 import json
-import re
 import signal
 import time
 from dataclasses import replace
@@ -186,8 +185,8 @@ def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch)
         prompts = [encode(asking.prompt(j)) for j in range(len(asking.rows))]
         need = max(len(p) + sum(len(encode(f"\nStep: {s}\n{ASKS}")) + cfg.max_new_tokens for s in rec["rationales"][0]["steps"])
                    for p, rec in zip(prompts, asking.rows))  # cache slots: every turn's tokens
-        generate_turns(model, tokenizer, prompts, replace(cfg, n=1, seed=cfg.seed * 1_000_003 + k),
-                       lambda j, out: None if (follow := asking.turn(j, out)) is None else encode(follow), need,
+        generate_turns([model], tokenizer, prompts, [replace(cfg, n=1, seed=cfg.seed * 1_000_003 + k)],
+                       lambda j, _, out: None if (follow := asking.turn(j, out)) is None else encode(follow), need,
                        eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id, prefix=header)
         chains = asking.chains()
         on_batch(batch, [chains[j * cfg.n:(j + 1) * cfg.n] for j in range(len(batch))])

@@ -190,30 +190,39 @@ def test_prompt_longer_than_the_model_positions_is_a_clear_error(student, tmp_pa
     assert e.value.code == 1 and "max_position_embeddings" in capsys.readouterr().err
 
 
-def test_turns_in_one_cache_equal_prefilling_each_turn_from_scratch(student):
-    """generate_turns: greedy turns continued in one cache (a turn prefills only what was appended; what a row
-    sampled after its stop is masked out; a row that ends its dialogue early leaves the batch) give the tokens
-    of prefilling prompt + every earlier output + appended text from scratch for each turn."""
-    model, tok = from_pretrained(student), load_tokenizer(student)
-    with torch.no_grad():  # the random init greedily repeats one token; shaken, its rows stop at different steps
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3 * p.std().clamp(min=0.02))
+@pytest.mark.parametrize("n_models", [1, 2])
+def test_turns_in_one_cache_equal_prefilling_each_turn_from_scratch(student, n_models):
+    """generate_turns: greedy turns continued in one cache a model (a turn prefills only what that model has
+    not read: what was appended, and with two models the other's turns; what a row sampled after its stop is
+    masked out; a row that ends its dialogue early leaves the batch) give the tokens of prefilling prompt +
+    every earlier output + appended text from scratch for each turn, with the model whose turn it is."""
+    tok = load_tokenizer(student)
+    models = []
+    for seed in (1, 4)[:n_models]:  # the random init greedily repeats one token; shaken, rows stop at different steps
+        model = from_pretrained(student)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 3 * p.std().clamp(min=0.02))
+        models.append(model)
     prompts = [tok.encode(q).ids for q in ("Q: what?\nA:", "Q: where do people keep their money?\nA:", "Q: who?\nA:")]
-    follow = [tok.encode(x).ids for x in ("\nQ: and then?\nA:", "\nQ: so where is the river?\nA:")]
-    cfg = SampleConfig(n=1, temperature=0.0, max_new_tokens=10, stop=(), stop_after=("\x07",))
-    turns = {0: 3, 1: 2, 2: 3}  # the second row's dialogue ends a turn early
+    follow = [tok.encode(x).ids for x in ("\nQ: and then?\nA:", "", "\nQ: so where is the river?\nA:")]
+    cfgs = [SampleConfig(n=1, temperature=0.0, max_new_tokens=10 - 3 * m, stop=(), stop_after=("\x07",))
+            for m in range(n_models)]
+    turns = {0: 4, 1: 2, 2: 4}  # the second row's dialogue ends early
     seen = {i: 0 for i in turns}
 
-    def turn(i, out):
+    def turn(i, m, out):
+        assert m == seen[i] % n_models  # the models take turns
         seen[i] += 1
-        return follow[seen[i] - 1] if seen[i] < turns[i] else None
+        return follow[(seen[i] - 1) % 3] if seen[i] < turns[i] else None
 
-    outputs = sample.generate_turns(model, tok, prompts, cfg, turn, max_len=128)
-    assert [len(row) for row in outputs] == [3, 2, 3]
-    lengths = [[len(row[t]["tokens"]) for row in outputs if t < len(row)] for t in range(3)]
+    outputs = sample.generate_turns(models, tok, prompts, cfgs, turn, max_len=160)
+    assert [len(row) for row in outputs] == [4, 2, 4]
+    lengths = [[len(row[t]["tokens"]) for row in outputs if t < len(row)] for t in range(4)]
     assert any(min(n) < max(n) for n in lengths), lengths  # a row stopped while another ran on: masked slots
     for i, row in enumerate(outputs):
         text = list(prompts[i])
         for t, out in enumerate(row):
-            assert generate(model, tok, [text], cfg)[0][0] == out, (i, t)
-            text += out["tokens"] + (follow[t] if t + 1 < len(row) else [])
+            m = t % n_models
+            assert generate(models[m], tok, [text], cfgs[m])[0][0] == out, (i, t)
+            text += out["tokens"] + (follow[t % 3] if t + 1 < len(row) else [])
