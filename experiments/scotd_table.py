@@ -257,6 +257,23 @@ def compare(systems, a, b, kind):
             "p": p, "mcnemar": mcnemar(xa, xb), "verdict": verdict(kind, low, high)}
 
 
+def claim_cells(systems, a, b, kind):
+    """A claim row's cells from "A vs B" on: questions, A - B with its interval, p values, verdict."""
+    c = compare(systems, a, b, kind)
+    if c is None:
+        return f"{a} vs {b} | | | | not run yet |"
+    return (f"{a} vs {b} | {c['n']} | {100 * c['diff']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] | "
+            f"{c['p']:.3f} / {c['mcnemar']:.3f} | {c['verdict']} |")
+
+
+def chain_cells(systems, name):
+    """A student row's self-consistency cells: one sampled chain, and the majority vote (with its question count)."""
+    sc = systems.get(f"{name}@sc")
+    if not sc:
+        return "- | -"
+    return f"{bootstrap_cell(systems[f'{name}@chain'].values())} | {acc_cell(sc.values())} ({len(sc)})"
+
+
 def report(args, skipped, wall0):
     out = Path(args.out)
     systems, curves = outcomes(out, args.n, Path(args.teachers))
@@ -272,26 +289,16 @@ def report(args, skipped, wall0):
         steps_run = StepLog(run / "steps.json", None, None).read()
         commands += [step["command"] for step in steps_run.values()]
         total += sum(step["seconds"] for step in steps_run.values())
-        sc = systems.get(f"{s.name}@sc")
         rows.append(f"| {s.what} | {CORPORA[s.corpus] if s.train else '-'} | {steps} | {acc_cell(systems[s.name].values())} "
-                    f"({len(systems[s.name])}) | {bootstrap_cell(systems[f'{s.name}@chain'].values()) if sc else '-'} | "
-                    f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | "
+                    f"({len(systems[s.name])}) | {chain_cells(systems, s.name)} | "
                     + " + ".join(f"{step['seconds'] / 60:.1f}" for step in steps_run.values()) + " |")
     if "teacher" in systems:
-        sc = systems.get("teacher@sc")
         rows.append(f"| teacher: Qwen2.5-Coder-1.5B, 4-shot (T = 1.0, 10 chains) | - | - | "
                     f"{acc_cell(systems['teacher'].values())} ({len(systems['teacher'])}) | "
-                    f"{bootstrap_cell(systems['teacher@chain'].values()) if sc else '-'} | "
-                    f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | see the teacher table |")
+                    f"{chain_cells(systems, 'teacher')} | see the teacher table |")
     claims = ["| paper | claim | A vs B | questions | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
-    for paper, claim, a, b, kind in CLAIMS:
-        c = compare(systems, a, b, kind)
-        if c is None:
-            claims.append(f"| {paper} | {claim} | {a} vs {b} | | | | not run yet |")
-            continue
-        claims.append(f"| {paper} | {claim} | {a} vs {b} | {c['n']} | {100 * c['diff']:+.1f} [{100 * c['low']:+.1f}, "
-                      f"{100 * c['high']:+.1f}] | {c['p']:.3f} / {c['mcnemar']:.3f} | {c['verdict']} |")
+    claims += [f"| {paper} | {claim} | {claim_cells(systems, a, b, kind)}" for paper, claim, a, b, kind in CLAIMS]
     note = (f"CSQA validation (1,221 questions; self-consistency on the first {args.sc_limit}, T = {args.temperature}); "
             f"SmolLM2-135M-Instruct students, seed {args.seed}; verdict margin {100 * MARGIN:.0f} points; "
             f"`@sc`: majority of {args.n} chains. Wall time: minutes of train + greedy + self-consistency, as run.")

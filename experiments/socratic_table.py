@@ -35,9 +35,8 @@ import evaluate  # noqa: E402
 import teacher  # noqa: E402
 import train  # noqa: E402
 from checkpoint import default_student  # noqa: E402
-from report import bootstrap_cell  # noqa: E402
-from scotd_table import (MARGIN, StepLog, acc_cell, compare, predictions, run_step, summary, trained_steps,  # noqa: E402
-                         write_between)
+from scotd_table import (MARGIN, StepLog, acc_cell, chain_cells, claim_cells, predictions, run_step, summary,  # noqa: E402
+                         trained_steps, write_between)
 
 TEST = data.GSM8K_TEST
 CORPUS = ROOT / "data" / "gsm8k_socratic_train.jsonl"
@@ -168,21 +167,14 @@ def report(args, waits, wall0):
         if s.name not in systems:
             rows.append(f"| {s.what} | {trained} | {waits.get(s.name, 'not run yet')} | | | |")
             continue
-        sc = systems.get(f"{s.name}@sc")
         minutes = [v["seconds"] / 60 for v in steps_run.values()]
         if s.decomposer:
             minutes = [v["seconds"] / 60 for v in StepLog(out / s.decomposer / "steps.json", None, None).read().values()] + minutes
         rows.append(f"| {s.what} | {trained} | {acc_cell(systems[s.name].values())} ({len(systems[s.name])}) | "
-                    f"{bootstrap_cell(systems[f'{s.name}@chain'].values()) if sc else '-'} | "
-                    f"{acc_cell(sc.values()) + f' ({len(sc)})' if sc else '-'} | "
-                    + " + ".join(f"{m:.1f}" for m in minutes) + " |")
+                    f"{chain_cells(systems, s.name)} | " + " + ".join(f"{m:.1f}" for m in minutes) + " |")
     claims = ["| claim | A vs B | problems | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
               "| --- | --- | --- | --- | --- | --- |"]
-    for claim, a, b, kind in CLAIMS:
-        c = compare(systems, a, b, kind)
-        claims.append(f"| {claim} | {a} vs {b} | | | | not run yet |" if c is None else
-                      f"| {claim} | {a} vs {b} | {c['n']} | {100 * c['diff']:+.1f} [{100 * c['low']:+.1f}, "
-                      f"{100 * c['high']:+.1f}] | {c['p']:.3f} / {c['mcnemar']:.3f} | {c['verdict']} |")
+    claims += [f"| {claim} | {claim_cells(systems, a, b, kind)}" for claim, a, b, kind in CLAIMS]
     note = (f"GSM8K test (1,319 problems; self-consistency on the first {args.sc_limit}, T = 0.7). Students: "
             f"SmolLM2-135M-Instruct, seed {args.seed}, {args.epochs} epochs over the {kept:,} train problems whose "
             f"sub-questions the teacher wrote for every step ({rejected:,} of the first {kept + rejected:,} rejected), "
