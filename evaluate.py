@@ -195,11 +195,12 @@ def socratic(args, mode, solver, tokenizer, records, prefix, device, dist):
     decomposer = from_pretrained(args.decomposer, device=device, dtype=DTYPES[args.dtype])
     queries = [prefix + data.format_query(r["question"], r.get("choices")) for r in records]
     results = []
+    rows = args.batch_size * max(args.n, 1)  # greedy runs as many rows at a time as sampling does
     for n, temperature, label in ((1, 0.0, "socratic greedy"), (args.n, args.temperature, f"socratic N={args.n}")):
         if n == 0:
             results += [None, 0.0]
             continue
-        cfg = SampleConfig(n=n, temperature=temperature, top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size,
+        cfg = SampleConfig(n=n, temperature=temperature, top_p=args.top_p, top_k=args.top_k, batch_size=rows // n,
                            max_new_tokens=args.max_new_tokens, seed=args.seed)
         outs, seconds = timed(label, len(queries), dist, lambda on_batch: socratic_chains(
             decomposer, solver, tokenizer, queries, cfg, args.max_rounds, on_batch=on_batch))
