@@ -18,6 +18,11 @@
    question, N = 30, T = 1.0, stop at "\\n". Ours prefills the header once for the whole run and each
    question once; HF gets header + question as one prompt and generate(num_return_sequences=30) (which
    prefills it 30 times). On SmolLM2-135M (always here) and on `--teacher FOLDER` (a fetched teacher).
+4. Socratic CoT's two-model loop, as evaluate.py --decomposer runs it: GSM8K test problems, greedy, R rounds
+   of a decomposer turn (16 tokens) then a solver turn (24 tokens), every turn exactly that long (no stop:
+   the models are SmolLM2-135M twice, untrained for the roles, so both sides do the same work). Ours: one
+   dialogue in two KV caches (sample.generate_turns), and, as a second row, our generate() re-prefilling
+   each turn's whole text (the loop before it). HF: each turn generate() on the whole text so far.
 
 Every measurement runs in a fresh subprocess so that peak memory (max RSS on CPU, max allocated on
 CUDA) belongs to that side alone. Prints a markdown table with both figures and the ratio.
@@ -269,6 +274,63 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
     return {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
 
 
+def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=24, reprefill=False):
+    """Socratic CoT's dialogue loop: `rounds` x (decomposer turn of `ask` tokens, solver turn of `solve`)."""
+    from sample import SampleConfig, generate, generate_turns
+
+    folder = model_folder(name)
+    tok = load_tokenizer(folder)
+    prompts = [tok.encode(format_query(r["question"])).ids for r in data.read_corpus(data.GSM8K_TEST)[:questions]]
+    lengths = (ask, solve)
+    torch.manual_seed(0)
+    if side == "ours":
+        models = [from_pretrained(folder, device=device, dtype=dtype) for _ in range(2)]
+        cfgs = [SampleConfig(n=1, max_new_tokens=k, stop=(), batch_size=len(prompts)) for k in lengths]
+
+        def dialogue():
+            if not reprefill:
+                turns = [0] * len(prompts)
+
+                def turn(i, m, out):
+                    turns[i] += 1
+                    return [] if turns[i] < 2 * rounds else None
+                return generate_turns(models, tok, prompts, cfgs, turn, max(map(len, prompts)) + rounds * (ask + solve + 1))
+            texts = [list(p) for p in prompts]
+            for _ in range(rounds):
+                for model, cfg in zip(models, cfgs):
+                    for text, (out,) in zip(texts, generate(model, tok, texts, cfg, pad_id=model.cfg.pad_token_id)):
+                        text += out["tokens"]
+            return texts
+    else:
+        from transformers import AutoModelForCausalLM
+
+        models = [AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval() for _ in range(2)]
+        pad = models[0].config.pad_token_id if models[0].config.pad_token_id is not None else 0
+
+        def dialogue():
+            texts = [list(p) for p in prompts]
+            for _ in range(rounds):
+                for model, k in zip(models, lengths):
+                    T = max(map(len, texts))
+                    ids = torch.tensor([[pad] * (T - len(t)) + t for t in texts], device=device)
+                    mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in texts], device=device)
+                    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=k, min_new_tokens=k,
+                                         pad_token_id=pad)
+                    texts = [t + row for t, row in zip(texts, out[:, T:].tolist())]
+            return texts
+    with torch.no_grad():
+        for model in models:  # warm-up
+            ids = torch.tensor([prompts[0]], device=device)
+            model(ids) if side == "ours" else model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=pad)
+        sync(device)
+        t0 = time.time()
+        dialogue()
+        sync(device)
+        seconds = time.time() - t0
+    generated = len(prompts) * rounds * (ask + solve)
+    return {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
+
+
 # -----------------------------------------------------------------------------
 # Driver
 
@@ -290,7 +352,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher"),
+    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher", "socratic"),
                    help="one group of rows (k30: the K = 30 training workload only)")
     p.add_argument("--teacher", default=None, help="a fetched teacher folder for the teacher rows (besides SmolLM2)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -300,7 +362,7 @@ def main():
         kind = kw.pop("kind")
         kw["device"], kw["dtype"] = torch.device(kw["device"]), DTYPES[kw["dtype"]]
         torch.set_num_threads(kw.pop("threads", torch.get_num_threads()))
-        result = (train_worker if kind == "train" else sample_worker)(**kw)
+        result = {"train": train_worker, "sample": sample_worker, "socratic": socratic_worker}[kind](**kw)
         print(json.dumps(result))
         return
 
@@ -335,6 +397,13 @@ def main():
                       shots=4)
             sample_rows.append((f"teacher.py: {Path(name).name}, 4-shot, {kw['questions']} questions, N=30",
                                 measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
+    if args.only in (None, "socratic"):
+        kw = dict(name="smollm2-135m", questions=8 if q else 32, rounds=4, device=device, dtype=dtype)
+        hf = measure("socratic", "hf", **kw)
+        for reprefill in (False, True):
+            sample_rows.append((f"Socratic two-model loop: smollm2-135m x 2, {kw['questions']} GSM8K problems, greedy, "
+                                f"{kw['rounds']} rounds, {'re-prefilling each turn' if reprefill else 'two KV caches'}",
+                                measure("socratic", "ours", reprefill=reprefill, **kw), hf))
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
