@@ -11,6 +11,9 @@ import argparse
 import ctypes
 import os
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
 
 
 class InputError(Exception):
@@ -74,6 +77,17 @@ def check_device(parser, device):
 def check_file(parser, flag, path):
     if path is not None and not os.path.isfile(path):
         parser.error(f"argument {flag}: no such file: {path}")
+
+
+def portable(path):
+    """A path as a record should keep it: relative to the repository when inside it, "~/..." under the home
+    folder, else absolute -- so a file written in one clone reads the same in another."""
+    path = Path(path).expanduser().resolve()
+    for base, shown in ((ROOT, None), (Path.home().resolve(), "~")):
+        if path.is_relative_to(base):
+            rel = path.relative_to(base).as_posix()
+            return f"{shown}/{rel}" if shown else rel
+    return str(path)
 
 
 # -----------------------------------------------------------------------------

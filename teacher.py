@@ -292,7 +292,7 @@ def main(argv=None):
 
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
     stop = "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}"
-    meta = {"teacher": str(args.teacher), "data": args.data, "exemplar_ids": shot_ids, "prompt": header,
+    meta = {"teacher": cli.portable(args.teacher), "data": cli.portable(args.data), "exemplar_ids": shot_ids, "prompt": header,
             "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
                          "stop": "\\n, or after the question's ? (one question a turn)" if args.socratic else stop,
                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import data
 import sample
 import teacher
@@ -124,3 +125,17 @@ def test_header_is_prefilled_once(student, tmp_path, monkeypatch):
     header, *batches = caches
     assert header.shared is None and header.batch_size == 1  # one cache of its own: the header's, prefilled once
     assert batches and all(c.shared is header for c in batches)  # every batch attends to it, no copy
+
+
+def test_settings_record_paths_as_any_clone_would(student, straight, tmp_path, monkeypatch):
+    """The teacher and data paths in <out>.meta.json are repository-relative or "~/...", so a corpus sampled in
+    one clone (or cwd) resumes in another; given another way (relative to another cwd), the same file matches."""
+    meta = json.loads(straight.with_name(straight.name + ".meta.json").read_text())
+    assert meta["data"] == "data/csqa_palm_train.jsonl.gz"
+    assert cli.portable(Path.home() / "x" / ".." / "y") == "~/y" and cli.portable("/") == "/"
+    out = tmp_path / "c.jsonl"
+    out.write_bytes(straight.read_bytes())
+    (tmp_path / "c.jsonl.meta.json").write_text(straight.with_name(straight.name + ".meta.json").read_text())
+    monkeypatch.chdir(cli.ROOT / "tests")
+    run(student, out, "--data", "../data/csqa_palm_train.jsonl.gz")
+    assert out.read_bytes() == straight.read_bytes()
