@@ -199,7 +199,8 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None,
         if caches[m] is None:
             caches[m] = KVCache(model.cfg, len(rows), max_len, device=device, dtype=dtype, shared=prefill(model, prefix))
         else:  # rows whose dialogue ended since this model's last turn leave its cache
-            caches[m] = caches[m].select_rows([cached[m].index(i) for i in rows])
+            where = {i: r for r, i in enumerate(cached[m])}
+            caches[m] = caches[m].select_rows([where[i] for i in rows])
         cache, cached[m] = caches[m], rows
         unread = [text[i][read[m][i]:] for i in rows]
         assert all(unread), "a turn continues from at least one token the model has not read"
