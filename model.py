@@ -493,9 +493,12 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None, docs=None, branches=None):
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, docs=None, branches=None, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (logits of the target
         positions only (N, V), mean cross-entropy over them).
+
+        last_only: logits (B, 1, V) of the last position alone -- a prefill needs no more, and the head
+        (49k x d for SmolLM2) over every prompt position would be a fifth of its FLOPs and a B x T x V tensor.
 
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding; None means no padding.
         targets (B, T): the token each position should predict (already shifted), -100 = no loss.
@@ -508,7 +511,7 @@ class Transformer(nn.Module):
         if docs is not None:
             assert cache is None and attention_mask is None, "packed rows are for training, without a cache"
             tree = TreeAttention(docs, branches)
-            return self._run(idx, targets, tree.positions, tree, None)
+            return self._run(idx, targets, tree.positions, tree, None, last_only)
         if cache is not None and T == 1 and attention_mask is None:
             return self._decode_step(idx, cache)
         start = 0 if cache is None else cache.length
@@ -528,7 +531,7 @@ class Transformer(nn.Module):
         mask = None
         if cache is not None or (padded and not attention_mask.all()):
             mask = self._attention_mask(key_valid, start, T)
-        out = self._run(idx, targets, positions, mask, cache)
+        out = self._run(idx, targets, positions, mask, cache, last_only)
         if cache is not None:  # the decode step's counters continue from here
             cache.length += T
             cache.slot.fill_(cache.length)
@@ -553,7 +556,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cache
         return cos[positions][:, None], sin[positions][:, None]
 
-    def _run(self, idx, targets, positions, mask, cache):
+    def _run(self, idx, targets, positions, mask, cache, last_only=False):
         x = self.embed_tokens(idx)
         rope = None
         if self.cfg.model_type == "opt":
@@ -572,7 +575,7 @@ class Transformer(nn.Module):
         else:
             x = self.norm(x)
         if targets is None:
-            return self.lm_head(x), None
+            return self.lm_head(x[:, -1:] if last_only else x), None
         # training: the head (49k x d for SmolLM2) runs only where there is a target; the query has none
         trained = targets != -100  # (B, T)
         logits = self.lm_head(x[trained])  # (N_targets, V)

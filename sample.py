@@ -91,7 +91,7 @@ def prefill(model, ids):
         return None
     p = next(model.parameters())
     header = KVCache(model.cfg, 1, len(ids), device=p.device, dtype=p.dtype)
-    model(torch.tensor([ids], device=p.device), cache=header)
+    model(torch.tensor([ids], device=p.device), cache=header, last_only=True)
     return header
 
 
@@ -133,7 +133,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
         cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device, dtype=dtype,
                         static=cfg.compile, shared=header)
-        logits, _ = model(ids, attention_mask=mask, cache=cache)  # one prefill per question
+        logits, _ = model(ids, attention_mask=mask, cache=cache, last_only=True)  # one prefill per question
         logits = logits[:, -1].repeat_interleave(cfg.n, 0)  # (B*n, V)
         cache = cache.repeat_rows(cfg.n)
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
@@ -205,7 +205,7 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None,
         unread = [text[i][read[m][i]:] for i in rows]
         assert all(unread), "a turn continues from at least one token the model has not read"
         ids, mask = left_pad(unread, pad_id, device)
-        logits = model(ids, attention_mask=mask, cache=cache)[0][:, -1]
+        logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[0][:, -1]
         start = cache.length
         out, steps = _decode(model, cache, logits, rows, cfg, generators[m], tokenizer, eos_id, 1, compact=False)
         going = []

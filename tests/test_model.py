@@ -85,8 +85,9 @@ def test_greedy_tokens_equal_transformers(pair):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_decode_equals_full_forward(kind, tmp_path):
-    """Prefill a left-padded batch, decode 6 tokens one at a time; every step's logits equal a full
-    forward over the whole sequence so far (fp32, atol 1e-5)."""
+    """Prefill a left-padded batch (all positions' logits, or the last position's: last_only), decode 6
+    tokens one at a time; every step's logits equal a full forward over the whole sequence so far (fp32,
+    atol 1e-5)."""
     model = from_pretrained(save_hf(make_hf_model(kind), tmp_path))
     ids, mask = left_padded_batch([7, 3, 10], pad_id=0)
     new = torch.randint(3, 99, (3, 6), generator=torch.Generator().manual_seed(4))
@@ -96,6 +97,9 @@ def test_cached_decode_equals_full_forward(kind, tmp_path):
         full, _ = model(ids, attention_mask=mask)
         real = mask.bool()
         torch.testing.assert_close(logits[real], full[real], atol=1e-5, rtol=0)
+        last, _ = model(ids, attention_mask=mask, cache=KVCache(model.cfg, batch_size=3, max_seq_len=32), last_only=True)
+        assert last.shape == (3, 1, model.cfg.vocab_size)  # a prefill's head runs on the last position alone
+        torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
         for t in range(new.shape[1]):
             step, _ = model(new[:, t:t + 1], cache=cache)
             seq = torch.cat([ids, new[:, :t + 1]], 1)
