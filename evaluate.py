@@ -46,6 +46,8 @@ def get_args(argv=None):
     p.add_argument("--n", "--chains", dest="n", type=cli.nonneg_int, default=10,
                    help="chains per question for self-consistency (0 = greedy only); under torchrun write --chains")
     p.add_argument("--temperature", type=cli.nonneg_float, default=0.7, help="0 = greedy chains")
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode greedily first (--no-greedy: the sampled chains alone, for a caller that has the greedy run)")
     p.add_argument("--top-p", type=cli.fraction, default=1.0)
     p.add_argument("--top-k", type=cli.nonneg_int, default=0, help="0 = off")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=96)
@@ -59,6 +61,8 @@ def get_args(argv=None):
     p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval)")
     args = p.parse_args(argv)
+    if not args.greedy and args.n == 0:
+        p.error("--no-greedy with --n 0 leaves nothing to decode")
     cli.check_file(p, "--data", args.data)
     cli.check_device(p, args.device)
     if args.checkpoint is None:
@@ -167,13 +171,14 @@ def merge(shares):
 
 
 def decode(args, mode, model, tokenizer, prompts, dist):
-    """Greedy chains, then args.n sampled chains a question -> (greedy outputs, seconds, chains or None, seconds).
-    For label-first students ("post", "label") greedy stops after the answer sentence: the fast path."""
+    """Greedy chains, then args.n sampled chains a question -> (greedy outputs or None, seconds, chains or None,
+    seconds). For label-first students ("post", "label") greedy stops after the answer sentence: the fast path."""
     batch = max(args.batch_size, 16)
-    greedy_outs, greedy_s = timed("greedy (answer only)" if mode in LABEL_FIRST else "greedy", len(prompts), dist,
-                                  lambda on_batch: greedy(model, tokenizer, prompts, mode, args.max_new_tokens, batch,
-                                                          args.seed, args.compile, batches=my_batches(len(prompts), batch, dist),
-                                                          on_batch=on_batch))
+    greedy_outs, greedy_s = None, 0.0
+    if args.greedy:
+        greedy_outs, greedy_s = timed("greedy (answer only)" if mode in LABEL_FIRST else "greedy", len(prompts), dist,
+            lambda on_batch: greedy(model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
+                                    batches=my_batches(len(prompts), batch, dist), on_batch=on_batch))
     chains, sc_s = None, 0.0
     if args.n > 0:
         sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -196,7 +201,8 @@ def socratic(args, mode, solver, tokenizer, records, prefix, device, dist):
     queries = [prefix + data.format_query(r["question"], r.get("choices")) for r in records]
     results = []
     rows = args.batch_size * max(args.n, 1)  # greedy runs as many rows at a time as sampling does
-    for n, temperature, label in ((1, 0.0, "socratic greedy"), (args.n, args.temperature, f"socratic N={args.n}")):
+    for n, temperature, label in ((int(args.greedy), 0.0, "socratic greedy"),
+                                  (args.n, args.temperature, f"socratic N={args.n}")):
         if n == 0:
             results += [None, 0.0]
             continue
@@ -248,14 +254,20 @@ def main(argv=None):
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it
         shares = dist.gather((greedy_outs, chains))
-        greedy_outs = merge([g for g, _ in shares])
+        greedy_outs = merge([g for g, _ in shares]) if greedy_outs is not None else None
         chains = merge([c for _, c in shares]) if chains is not None else None
         log(f"gathered  {len(prompts):,} questions' outputs from {dist.world} ranks (one all-gather)")
     if not dist.main:
         dist.close()
         return out
-    greedy_answers = [a[0] for a in answers_of(mode, greedy_outs, records)]
-    greedy_tokens = sum(len(o[0]["tokens"]) for o in greedy_outs)
+    table, greedy_acc = ["| metric | value |", "| --- | --- |"], None
+    if greedy_outs:
+        greedy_answers = [a[0] for a in answers_of(mode, greedy_outs, records)]
+        greedy_tokens = sum(len(o[0]["tokens"]) for o in greedy_outs)
+        greedy_acc = float(np.mean([a == g for a, g in zip(greedy_answers, golds)]))
+        table += [f"| greedy accuracy{' (answer only, fast path)' if fast else ''} | {greedy_acc:.1%} |",
+                  f"| greedy abstentions | {np.mean([a is None for a in greedy_answers]):.1%} |",
+                  f"| greedy tokens/s | {greedy_tokens / max(greedy_s, 1e-9):,.0f} |"]
     curve = []
     if chains:
         answers = answers_of(mode, chains, records)
@@ -266,8 +278,10 @@ def main(argv=None):
     preds_path = out / f"predictions-{stem}.jsonl"
     with open(preds_path.with_suffix(".tmp"), "w") as f:
         for i, r in enumerate(records):
-            row = {"id": r["id"], "gold": _shown(golds[i]), "greedy": {"text": greedy_outs[i][0]["text"],
-                   "answer": _shown(greedy_answers[i])}, "greedy_correct": greedy_answers[i] == golds[i]}
+            row = {"id": r["id"], "gold": _shown(golds[i])}
+            if greedy_outs:
+                row["greedy"] = {"text": greedy_outs[i][0]["text"], "answer": _shown(greedy_answers[i])}
+                row["greedy_correct"] = greedy_answers[i] == golds[i]
             if chains:
                 votes = answers[i]
                 row["chains"] = [{"text": c["text"], "answer": _shown(a), "tokens": len(c["tokens"])}
@@ -277,11 +291,6 @@ def main(argv=None):
             f.write(json.dumps(row) + "\n")
     preds_path.with_suffix(".tmp").replace(preds_path)
 
-    greedy_acc = float(np.mean([a == g for a, g in zip(greedy_answers, golds)]))
-    table = ["| metric | value |", "| --- | --- |",
-             f"| greedy accuracy{' (answer only, fast path)' if fast else ''} | {greedy_acc:.1%} |",
-             f"| greedy abstentions | {np.mean([a is None for a in greedy_answers]):.1%} |",
-             f"| greedy tokens/s | {greedy_tokens / max(greedy_s, 1e-9):,.0f} |"]
     if chains:
         flat = [a for q in answers for a in q]
         table += [f"| self-consistency accuracy, N={args.n} (T={args.temperature}) | {curve[-1]:.1%} |",
@@ -289,9 +298,10 @@ def main(argv=None):
                   f"| abstention rate (chains with no answer) | {np.mean([a is None for a in flat]):.1%} |",
                   f"| mean chain length (tokens) | {sc_tokens / len(flat):.1f} |",
                   f"| sampling tokens/s | {sc_tokens / max(sc_s, 1e-9):,.0f} ({sc_s:.0f} s) |"]
-        plot_lines(out / f"vote-curve-{stem}.png",
-                   {"majority vote over k chains": (list(range(1, args.n + 1)), curve),
-                    "greedy": ([1, args.n], [greedy_acc, greedy_acc])},
+        lines = {"majority vote over k chains": (list(range(1, args.n + 1)), curve)}
+        if greedy_acc is not None:
+            lines["greedy"] = ([1, args.n], [greedy_acc, greedy_acc])
+        plot_lines(out / f"vote-curve-{stem}.png", lines,
                    "chains voted over (k)", "accuracy", f"self-consistency on {stem} ({len(records)} questions)")
     print(f"\n{len(records):,} questions from {args.data}, {device}, {args.dtype}\n" + "\n".join(table))
     print(f"\npredictions {preds_path}" + (f"\nplot        {out / f'vote-curve-{stem}.png'}" if chains else ""))

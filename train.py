@@ -294,7 +294,7 @@ def save_checkpoint(folder, raw_model, model, optimizer, scaler, state, args, in
         if torch.cuda.is_available() and next(raw_model.parameters()).is_cuda:
             trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
         save_pretrained(raw_model, folder, tokenizer_from=init, state_dict=weights,
-                        files={RUN_INFO: json.dumps(run_info(args), indent=2) + "\n",
+                        files={RUN_INFO: json.dumps({**run_info(args), "step": state.step}, indent=2) + "\n",
                                STATE_FILE: lambda path: torch.save(trainer_state, path)})
     dist.barrier()
 

@@ -26,6 +26,11 @@ as B" is reproduced when the interval lies above -MARGIN, not reproduced when it
 Resumable: a student is three steps (train, greedy, self-consistency), each skipped once its output is
 there; a train step cut short resumes from its newest `last` save (train.py --resume: the same result as
 an uninterrupted run). Students on the teacher corpus wait until it holds --corpus-questions questions.
+What a step leaves is split in two: the checkpoints (--out, runs/scotd-table/, ignored by git) and the
+record (--record, experiments/scotd-table/, committed): each step's command and seconds, the train
+metrics, and every evaluation's predictions and summary. The record is what the tables are read from, so
+a later session in a fresh clone goes on from it; a student whose evaluation is still to run and whose
+checkpoint is gone trains again (the same seed and data: the same weights).
 Writes experiments/results.md, experiments/vote-curves.png and the table between README's markers.
 """
 
@@ -46,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from checkpoint import default_student  # noqa: E402
+from checkpoint import default_student, read_run_info  # noqa: E402
 from report import bootstrap_cell, mcnemar, paired_bootstrap, plot_lines, wilson, wilson_cell  # noqa: E402
 from scotd import majority_vote  # noqa: E402
 
@@ -141,6 +146,20 @@ def trained_steps(run):
     return max(r["step"] for r in rows)
 
 
+def record_training(run, rec):
+    """A finished train step into the record: its metrics, and trained.json (the steps it took)."""
+    rec.mkdir(parents=True, exist_ok=True)
+    (rec / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    (rec / "trained.json").write_text(json.dumps({"steps": trained_steps(run)}))
+
+
+def has_checkpoint(run, rec):
+    """Is run/last the final checkpoint of the training rec records? (A retraining cut short leaves an earlier one.)"""
+    if not (rec / "trained.json").exists():
+        return False
+    return read_run_info(run / "last").get("step") == json.loads((rec / "trained.json").read_text())["steps"]
+
+
 def run_step(run, step, script, main, argv):
     """script's main(argv), printed as the command it stands for, its time kept in <run>/steps.json."""
     command = f"python {script} " + " ".join(argv).replace(f"{ROOT}/", "")
@@ -153,11 +172,14 @@ def run_step(run, step, script, main, argv):
 
 class Runner:
     def __init__(self, args):
-        self.args, self.out = args, Path(args.out)
+        self.args, self.out, self.record = args, Path(args.out), Path(args.record)
 
     def run(self, s):
         """Train (or resume) and evaluate one student; returns why it was skipped, or None."""
-        a, run = self.args, self.out / s.name
+        a, run, rec = self.args, self.out / s.name, self.record / s.name
+        evaluations = [summary(rec / "greedy")] + ([summary(rec / "sc")] if s.chains else [])
+        if all(e.exists() for e in evaluations):
+            return None
         if s.corpus == "teacher":
             have = len(data.read_finished(a.teacher_corpus))
             if have < a.corpus_questions:
@@ -165,8 +187,8 @@ class Runner:
         checkpoint = run / "last"
         if s.train is None:
             checkpoint = Path(a.init) if a.init else default_student()
-        elif not (run / "trained.json").exists():
-            if s.steps_of and not (self.out / s.steps_of / "trained.json").exists():
+        elif not has_checkpoint(run, rec):  # not trained yet, cut short, or its checkpoint is gone
+            if s.steps_of and not (self.record / s.steps_of / "trained.json").exists():
                 return f"waits for {s.steps_of} (it sets the number of steps)"
             argv = [*s.train, "--out", str(run), "--seed", str(a.seed), "--batch-size", str(a.batch_size),
                     "--eval-every", "0", "--save-every", str(a.save_every)]
@@ -175,25 +197,26 @@ class Runner:
             elif a.train_limit:
                 argv += ["--limit", str(a.train_limit)]
             if s.steps_of:
-                argv += ["--max-steps", str(json.loads((self.out / s.steps_of / "trained.json").read_text())["steps"])]
+                argv += ["--max-steps", str(json.loads((self.record / s.steps_of / "trained.json").read_text())["steps"])]
             elif "--epochs" not in s.train:
                 argv += ["--max-steps", str(a.palm_steps)]
             if a.init:
                 argv += ["--init", str(a.init)]
             # --overwrite: a run that stopped before its first save starts again (it clears only train.py's outputs)
             argv.append("--resume" if (run / "last" / train.STATE_FILE).exists() else "--overwrite")
-            run_step(run, "train", "train.py", train.main, argv)
-            (run / "trained.json").write_text(json.dumps({"steps": trained_steps(run)}))
+            run_step(rec, "train", "train.py", train.main, argv)
+            record_training(run, rec)
         common = ["--checkpoint", str(checkpoint), "--seed", str(a.seed), *s.evaluate]
         if s.train is None:
             common += ["--fewshot", str(a.fewshot)]
-        if not summary(run / "greedy").exists():
-            run_step(run, "greedy", "evaluate.py", evaluate.main,
-                      [*common, "--n", "0", "--limit", str(a.greedy_limit), "--out", str(run / "greedy")])
-        if s.chains and not summary(run / "sc").exists():
-            run_step(run, "self-consistency", "evaluate.py", evaluate.main,
-                      [*common, "--n", str(a.n), "--temperature", str(a.temperature), "--limit", str(a.sc_limit),
-                       "--out", str(run / "sc")])
+        if not summary(rec / "greedy").exists():
+            run_step(rec, "greedy", "evaluate.py", evaluate.main,
+                     [*common, "--n", "0", "--limit", str(a.greedy_limit), "--batch-size", str(a.greedy_batch),
+                      "--out", str(rec / "greedy")])
+        if s.chains and not summary(rec / "sc").exists():
+            run_step(rec, "self-consistency", "evaluate.py", evaluate.main,
+                     [*common, "--n", str(a.n), "--temperature", str(a.temperature), "--limit", str(a.sc_limit),
+                      "--no-greedy", "--out", str(rec / "sc")])
         return None
 
 
@@ -275,7 +298,7 @@ def chain_cells(systems, name):
 
 
 def report(args, skipped, wall0):
-    out = Path(args.out)
+    out = Path(args.record)
     systems, curves = outcomes(out, args.n, Path(args.teachers))
     commands, total = [], 0.0
     rows = [f"| student | trained on | steps x {args.batch_size} | greedy [95 % CI] (questions) | one chain | "
@@ -328,7 +351,9 @@ def write_between(readme, begin, end, text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "runs" / "scotd-table"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "scotd-table"), help="checkpoints (not committed)")
+    p.add_argument("--record", default=None, help="steps, metrics and evaluations, committed: what the tables are "
+                   "read from (default: <--results>/scotd-table)")
     p.add_argument("--only", default=None, help="comma-separated student names (default: all, in order)")
     p.add_argument("--report-only", action="store_true", help="write the tables from what is finished; run nothing")
     p.add_argument("--palm-steps", type=int, default=400)
@@ -337,6 +362,7 @@ def main(argv=None):
     p.add_argument("--corpus-questions", type=int, default=1000)
     p.add_argument("--greedy-limit", type=int, default=0, help="validation questions for greedy (0 = all 1,221)")
     p.add_argument("--sc-limit", type=int, default=400)
+    p.add_argument("--greedy-batch", type=int, default=64, help="questions a greedy batch")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=1337)
@@ -349,6 +375,7 @@ def main(argv=None):
     p.add_argument("--teachers", default=str(TEACHERS), help="teacher_runs.sh's outputs (the teacher's own accuracy)")
     p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")
     args = p.parse_args(argv)
+    args.record = args.record or str(Path(args.results) / "scotd-table")
     names = [s.name for s in STUDENTS]
     only = args.only.split(",") if args.only else names
     if unknown := set(only) - set(names):

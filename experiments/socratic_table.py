@@ -35,8 +35,8 @@ import evaluate  # noqa: E402
 import teacher  # noqa: E402
 import train  # noqa: E402
 from checkpoint import default_student  # noqa: E402
-from scotd_table import (MARGIN, StepLog, acc_cell, chain_cells, claim_cells, predictions, run_step, summary,  # noqa: E402
-                         trained_steps, write_between)
+from scotd_table import (MARGIN, StepLog, acc_cell, chain_cells, claim_cells, has_checkpoint, predictions,  # noqa: E402
+                         record_training, run_step, summary, write_between)
 
 TEST = data.GSM8K_TEST
 CORPUS = ROOT / "data" / "gsm8k_socratic_train.jsonl"
@@ -85,31 +85,44 @@ def same_problem_corpora(corpus, out):
     return *paths, len(kept), len(records) - len(kept)
 
 
+def evaluations(s, args):
+    """(step, evaluate.py flags) of student s's evaluations: greedy, and self-consistency for trained students."""
+    if not s.evaluated:
+        return []
+    steps = [("greedy", ["--n", "0", "--limit", str(args.greedy_limit)])]
+    if s.train is not None:
+        steps.append(("sc", ["--n", str(args.n), "--temperature", "0.7", "--limit", str(args.sc_limit), "--no-greedy"]))
+    return steps
+
+
 def run(args):
-    """Every step not yet done, in order; returns {student: why it waits}."""
-    out, waits = Path(args.out), {}
+    """Every step not yet done, in order; returns {student: why it waits}. Checkpoints go to --out, the rest
+    (steps, metrics, evaluations) to --record, which is committed: a fresh clone goes on from it, training
+    again (the same seed: the same weights) a student whose checkpoint it still needs."""
+    out, record, waits = Path(args.out), Path(args.record), {}
     have = len(data.read_finished(args.corpus)) if Path(args.corpus).exists() else 0
     if have < args.problems:
         if not (Path(args.teacher) / "config.json").exists():
             return {s.name: f"waits for the sub-questions ({have:,} of {args.problems:,} problems in {args.corpus}; "
                             "teacher absent: python experiments/fetch_teachers.py)" for s in STUDENTS}
-        run_step(out / "teacher", "sub-questions", "teacher.py", teacher.main,
+        run_step(record / "teacher", "sub-questions", "teacher.py", teacher.main,
                  ["--socratic", "--teacher", str(args.teacher), "--limit", str(args.problems), "--batch-size",
                   str(args.teacher_batch), "--out", str(args.corpus)])
     paths = dict(zip(("socratic", "cot"), same_problem_corpora(args.corpus, out)))
+    pending = {s.name: [e for e in evaluations(s, args) if not summary(record / s.name / e[0], TEST).exists()]
+               for s in STUDENTS}
+    needed = {name for s in STUDENTS if pending[s.name] for name in (s.name, s.decomposer)}  # checkpoints still read
     for s in STUDENTS:
-        folder = out / s.name
-        if s.train is not None and not (folder / "trained.json").exists():
+        folder, rec = out / s.name, record / s.name
+        if s.train is not None and (not (rec / "trained.json").exists() or s.name in needed and not has_checkpoint(folder, rec)):
             argv = [*s.train, "--data", str(paths[s.corpus]), "--epochs", str(args.epochs), "--out", str(folder),
                     "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
                     "--eval-every", "0", "--save-every", str(args.save_every)]
             argv += ["--init", str(args.init)] if args.init else []
             argv.append("--resume" if (folder / "last" / train.STATE_FILE).exists() else "--overwrite")
-            run_step(folder, "train", "train.py", train.main, argv)
-            (folder / "trained.json").write_text(json.dumps({"steps": trained_steps(folder)}))
-        if not s.evaluated:
-            continue
-        if s.decomposer and not (out / s.decomposer / "trained.json").exists():
+            run_step(rec, "train", "train.py", train.main, argv)
+            record_training(folder, rec)
+        if s.decomposer and not (record / s.decomposer / "trained.json").exists():
             waits[s.name] = f"waits for {s.decomposer}"
             continue
         checkpoint = folder / "last" if s.train is not None else Path(args.init) if args.init else default_student()
@@ -117,11 +130,8 @@ def run(args):
                   "--max-new-tokens", str(args.max_new_tokens), *s.evaluate]
         common += ["--decomposer", str(out / s.decomposer / "last")] if s.decomposer else []
         common += ["--fewshot", str(args.fewshot)] if s.train is None else []
-        for step, flags in (("greedy", ["--n", "0", "--limit", str(args.greedy_limit)]),
-                            ("sc", ["--n", str(args.n), "--temperature", "0.7", "--limit", str(args.sc_limit)])):
-            if (step == "sc" and s.train is None) or summary(folder / step, TEST).exists():
-                continue
-            run_step(folder, step, "evaluate.py", evaluate.main, [*common, *flags, "--out", str(folder / step)])
+        for step, flags in pending[s.name]:
+            run_step(rec, step, "evaluate.py", evaluate.main, [*common, *flags, "--out", str(rec / step)])
     return waits
 
 
@@ -141,7 +151,7 @@ def outcomes(out):
 
 
 def report(args, waits, wall0):
-    out = Path(args.out)
+    out = Path(args.record)
     systems = outcomes(out)
     kept = rejected = 0
     if Path(args.corpus).exists():
@@ -191,7 +201,9 @@ def report(args, waits, wall0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "runs" / "socratic-table"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "socratic-table"), help="checkpoints (not committed)")
+    p.add_argument("--record", default=None, help="steps, metrics and evaluations, committed: what the table is "
+                   "read from (default: experiments/socratic-table beside --results)")
     p.add_argument("--report-only", action="store_true", help="write the tables from what is finished; run nothing")
     p.add_argument("--teacher", default=str(QWEN))
     p.add_argument("--corpus", default=str(CORPUS), help="teacher.py --socratic's output (resumed if short)")
@@ -212,6 +224,7 @@ def main(argv=None):
     p.add_argument("--results", default=str(ROOT / "experiments" / "socratic-results.md"))
     p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")
     args = p.parse_args(argv)
+    args.record = args.record or str(Path(args.results).parent / "socratic-table")
     wall0 = time.time()
     waits = {} if args.report_only else run(args)
     for name, why in waits.items():

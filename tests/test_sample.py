@@ -132,6 +132,15 @@ def test_evaluate_end_to_end_writes_predictions_and_plot(student, tmp_path):
     assert (out / "vote-curve-csqa_palm_validation.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary-csqa_palm_validation.json").read_text())
     assert summary["mode"] == "cot" and len(summary["vote_curve"]) == 4
+    # --no-greedy: the same sampled chains (each batch has its own seed), without the greedy decode
+    alone = evaluate.main(["--checkpoint", str(ckpt / "best"), "--limit", "6", "--n", "4", "--max-new-tokens", "24",
+                           "--no-greedy", "--out", str(tmp_path / "sc")])
+    rows_alone = [json.loads(ln) for ln in (alone / "predictions-csqa_palm_validation.jsonl").read_text().splitlines()]
+    assert [r["chains"] for r in rows_alone] == [r["chains"] for r in rows]
+    assert all("greedy" not in r and "greedy_correct" not in r for r in rows_alone)
+    assert json.loads((alone / "summary-csqa_palm_validation.json").read_text())["greedy_acc"] is None
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(ckpt / "best"), "--n", "0", "--no-greedy"])
 
 
 def test_compiled_decode_step_gives_the_same_tokens(student):

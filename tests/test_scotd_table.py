@@ -3,6 +3,7 @@ writes the tables with intervals and verdicts, and a second invocation runs noth
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def test_one_command_writes_every_cell_and_resumes_to_the_same_tables(setup, cap
     tmp, argv = setup
     table.main(argv)
     first = (tmp / "results" / "results.md").read_text()
-    runs = tmp / "runs"
+    runs = tmp / "results" / "scotd-table"  # the record: what a fresh clone keeps
     steps = {name: json.loads((runs / name / "trained.json").read_text())["steps"] for name in ONLY.split(",")[:-1]}
     assert steps["cot"] == steps["label"] == 2  # --palm-steps
     assert steps["qwen-K1"] == 2 and steps["qwen-Kall"] == 3  # one pass: 6 and 12 examples, 4 a step
@@ -73,6 +74,26 @@ def test_one_command_writes_every_cell_and_resumes_to_the_same_tables(setup, cap
     second = (tmp / "results" / "results.md").read_text()
     strip = lambda text: text.split("This invocation")[0]  # noqa: E731
     assert strip(second) == strip(first)
+
+
+def test_the_record_alone_resumes_and_a_lost_checkpoint_is_trained_again(setup, capsys):
+    """A later session in a fresh clone has the committed record and no checkpoints: what is evaluated stays,
+    and a student whose self-consistency is still to run trains again to the same weights (the same chains)."""
+    tmp, argv = setup
+    table.main(argv)
+    record, runs = tmp / "results" / "scotd-table", tmp / "runs"
+    first = (tmp / "results" / "results.md").read_text().split("This invocation")[0]
+    sc_before = table.predictions(record / "cot" / "sc")
+    shutil.rmtree(runs)
+    capsys.readouterr()
+    table.main(argv)
+    assert ">>> python" not in capsys.readouterr().out
+    assert (tmp / "results" / "results.md").read_text().split("This invocation")[0] == first
+    shutil.rmtree(record / "cot" / "sc")
+    table.main([*argv, "--only", "cot"])
+    out = capsys.readouterr().out
+    assert ">>> python train.py --mode cot" in out and ">>> python evaluate.py" in out
+    assert table.predictions(record / "cot" / "sc") == sc_before
 
 
 def test_teacher_students_wait_for_the_corpus(setup, capsys):

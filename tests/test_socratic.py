@@ -131,6 +131,10 @@ def test_decomposer_and_solver_answer_end_to_end(tmp_path):
     assert rows[0]["greedy"]["text"] == " " + socratic_rationale(SUBQ, STEPS[:1] + [
         "Natalia sold 48+24 = 72 clips altogether in April and May."]) + " So the answer is 72."
     assert [r["greedy"]["answer"] for r in rows] == ["72", "10"] and all(r["vote_correct"] for r in rows)
+    evaluate.main(["--checkpoint", str(tmp_path / "solve" / "last"), "--decomposer", str(tmp_path / "decompose" / "last"),
+                   "--data", str(corpus), "--n", "2", "--no-greedy", "--out", str(tmp_path / "sc")])
+    alone = [json.loads(line) for line in (tmp_path / "sc" / "predictions-c.jsonl").read_text().splitlines()]
+    assert [r["chains"] for r in alone] == [r["chains"] for r in rows] and "greedy" not in alone[0]
     with pytest.raises(evaluate.InputError, match="needs two models"):
         evaluate.main(["--checkpoint", str(tmp_path / "solve" / "last"), "--data", str(corpus), "--n", "0",
                        "--out", str(tmp_path / "e2")])

@@ -4,6 +4,7 @@ test, writes the table with intervals and verdicts, and a second invocation runs
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import data
@@ -40,8 +41,8 @@ def test_one_command_trains_every_variant_on_the_same_problems(tmp_path, capsys)
             "--problems", "73", "--init", str(init), "--epochs", "1", "--batch-size", "4", "--greedy-limit", "4",
             "--sc-limit", "3", "--n", "2", "--max-new-tokens", "12", "--max-len", "2048", "--fewshot", "1"]
     table.main(argv)
-    runs = tmp_path / "runs"
-    socratic, cot = (data.read_corpus(runs / f"{k}-corpus.jsonl") for k in ("socratic", "cot"))
+    socratic, cot = (data.read_corpus(tmp_path / "runs" / f"{k}-corpus.jsonl") for k in ("socratic", "cot"))
+    runs = tmp_path / "socratic-table"  # the record beside results.md: what a fresh clone keeps
     assert [r["id"] for r in socratic] == [r["id"] for r in cot] and len(cot) == 72  # the rejected one left out
     assert cot[0]["rationales"][0]["text"] == data.read_corpus(data.GSM8K_TRAIN)[4]["rationales"][0]["text"]
     steps = {s: json.loads((runs / s / "trained.json").read_text())["steps"] for s in ("cot", "unified", "decompose", "two-model")}
@@ -61,3 +62,12 @@ def test_one_command_trains_every_variant_on_the_same_problems(tmp_path, capsys)
     table.main(argv)  # everything is there: nothing runs, the same tables
     assert ">>> python" not in capsys.readouterr().out
     assert (tmp_path / "results.md").read_text().split("This invocation")[0] == text.split("This invocation")[0]
+
+    # a fresh clone: the record, no checkpoints; the two-model chains still to sample need both models again
+    sc_before = table.predictions(runs / "two-model" / "sc", table.TEST)
+    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(runs / "two-model" / "sc")
+    table.main(argv)
+    out = capsys.readouterr().out
+    assert out.count(">>> python train.py") == 2 and "--mode decompose" in out and "--mode solve" in out
+    assert table.predictions(runs / "two-model" / "sc", table.TEST) == sc_before  # the same seed: the same weights
