@@ -197,7 +197,10 @@ class KVCache:
 
     def repeat_rows(self, n):
         """Each row repeated n times in place order (row b -> rows b*n .. b*n+n-1): one prefill, n chains.
-        Only the filled slots are copied (the rest are zeroed if static); a shared prefix is not copied."""
+        Only the filled slots are copied (the rest are zeroed if static); a shared prefix is not copied.
+        n = 1 (greedy) returns this cache itself: nothing to repeat."""
+        if n == 1:
+            return self
         L, B, n_kv, S, hd = self.k.shape
         new = self._view(self.k.new_empty(L, B * n, n_kv, S, hd), self.v.new_empty(L, B * n, n_kv, S, hd),
                          self.valid.repeat_interleave(n, 0), self.pos.repeat_interleave(n, 0))
