@@ -82,7 +82,7 @@ class Scripted(torch.nn.Module):
         self.stop_at, self.w = stop_at, torch.nn.Parameter(torch.zeros(1))
         self.rows_seen = []
 
-    def forward(self, idx, attention_mask=None, cache=None):
+    def forward(self, idx, attention_mask=None, cache=None, last_only=False):
         B, T = idx.shape
         step = cache.length - self.prompt_len  # -prompt_len at the prefill, then 0, 1, ...
         cache.length += T
@@ -91,7 +91,7 @@ class Scripted(torch.nn.Module):
         for b in range(B):
             row = self.row_ids[b] if B == len(self.row_ids) else self.live[b]
             logits[b, -1, 1 if step >= self.stop_at[row] else 5] = 1.0
-        return logits, None
+        return logits[:, -1:] if last_only else logits, None
 
 
 def make_hf_cfg():
