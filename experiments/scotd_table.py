@@ -2,6 +2,7 @@
 
     nice python experiments/scotd_table.py                 # all of it (many CPU hours); run again to continue
     python experiments/scotd_table.py --report-only        # rewrite results.md, the plot and README's table
+    python experiments/scotd_table.py --workers 3 --batch-size 32 ...   # on a GPU: three students at a time
 
 Students (SmolLM2-135M-Instruct, seed 1337, AdamW lr 1e-4, batch 8; train.py's defaults otherwise):
   on the bundled PaLM corpus (one rationale per question), --palm-steps optimizer steps each (400 x 8 =
@@ -37,6 +38,7 @@ Writes experiments/results.md, experiments/vote-curves.png and the table between
 import argparse
 import json
 import math
+import subprocess
 import sys
 import threading
 import time
@@ -216,8 +218,42 @@ class Runner:
         if s.chains and not summary(rec / "sc").exists():
             run_step(rec, "self-consistency", "evaluate.py", evaluate.main,
                      [*common, "--n", str(a.n), "--temperature", str(a.temperature), "--limit", str(a.sc_limit),
-                      "--no-greedy", "--out", str(rec / "sc")])
+                      "--batch-size", str(a.sc_batch), "--no-greedy", "--out", str(rec / "sc")])
         return None
+
+
+def run_workers(args, argv, names):
+    """Each student of `names` in its own process (this script, --only that student), args.workers at a time,
+    in STUDENTS' order; a student whose step count comes from another (steps_of) starts once that one's
+    training is recorded. For a GPU, where one student's small kernels leave most of it idle. Each
+    process's output goes to <--out>/<student>.log; its skips and failures are reported, and the tables
+    are written once, by the caller, from the record."""
+    queue, running, failed = [s for s in STUDENTS if s.name in names], {}, []
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    try:
+        while queue or running:
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[name]
+                    if proc.returncode:
+                        failed.append(name)
+                    print(f"{'FAILED' if proc.returncode else 'done':9s} {name} (exit {proc.returncode}; {log.name})", flush=True)
+            for s in list(queue):
+                waits_for = s.steps_of in running or s.steps_of in [q.name for q in queue]
+                if len(running) == args.workers or (waits_for and not (Path(args.record) / s.steps_of / "trained.json").exists()):
+                    continue
+                queue.remove(s)
+                log = open(Path(args.out) / f"{s.name}.log", "a")
+                cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--only", s.name, "--workers", "1", "--no-report"]
+                running[s.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                print(f"start     {s.name} ({len(running)} running; {log.name})", flush=True)
+            time.sleep(1)
+    finally:  # Ctrl-C reaches the workers too (one process group): each stops at a safe point; wait for them
+        for proc, log in running.values():
+            proc.wait()
+            log.close()
+    return failed
 
 
 def summary(folder, dev=data.DEFAULT_DEV):
@@ -363,6 +399,9 @@ def main(argv=None):
     p.add_argument("--greedy-limit", type=int, default=0, help="validation questions for greedy (0 = all 1,221)")
     p.add_argument("--sc-limit", type=int, default=400)
     p.add_argument("--greedy-batch", type=int, default=64, help="questions a greedy batch")
+    p.add_argument("--sc-batch", type=int, default=8, help="questions a self-consistency batch (x --n rows)")
+    p.add_argument("--workers", type=int, default=1, help="students run at once, each in its own process (GPU)")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a --workers process
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=1337)
@@ -382,12 +421,16 @@ def main(argv=None):
         p.error(f"--only: unknown students {sorted(unknown)}; expected some of {names}")
     wall0, skipped = time.time(), {}
     runner = Runner(args)
-    if not args.report_only:
+    if args.workers > 1 and not args.report_only:
+        for name in run_workers(args, sys.argv[1:] if argv is None else argv, only):
+            skipped[name] = "failed: see its log in --out"
+    elif not args.report_only:
         for s in STUDENTS:
             if s.name in only and (why := runner.run(s)):
                 skipped[s.name] = why
                 print(f"skip      {s.name}: {why}", flush=True)
-    report(args, skipped, wall0)
+    if not args.no_report:
+        report(args, skipped, wall0)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,25 @@ def test_the_record_alone_resumes_and_a_lost_checkpoint_is_trained_again(setup, 
     assert table.predictions(record / "cot" / "sc") == sc_before
 
 
+def test_workers_run_each_student_in_its_own_process_to_the_same_record(setup, capsys):
+    """--workers 2 (for a GPU): each student in a process of its own; the equal-steps control starts once the
+    student whose steps it takes has recorded its training; every prediction equals the one-process run's."""
+    tmp, argv = setup
+    table.main(argv)  # the one-process record (nothing runs if an earlier test made it)
+    names = ["cot", "qwen-Kall", "qwen-K1-steps"]
+    capsys.readouterr()
+    table.main([*argv, "--only", ",".join(names), "--workers", "2", "--out", str(tmp / "runs-w"),
+                "--results", str(tmp / "results-w")])
+    out = capsys.readouterr().out
+    assert all(f"done      {name} (exit 0;" in out for name in names) and "FAILED" not in out
+    one, many = tmp / "results" / "scotd-table", tmp / "results-w" / "scotd-table"
+    assert json.loads((many / "qwen-K1-steps" / "trained.json").read_text())["steps"] == 3  # qwen-Kall's, not skipped
+    for name in names:
+        for step in ("greedy", "sc"):
+            assert table.predictions(many / name / step) == table.predictions(one / name / step), (name, step)
+    assert ">>> python train.py --mode cot" in (tmp / "runs-w" / "cot.log").read_text()
+
+
 def test_teacher_students_wait_for_the_corpus(setup, capsys):
     tmp, argv = setup
     small = teacher_corpus(tmp / "small.jsonl", questions=3)
