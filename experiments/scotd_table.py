@@ -1,13 +1,15 @@
 """The SCoTD and Wadhwa et al. claims, measured: one command, resumable, every cell with a 95 % interval.
 
-    nice python experiments/scotd_table.py                 # all of it (many CPU hours); run again to continue
-    python experiments/scotd_table.py --report-only        # rewrite results.md, the plot and README's table
-    python experiments/scotd_table.py --workers 3 --batch-size 32 ...   # on a GPU: three students at a time
+    nice python experiments/scotd_table.py                 # the CPU plan (many CPU hours); run again to continue
+    python experiments/scotd_table.py --report-only        # rewrite results.md and the plot from the record
+    # README's table: on one GPU, four students at a time, batch 32, 693 steps (3 epochs of cot) on PaLM
+    python experiments/scotd_table.py --workers 4 --batch-size 32 --palm-steps 693 --greedy-batch 256 \
+        --sc-batch 64 --save-every 100000 --results experiments/gpu --readme README.md
 
 Students (SmolLM2-135M-Instruct, seed 1337, AdamW lr 1e-4, batch 8; train.py's defaults otherwise):
-  on the bundled PaLM corpus (one rationale per question), --palm-steps optimizer steps each (400 x 8 =
-  3,200 examples, 0.43 of an epoch of the 7,388 correct rationales: the least the issue allows, since an
-  epoch of five students does not fit the CPU budget): `label`, `cot`, `cot --filter all`, `post`,
+  on the bundled PaLM corpus (one rationale per question), --palm-steps optimizer steps each (default
+  400 x 8 = 3,200 examples, 0.43 of an epoch of the 7,388 correct rationales, the most a CPU allows; on a
+  GPU 693 x 32, 3 epochs of them, train.py's GPU default): `label`, `cot`, `cot --filter all`, `post`,
   `post-shuffled`;
   on the teacher corpus (data/csqa_qwen_train.jsonl: Qwen2.5-Coder-1.5B, 10 chains per question, its
   correct ones kept): K = 1, 5 and all rationales per question for one pass over the questions (the
@@ -32,7 +34,7 @@ record (--record, experiments/scotd-table/, committed): each step's command and 
 metrics, and every evaluation's predictions and summary. The record is what the tables are read from, so
 a later session in a fresh clone goes on from it; a student whose evaluation is still to run and whose
 checkpoint is gone trains again (the same seed and data: the same weights).
-Writes experiments/results.md, experiments/vote-curves.png and the table between README's markers.
+Writes <--results>/results.md and vote-curves.png, and with --readme the table between its markers.
 """
 
 import argparse
@@ -224,11 +226,12 @@ class Runner:
 
 def run_workers(args, argv, names):
     """Each student of `names` in its own process (this script, --only that student), args.workers at a time,
-    in STUDENTS' order; a student whose step count comes from another (steps_of) starts once that one's
+    in the order of `names`; a student whose step count comes from another (steps_of) starts once that one's
     training is recorded. For a GPU, where one student's small kernels leave most of it idle. Each
     process's output goes to <--out>/<student>.log; its skips and failures are reported, and the tables
     are written once, by the caller, from the record."""
-    queue, running, failed = [s for s in STUDENTS if s.name in names], {}, []
+    by_name = {s.name: s for s in STUDENTS}
+    queue, running, failed = [by_name[name] for name in names], {}, []
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
         while queue or running:
@@ -374,7 +377,8 @@ def report(args, skipped, wall0):
         bands = {name: tuple(zip(*[wilson(sum(c), len(c)) for c in curve])) for name, curve in curves.items()}
         plot_lines(results / "vote-curves.png", series, "chains voted over (k)", "accuracy",
                    f"self-consistency, CSQA validation (first {args.sc_limit}), 95 % bands", bands=bands)
-    write_between(Path(args.readme), README_BEGIN, README_END, f"{note}\n\n{table}")
+    if args.readme:
+        write_between(Path(args.readme), README_BEGIN, README_END, f"{note}\n\n{table}")
     print(text)
 
 
@@ -409,7 +413,8 @@ def main(argv=None):
     p.add_argument("--fewshot", type=int, default=3, help="worked examples in the untuned student's prompt")
     p.add_argument("--init", default=None, help="student folder (default: SmolLM2-135M-Instruct); for smoke tests")
     p.add_argument("--train-limit", type=int, default=None, help="first N PaLM train questions; for smoke tests")
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--readme", default=None, help="README.md whose table (between the markers) to rewrite: "
+                   "README's table is the GPU run's (see README), so a CPU run leaves it alone unless asked")
     p.add_argument("--results", default=str(ROOT / "experiments"), help="folder for results.md and vote-curves.png")
     p.add_argument("--teachers", default=str(TEACHERS), help="teacher_runs.sh's outputs (the teacher's own accuracy)")
     p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")
