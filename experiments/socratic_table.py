@@ -89,9 +89,10 @@ def evaluations(s, args):
     """(step, evaluate.py flags) of student s's evaluations: greedy, and self-consistency for trained students."""
     if not s.evaluated:
         return []
-    steps = [("greedy", ["--n", "0", "--limit", str(args.greedy_limit)])]
+    steps = [("greedy", ["--n", "0", "--limit", str(args.greedy_limit), "--batch-size", str(args.greedy_batch)])]
     if s.train is not None:
-        steps.append(("sc", ["--n", str(args.n), "--temperature", "0.7", "--limit", str(args.sc_limit), "--no-greedy"]))
+        steps.append(("sc", ["--n", str(args.n), "--temperature", "0.7", "--limit", str(args.sc_limit), "--no-greedy",
+                             "--batch-size", str(args.sc_batch)]))
     return steps
 
 
@@ -214,6 +215,8 @@ def main(argv=None):
     p.add_argument("--greedy-limit", type=int, default=0, help="test problems for greedy (0 = all 1,319)")
     p.add_argument("--sc-limit", type=int, default=200)
     p.add_argument("--n", type=int, default=10)
+    p.add_argument("--greedy-batch", type=int, default=16, help="problems a greedy batch")
+    p.add_argument("--sc-batch", type=int, default=8, help="problems a self-consistency batch (x --n rows)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="a chain's tokens (a step's, for the solver)")
     p.add_argument("--max-len", type=int, default=512, help="train.py --max-len")
     p.add_argument("--fewshot", type=int, default=3, help="worked solutions in the untuned student's prompt")

@@ -39,7 +39,8 @@ def test_one_command_trains_every_variant_on_the_same_problems(tmp_path, capsys)
     argv = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.md"), "--readme", str(readme),
             "--teacher", str(tmp_path / "no-teacher"), "--corpus", str(subquestion_corpus(tmp_path / "s.jsonl", 73)),
             "--problems", "73", "--init", str(init), "--epochs", "1", "--batch-size", "4", "--greedy-limit", "4",
-            "--sc-limit", "3", "--n", "2", "--max-new-tokens", "12", "--max-len", "2048", "--fewshot", "1"]
+            "--sc-limit", "3", "--n", "2", "--max-new-tokens", "12", "--max-len", "2048", "--fewshot", "1",
+            "--greedy-batch", "3", "--sc-batch", "2"]
     table.main(argv)
     socratic, cot = (data.read_corpus(tmp_path / "runs" / f"{k}-corpus.jsonl") for k in ("socratic", "cot"))
     runs = tmp_path / "socratic-table"  # the record beside results.md: what a fresh clone keeps
@@ -56,6 +57,7 @@ def test_one_command_trains_every_variant_on_the_same_problems(tmp_path, capsys)
         row = next(line for line in text.splitlines() if claim in line)
         assert any(v in row for v in ("| reproduced |", "| not reproduced |", "| inconclusive at this size |")), row
     assert "(1 of the first 73 rejected)" in text and "--decomposer" in text
+    assert "--n 0 --limit 4 --batch-size 3 " in text and "--no-greedy --batch-size 2 " in text  # the GPU's batches
     assert "OLD TABLE" not in readme.read_text() and "| Socratic, two models" in readme.read_text()
 
     capsys.readouterr()
