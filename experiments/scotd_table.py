@@ -52,6 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
@@ -150,6 +151,12 @@ def trained_steps(run):
     return max(r["step"] for r in rows)
 
 
+def trained(rec):
+    """The steps of the training recorded in rec (its trained.json), or None while it has not finished."""
+    path = rec / "trained.json"
+    return json.loads(path.read_text())["steps"] if path.exists() else None
+
+
 def record_training(run, rec):
     """A finished train step into the record: its metrics, and trained.json (the steps it took)."""
     rec.mkdir(parents=True, exist_ok=True)
@@ -159,9 +166,7 @@ def record_training(run, rec):
 
 def has_checkpoint(run, rec):
     """Is run/last the final checkpoint of the training rec records? (A retraining cut short leaves an earlier one.)"""
-    if not (rec / "trained.json").exists():
-        return False
-    return read_run_info(run / "last").get("step") == json.loads((rec / "trained.json").read_text())["steps"]
+    return trained(rec) is not None and read_run_info(run / "last").get("step") == trained(rec)
 
 
 def run_step(run, step, script, main, argv):
@@ -192,7 +197,7 @@ class Runner:
         if s.train is None:
             checkpoint = Path(a.init) if a.init else default_student()
         elif not has_checkpoint(run, rec):  # not trained yet, cut short, or its checkpoint is gone
-            if s.steps_of and not (self.record / s.steps_of / "trained.json").exists():
+            if s.steps_of and trained(self.record / s.steps_of) is None:
                 return f"waits for {s.steps_of} (it sets the number of steps)"
             argv = [*s.train, "--out", str(run), "--seed", str(a.seed), "--batch-size", str(a.batch_size),
                     "--eval-every", "0", "--save-every", str(a.save_every)]
@@ -201,7 +206,7 @@ class Runner:
             elif a.train_limit:
                 argv += ["--limit", str(a.train_limit)]
             if s.steps_of:
-                argv += ["--max-steps", str(json.loads((self.record / s.steps_of / "trained.json").read_text())["steps"])]
+                argv += ["--max-steps", str(trained(self.record / s.steps_of))]
             elif "--epochs" not in s.train:
                 argv += ["--max-steps", str(a.palm_steps)]
             if a.init:
@@ -228,35 +233,40 @@ def run_workers(args, argv, names):
     """Each student of `names` in its own process (this script, --only that student), args.workers at a time,
     in the order of `names`; a student whose step count comes from another (steps_of) starts once that one's
     training is recorded. For a GPU, where one student's small kernels leave most of it idle. Each
-    process's output goes to <--out>/<student>.log; its skips and failures are reported, and the tables
-    are written once, by the caller, from the record."""
+    process's output goes to <--out>/<student>.log. -> {student: why it did not finish}: its own skip line
+    ("waits for ..."), or its failure; the tables are written once, by the caller, from the record."""
     by_name = {s.name: s for s in STUDENTS}
-    queue, running, failed = [by_name[name] for name in names], {}, []
+    queue, running, skipped = [by_name[name] for name in names], {}, {}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
         while queue or running:
-            for name, (proc, log) in list(running.items()):
+            for name, (proc, log, start) in list(running.items()):
                 if proc.poll() is not None:
                     log.close()
                     del running[name]
+                    this_run = Path(log.name).read_bytes()[start:].decode(errors="replace").splitlines()
+                    why = next((line.split(": ", 1)[1] for line in this_run if line.startswith(f"skip      {name}: ")), None)
                     if proc.returncode:
-                        failed.append(name)
-                    print(f"{'FAILED' if proc.returncode else 'done':9s} {name} (exit {proc.returncode}; {log.name})", flush=True)
+                        why = f"failed (exit {proc.returncode}): see {log.name}"
+                    if why:
+                        skipped[name] = why
+                    print(f"{'FAILED' if proc.returncode else 'skipped' if why else 'done':9s} {name} "
+                          f"(exit {proc.returncode}; {log.name}){': ' + why if why else ''}", flush=True)
             for s in list(queue):
                 waits_for = s.steps_of in running or s.steps_of in [q.name for q in queue]
-                if len(running) == args.workers or (waits_for and not (Path(args.record) / s.steps_of / "trained.json").exists()):
+                if len(running) == args.workers or (waits_for and trained(Path(args.record) / s.steps_of) is None):
                     continue
                 queue.remove(s)
                 log = open(Path(args.out) / f"{s.name}.log", "a")
                 cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--only", s.name, "--workers", "1", "--no-report"]
-                running[s.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                running[s.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, log.tell())
                 print(f"start     {s.name} ({len(running)} running; {log.name})", flush=True)
             time.sleep(1)
     finally:  # Ctrl-C reaches the workers too (one process group): each stops at a safe point; wait for them
-        for proc, log in running.values():
+        for proc, log, _ in running.values():
             proc.wait()
             log.close()
-    return failed
+    return skipped
 
 
 def summary(folder, dev=data.DEFAULT_DEV):
@@ -347,7 +357,7 @@ def report(args, skipped, wall0):
         if s.name not in systems:
             rows.append(f"| {s.what} | {CORPORA[s.corpus] if s.train else '-'} | | {skipped.get(s.name, 'not run yet')} | | | |")
             continue
-        steps = json.loads((run / "trained.json").read_text())["steps"] if (run / "trained.json").exists() else "-"
+        steps = trained(run) or "-"
         steps_run = StepLog(run / "steps.json", None, None).read()
         commands += [step["command"] for step in steps_run.values()]
         total += sum(step["seconds"] for step in steps_run.values())
@@ -404,7 +414,7 @@ def main(argv=None):
     p.add_argument("--sc-limit", type=int, default=400)
     p.add_argument("--greedy-batch", type=int, default=64, help="questions a greedy batch")
     p.add_argument("--sc-batch", type=int, default=8, help="questions a self-consistency batch (x --n rows)")
-    p.add_argument("--workers", type=int, default=1, help="students run at once, each in its own process (GPU)")
+    p.add_argument("--workers", type=cli.positive_int, default=1, help="students run at once, each in its own process (GPU)")
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a --workers process
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -425,11 +435,10 @@ def main(argv=None):
     if unknown := set(only) - set(names):
         p.error(f"--only: unknown students {sorted(unknown)}; expected some of {names}")
     wall0, skipped = time.time(), {}
-    runner = Runner(args)
     if args.workers > 1 and not args.report_only:
-        for name in run_workers(args, sys.argv[1:] if argv is None else argv, only):
-            skipped[name] = "failed: see its log in --out"
+        skipped = run_workers(args, sys.argv[1:] if argv is None else argv, only)
     elif not args.report_only:
+        runner = Runner(args)
         for s in STUDENTS:
             if s.name in only and (why := runner.run(s)):
                 skipped[s.name] = why

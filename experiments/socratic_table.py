@@ -20,7 +20,6 @@ at this size". Writes experiments/socratic-results.md and the table between READ
 """
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import teacher  # noqa: E402
 import train  # noqa: E402
 from checkpoint import default_student  # noqa: E402
 from scotd_table import (MARGIN, StepLog, acc_cell, chain_cells, claim_cells, has_checkpoint, predictions,  # noqa: E402
-                         record_training, run_step, summary, write_between)
+                         record_training, run_step, summary, trained, write_between)
 
 TEST = data.GSM8K_TEST
 CORPUS = ROOT / "data" / "gsm8k_socratic_train.jsonl"
@@ -112,10 +111,10 @@ def run(args):
     paths = dict(zip(("socratic", "cot"), same_problem_corpora(args.corpus, out)))
     pending = {s.name: [e for e in evaluations(s, args) if not summary(record / s.name / e[0], TEST).exists()]
                for s in STUDENTS}
-    needed = {name for s in STUDENTS if pending[s.name] for name in (s.name, s.decomposer)}  # checkpoints still read
+    needed = {name for s in STUDENTS if pending[s.name] for name in (s.name, s.decomposer) if name}  # checkpoints still read
     for s in STUDENTS:
         folder, rec = out / s.name, record / s.name
-        if s.train is not None and (not (rec / "trained.json").exists() or s.name in needed and not has_checkpoint(folder, rec)):
+        if s.train is not None and (trained(rec) is None or s.name in needed and not has_checkpoint(folder, rec)):
             argv = [*s.train, "--data", str(paths[s.corpus]), "--epochs", str(args.epochs), "--out", str(folder),
                     "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
                     "--eval-every", "0", "--save-every", str(args.save_every)]
@@ -123,7 +122,7 @@ def run(args):
             argv.append("--resume" if (folder / "last" / train.STATE_FILE).exists() else "--overwrite")
             run_step(rec, "train", "train.py", train.main, argv)
             record_training(folder, rec)
-        if s.decomposer and not (record / s.decomposer / "trained.json").exists():
+        if s.decomposer and trained(record / s.decomposer) is None:
             waits[s.name] = f"waits for {s.decomposer}"
             continue
         checkpoint = folder / "last" if s.train is not None else Path(args.init) if args.init else default_student()
@@ -172,16 +171,16 @@ def report(args, waits, wall0):
         total += sum(step["seconds"] for step in steps_run.values())
         if not s.evaluated:
             continue
-        trained = json.loads((folder / "trained.json").read_text())["steps"] if (folder / "trained.json").exists() else "-"
-        if s.decomposer and (out / s.decomposer / "trained.json").exists():
-            trained = f"{json.loads((out / s.decomposer / 'trained.json').read_text())['steps']} + {trained}"
+        steps = trained(folder) or "-"
+        if s.decomposer and trained(out / s.decomposer) is not None:
+            steps = f"{trained(out / s.decomposer)} + {steps}"
         if s.name not in systems:
-            rows.append(f"| {s.what} | {trained} | {waits.get(s.name, 'not run yet')} | | | |")
+            rows.append(f"| {s.what} | {steps} | {waits.get(s.name, 'not run yet')} | | | |")
             continue
         minutes = [v["seconds"] / 60 for v in steps_run.values()]
         if s.decomposer:
             minutes = [v["seconds"] / 60 for v in StepLog(out / s.decomposer / "steps.json", None, None).read().values()] + minutes
-        rows.append(f"| {s.what} | {trained} | {acc_cell(systems[s.name].values())} ({len(systems[s.name])}) | "
+        rows.append(f"| {s.what} | {steps} | {acc_cell(systems[s.name].values())} ({len(systems[s.name])}) | "
                     f"{chain_cells(systems, s.name)} | " + " + ".join(f"{m:.1f}" for m in minutes) + " |")
     claims = ["| claim | A vs B | problems | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
               "| --- | --- | --- | --- | --- | --- |"]

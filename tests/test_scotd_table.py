@@ -127,6 +127,21 @@ def test_teacher_students_wait_for_the_corpus(setup, capsys):
     assert "waits for the teacher corpus" in (tmp / "results2" / "results.md").read_text()
     assert not (tmp / "runs2" / "qwen-K1").exists()
 
+    # the same under --workers: each process's skip line reaches the caller's report, not a bare "done"
+    table.main([*argv[:-4], "--teacher-corpus", str(small), "--corpus-questions", "6", "--out", str(tmp / "runs3"),
+                "--only", "qwen-K1,qwen-K1-steps", "--results", str(tmp / "results3"), "--workers", "2"])
+    out = capsys.readouterr().out
+    assert f"skipped   qwen-K1 (exit 0; {tmp / 'runs3' / 'qwen-K1.log'}): waits for the teacher corpus (3 of 6" in out
+    assert "skipped   qwen-K1-steps (exit 0;" in out and "done " not in out
+    results = (tmp / "results3" / "results.md").read_text()
+    assert results.count("| waits for the teacher corpus (3 of 6 questions") == 2  # the two rows
+
+
+def test_workers_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        table.main(["--workers", "0", "--report-only"])
+    assert "argument --workers: must be >= 1, got 0" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("kind,low,high,expected", [
     ("beats", 0.001, 0.08, "reproduced"), ("beats", -0.03, 0.019, "not reproduced"),
