@@ -20,6 +20,7 @@ at this size". Writes experiments/socratic-results.md and the table between READ
 """
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -159,7 +160,7 @@ def report(args, waits, wall0):
         kept = sum(bool(r["rationales"]) for r in records)
         rejected = len(records) - kept
     rows = [f"| student | steps x {args.batch_size} | greedy, test [95 % CI] (problems) | one chain | majority of {args.n} | "
-            "wall time (min) |", "| --- | --- | --- | --- | --- | --- |"]
+            "wall time (min) | evaluated on |", "| --- | --- | --- | --- | --- | --- | --- |"]
     commands, total = [], 0.0
     for step in StepLog(out / "teacher" / "steps.json", None, None).read().values():
         commands.append(step["command"])
@@ -175,13 +176,15 @@ def report(args, waits, wall0):
         if s.decomposer and trained(out / s.decomposer) is not None:
             steps = f"{trained(out / s.decomposer)} + {steps}"
         if s.name not in systems:
-            rows.append(f"| {s.what} | {steps} | {waits.get(s.name, 'not run yet')} | | | |")
+            rows.append(f"| {s.what} | {steps} | {waits.get(s.name, 'not run yet')} | | | | |")
             continue
         minutes = [v["seconds"] / 60 for v in steps_run.values()]
         if s.decomposer:
             minutes = [v["seconds"] / 60 for v in StepLog(out / s.decomposer / "steps.json", None, None).read().values()] + minutes
+        ran = json.loads(summary(folder / "greedy", TEST).read_text())  # a row's device: the table may mix machines
         rows.append(f"| {s.what} | {steps} | {acc_cell(systems[s.name].values())} ({len(systems[s.name])}) | "
-                    f"{chain_cells(systems, s.name)} | " + " + ".join(f"{m:.1f}" for m in minutes) + " |")
+                    f"{chain_cells(systems, s.name)} | " + " + ".join(f"{m:.1f}" for m in minutes)
+                    + f" | {ran['device']}, {ran['dtype']} |")
     claims = ["| claim | A vs B | problems | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
               "| --- | --- | --- | --- | --- | --- |"]
     claims += [f"| {claim} | {claim_cells(systems, a, b, kind)}" for claim, a, b, kind in CLAIMS]

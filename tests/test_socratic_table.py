@@ -57,6 +57,7 @@ def test_one_command_trains_every_variant_on_the_same_problems(tmp_path, capsys)
         row = next(line for line in text.splitlines() if claim in line)
         assert any(v in row for v in ("| reproduced |", "| not reproduced |", "| inconclusive at this size |")), row
     assert "(1 of the first 73 rejected)" in text and "--decomposer" in text
+    assert text.count(" | cpu, float32 |") == 4  # where each row was evaluated
     assert "--n 0 --limit 4 --batch-size 3 " in text and "--no-greedy --batch-size 2 " in text  # the GPU's batches
     assert "OLD TABLE" not in readme.read_text() and "| Socratic, two models" in readme.read_text()
 
