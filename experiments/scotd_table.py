@@ -164,9 +164,15 @@ def record_training(run, rec):
     (rec / "trained.json").write_text(json.dumps({"steps": trained_steps(run)}))
 
 
+def skip_line(name, why):
+    """The line a skipped student prints; run_workers reads it back from a --workers process's log."""
+    return f"skip      {name}: {why}"
+
+
 def has_checkpoint(run, rec):
     """Is run/last the final checkpoint of the training rec records? (A retraining cut short leaves an earlier one.)"""
-    return trained(rec) is not None and read_run_info(run / "last").get("step") == trained(rec)
+    steps = trained(rec)
+    return steps is not None and read_run_info(run / "last").get("step") == steps
 
 
 def run_step(run, step, script, main, argv):
@@ -245,7 +251,8 @@ def run_workers(args, argv, names):
                     log.close()
                     del running[name]
                     this_run = Path(log.name).read_bytes()[start:].decode(errors="replace").splitlines()
-                    why = next((line.split(": ", 1)[1] for line in this_run if line.startswith(f"skip      {name}: ")), None)
+                    prefix = skip_line(name, "")
+                    why = next((line[len(prefix):] for line in this_run if line.startswith(prefix)), None)
                     if proc.returncode:
                         why = f"failed (exit {proc.returncode}): see {log.name}"
                     if why:
@@ -442,7 +449,7 @@ def main(argv=None):
         for s in STUDENTS:
             if s.name in only and (why := runner.run(s)):
                 skipped[s.name] = why
-                print(f"skip      {s.name}: {why}", flush=True)
+                print(skip_line(s.name, why), flush=True)
     if not args.no_report:
         report(args, skipped, wall0)
 

@@ -36,7 +36,7 @@ import teacher  # noqa: E402
 import train  # noqa: E402
 from checkpoint import default_student  # noqa: E402
 from scotd_table import (MARGIN, StepLog, acc_cell, chain_cells, claim_cells, has_checkpoint, predictions,  # noqa: E402
-                         record_training, run_step, summary, trained, write_between)
+                         record_training, run_step, skip_line, summary, trained, write_between)
 
 TEST = data.GSM8K_TEST
 CORPUS = ROOT / "data" / "gsm8k_socratic_train.jsonl"
@@ -233,7 +233,7 @@ def main(argv=None):
     wall0 = time.time()
     waits = {} if args.report_only else run(args)
     for name, why in waits.items():
-        print(f"skip      {name}: {why}", flush=True)
+        print(skip_line(name, why), flush=True)
     report(args, waits, wall0)
 
 
