@@ -9,7 +9,8 @@
 
 Prints a table (greedy accuracy, self-consistency accuracy at N, abstention rate, mean chain length,
 tokens/s) and writes, next to the checkpoint, predictions JSONL (every chain, its parsed answer, the
-vote, the gold answer) and a PNG of accuracy against the number of chains voted over.
+vote, the gold answer) and a PNG of accuracy against the number of chains voted over. An interrupted run
+goes on where it stopped: run the same command again (finished batches wait in <out>/partial-<data>.jsonl).
 """
 
 import argparse
@@ -119,16 +120,18 @@ class Socratic:
 
 
 @torch.no_grad()
-def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, on_batch=None):
+def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, batches=None, on_batch=None):
     """Socratic CoT with two models (Shridhar et al. 2022): cfg.n chains a query, each a dialogue in which the
     decomposer asks the next sub-question and the solver answers it (Socratic). A batch of cfg.batch_size
     queries (x n rows) runs all its rounds in one pair of caches (sample.generate_turns: each model prefills
     only the other's last turn), and samples from seed (cfg.seed, batch k) as generate() does.
-    -> per query, cfg.n dicts {"text", "tokens"}; on_batch(indices, outs) as generate()'s."""
+    -> per query, cfg.n dicts {"text", "tokens"}; batches and on_batch(indices, outs) as generate()'s."""
     ask = replace(cfg, n=1, stop=(SUB.strip(), "\n"), max_new_tokens=48)
     solve = replace(cfg, n=1, stop=("\n",))
     results = [None] * len(queries)
-    for k, batch in enumerate(batch_slices(len(queries), cfg.batch_size)):
+    layout = batch_slices(len(queries), cfg.batch_size)
+    for k in range(len(layout)) if batches is None else batches:
+        batch = layout[k]
         prompts = [tokenizer.encode(queries[q]).ids for q in batch for _ in range(cfg.n)]
         seeds = [replace(c, seed=(cfg.seed * 1_000_003 + k) * 2 + m) for m, c in enumerate((ask, solve))]
         # cache slots: the prompt, then a round's turns (each model's cache holds both: what it wrote, what it read)
@@ -155,14 +158,70 @@ def my_batches(n_prompts, batch_size, dist):
     return range(dist.rank, len(batch_slices(n_prompts, batch_size)), dist.world)
 
 
-def timed(label, n_prompts, dist, decode):
-    """decode(on_batch) with a progress bar on rank 0 (each rank does 1/world of the questions) -> (outputs, s)."""
-    bar = Progress(n_prompts, label) if dist.main else None
-    t0 = time.time()
-    outs = decode((lambda batch, _: bar.update(len(batch) * dist.world)) if bar else None)
+class Journal:
+    """<out>/partial-<data>.jsonl: each finished batch's outputs, appended as the batch ends, so that an
+    interrupted evaluation (a killed session, Ctrl-C, a crash) goes on where it stopped: the same command
+    decodes only the batches the journal lacks and, batch k sampling from its own seed, writes what one
+    uninterrupted run writes. Line 1 is the run's settings (every flag but --out, the weights' file sizes
+    and times); a journal of other settings is discarded, never mixed in. Removed once the predictions
+    are written. path None (under torchrun): kept in memory only."""
+
+    def __init__(self, path, settings, log):
+        self.path, self.done = path, {}  # (step, batch k) -> {"seconds", "outs"}
+        if path is None:
+            return
+        settings = json.loads(json.dumps(settings))
+        raw = path.read_text(encoding="utf-8") if path.exists() else ""
+        lines = raw[:raw.rfind("\n") + 1].splitlines()  # a cut last line: that batch is decoded again
+        rows = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not JSON ({e.msg}); delete the file to start this evaluation over")
+        if rows and rows[0] == {"settings": settings}:
+            self.done = {(r["step"], r["batch"]): r for r in rows[1:]}
+            log(f"resume    {len(self.done):,} finished batches from {path} (an interrupted run of these settings)")
+            return
+        if rows:
+            log(f"note      {path}: an interrupted run with other settings, discarded")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
+
+    def add(self, step, k, seconds, outs):
+        row = {"step": step, "batch": k, "seconds": round(seconds, 3), "outs": outs}
+        self.done[(step, k)] = row
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def close(self):
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def timed(step, label, n_prompts, batch_size, dist, journal, decode):
+    """decode(batches, on_batch) over this rank's batches that the journal lacks, with a progress bar on rank 0
+    (each rank does 1/world of the questions); each batch goes into the journal as it ends -> (outputs, seconds
+    spent decoding them, this run's and the interrupted runs' together)."""
+    layout, mine = batch_slices(n_prompts, batch_size), my_batches(n_prompts, batch_size, dist)
+    todo = [k for k in mine if (step, k) not in journal.done]
+    bar = Progress(n_prompts, label, start=sum(len(layout[k]) for k in mine if k not in todo) * dist.world) \
+        if dist.main else None
+    clock = [time.time()]
+
+    def on_batch(batch, outs):
+        journal.add(step, batch[0] // batch_size, time.time() - clock[0], outs)
+        clock[0] = time.time()
+        if bar:
+            bar.update(len(batch) * dist.world)
+
+    outs = decode(todo, on_batch)
     if bar:
         bar.close()
-    return outs, time.time() - t0
+    for k in mine:
+        outs[layout[k].start:layout[k].stop] = journal.done[(step, k)]["outs"]
+    return outs, sum(journal.done[(step, k)]["seconds"] for k in mine)
 
 
 def merge(shares):
@@ -170,27 +229,28 @@ def merge(shares):
     return [next(s[i] for s in shares if s[i] is not None) for i in range(len(shares[0]))]
 
 
-def decode(args, mode, model, tokenizer, prompts, dist):
+def decode(args, mode, model, tokenizer, prompts, dist, journal):
     """Greedy chains, then args.n sampled chains a question -> (greedy outputs or None, seconds, chains or None,
     seconds). For label-first students ("post", "label") greedy stops after the answer sentence: the fast path."""
     batch = max(args.batch_size, 16)
     greedy_outs, greedy_s = None, 0.0
     if args.greedy:
-        greedy_outs, greedy_s = timed("greedy (answer only)" if mode in LABEL_FIRST else "greedy", len(prompts), dist,
-            lambda on_batch: greedy(model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
-                                    batches=my_batches(len(prompts), batch, dist), on_batch=on_batch))
+        label = "greedy (answer only)" if mode in LABEL_FIRST else "greedy"
+        greedy_outs, greedy_s = timed("greedy", label, len(prompts), batch, dist, journal, lambda batches, on_batch:
+            greedy(model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
+                   batches=batches, on_batch=on_batch))
     chains, sc_s = None, 0.0
     if args.n > 0:
         sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               compile=args.compile)
-        chains, sc_s = timed(f"sample N={args.n}", len(prompts), dist, lambda on_batch: generate(
-            model, tokenizer, prompts, sc_cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
-            batches=my_batches(len(prompts), args.batch_size, dist), on_batch=on_batch))
+        chains, sc_s = timed("chains", f"sample N={args.n}", len(prompts), args.batch_size, dist, journal,
+            lambda batches, on_batch: generate(model, tokenizer, prompts, sc_cfg, eos_id=model.cfg.eos_token_id,
+                                               pad_id=model.cfg.pad_token_id, batches=batches, on_batch=on_batch))
     return greedy_outs, greedy_s, chains, sc_s
 
 
-def socratic(args, mode, solver, tokenizer, records, prefix, device, dist):
+def socratic(args, mode, solver, tokenizer, records, prefix, device, dist, journal):
     """decode()'s counterpart for Socratic CoT: --checkpoint the solver, --decomposer the decomposer."""
     if mode != "solve" or not args.decomposer:
         raise InputError(f"Socratic CoT needs two models: --checkpoint trained with --mode solve (this one: {mode}) and "
@@ -201,17 +261,28 @@ def socratic(args, mode, solver, tokenizer, records, prefix, device, dist):
     queries = [prefix + data.format_query(r["question"], r.get("choices")) for r in records]
     results = []
     rows = args.batch_size * max(args.n, 1)  # greedy runs as many rows at a time as sampling does
-    for n, temperature, label in ((int(args.greedy), 0.0, "socratic greedy"),
-                                  (args.n, args.temperature, f"socratic N={args.n}")):
+    for step, n, temperature, label in (("greedy", int(args.greedy), 0.0, "socratic greedy"),
+                                        ("chains", args.n, args.temperature, f"socratic N={args.n}")):
         if n == 0:
             results += [None, 0.0]
             continue
         cfg = SampleConfig(n=n, temperature=temperature, top_p=args.top_p, top_k=args.top_k, batch_size=rows // n,
                            max_new_tokens=args.max_new_tokens, seed=args.seed)
-        outs, seconds = timed(label, len(queries), dist, lambda on_batch: socratic_chains(
-            decomposer, solver, tokenizer, queries, cfg, args.max_rounds, on_batch=on_batch))
-        results += [outs, seconds]
+        results += timed(step, label, len(queries), cfg.batch_size, dist, journal, lambda batches, on_batch:
+            socratic_chains(decomposer, solver, tokenizer, queries, cfg, args.max_rounds, batches=batches,
+                            on_batch=on_batch))
     return tuple(results)
+
+
+def settings_of(args, device):
+    """What an evaluation's outputs depend on (a Journal's first line): every flag but --out, and the size and
+    time of each weights file it reads."""
+    settings = {k: str(v) for k, v in sorted(vars(args).items()) if k != "out"} | {"device_type": device.type}
+    for flag in ("checkpoint", "decomposer"):
+        if getattr(args, flag):
+            settings[f"{flag} weights"] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                           for f in sorted(Path(getattr(args, flag)).glob("*.safetensors"))]
+    return settings
 
 
 def main(argv=None):
@@ -244,14 +315,16 @@ def main(argv=None):
     log(f"data      {args.data}: {len(records):,} of {total:,} questions"
           f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
+    out = Path(args.out) if args.out else checkpoint.parent / "eval"
+    stem = Path(args.data).name.split(".")[0]
+    journal = Journal(out / f"partial-{stem}.jsonl" if dist.world == 1 else None, settings_of(args, device), log)
     if mode in SOCRATIC_ROLES or args.decomposer:
-        greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, records, prefix, device, dist)
+        greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, records, prefix, device, dist, journal)
         mode = "cot"  # the chains read as a unified model's: the answer after the last "answer is"
     else:
-        greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, dist)
+        greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, dist, journal)
     fast = mode in LABEL_FIRST
 
-    out = Path(args.out) if args.out else checkpoint.parent / "eval"
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it
         shares = dist.gather((greedy_outs, chains))
         greedy_outs = merge([g for g, _ in shares]) if greedy_outs is not None else None
@@ -274,7 +347,6 @@ def main(argv=None):
         curve = vote_curve(answers, golds)
         sc_tokens = sum(len(c["tokens"]) for o in chains for c in o)
     out.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.data).name.split(".")[0]
     preds_path = out / f"predictions-{stem}.jsonl"
     with open(preds_path.with_suffix(".tmp"), "w") as f:
         for i, r in enumerate(records):
@@ -309,6 +381,7 @@ def main(argv=None):
         {"checkpoint": str(checkpoint), "mode": mode, "questions": len(records), "greedy_acc": greedy_acc,
          "vote_curve": curve, "n": args.n, "fewshot": args.fewshot, "temperature": args.temperature, "device": str(device), "dtype": args.dtype},
         indent=2))
+    journal.close()  # everything it held is in the predictions
     dist.close()
     return out
 

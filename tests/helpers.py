@@ -139,3 +139,25 @@ def many_rationale_corpus(path):
         r["rationales"] = [first, first | {"text": "Think. " + first["text"]}, first | {"text": first["text"] + " Yes."}]
     write_corpus(records, path)
     return path
+
+
+class Crash(Exception):
+    """An injected fault."""
+
+
+def counting_forward(monkeypatch, crash_at=None):
+    """Count Transformer.forward calls; raise Crash in call number crash_at (mid-decode: the fault lands in a batch)."""
+    import model as model_py
+
+    calls = [0]
+    real = getattr(model_py.Transformer.forward, "unpatched", model_py.Transformer.forward)
+
+    def forward(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == crash_at:
+            raise Crash(f"forward call {crash_at}")
+        return real(self, *a, **k)
+
+    forward.unpatched = real
+    monkeypatch.setattr(model_py.Transformer, "forward", forward)
+    return calls

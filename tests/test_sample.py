@@ -7,7 +7,7 @@ import torch
 
 import evaluate
 import train
-from helpers import left_padded_batch, make_hf_model, save_hf, tiny_student
+from helpers import Crash, counting_forward, left_padded_batch, make_hf_model, save_hf, tiny_student
 from checkpoint import from_pretrained, load_tokenizer
 from scotd import ANSWER_END
 import sample
@@ -141,6 +141,44 @@ def test_evaluate_end_to_end_writes_predictions_and_plot(student, tmp_path):
     assert json.loads((alone / "summary-csqa_palm_validation.json").read_text())["greedy_acc"] is None
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(ckpt / "best"), "--n", "0", "--no-greedy"])
+
+
+def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(student, tmp_path, monkeypatch, capsys):
+    """A crash inside a forward pass mid-run, then the same command: only the batches the journal lacks are
+    decoded again, and predictions and vote curve equal one uninterrupted run's exactly (greedy: 2 batches,
+    sampling: 5 batches of 4 questions x 3 chains at T=1)."""
+    argv = ["--checkpoint", str(student), "--limit", "20", "--n", "3", "--temperature", "1.0", "--batch-size", "4",
+            "--max-new-tokens", "12", "--seed", "5"]
+    stem = "csqa_palm_validation"
+    read = lambda out: ((out / f"predictions-{stem}.jsonl").read_text(),
+                        json.loads((out / f"summary-{stem}.json").read_text())["vote_curve"])
+    calls = counting_forward(monkeypatch)
+    whole = read(evaluate.main(argv + ["--out", str(tmp_path / "whole")]))
+    total = calls[0]
+    assert not (tmp_path / "whole" / f"partial-{stem}.jsonl").exists()  # removed once the predictions are written
+
+    out = tmp_path / "cut"
+    calls = counting_forward(monkeypatch, crash_at=total * 2 // 3)  # in the sampled chains' 3rd or 4th batch
+    with pytest.raises(Crash):
+        evaluate.main(argv + ["--out", str(out)])
+    journal = out / f"partial-{stem}.jsonl"
+    rows = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [(r["step"], r["batch"]) for r in rows[1:4]] == [("greedy", 0), ("greedy", 1), ("chains", 0)]
+    assert not (out / f"predictions-{stem}.jsonl").exists()
+    journal.write_text(journal.read_text()[:-20])  # and killed while writing the last batch: that one is redone
+
+    calls = counting_forward(monkeypatch)
+    assert read(evaluate.main(argv + ["--out", str(out)])) == whole
+    assert 0 < calls[0] < total and not journal.exists()
+    assert f"resume    {len(rows) - 2} finished batches from {journal}" in capsys.readouterr().out
+
+    # a journal of other settings is discarded, not mixed in; a damaged one is an error naming its line
+    journal.write_text(json.dumps({"settings": {"seed": "4"}}) + "\n" + json.dumps(rows[1]) + "\n")
+    assert read(evaluate.main(argv + ["--out", str(out)])) == whole
+    assert f"note      {journal}: an interrupted run with other settings, discarded" in capsys.readouterr().out
+    journal.write_text(json.dumps(rows[0]) + "\n{oops\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(evaluate.InputError, match=f"{journal}:2: not JSON"):
+        evaluate.main(argv + ["--out", str(out)])
 
 
 def test_compiled_decode_step_gives_the_same_tokens(student):

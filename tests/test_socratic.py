@@ -9,7 +9,7 @@ import data
 import evaluate
 import teacher
 import train
-from helpers import tiny_student
+from helpers import Crash, counting_forward, tiny_student
 from scotd import extract_answer, format_query, format_target, socratic_rationale, socratic_turns
 
 SUBQ = ["How many clips in May?", "How many clips in all?"]
@@ -113,7 +113,7 @@ def test_teacher_socratic_keeps_rejections_and_never_prompts_on_test(tmp_path, c
     assert "never prompts on test problems" in capsys.readouterr().err
 
 
-def test_decomposer_and_solver_answer_end_to_end(tmp_path):
+def test_decomposer_and_solver_answer_end_to_end(tmp_path, monkeypatch):
     """Tiny decomposer and solver trained to memorise two problems' Socratic chains: evaluate.py's loop asks
     each sub-question, solves it, stops at the answer sentence and reads the answer, greedy and sampled."""
     recs = data.read_corpus(data.GSM8K_TRAIN)[:2]
@@ -135,6 +135,18 @@ def test_decomposer_and_solver_answer_end_to_end(tmp_path):
                    "--data", str(corpus), "--n", "2", "--no-greedy", "--out", str(tmp_path / "sc")])
     alone = [json.loads(line) for line in (tmp_path / "sc" / "predictions-c.jsonl").read_text().splitlines()]
     assert [r["chains"] for r in alone] == [r["chains"] for r in rows] and "greedy" not in alone[0]
+    # interrupted inside the solver's or decomposer's forward in the last batch, resumed: the uninterrupted result
+    argv = ["--checkpoint", str(tmp_path / "solve" / "last"), "--decomposer", str(tmp_path / "decompose" / "last"),
+            "--data", str(corpus), "--n", "2", "--batch-size", "1", "--temperature", "1.0"]
+    total = counting_forward(monkeypatch)
+    whole = evaluate.main(argv + ["--out", str(tmp_path / "whole")]) / "predictions-c.jsonl"
+    counting_forward(monkeypatch, crash_at=total[0] - 2)
+    with pytest.raises(Crash):
+        evaluate.main(argv + ["--out", str(tmp_path / "cut")])
+    assert len((tmp_path / "cut" / "partial-c.jsonl").read_text().splitlines()) == 3  # settings, greedy, chains batch 0
+    calls = counting_forward(monkeypatch)
+    assert (evaluate.main(argv + ["--out", str(tmp_path / "cut")]) / "predictions-c.jsonl").read_text() == whole.read_text()
+    assert calls[0] < total[0] / 2  # only the last batch (of 3) decoded again
     with pytest.raises(evaluate.InputError, match="needs two models"):
         evaluate.main(["--checkpoint", str(tmp_path / "solve" / "last"), "--data", str(corpus), "--n", "0",
                        "--out", str(tmp_path / "e2")])
