@@ -378,6 +378,24 @@ def evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, ctx, device):
     return sum(losses) / max(1, sum(counts)), accuracy
 
 
+def accuracy_text(acc, args, questions):
+    """The dev line's accuracy part; none for a Socratic role (it answers nothing alone) or --eval-questions 0."""
+    if acc == acc:
+        return f"dev greedy acc {acc:.1%} on {questions} questions"
+    return ("no dev accuracy (a Socratic role answers nothing alone)" if args.mode in SOCRATIC_ROLES
+            else "no dev accuracy (--eval-questions 0)")
+
+
+def next_command(mode, best, numeric):
+    """What to run after training: on GSM8K test for a numeric corpus; the two-model Socratic variant with both roles."""
+    test = f" --data {cli.portable(data.GSM8K_TEST)}" if numeric else ""
+    if mode == "decompose":
+        return f"python evaluate.py --checkpoint <a --mode solve run>/best --decomposer {best}{test}"
+    if mode == "solve":
+        return f"python evaluate.py --checkpoint {best} --decomposer <a --mode decompose run>/best{test}"
+    return f"python evaluate.py --checkpoint {best}{test}"
+
+
 def is_better(acc, loss, best):
     if not best:
         return True
@@ -558,10 +576,11 @@ def main(argv=None):
                 improved = is_better(dev_acc, dev_loss, state.best)
                 if improved:
                     state.best = {"step": state.step, "acc": dev_acc, "loss": dev_loss}
-                if dist.main:
-                    append_jsonl(metrics, {"step": state.step, "dev_loss": dev_loss, "dev_greedy_acc": dev_acc})
-                log(f"\nstep {state.step} | dev loss {dev_loss:.4f} | dev greedy acc {dev_acc:.1%} on "
-                    f"{len(dev_records)} questions{' | new best' if improved else ''}", flush=True)
+                if dist.main:  # no accuracy: null (JSON has no NaN)
+                    append_jsonl(metrics, {"step": state.step, "dev_loss": dev_loss,
+                                           "dev_greedy_acc": None if dev_acc != dev_acc else dev_acc})
+                log(f"\nstep {state.step} | dev loss {dev_loss:.4f} | {accuracy_text(dev_acc, args, len(dev_records))}"
+                    f"{' | new best' if improved else ''}", flush=True)
                 if improved:
                     save_checkpoint(args.out / "best", raw_model, model, optimizer, scaler, state, args, init, dist)
             stopping = stop.requested(dist)
@@ -580,9 +599,10 @@ def main(argv=None):
     if dist.main:
         plot_metrics(metrics, args.out / "loss.png")
     best = state.best
-    log(f"saved     {args.out / 'last'} and {args.out / 'best'} (best dev greedy acc {best['acc']:.1%} at step {best['step']})")
+    chosen = f"dev greedy acc {best['acc']:.1%}" if best["acc"] == best["acc"] else f"dev loss {best['loss']:.4f}"
+    log(f"saved     {args.out / 'last'} and {args.out / 'best'} (best at step {best['step']}: {chosen})")
     log(f"metrics   {metrics}, plot {args.out / 'loss.png'}")
-    log(f"next      python evaluate.py --checkpoint {args.out / 'best'}")
+    log(f"next      {next_command(args.mode, args.out / 'best', 'choices' not in records[0])}")
     dist.close()
     return args.out
 

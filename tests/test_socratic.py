@@ -113,7 +113,7 @@ def test_teacher_socratic_keeps_rejections_and_never_prompts_on_test(tmp_path, c
     assert "never prompts on test problems" in capsys.readouterr().err
 
 
-def test_decomposer_and_solver_answer_end_to_end(tmp_path, monkeypatch):
+def test_decomposer_and_solver_answer_end_to_end(tmp_path, monkeypatch, capsys):
     """Tiny decomposer and solver trained to memorise two problems' Socratic chains: evaluate.py's loop asks
     each sub-question, solves it, stops at the answer sentence and reads the answer, greedy and sampled."""
     recs = data.read_corpus(data.GSM8K_TRAIN)[:2]
@@ -125,6 +125,13 @@ def test_decomposer_and_solver_answer_end_to_end(tmp_path, monkeypatch):
         train.main(["--init", str(init), "--data", str(corpus), "--dev-data", str(corpus), "--mode", role, "--out",
                     str(tmp_path / role), "--max-steps", "200", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "0",
                     "--weight-decay", "0", "--eval-every", "0", "--max-len", "512"])
+        dev = json.loads((tmp_path / role / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=pytest.fail)
+        assert dev["step"] == 200 and dev["dev_greedy_acc"] is None  # a role answers nothing alone; strict JSON, no NaN
+        printed = capsys.readouterr().out
+        assert "no dev accuracy (a Socratic role answers nothing alone)" in printed
+        assert f"(best at step 200: dev loss {dev['dev_loss']:.4f})" in printed
+    assert (f"next      python evaluate.py --checkpoint {tmp_path / 'solve' / 'best'} --decomposer <a --mode decompose "
+            "run>/best --data data/gsm8k_test.jsonl.gz") in printed
     evaluate.main(["--checkpoint", str(tmp_path / "solve" / "last"), "--decomposer", str(tmp_path / "decompose" / "last"),
                    "--data", str(corpus), "--n", "2", "--out", str(tmp_path / "eval")])
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions-c.jsonl").read_text().splitlines()]
