@@ -173,7 +173,8 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(student, tmp
     assert f"resume    {len(rows) - 2} finished batches from {journal}" in capsys.readouterr().out
 
     # a journal of other settings is discarded, not mixed in; a damaged one is an error naming its line
-    journal.write_text(json.dumps({"settings": {"seed": "4"}}) + "\n" + json.dumps(rows[1]) + "\n")
+    bogus = rows[1] | {"outs": [[{"text": " So the answer is (a).", "tokens": [1]}]] * 16}  # greedy batch 0, other weights
+    journal.write_text(json.dumps({"settings": {"seed": "4"}}) + "\n" + json.dumps(bogus) + "\n")
     assert read(evaluate.main(argv + ["--out", str(out)])) == whole
     assert f"note      {journal}: an interrupted run with other settings, discarded" in capsys.readouterr().out
     journal.write_text(json.dumps(rows[0]) + "\n{oops\n" + json.dumps(rows[1]) + "\n")
