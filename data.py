@@ -107,9 +107,10 @@ def _lines(path):
         raise CorpusError(f"{path}: corrupt gzip after line {n} ({e or type(e).__name__}); re-download or re-create it") from None
 
 
-def _json_lines(path):
-    """(line number, object) for each non-blank line; invalid JSON is an error naming file:line."""
-    for n, line in _lines(path):
+def _json_lines(path, lines=None):
+    """(line number, object) for each non-blank line (of `lines`, (n, text) pairs, if given; else of the file);
+    invalid JSON is an error naming file:line."""
+    for n, line in _lines(path) if lines is None else lines:
         if not line.strip():
             continue
         try:
@@ -170,15 +171,21 @@ def read_corpus(path):
     return records
 
 
-def read_finished(path):
-    """The complete records of a corpus a teacher run may still be appending to: a cut last line is left
-    out (not an error), a missing file is empty; every complete record is validated."""
+def read_appended(path):
+    """(line number, object) of each complete line of a JSONL file a run may still be appending to, or was
+    killed while appending to: a cut last line is left out (not an error), a missing file is empty."""
     path = Path(path)
     raw = path.read_text(encoding="utf-8") if path.exists() else ""
-    records = [json.loads(line) for line in raw[:raw.rfind("\n") + 1].splitlines()]
-    for n, rec in enumerate(records, 1):
+    return list(_json_lines(path, enumerate(raw[:raw.rfind("\n") + 1].splitlines(), 1)))
+
+
+def read_finished(path):
+    """The complete records of a corpus a teacher run may still be appending to (read_appended); every
+    complete record is validated."""
+    rows = read_appended(path)
+    for n, rec in rows:
         check_record(rec, f"{path}:{n}")
-    return records
+    return [rec for _, rec in rows]
 
 
 def write_corpus(records, path):

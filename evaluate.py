@@ -171,14 +171,10 @@ class Journal:
         if path is None:
             return
         settings = json.loads(json.dumps(settings))
-        raw = path.read_text(encoding="utf-8") if path.exists() else ""
-        lines = raw[:raw.rfind("\n") + 1].splitlines()  # a cut last line: that batch is decoded again
-        rows = []
-        for n, line in enumerate(lines, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not JSON ({e.msg}); delete the file to start this evaluation over")
+        try:  # a cut last line (a kill mid-write) is left out: that batch is decoded again
+            rows = [row for _, row in data.read_appended(path)]
+        except InputError as e:
+            raise InputError(f"{e}; delete the file to start this evaluation over") from None
         if rows and rows[0] == {"settings": settings}:
             self.done = {(r["step"], r["batch"]): r for r in rows[1:]}
             log(f"resume    {len(self.done):,} finished batches from {path} (an interrupted run of these settings)")

@@ -39,6 +39,21 @@ def test_canonical_reader_names_file_and_line(tmp_path, line, message):
         data.read_corpus(path)
 
 
+def test_a_corpus_still_being_written_reads_to_its_last_complete_line(tmp_path):
+    """read_finished: a cut last line (a kill mid-write) is left out, a missing file is empty; invalid JSON or
+    an invalid record on a complete line is an error naming file:line."""
+    path = tmp_path / "c.jsonl"
+    assert data.read_finished(path) == []
+    path.write_text(json.dumps(REC) + "\n" + json.dumps(REC | {"id": "q2"})[:30])
+    assert data.read_finished(path) == [REC]
+    path.write_text(json.dumps(REC) + "\n{oops\n" + json.dumps(REC) + "\n")
+    with pytest.raises(CorpusError, match=f"{path}:2: invalid JSON"):
+        data.read_finished(path)
+    path.write_text(json.dumps(REC) + "\n" + json.dumps({"id": "q2"}) + "\n")
+    with pytest.raises(CorpusError, match=f"{path}:2: missing field 'question'"):
+        data.read_finished(path)
+
+
 def test_canonical_round_trip_gzip(tmp_path):
     data.write_corpus([REC, REC | {"id": "q2"}], tmp_path / "c.jsonl.gz")
     assert data.read_corpus(tmp_path / "c.jsonl.gz") == [REC, REC | {"id": "q2"}]

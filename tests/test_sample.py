@@ -178,7 +178,7 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(student, tmp
     assert read(evaluate.main(argv + ["--out", str(out)])) == whole
     assert f"note      {journal}: an interrupted run with other settings, discarded" in capsys.readouterr().out
     journal.write_text(json.dumps(rows[0]) + "\n{oops\n" + json.dumps(rows[1]) + "\n")
-    with pytest.raises(evaluate.InputError, match=f"{journal}:2: not JSON"):
+    with pytest.raises(evaluate.InputError, match=f"{journal}:2: invalid JSON .*; delete the file to start this evaluation over"):
         evaluate.main(argv + ["--out", str(out)])
 
 
