@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
+from cli import InputError
+
 
 @dataclass
 class Dist:
@@ -33,6 +35,10 @@ class Dist:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         if cuda:
+            if local >= torch.cuda.device_count():  # else a bare "CUDA error: invalid device ordinal"
+                raise InputError(f"torchrun started local rank {local}, but this machine has {torch.cuda.device_count()} "
+                                 "CUDA device(s): start at most one process per GPU (--nproc_per_node), or pass "
+                                 "--device cpu to train on the CPU (gloo)")
             torch.cuda.set_device(local)
         if not td.is_initialized():
             td.init_process_group(backend="nccl" if cuda else "gloo")

@@ -496,10 +496,12 @@ def data_parallel(model, args, dist, device):
     if dist.world == 1:
         return model
     if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (dist.world,))  # named: FSDP's default mesh is CUDA's wherever CUDA is
         for layer in model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
 

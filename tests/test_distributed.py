@@ -18,6 +18,7 @@ COMMON = ["--limit", "48", "--batch-size", "8", "--eval-every", "0", "--eval-que
 
 
 def launch(script, *args, nproc=1):
+    args = [*args, "--device", "cpu"]  # gloo on the CPU on any machine: two ranks may share one GPU nowhere
     cmd = [sys.executable, script, *args] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
@@ -112,3 +113,16 @@ def test_shared_prefix_rows_under_ddp_equal_one_process(student, tmp_path):
     # another order than one process's (step-1 losses differ by ~1e-7 relative); four AdamW steps at lr 3e-3
     # make that up to 1.1e-5 in a weight (measured), hence 3e-5 here
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=3e-5)
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """Two ranks on a one-GPU machine: an error naming the fix, not CUDA's "invalid device ordinal"."""
+    from cli import InputError
+    from distributed import Dist
+
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    with pytest.raises(InputError, match=r"local rank 1, but this machine has 1 CUDA device\(s\).*--device cpu"):
+        Dist.init(None)

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 import data
 from helpers import tiny_student
 from scotd import socratic_rationale
@@ -57,7 +59,8 @@ def test_one_command_trains_every_variant_on_the_same_problems(tmp_path, capsys)
         row = next(line for line in text.splitlines() if claim in line)
         assert any(v in row for v in ("| reproduced |", "| not reproduced |", "| inconclusive at this size |")), row
     assert "(1 of the first 73 rejected)" in text and "--decomposer" in text
-    assert text.count(" | cpu, float32 |") == 4  # where each row was evaluated
+    where = "cuda, bfloat16" if torch.cuda.is_available() else "cpu, float32"  # evaluate.py's defaults
+    assert text.count(f" | {where} |") == 4  # where each row was evaluated
     assert "--n 0 --limit 4 --batch-size 3 " in text and "--no-greedy --batch-size 2 " in text  # the GPU's batches
     assert "OLD TABLE" not in readme.read_text() and "| Socratic, two models" in readme.read_text()
 
