@@ -70,6 +70,7 @@ CLAIMS = [  # (claim, A, B, kind): "name@sc" is the majority of the chains
     ("two models vs one unified model (no claim)", "two-model", "unified", "report"),
     ("self-consistency beats greedy decoding (CoT)", "cot@sc", "cot", "beats"),
     ("self-consistency beats greedy decoding (Socratic unified)", "unified@sc", "unified", "beats"),
+    ("self-consistency beats greedy decoding (Socratic two-model)", "two-model@sc", "two-model", "beats"),
 ]
 
 

@@ -55,7 +55,8 @@ def test_one_command_trains_every_variant_on_the_same_problems(tmp_path, capsys)
         assert len(table.predictions(runs / name / "greedy", table.TEST)) == 4
     assert len(table.predictions(runs / "two-model" / "sc", table.TEST)) == 3 and not (runs / "untuned" / "sc").exists()
     text = (tmp_path / "results.md").read_text()
-    for claim in ("Socratic two-model beats CoT distillation", "self-consistency beats greedy decoding (CoT)"):
+    for claim in ("Socratic two-model beats CoT distillation", "self-consistency beats greedy decoding (CoT)",
+                  "self-consistency beats greedy decoding (Socratic two-model)"):
         row = next(line for line in text.splitlines() if claim in line)
         assert any(v in row for v in ("| reproduced |", "| not reproduced |", "| inconclusive at this size |")), row
     assert "(1 of the first 73 rejected)" in text and "--decomposer" in text
