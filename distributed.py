@@ -30,15 +30,17 @@ class Dist:
     @classmethod
     def init(cls, device=None):
         """Join the process group torchrun describes (if any). Returns (Dist, device)."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if "RANK" not in os.environ:
-            return cls(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            return cls(), torch.device(device)
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        cuda = device.startswith("cuda")
         if cuda:
-            if local >= torch.cuda.device_count():  # else a bare "CUDA error: invalid device ordinal"
-                raise InputError(f"torchrun started local rank {local}, but this machine has {torch.cuda.device_count()} "
-                                 "CUDA device(s): start at most one process per GPU (--nproc_per_node), or pass "
-                                 "--device cpu to train on the CPU (gloo)")
+            gpus = torch.cuda.device_count()
+            if local >= gpus:  # else a bare "CUDA error: invalid device ordinal"
+                raise InputError(f"torchrun started local rank {local}, but this machine has {gpus} CUDA device(s): "
+                                 "start at most one process per GPU (--nproc_per_node), or pass --device cpu to train "
+                                 "on the CPU (gloo)")
             torch.cuda.set_device(local)
         if not td.is_initialized():
             td.init_process_group(backend="nccl" if cuda else "gloo")
