@@ -79,6 +79,28 @@ def check_file(parser, flag, path):
         parser.error(f"argument {flag}: no such file: {path}")
 
 
+def changed_settings(saved, now, keys=None, name=str):
+    """What differs between the settings a run saved and this invocation's -> ["name: old -> new", ...], for a
+    refusal that names each change. Nested dicts compare key by key ("sampling.n"); `keys`: only these;
+    `name(key)`: how a key is shown (train.py: as its flag, "--lr")."""
+    flat_saved, flat_now = _flatten(saved), _flatten(now)
+    keys = keys if keys is not None else list(dict.fromkeys([*flat_saved, *flat_now]))
+    missing = object()
+
+    def show(v):  # one line, and short: a changed prompt is named, not printed
+        text = "(not set)" if v is missing else " ".join(str(v).split())
+        return text if len(text) <= 40 else f"{text[:37]}... ({len(str(v)):,} chars)"
+    return [f"{name(k)} {show(flat_saved.get(k, missing))} -> {show(flat_now.get(k, missing))}"
+            for k in keys if flat_saved.get(k, missing) != flat_now.get(k, missing)]
+
+
+def _flatten(settings, prefix=""):
+    out = {}
+    for k, v in settings.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
 def portable(path):
     """A path as a record should keep it: relative to the repository when inside it, "~/..." under the home
     folder, else absolute -- so a file written in one clone reads the same in another."""

@@ -188,6 +188,21 @@ def read_finished(path):
     return [rec for _, rec in rows]
 
 
+def run_totals(corpus):
+    """<corpus>.runs.jsonl (teacher.py's cost record) -> one dict per invocation: its last running total
+    (started, seconds, questions, generated_tokens; for an API teacher also requests, retries, malformed,
+    prompt_tokens, completion_tokens). A line cut by a kill is left out, wherever it is (the next run appends
+    after it): the line before it has that run's time."""
+    path, totals = Path(str(corpus) + ".runs.jsonl"), {}
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+            totals[row["started"]] = row
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue
+    return list(totals.values())
+
+
 def write_corpus(records, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -577,6 +592,12 @@ def stats(path, tokenizer=None):
     if per_q.max() > 1:
         lines += many_rationale_stats([rec for rec in records if rec["rationales"]])
     lines.append(f"for cot training  {skips.summary()}")
+    scored = [r for r in rationales if "teacher_logprob" in r]
+    if scored:
+        per_token = [r["teacher_logprob"] / max(1, r["teacher_tokens"]) for r in scored]
+        lines.append(f"teacher logprob   {np.mean(per_token):.3f} a token on average ({len(scored):,} of "
+                     f"{len(rationales):,} rationales scored; median chain {np.median([r['teacher_tokens'] for r in scored]):.0f} tokens)")
+    lines += cost_lines(run_totals(path))
     if tokenizer is not None:
         q = [len(e.ids) for e in tokenizer.encode_batch([format_query(r["question"], r.get("choices")) for r in records])]
         t = [len(e.ids) for e in tokenizer.encode_batch([r["text"] for r in rationales])]
@@ -584,6 +605,21 @@ def stats(path, tokenizer=None):
             p = np.percentile(xs, [50, 90, 99, 100]).astype(int)
             lines.append(f"{name:17s} p50 {p[0]}  p90 {p[1]}  p99 {p[2]}  max {p[3]}")
     return "\n".join(lines)
+
+
+def cost_lines(runs):
+    """What sampling the corpus cost, summed over teacher.py's invocations (runs.jsonl)."""
+    if not runs:
+        return []
+    total = {k: sum(r.get(k, 0) for r in runs) for k in ("seconds", "questions", "generated_tokens", "requests",
+                                                         "retries", "malformed", "prompt_tokens", "completion_tokens")}
+    lines = [f"teacher runs      {len(runs)}: {total['questions']:,} questions in {total['seconds'] / 60:,.1f} min, "
+             f"{total['generated_tokens']:,} tokens generated ({total['generated_tokens'] / max(total['seconds'], 1e-9):,.1f} tokens/s)"]
+    if any("requests" in r for r in runs):
+        lines.append(f"api requests      {total['requests']:,} ({total['retries']:,} retries, {total['malformed']:,} "
+                     f"malformed responses); {total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} "
+                     "completion tokens")
+    return lines
 
 
 def many_rationale_stats(records):

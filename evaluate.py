@@ -29,7 +29,7 @@ from checkpoint import from_pretrained, load_tokenizer, read_run_info, recover_f
 from distributed import Dist
 from model import DTYPES
 from report import Progress, plot_lines
-from sample import SampleConfig, batch_slices, generate, generate_turns
+from sample import SampleConfig, batch_seed, batch_slices, generate, generate_turns
 from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, STOP, SUB, extract_answer, fewshot_prefix, majority_vote,
                    socratic_line, states_answer, vote_curve)
 
@@ -133,7 +133,7 @@ def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, 
     for k in range(len(layout)) if batches is None else batches:
         batch = layout[k]
         prompts = [tokenizer.encode(queries[q]).ids for q in batch for _ in range(cfg.n)]
-        seeds = [replace(c, seed=(cfg.seed * 1_000_003 + k) * 2 + m) for m, c in enumerate((ask, solve))]
+        seeds = [replace(c, seed=batch_seed(cfg.seed, k) * 2 + m) for m, c in enumerate((ask, solve))]
         # cache slots: the prompt, then a round's turns (each model's cache holds both: what it wrote, what it read)
         slots = max(map(len, prompts)) + max_rounds * (ask.max_new_tokens + solve.max_new_tokens + 1)
         dialogue = Socratic(len(prompts), tokenizer, max_rounds)

@@ -31,6 +31,12 @@ class SampleConfig:
     seed: int = 0
     check_every: int = 0  # steps between stop checks; 0 = 1 on CPU, 8 on CUDA
     compile: bool = False  # torch.compile the one-token decode step (static: attends over all cache slots)
+    logprobs: bool = False  # also return each chain's summed log-probability under the model (at T = 1)
+
+
+def batch_seed(seed, k):
+    """The seed of unit k (a batch of questions, or a question's k-th request) of a run seeded with `seed`."""
+    return seed * 1_000_003 + k
 
 
 def next_token(logits, cfg, generator):
@@ -128,7 +134,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
     results = [None] * len(prompts)
     layout = batch_slices(len(prompts), cfg.batch_size)
     for k in (range(len(layout)) if batches is None else batches):
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + k)
+        generator = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, k))
         batch = list(layout[k])
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
         cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device, dtype=dtype,
@@ -137,9 +143,9 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
         logits = logits[:, -1].repeat_interleave(cfg.n, 0)  # (B*n, V)
         cache = cache.repeat_rows(cfg.n)
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
-        out = _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every)[0]
+        out, logprobs, _ = _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every)
         for q in batch:
-            results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id) for c in range(cfg.n)]
+            results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id, logprobs.get((q, c))) for c in range(cfg.n)]
         if on_batch:
             on_batch(batch, [results[q] for q in batch])
     return results
@@ -147,21 +153,28 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
 
 def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every, compact=True):
     """Sample from `logits` (one row per entry of `rows`) until every row has finished -> ({row: its tokens},
-    the steps run). Every step's tokens but the last are written to the cache, for every running row.
+    {row: each token's log-probability under the model} (empty unless cfg.logprobs), the steps run). Every
+    step's tokens but the last are written to the cache, for every running row.
     compact: finished rows leave the running batch (and the cache); else they run on to the end."""
     out = {row: [] for row in rows}
+    logprobs = {row: [] for row in rows} if cfg.logprobs else {}
     done = set()  # finished rows still in the running batch
-    pending = []  # sampled tokens not yet copied to the host
+    pending, pending_lp = [], []  # sampled tokens (and their log-probabilities) not yet copied to the host
     for step in range(cfg.max_new_tokens):
         tok = next_token(logits, cfg, generator)  # (R, 1)
         pending.append(tok)
+        if cfg.logprobs:  # the model's own probability of the token (T = 1, no top-p), as an API reports it
+            pending_lp.append(logits.float().log_softmax(-1).gather(-1, tok))
         last = step == cfg.max_new_tokens - 1
         if len(pending) == check_every or last:
             new = torch.cat(pending, 1).tolist()  # the only device->host copy
-            pending = []
+            new_lp = torch.cat(pending_lp, 1).tolist() if cfg.logprobs else None
+            pending, pending_lp = [], []
             for r, row in enumerate(rows):
                 if row not in done:
                     out[row] += new[r]
+                    if cfg.logprobs:
+                        logprobs[row] += new_lp[r]
                     if _finished(out[row], len(new[r]), tokenizer, cfg, eos_id):
                         done.add(row)
             if len(done) == len(rows) or last:
@@ -172,7 +185,7 @@ def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, chec
                 keep = [r for r, row in enumerate(rows) if row not in done]
                 cache, tok, rows, done = cache.select_rows(keep), tok[keep], [rows[r] for r in keep], set()
         logits = decode(tok, cache=cache)[0][:, -1]
-    return out, step + 1
+    return out, logprobs, step + 1
 
 
 @torch.no_grad()
@@ -207,10 +220,10 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None,
         ids, mask = left_pad(unread, pad_id, device)
         logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[0][:, -1]
         start = cache.length
-        out, steps = _decode(model, cache, logits, rows, cfg, generators[m], tokenizer, eos_id, 1, compact=False)
+        out, logprobs, steps = _decode(model, cache, logits, rows, cfg, generators[m], tokenizer, eos_id, 1, compact=False)
         going = []
         for r, i in enumerate(rows):
-            kept = _clean(out[i], tokenizer, cfg, eos_id)
+            kept = _clean(out[i], tokenizer, cfg, eos_id, logprobs.get(i))
             outputs[i].append(kept)
             written = min(len(kept["tokens"]), steps - 1)  # the last step's tokens are not in the cache
             cache.valid[r, start + written:start + steps - 1] = False  # what it sampled after its stop
@@ -223,9 +236,16 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None,
     return outputs
 
 
-def _clean(tokens, tokenizer, cfg, eos_id):
+def _clean(tokens, tokenizer, cfg, eos_id, logprobs=None):
     """Cut a chain at EOS or just after the token that completes the first stop: a stop string is dropped,
-    a stop_after match kept."""
+    a stop_after match kept. With the tokens' `logprobs`, the kept tokens' sum is returned as "logprob"."""
+    chain = _cut(tokens, tokenizer, cfg, eos_id)
+    if logprobs is not None:
+        chain["logprob"] = sum(logprobs[:len(chain["tokens"])])
+    return chain
+
+
+def _cut(tokens, tokenizer, cfg, eos_id):
     if eos_id is not None and eos_id in tokens:
         tokens = tokens[:tokens.index(eos_id)]
     if tokenizer is None:  # token ids only (no stop strings to cut at)

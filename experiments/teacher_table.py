@@ -16,12 +16,11 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from report import bootstrap_cell, wilson_cell  # noqa: E402
 from scotd import majority_vote  # noqa: E402
-from teacher import run_totals  # noqa: E402
 
 
 def throughput(path):
     """Generated tokens/s over the invocations that recorded their time, and how many questions they did."""
-    runs = run_totals(path)
+    runs = data.run_totals(path)
     seconds, tokens = sum(r["seconds"] for r in runs), sum(r["generated_tokens"] for r in runs)
     return f"{tokens / seconds:,.0f} ({sum(r['questions'] for r in runs)} q)" if seconds else "-"
 

@@ -274,3 +274,28 @@ def test_turns_in_one_cache_equal_prefilling_each_turn_from_scratch(student, n_m
             m = t % n_models
             assert generate(models[m], tok, [text], cfgs[m])[0][0] == out, (i, t)
             text += out["tokens"] + (follow[t % 3] if t + 1 < len(row) else [])
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_chain_logprob_equals_a_plain_forward_pass(student, header):
+    """SampleConfig(logprobs=True): each chain's "logprob" is the sum, over the tokens it keeps (cut after its
+    stop), of log p(token | everything before it) under the model at T = 1 -- the same as one plain forward
+    pass over prefix + prompt + chain (1e-4), whatever the sampling temperature, with or without a prefilled
+    header and with stops cutting rows at different steps."""
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(0.02)
+    prefix = tok.encode("Q: a worked example?\nA: yes.\n\n").ids if header else None
+    prompts = [tok.encode("Q: where?\nA:").ids, tok.encode("Q: what do people use?\nA:").ids]
+    cfg = SampleConfig(n=3, temperature=0.7, top_p=0.9, max_new_tokens=10, stop=("e",), seed=5, logprobs=True)
+    outs = generate(model, tok, prompts, cfg, prefix=prefix)
+    assert len({len(c["tokens"]) for o in outs for c in o}) > 1  # the stop cut chains at different lengths
+    for p, chains in zip(prompts, outs):
+        for c in chains:
+            ids = (prefix or []) + p + c["tokens"]
+            with torch.no_grad():
+                logp = model(torch.tensor([ids]))[0][0].float().log_softmax(-1)
+            start = len(ids) - len(c["tokens"])
+            want = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+            assert c["logprob"] == pytest.approx(want, abs=1e-4)
+    assert all("logprob" not in c for o in generate(model, tok, prompts, SampleConfig(n=2, max_new_tokens=4)) for c in o)

@@ -35,7 +35,7 @@ def straight(student, tmp_path_factory):
 def test_writes_n_rationales_per_question_in_the_canonical_format(straight):
     records = data.read_corpus(straight)  # validates every record
     assert len(records) == N_QUESTIONS and all(len(r["rationales"]) == N_CHAINS for r in records)
-    assert all(set(x) == {"text", "prediction", "correct"} for r in records for x in r["rationales"])
+    assert all(set(x) == {"text", "prediction", "correct", "teacher_logprob", "teacher_tokens"} for r in records for x in r["rationales"])
     meta = json.loads(straight.with_name(straight.name + ".meta.json").read_text())
     exemplars = set(meta["exemplar_ids"])
     assert len(exemplars) == 2 and not exemplars & {r["id"] for r in records}  # prompt questions left out
@@ -60,7 +60,7 @@ def test_ctrl_c_then_rerun_gives_the_uninterrupted_file(student, straight, tmp_p
     monkeypatch.setattr(teacher.CorpusWriter, "__call__", real)
     run(student, out)
     assert out.read_bytes() == straight.read_bytes()
-    runs = teacher.run_totals(out)  # a running total after every batch; the last of an invocation is its total
+    runs = data.run_totals(out)  # a running total after every batch; the last of an invocation is its total
     assert [r["questions"] for r in runs] == [4, len(straight.read_text().splitlines()) - 4]
     assert all(r["seconds"] > 0 and r["generated_tokens"] > 0 for r in runs), runs
     Path(str(out) + ".runs.jsonl").unlink()
@@ -87,7 +87,7 @@ def test_sigterm_mid_decode_stops_cleanly_and_keeps_the_time(student, straight, 
         run(student, out)
     assert e.value.code == 143 and steps_after_first_batch["n"] == 3
     assert len(out.read_text().splitlines()) == 2
-    assert [r["questions"] for r in teacher.run_totals(out)] == [2]
+    assert [r["questions"] for r in data.run_totals(out)] == [2]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the run
     monkeypatch.setattr(sample, "next_token", real)
     run(student, out)
