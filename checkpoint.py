@@ -85,9 +85,13 @@ def write_folder(folder, tensors, config, files=None):
             (tmp / name).write_bytes(content)
         else:
             (tmp / name).write_text(content)
+    for path in sorted(tmp.iterdir()):  # durable before it is swapped in: a crash of the machine, not only of
+        cli.fsync(path)                 # the process, leaves the old folder or the whole new one
+    cli.fsync(tmp)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
+    cli.fsync(folder.parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
     return folder
 

@@ -11,6 +11,7 @@ import argparse
 import ctypes
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -18,6 +19,14 @@ ROOT = Path(__file__).resolve().parent
 
 class InputError(Exception):
     """Bad input a user can fix: the message names the file and line (or tensor) and what is wrong."""
+
+    exit_code = 1
+
+
+class Busy(InputError):
+    """Another process is writing the same output (one_writer): refused before anything is touched, exit 2."""
+
+    exit_code = 2
 
 
 def run(main):
@@ -29,7 +38,7 @@ def run(main):
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         if debug:
             raise
@@ -110,6 +119,54 @@ def portable(path):
             rel = path.relative_to(base).as_posix()
             return f"{shown}/{rel}" if shown else rel
     return str(path)
+
+
+# -----------------------------------------------------------------------------
+# outputs: one writer each, written durably
+
+
+@contextmanager
+def one_writer(path, folder=True, rank0=True):
+    """Hold an exclusive lock on an output for as long as the block runs: `<path>/.lock` for an output folder,
+    `<path>.lock` beside an output file. A second process that wants it is refused at once (Busy, exit 2),
+    naming the path and the pid that holds it, before it touches anything. The kernel drops the lock of a
+    process that dies (flock), so a kill -9 leaves nothing to clean up. Under torchrun only rank 0 writes,
+    so only rank 0 locks (rank0=False: a no-op). An output that cannot be created is refused the same way."""
+    if not rank0:
+        yield
+        return
+    import fcntl
+
+    path = Path(path)
+    lock = path / ".lock" if folder else path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        raise Busy(f"{path}: cannot write there ({e.strerror or e}); choose another output") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise Busy(f"{path}: another process (pid {holder}) is writing there; wait for it to end, or choose "
+                       "another output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def fsync(path):
+    """Flush a file's or a folder's data (a folder: its entries, e.g. a rename) to the disk: what a crash or a
+    power cut leaves is then what was written, not an empty or missing file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -----------------------------------------------------------------------------

@@ -125,26 +125,56 @@ def _json_lines(path, lines=None):
 REQUIRED = {"id": str, "question": str, "answer": str, "rationales": list}
 
 
+def _strings(x):
+    return isinstance(x, list) and all(isinstance(s, str) for s in x)
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# optional fields of a rationale: (check, what it should be)
+RATIONALE_FIELDS = {"prediction": (lambda x: x is None or isinstance(x, str), "a string or null"),
+                    "correct": (lambda x: isinstance(x, bool), "true or false"),
+                    "steps": (_strings, "a list of strings"), "subquestions": (_strings, "a list of strings"),
+                    "teacher_logprob": (_number, "a number"),
+                    "teacher_tokens": (lambda x: _number(x) and x == int(x) and x >= 0, "a count")}
+
+
+def json_type(x):
+    """The JSON name of a parsed value's type, for messages."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+            float: "a number", type(None): "null"}.get(type(x), type(x).__name__)
+
+
 def check_record(rec, where):
+    """A parsed line -> nothing, or CorpusError naming `where` (file:line) and what is wrong, at any depth:
+    the record, its fields, its choices, each rationale and each of its fields."""
+    if not isinstance(rec, dict):
+        raise CorpusError(f"{where}: a record should be a JSON object, got {json_type(rec)}")
     for key, kind in REQUIRED.items():
         if key not in rec:
             raise CorpusError(f"{where}: missing field {key!r}")
         if not isinstance(rec[key], kind):
-            raise CorpusError(f"{where}: field {key!r} should be a {kind.__name__}")
-    for r in rec["rationales"]:
+            raise CorpusError(f"{where}: field {key!r} should be a {kind.__name__}, got {json_type(rec[key])}")
+    for i, r in enumerate(rec["rationales"], 1):
         if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-            raise CorpusError(f"{where}: each rationale needs a 'text' string")
+            got = f"its 'text' is {json_type(r.get('text'))}" if isinstance(r, dict) else f"it is {json_type(r)}"
+            raise CorpusError(f"{where}: each rationale needs a 'text' string (rationale {i}: {got})")
+        for key, (ok, what) in RATIONALE_FIELDS.items():
+            if key in r and not ok(r[key]):
+                raise CorpusError(f"{where}: rationale {i}: field {key!r} should be {what}, got {json_type(r[key])}")
+        if ("teacher_logprob" in r) != ("teacher_tokens" in r):
+            raise CorpusError(f"{where}: rationale {i}: 'teacher_logprob' and 'teacher_tokens' come together")
     if "choices" not in rec:  # a numeric question
         if parse_number(rec["answer"]) != rec["answer"]:
             raise CorpusError(f"{where}: a question without 'choices' needs a number as its answer "
                               f"(normalised, e.g. '1000.5'), got {rec['answer']!r}")
         return
-    if not isinstance(rec["choices"], list):
-        raise CorpusError(f"{where}: field 'choices' should be a list")
+    if not _strings(rec["choices"]):
+        raise CorpusError(f"{where}: field 'choices' should be a list of strings, got {json_type(rec['choices'])}")
     if not 2 <= len(rec["choices"]) <= len(LETTERS):
         raise CorpusError(f"{where}: expected 2..{len(LETTERS)} choices, got {len(rec['choices'])}")
-    if not all(isinstance(c, str) for c in rec["choices"]):
-        raise CorpusError(f"{where}: field 'choices' should be a list of strings")
     if rec["answer"] not in rec["choices"]:
         raise CorpusError(f"{where}: answer {rec['answer']!r} is not among the choices {rec['choices']}")
 
@@ -395,7 +425,7 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
             kept = rng.sample(kept, rationales_per_question)
         if mode in SOCRATIC_ROLES:  # the two-model variant: a problem's chain split into turns
             for r in kept:
-                if len(r.get("subquestions") or []) != len(r.get("steps") or [None]):
+                if not r.get("steps") or len(r.get("subquestions") or []) != len(r["steps"]):
                     skips.add("rationale without a sub-question for each step (Socratic)", rec["id"])
                     continue
                 examples += [{"id": rec["id"], "query": context, "target": target, "answer": answer} for context, target

@@ -15,6 +15,7 @@ goes on where it stopped: run the same command again (finished batches wait in <
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -190,6 +191,8 @@ class Journal:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # a crash of the machine keeps the batch too
 
     def close(self):
         if self.path is not None:
@@ -283,6 +286,12 @@ def settings_of(args, device):
 
 def main(argv=None):
     args = get_args(argv)  # every flag checked before anything loads
+    out = Path(args.out) if args.out else args.checkpoint.parent / "eval"
+    with cli.one_writer(out, rank0=os.environ.get("RANK", "0") == "0"):  # one evaluation writes an --out
+        return evaluation(args, out)
+
+
+def evaluation(args, out):
     dist, device = Dist.init(args.device)
     cli.keep_freed_memory(device)
     log = print if dist.main else (lambda *a, **k: None)
@@ -311,7 +320,6 @@ def main(argv=None):
     log(f"data      {args.data}: {len(records):,} of {total:,} questions"
           f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
-    out = Path(args.out) if args.out else checkpoint.parent / "eval"
     stem = Path(args.data).name.split(".")[0]
     journal = Journal(out / f"partial-{stem}.jsonl" if dist.world == 1 else None, settings_of(args, device), log)
     if mode in SOCRATIC_ROLES or args.decomposer:

@@ -372,12 +372,13 @@ class CorpusWriter:
             if rejected:
                 row["rejected"] = rejected
             self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self.f.flush()
+            self.f.flush()  # a kill loses nothing written
             self.questions += 1
             self.bar.update(1, f"{generated / (time.time() - self.t0):,.0f} tok/s")
             if self.client and not self.no_logprobs and any(c.get("logprob") is None for c in chains):
                 self.no_logprobs = True
                 print(f"\nnote      the server returned no logprobs for {rec['id']}: its rationales have no teacher_logprob")
+        os.fsync(self.f.fileno())  # nor does a crash of the machine
         with open(self.runs, "a") as runs:  # opened a batch at a time: an invocation with nothing to do writes nothing
             runs.write(json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
                                    "questions": self.questions, "generated_tokens": generated} | tally) + "\n")
@@ -563,6 +564,12 @@ def main(argv=None):
         args.tokenizer = args.tokenizer or args.teacher or default_student()
         print("\n".join(cost(args, records, header, shots, load_tokenizer(args.tokenizer))))
         return None
+    with cli.one_writer(args.out, folder=False):  # one process writes a corpus
+        return write(args, records, header, shots, shot_ids)
+
+
+def write(args, records, header, shots, shot_ids):
+    """Sample what <out> lacks and append it, question by question (the module docstring says how)."""
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
     if args.teacher:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

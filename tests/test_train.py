@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -315,3 +316,63 @@ def test_shared_prefix_run_resumes_exactly(student, tmp_path, monkeypatch, capsy
     capsys.readouterr()
     run(student, tmp_path / "c", *flags, "--share-prefix", "off", "--max-steps", "2")
     assert "shared-prefix rows" not in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# One writer per --out
+
+WAIT_AT_SECOND_STEP = """
+import os, pathlib, sys, time
+import train
+real, calls = train.train_step, []
+def waiting(*a, **k):
+    calls.append(1)
+    if len(calls) == 2:  # mid-run: say so, then wait for the test's go
+        pathlib.Path(os.environ["READY"]).touch()
+        while not pathlib.Path(os.environ["GO"]).exists():
+            time.sleep(0.05)
+    return real(*a, **k)
+train.train_step = waiting
+train.main(sys.argv[1:])
+"""
+
+
+def live_run(student, out, tmp_path):
+    """A train.py process paused inside its second step, holding --out -> (the process, the go file)."""
+    argv = ["--init", str(student), "--out", str(out), "--limit", "64", "--batch-size", "4", "--eval-every", "0",
+            "--eval-questions", "4", "--lr", "3e-3", "--seed", "7", *INTERRUPTIBLE]
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", WAIT_AT_SECOND_STEP, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"READY": str(ready), "GO": str(go)})
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    return proc, argv, go
+
+
+def test_a_second_run_into_a_live_out_is_refused_and_touches_nothing(student, straight, tmp_path):
+    """While one run writes --out, another -- plain, --overwrite or --resume -- exits 2 at once naming the
+    folder and the pid that holds it; the first run's outputs are those of a run alone."""
+    out = tmp_path / "race"
+    proc, argv, go = live_run(student, out, tmp_path)
+    try:
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            r = subprocess.run([sys.executable, "train.py", *argv, *extra], cwd=ROOT, capture_output=True, text=True,
+                               timeout=300)
+            assert r.returncode == 2, r.stderr[-2000:]
+            assert f"error: {out}: another process (pid {proc.pid}) is writing there" in r.stderr
+    finally:
+        go.touch()
+    assert proc.wait(300) == 0, proc.stderr.read()[-2000:]
+    assert losses(out) == losses(straight)
+    assert (out / "last" / "model.safetensors").read_bytes() == (straight / "last" / "model.safetensors").read_bytes()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(student, straight, tmp_path):
+    out = tmp_path / "killed"
+    proc, argv, go = live_run(student, out, tmp_path)
+    proc.kill()
+    proc.wait()
+    assert (out / ".lock").exists()
+    run(student, out, *INTERRUPTIBLE, "--overwrite")
+    assert losses(out) == losses(straight)
