@@ -151,6 +151,45 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
     return results
 
 
+@torch.no_grad()
+def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, batches=None, on_batch=None):
+    """How likely the model finds chains it did not necessarily write (scoring a teacher's corpus):
+    prompts, one token-id list a question; chains, per question a list of token-id lists -> per question, per
+    chain (its summed log-probability, its token count); the first token is scored from the prompt's last
+    position, each next one from the token before it, at T = 1 -- what a plain forward pass over prefix +
+    prompt + chain gives (tested), and what generate(logprobs=True) records for the chains it samples.
+
+    The work is generate()'s prefill: the header (`prefix`) once for the run, a batch of questions' prompts
+    once, each prompt's cache copied to its chains' rows, which are then run in one forward pass. batches and
+    on_batch(indices, outs) as generate()'s."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    header = prefill(model, prefix)
+    results, layout = [None] * len(prompts), batch_slices(len(prompts), batch_size)
+    for k in range(len(layout)) if batches is None else batches:
+        batch = list(layout[k])
+        n = max(1, max(len(chains[q]) for q in batch))  # rows a question; shorter lists get empty rows
+        rows = [chains[q][c] if c < len(chains[q]) else [] for q in batch for c in range(n)]
+        ids, mask = left_pad([prompts[q] for q in batch], pad_id, device)
+        longest = max(1, max(map(len, rows)))
+        cache = KVCache(model.cfg, len(batch), ids.shape[1] + longest, device=device, dtype=dtype, shared=header)
+        first = model(ids, attention_mask=mask, cache=cache, last_only=True)[0][:, -1].float().log_softmax(-1)
+        cache = cache.repeat_rows(n)
+        tokens = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        real = torch.zeros(len(rows), longest, dtype=torch.bool)
+        for r, chain in enumerate(rows):
+            tokens[r, :len(chain)], real[r, :len(chain)] = torch.tensor(chain, dtype=torch.long), True
+        logp = model(tokens.to(device), attention_mask=real.to(device), cache=cache)[0].float().log_softmax(-1)
+        for j, q in enumerate(batch):
+            results[q] = []
+            for c, chain in enumerate(chains[q]):
+                r = j * n + c
+                rest = logp[r, torch.arange(len(chain) - 1, device=device), torch.tensor(chain[1:], device=device)].sum() if chain else 0
+                results[q].append((float(first[j, chain[0]] + rest) if chain else 0.0, len(chain)))
+        if on_batch:
+            on_batch(batch, [results[q] for q in batch])
+    return results
+
+
 def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every, compact=True):
     """Sample from `logits` (one row per entry of `rows`) until every row has finished -> ({row: its tokens},
     {row: each token's log-probability under the model} (empty unless cfg.logprobs), the steps run). Every

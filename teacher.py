@@ -65,8 +65,8 @@ from cli import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
-from sample import SampleConfig, batch_seed, batch_slices, generate, generate_turns, prefill
-from scotd import ANSWER_END, fewshot_prefix, format_query, format_target, socratic_rationale
+from sample import SampleConfig, batch_seed, batch_slices, chain_logprobs, generate, generate_turns, prefill
+from scotd import ANSWER_END, STOP, fewshot_prefix, format_query, format_target, socratic_rationale
 
 # Socratic sub-questions for the first GSM8K train problems, written for this prompt (never test problems)
 SOCRATIC_SHOTS = {
@@ -111,6 +111,10 @@ def get_args(argv=None):
     p.add_argument("--out", required=True, help="output JSONL (plain, appended as questions finish)")
     p.add_argument("--seed", type=int, default=None, help="default 0 for a local teacher; an API teacher sends a seed "
                    "derived from it with each request only when it is given")
+    p.add_argument("--score", metavar="CORPUS", default=None, help="score the chains of CORPUS (a canonical corpus) "
+                   "under a local --teacher instead of sampling: --out gets its records with each rationale's "
+                   "teacher_logprob and teacher_tokens, the chain as the corpus keeps it (rationale, then the answer "
+                   "sentence), under the same few-shot prompt")
     p.add_argument("--dry-run", action="store_true", help="print how many requests and about how many prompt and "
                    "completion tokens the run will cost, then stop: nothing is sent or written")
     p.add_argument("--tokenizer", default=None, help="--dry-run counts tokens with this model folder's tokenizer "
@@ -149,6 +153,10 @@ def get_args(argv=None):
     cli.check_file(p, "--data", args.data)
     if args.socratic and Path(args.data).resolve() == data.GSM8K_TEST.resolve():
         p.error("argument --data: --socratic never prompts on test problems; use GSM8K train")
+    if args.score and (args.api or args.socratic or args.min_correct or args.dry_run):
+        p.error("argument --score: scores with a local --teacher, on its own (no --api, --socratic, --min-correct, --dry-run)")
+    cli.check_file(p, "--score", args.score)
+    args.data = args.score or args.data  # scoring: the prompt's worked examples come from the corpus's own task
     if args.socratic and args.min_correct:
         p.error("argument --min-correct: a Socratic chain has no answer of its own to check")
     cli.check_file(p, "--prompt", args.prompt)
@@ -565,6 +573,8 @@ def main(argv=None):
         print("\n".join(cost(args, records, header, shots, load_tokenizer(args.tokenizer))))
         return None
     with cli.one_writer(args.out, folder=False):  # one process writes a corpus
+        if args.score:
+            return score(args, header, shot_ids)
         return write(args, records, header, shots, shot_ids)
 
 
@@ -610,6 +620,77 @@ def write(args, records, header, shots, shot_ids):
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions x {args.n} rationales); settings in {meta_path}")
     print(f"next      python data.py stats {out}")
+    return out
+
+
+def chain_text(rec, r):
+    """A rationale as the teacher's chain, as the corpus keeps it: the rationale, then its answer sentence (none
+    when the teacher named no answer) -- what a student is trained on, less the blank line."""
+    choices = rec.get("choices")
+    if r.get("prediction") is None or (choices is not None and r["prediction"] not in choices):
+        return " " + r["text"].strip()
+    said = choices.index(r["prediction"]) if choices is not None else r["prediction"]
+    return format_target("cot", choices, said, r["text"])[:-len(STOP)]
+
+
+def score(args, header, shot_ids):
+    """--score: every chain of the corpus scored under the local teacher (sample.chain_logprobs: the header
+    prefilled once, each question once, its chains as rows of its cache), written to --out as the records
+    with teacher_logprob and teacher_tokens added, a batch of questions at a time (resumable)."""
+    out, meta_path = Path(args.out), Path(args.out + ".meta.json")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    meta = {"scored": cli.portable(args.score), "teacher": cli.portable(args.teacher), "exemplar_ids": shot_ids,
+            "prompt": header, "chain": "the rationale, then ' So the answer is (x) choice.' (none without an answer)",
+            "batch_size": args.batch_size, "dtype": args.dtype}
+    if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
+        raise InputError(f"{meta_path}: {out} was scored with other settings: {'; '.join(changes)}")
+    records = data.read_corpus(args.score)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    done = done_ids(out)
+    model, tokenizer, prefix, _ = load_local(args, header)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    prompts = [encode(format_query(r["question"], r.get("choices"))) for r in records]
+    chains = [[encode(chain_text(rec, r)) for r in rec["rationales"]] for rec in records]
+    todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
+            if any(records[i]["id"] not in done for i in batch)]
+    print(f"scoring   {sum(map(len, chains)):,} chains of {len(records):,} questions in {args.score}: {len(done):,} "
+          f"questions already in {out}")
+    bar = Progress(len(records), "score", start=len(done))
+    t0, tokens = time.time(), 0
+    started = datetime.fromtimestamp(t0, timezone.utc).isoformat(timespec="microseconds")
+
+    def write_batch(indices, scores):
+        nonlocal tokens
+        with open(out, "a", encoding="utf-8") as f:
+            for i, per_chain in zip(indices, scores):
+                if records[i]["id"] in done:
+                    continue
+                rec = json.loads(json.dumps(records[i]))
+                for r, (logprob, n) in zip(rec["rationales"], per_chain):
+                    r |= {"teacher_logprob": logprob, "teacher_tokens": n}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                tokens += sum(n for _, n in per_chain)
+                bar.update(1, f"{tokens / (time.time() - t0):,.0f} tok/s")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(args.out + ".runs.jsonl", "a") as runs:
+            runs.write(json.dumps({"started": started, "seconds": round(time.time() - t0, 3), "questions": bar.n - len(done),
+                                   "scored_tokens": tokens}) + "\n")
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size, pad_id=model.cfg.pad_token_id,
+                       batches=todo, on_batch=write_batch)
+    except KeyboardInterrupt as e:
+        bar.close()
+        print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")
+        raise SystemExit(128 + signal.SIGTERM if e.args == (signal.SIGTERM,) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    bar.close()
+    print(f"wrote     {out} ({len(records):,} questions, every chain scored); settings in {meta_path}")
     return out
 
 

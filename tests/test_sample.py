@@ -299,3 +299,23 @@ def test_chain_logprob_equals_a_plain_forward_pass(student, header):
             want = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
             assert c["logprob"] == pytest.approx(want, abs=1e-4)
     assert all("logprob" not in c for o in generate(model, tok, prompts, SampleConfig(n=2, max_new_tokens=4)) for c in o)
+
+
+def test_scoring_given_chains_equals_a_plain_forward_pass(student):
+    """sample.chain_logprobs: the header prefilled once, each question once and copied to its chains' rows
+    (questions with different numbers of chains in one batch, chains of different lengths): each chain's
+    summed log-probability equals one plain forward pass over header + prompt + chain (1e-4)."""
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    header = tok.encode("Q: a worked example?\nA: yes.\n\n").ids
+    prompts = [tok.encode(q, add_special_tokens=False).ids for q in ("Q: where?\nA:", "Q: what do people use?\nA:", "Q: x?\nA:")]
+    chains = [[tok.encode(c, add_special_tokens=False).ids for c in cs] for cs in
+              ([" a river.", " the lake, then the sea. So the answer is (b) lake."], [" wood."], [])]
+    scores = sample.chain_logprobs(model, prompts, chains, prefix=header, batch_size=2)
+    assert [len(s) for s in scores] == [2, 1, 0]
+    for p, cs, ss in zip(prompts, chains, scores):
+        for c, (logprob, n) in zip(cs, ss):
+            ids = header + p + c
+            with torch.no_grad():
+                logp = model(torch.tensor([ids]))[0][0].float().log_softmax(-1)
+            want = sum(logp[t - 1, ids[t]].item() for t in range(len(header) + len(p), len(ids)))
+            assert n == len(c) and logprob == pytest.approx(want, abs=1e-4)

@@ -7,12 +7,15 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli
 import data
 import sample
 import teacher
+from checkpoint import from_pretrained, load_tokenizer
 from helpers import tiny_student
+from scotd import format_query
 
 N_QUESTIONS, N_CHAINS = 7, 3
 
@@ -139,3 +142,40 @@ def test_settings_record_paths_as_any_clone_would(student, straight, tmp_path, m
     monkeypatch.chdir(cli.ROOT / "tests")
     run(student, out, "--data", "../data/csqa_palm_train.jsonl.gz")
     assert out.read_bytes() == straight.read_bytes()
+
+
+def test_score_adds_the_teachers_logprob_of_each_chain_and_resumes(student, straight, tmp_path, monkeypatch):
+    """teacher.py --score: every rationale of a corpus gets teacher_logprob / teacher_tokens, its chain (the
+    rationale, then its answer sentence) scored under the teacher with the same few-shot prompt -- equal to a
+    plain forward pass (1e-4); a run stopped after its first batch resumes to the uninterrupted file."""
+    def score(out):
+        return teacher.main(["--teacher", str(student), "--score", str(straight), "--out", str(out), "--shots", "2",
+                             "--batch-size", "3"])
+    whole = score(tmp_path / "whole.jsonl")
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    header = json.loads(Path(str(straight) + ".meta.json").read_text())["prompt"]
+    scored, source = data.read_corpus(whole), data.read_corpus(straight)
+    assert [r["id"] for r in scored] == [r["id"] for r in source]
+    for rec, orig in zip(scored, source):
+        assert [r["text"] for r in rec["rationales"]] == [r["text"] for r in orig["rationales"]]
+        prompt = tok.encode(header).ids + tok.encode(format_query(rec["question"], rec["choices"]), add_special_tokens=False).ids
+        for r in rec["rationales"]:
+            chain = tok.encode(teacher.chain_text(rec, r), add_special_tokens=False).ids
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + chain]))[0][0].float().log_softmax(-1)
+            want = sum(logp[t - 1, (prompt + chain)[t]].item() for t in range(len(prompt), len(prompt) + len(chain)))
+            assert r["teacher_tokens"] == len(chain) and r["teacher_logprob"] == pytest.approx(want, abs=1e-4)
+    out, real, calls = tmp_path / "cut.jsonl", sample.chain_logprobs, []
+
+    def stop_after_first_batch(*a, on_batch, **k):
+        def once(*b):
+            on_batch(*b)
+            raise KeyboardInterrupt
+        return real(*a, on_batch=once, **k)
+    monkeypatch.setattr(teacher, "chain_logprobs", stop_after_first_batch)
+    with pytest.raises(SystemExit) as e:
+        score(out)
+    assert e.value.code == 130 and len(out.read_text().splitlines()) == 3
+    monkeypatch.setattr(teacher, "chain_logprobs", real)
+    score(out)
+    assert out.read_bytes() == whole.read_bytes()
