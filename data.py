@@ -388,9 +388,10 @@ A solution without such a number, or without steps, is a counted skip."""
 # Examples: (query, target) pairs for a target mode and filter
 
 
-def build_examples(records, mode, filter="correct", rationales_per_question=None, seed=0, skips=None):
+def build_examples(records, mode, filter="correct", rationales_per_question=None, seed=0, skips=None, select="random"):
     """Records -> list of dicts {id, query, target, answer (data.gold)}. The paper trains on every sampled
-    rationale (§2); `filter="correct"` keeps only rationales whose teacher answer is gold."""
+    rationale (§2); `filter="correct"` keeps only rationales whose teacher answer is gold;
+    `rationales_per_question` K keeps K of those, chosen by `select` (select_rationales)."""
     if mode not in MODES + SOCRATIC_ROLES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES + SOCRATIC_ROLES}")
     if filter not in FILTERS:
@@ -422,7 +423,7 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
             skips.add("question left without rationales", rec["id"])
             continue
         if rationales_per_question and len(kept) > rationales_per_question:
-            kept = rng.sample(kept, rationales_per_question)
+            kept = select_rationales(kept, rationales_per_question, select, rng, f"question {rec['id']}")
         if mode in SOCRATIC_ROLES:  # the two-model variant: a problem's chain split into turns
             for r in kept:
                 if not r.get("steps") or len(r.get("subquestions") or []) != len(r["steps"]):
@@ -437,6 +438,41 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
             examples.append({"id": rec["id"], "query": query, "answer": answer,
                              "target": format_target(mode, choices, said, r["text"])})
     return examples
+
+
+SELECT = ("random", "likely", "unlikely", "diverse")
+
+
+def select_rationales(rationales, k, how, rng, where=""):
+    """K of a question's rationales (SCoTD §5 compares choosing chains by teacher likelihood with choosing them
+    for diversity):
+    random    a uniform sample (rng);
+    likely    the K with the highest mean token log-probability under the teacher (teacher_logprob /
+              teacher_tokens: teacher.py records it, --score adds it to a corpus), unlikely the K lowest;
+    diverse   the most likely first, then again and again the one farthest from those chosen (the largest
+              smallest distance; distance = 1 - Jaccard overlap of the word bigrams, distinct-2's unit).
+    Ties go to the rationale that comes first; every choice but random is deterministic."""
+    if how == "random":
+        return rng.sample(rationales, k)
+    if any("teacher_logprob" not in r for r in rationales):
+        raise CorpusError(f"{where}: --select {how} needs each rationale's teacher_logprob; score the corpus first "
+                          "(python teacher.py --teacher FOLDER --score CORPUS --out SCORED)")
+    mean = [r["teacher_logprob"] / max(1, r["teacher_tokens"]) for r in rationales]
+    likely_first = sorted(range(len(rationales)), key=lambda i: -mean[i])  # stable: ties keep their order
+    if how == "likely":
+        chosen = likely_first[:k]
+    elif how == "unlikely":
+        chosen = sorted(range(len(rationales)), key=lambda i: mean[i])[:k]
+    elif how == "diverse":
+        grams = [set(zip(r["text"].split(), r["text"].split()[1:])) for r in rationales]
+        distance = lambda i, j: 1 - len(grams[i] & grams[j]) / max(1, len(grams[i] | grams[j]))  # noqa: E731
+        chosen = likely_first[:1]
+        while len(chosen) < k:
+            rest = [i for i in range(len(rationales)) if i not in chosen]
+            chosen.append(max(rest, key=lambda i: (min(distance(i, j) for j in chosen), -i)))
+    else:
+        raise ValueError(f"unknown selection {how!r}; expected one of {SELECT}")
+    return [rationales[i] for i in sorted(chosen)]
 
 
 # -----------------------------------------------------------------------------

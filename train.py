@@ -49,7 +49,7 @@ CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~11 min for SmolLM2-135M on 2
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
 OUTPUTS = ("best", "last", "metrics.jsonl", "args.json", "loss.png")  # what a run writes into --out
 # flags a --resume must share with the run it continues (else the result is not that run's continuation)
-MUST_MATCH = ("init", "data", "mode", "filter", "rationales_per_question", "limit", "max_len", "pack", "row_len",
+MUST_MATCH = ("init", "data", "mode", "filter", "rationales_per_question", "select", "limit", "max_len", "pack", "row_len",
               "share_prefix", "batch_size",
               "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "grad_clip", "seed")
 
@@ -74,7 +74,12 @@ def parser():
     p.add_argument("--mode", default="cot", choices=MODES + SOCRATIC_ROLES,
                    help="the target (scotd.py); decompose/solve: the two Socratic models, from a corpus with sub-questions")
     p.add_argument("--filter", default="correct", choices=data.FILTERS)
-    p.add_argument("--rationales-per-question", type=cli.positive_int, default=None)
+    p.add_argument("--rationales-per-question", type=cli.positive_int, default=None, metavar="K",
+                   help="train on K of each question's rationales (those --filter keeps; default: all of them)")
+    p.add_argument("--select", default="random", choices=data.SELECT,
+                   help="which K (with --rationales-per-question): random (the default), the teacher's likeliest or "
+                   "unlikeliest by mean token log-probability, or the most diverse (word bigrams), starting from "
+                   "the likeliest; all but random need teacher_logprob (teacher.py --score)")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="use the first N training questions")
     p.add_argument("--out", default=None, help="output folder (default runs/<mode>)")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an earlier run")
@@ -116,6 +121,8 @@ def check_args(p, args):
     cli.check_device(p, args.device)
     if args.init is not None and not (Path(args.init) / "config.json").is_file():
         p.error(f"argument --init: {args.init} is not a model folder (no config.json)")
+    if args.select != "random" and not args.rationales_per_question:
+        p.error("argument --select: choose K with --rationales-per-question")
     if args.overwrite and args.resume is not None:
         p.error("--overwrite and --resume exclude each other")
     args.out = Path(args.out or f"runs/{args.mode}")
@@ -447,7 +454,8 @@ def load_data(args, tokenizer, init, dist):
         dev_records = data.read_corpus(dev_from)
     if args.limit:
         records = records[:args.limit]
-    examples = data.build_examples(records, args.mode, args.filter, args.rationales_per_question, args.seed, skips)
+    examples = data.build_examples(records, args.mode, args.filter, args.rationales_per_question, args.seed, skips,
+                                   args.select)
     if not dist.main:
         dist.barrier()  # rank 0 tokenises and writes the cache first; the others then read it
     tokens = data.tokenize_examples(examples, tokenizer, args.max_len, skips, cache_dir() / "tokens", cache_key=str(init))

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import random
 
 import pytest
 import torch
@@ -287,3 +288,38 @@ def test_every_mutated_line_is_accepted_or_named_by_file_and_line(tmp_path):
                     refused += 1
                     assert str(e).startswith(f"{corpus}:2: ") and "\n" not in str(e), (path, value, str(e))
     assert cases > 300 and 0 < refused < cases  # both outcomes happen
+
+
+def scored(text, logprob, tokens, correct=True):
+    return {"text": text, "prediction": "wooded area" if correct else "zoo", "correct": correct,
+            "teacher_logprob": logprob, "teacher_tokens": tokens}
+
+
+# five rationales: mean token log-probabilities -0.5, -0.25, -2.0, -0.25, -1.0 (a tie between 2nd and 4th)
+CHAINS = [scored("zoos feed the animals there", -2.0, 4), scored("zoos feed the animals here", -1.0, 4),
+          scored("a lake is wet and deep", -8.0, 4, correct=False), scored("zoos feed the animals now", -1.5, 6),
+          scored("beavers build dams in rivers", -5.0, 5)]
+
+
+@pytest.mark.parametrize("how,k,want", [
+    ("likely", 2, [1, 3]),          # -0.25 twice (the tie: both)
+    ("likely", 1, [1]),             # a tie goes to the one that comes first
+    ("unlikely", 2, [2, 4]),        # -2.0, -1.0
+    ("diverse", 3, [1, 2, 4]),      # the likeliest (1); then the farthest from it (2 and 4 share no bigram with
+                                    # it or each other: the first, 2); then 4, not 0 or 3 (they share bigrams with 1)
+])
+def test_select_rationales_by_likelihood_and_diversity(how, k, want):
+    picked = data.select_rationales(CHAINS, k, how, random.Random(0))
+    assert picked == [CHAINS[i] for i in want]
+    assert data.select_rationales(CHAINS, k, how, random.Random(1)) == picked  # deterministic
+
+
+def test_select_is_applied_among_the_chains_the_filter_keeps_and_needs_scores():
+    rec = REC | {"rationales": CHAINS}  # the unlikeliest, 2, is the teacher's one wrong answer
+    for filter, want in (("correct", [0, 4]), ("all", [2, 4])):
+        examples = data.build_examples([rec], "cot", filter, rationales_per_question=2, select="unlikely")
+        assert [e["target"] for e in examples] == [f" {CHAINS[i]['text']} So the answer is "
+                                                   f"{'(b) wooded area' if i != 2 else '(a) zoo'}.\n\n" for i in want]
+    assert len(data.build_examples([rec], "cot", "all", 2, select="random")) == 2
+    with pytest.raises(CorpusError, match=r"question q1: --select likely needs each rationale's teacher_logprob"):
+        data.build_examples([REC], "cot", "all", rationales_per_question=1, select="likely")

@@ -55,6 +55,8 @@ def student(tmp_path_factory):
     (["--resume", "no/such/ckpt"], "argument --resume: no/such/ckpt/trainer_state.pt not found"),
     (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N"),
     (["--resume", "--overwrite"], "--overwrite and --resume exclude each other"),
+    (["--select", "likely"], "argument --select: choose K with --rationales-per-question"),
+    (["--select", "best", "--rationales-per-question", "2"], "argument --select: invalid choice: 'best'"),
 ])
 def test_train_flags_are_checked_up_front(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
