@@ -38,31 +38,42 @@ CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes 
 
 
 def get_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="HF-layout folder (default: the newest runs/*/best)")
-    p.add_argument("--data", default=str(data.DEFAULT_DEV), help="canonical corpus JSONL(.gz)")
+    p.add_argument("--data", default=str(data.DEFAULT_DEV), help="canonical corpus JSONL(.gz) (default: CSQA validation)")
     p.add_argument("--mode", default=None, choices=MODES, help="target mode (default: the one it was trained with)")
     p.add_argument("--decomposer", default=None, help="Socratic CoT: this model writes the sub-questions, --checkpoint "
-                   "(trained with --mode solve) answers them")
-    p.add_argument("--max-rounds", type=cli.positive_int, default=10, help="Socratic: sub-questions per chain at most")
+                   "(trained with --mode solve) answers them (default: none, one model)")
+    p.add_argument("--max-rounds", type=cli.positive_int, default=10, help="Socratic: sub-questions per chain at most (default 10)")
     p.add_argument("--n", "--chains", dest="n", type=cli.nonneg_int, default=10,
-                   help="chains per question for self-consistency (0 = greedy only); under torchrun write --chains")
-    p.add_argument("--temperature", type=cli.nonneg_float, default=0.7, help="0 = greedy chains")
+                   help="chains per question for self-consistency (0 = greedy only; default 10); under torchrun write --chains")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=0.7, help="of the sampled chains; 0 = greedy chains (default 0.7)")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
                    help="decode greedily first (--no-greedy: the sampled chains alone, for a caller that has the greedy run)")
-    p.add_argument("--top-p", type=cli.fraction, default=1.0)
-    p.add_argument("--top-k", type=cli.nonneg_int, default=0, help="0 = off")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=96)
+    p.add_argument("--top-p", type=cli.fraction, default=1.0, help="nucleus sampling (default 1.0: off)")
+    p.add_argument("--top-k", type=cli.nonneg_int, default=0, help="0 = off (the default)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=96, help="per chain (default 96)")
     p.add_argument("--limit", type=cli.nonneg_int, default=None,
                    help=f"first N questions, 0 = all (default: all on GPU, {CPU_DEFAULT_LIMIT} on CPU)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="questions per prefill (x n rows while sampling)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="questions per prefill (x n rows while sampling; default 8)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the sampled chains (default 0)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models)")
+    p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models; default 0)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval)")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(p, args):
+    """Everything that can be checked before anything loads (argparse's message, exit 2)."""
     if not args.greedy and args.n == 0:
         p.error("--no-greedy with --n 0 leaves nothing to decode")
     cli.check_file(p, "--data", args.data)

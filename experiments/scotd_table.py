@@ -2,9 +2,9 @@
 
     nice python experiments/scotd_table.py                 # the CPU plan (many CPU hours); run again to continue
     python experiments/scotd_table.py --report-only        # rewrite results.md and the plot from the record
-    # README's table: on one GPU, four students at a time, batch 32, 693 steps (3 epochs of cot) on PaLM
+    # experiments/README.md's table: on one GPU, four students at a time, batch 32, 693 steps (3 epochs of cot) on PaLM
     python experiments/scotd_table.py --workers 4 --batch-size 32 --palm-steps 693 --greedy-batch 256 \
-        --sc-batch 64 --save-every 100000 --results experiments/gpu --readme README.md
+        --sc-batch 64 --save-every 100000 --results experiments/gpu --readme experiments/README.md
 
 Students (SmolLM2-135M-Instruct, seed 1337, AdamW lr 1e-4, batch 8; train.py's defaults otherwise):
   on the bundled PaLM corpus (one rationale per question), --palm-steps optimizer steps each (default
@@ -430,8 +430,9 @@ def main(argv=None):
     p.add_argument("--fewshot", type=int, default=3, help="worked examples in the untuned student's prompt")
     p.add_argument("--init", default=None, help="student folder (default: SmolLM2-135M-Instruct); for smoke tests")
     p.add_argument("--train-limit", type=int, default=None, help="first N PaLM train questions; for smoke tests")
-    p.add_argument("--readme", default=None, help="README.md whose table (between the markers) to rewrite: "
-                   "README's table is the GPU run's (see README), so a CPU run leaves it alone unless asked")
+    p.add_argument("--readme", default=None, help="the results page whose table (between the markers) to rewrite, "
+                   "e.g. experiments/README.md: its table is the GPU run's, so a CPU run leaves it alone unless asked "
+                   "(default: none)")
     p.add_argument("--results", default=str(ROOT / "experiments"), help="folder for results.md and vote-curves.png")
     p.add_argument("--teachers", default=str(TEACHERS), help="teacher_runs.sh's outputs (the teacher's own accuracy)")
     p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")

@@ -1,7 +1,7 @@
 """Socratic CoT (Shridhar et al. 2022) on GSM8K, measured: one command, resumable, every cell with a 95 % interval.
 
     nice python experiments/socratic_table.py              # all of it (many CPU hours); run again to continue
-    python experiments/socratic_table.py --report-only     # rewrite socratic-results.md and README's table
+    python experiments/socratic_table.py --report-only     # rewrite socratic-results.md and the results page's table
 
 1. Sub-questions: the teacher (Qwen2.5-Coder-1.5B, `teacher.py --socratic`: one question a gold step, greedy)
    for the first --problems GSM8K *train* problems after the prompt's four. Problems with a question for
@@ -16,7 +16,7 @@
    the first --sc-limit (N = --n chains at T = 0.7), on the final weights (`last`: nothing chosen on test).
 Claims are tested as in scotd_table.py: paired bootstrap over the problems, "reproduced" when the 95 %
 interval of A - B lies above 0, "not reproduced" when it lies below the 2-point margin, else "inconclusive
-at this size". Writes experiments/socratic-results.md and the table between README's markers.
+at this size". Writes experiments/socratic-results.md and the table between experiments/README.md's markers.
 """
 
 import argparse
@@ -226,7 +226,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--init", default=None, help="student folder (default: SmolLM2-135M-Instruct); for smoke tests")
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--readme", default=str(ROOT / "experiments" / "README.md"),
+                   help="the results page whose table (between its markers) to rewrite (default: experiments/README.md)")
     p.add_argument("--results", default=str(ROOT / "experiments" / "socratic-results.md"))
     p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")
     args = p.parse_args(argv)
