@@ -183,7 +183,7 @@ def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, 
             results[q] = []
             for c, chain in enumerate(chains[q]):
                 r = j * n + c
-                rest = logp[r, torch.arange(len(chain) - 1, device=device), torch.tensor(chain[1:], device=device)].sum() if chain else 0
+                rest = logp[r, torch.arange(len(chain) - 1, device=device), torch.tensor(chain[1:], dtype=torch.long, device=device)].sum() if chain else 0
                 results[q].append((float(first[j, chain[0]] + rest) if chain else 0.0, len(chain)))
         if on_batch:
             on_batch(batch, [results[q] for q in batch])
@@ -229,14 +229,18 @@ def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, chec
 
 @torch.no_grad()
 def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None, pad_id=0, prefix=None):
-    """A dialogue per prompt, all in one batch: turn t of every running row is written by models[t % len(models)]
-    with cfgs[t % len(models)] (one model, or e.g. a decomposer and a solver taking turns). Each turn's output
-    is cut at its stop as generate() cuts a chain, then `turn(i, m, output)` gives the token ids that follow
-    row i's output (possibly none), or None when the row is done. Every model keeps one cache of each row's
-    text and prefills only what it has not yet read (what was appended, and the other models' turns), so k
-    turns cost one prefill of the whole text a model, not k; tokens a row sampled after its stop are masked
-    out. `max_len`: cache slots (all turns' tokens). cfg.n must be 1; model m samples from its own generator,
-    seeded with cfgs[m].seed. -> per row, its outputs in turn order."""
+    """Run one dialogue per prompt, all of them in one batch, and return each row's outputs in turn order.
+
+    The models take turns: turn t of every running row is written by models[t % len(models)] with
+    cfgs[t % len(models)] -- one model talking to itself, or a decomposer and a solver alternating. Each turn
+    ends at its stop, as generate() ends a chain. Then `turn(i, m, output)` says what comes next for row i: the
+    token ids appended after its output (possibly none), or None when the row's dialogue is over.
+
+    Every model keeps one KV cache of each row's text. Before a turn it prefills only what it has not read yet
+    (the text appended since, and the other models' turns), so k turns cost one prefill of the whole text per
+    model, not k. Tokens a row sampled after its stop are masked out of the cache. `max_len` is the number of
+    cache slots (every turn's tokens). Each cfg must ask for one chain (n = 1); model m samples from its own
+    generator, seeded with cfgs[m].seed."""
     assert all(cfg.n == 1 for cfg in cfgs) and len(cfgs) == len(models), "one chain a row, one cfg a model"
     assert len(models) == 1 or not isinstance(prefix, KVCache), "a prefilled header belongs to one model"
     device, dtype = next(models[0].parameters()).device, next(models[0].parameters()).dtype

@@ -351,21 +351,18 @@ def rounds(n, k):
 
 
 def done_ids(out):
-    """Ids already in `out`; a half-written last line (a kill mid-write) is cut off, with a note."""
-    if not out.exists():
-        return set()
-    raw = out.read_bytes()
+    """Ids already in `out` (data.read_appended: each complete line); a half-written last line (a kill
+    mid-write) is cut off the file, with a note, so that the next record starts on a line of its own."""
+    rows = data.read_appended(out)
+    if any(not isinstance(row, dict) or "id" not in row for _, row in rows):
+        n = next(n for n, row in rows if not isinstance(row, dict) or "id" not in row)
+        raise InputError(f"{out}:{n}: not a record this script wrote; move the file away or choose another --out")
+    raw = out.read_bytes() if out.exists() else b""
     keep = raw[:raw.rfind(b"\n") + 1]
-    ids = set()
-    for n, line in enumerate(keep.decode("utf-8").splitlines(), 1):
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"{out}:{n}: not a record this script wrote; move the file away or choose another --out") from None
     if len(keep) < len(raw):
         print(f"note      {out}: dropped a half-written last line ({len(raw) - len(keep)} bytes); it is redone")
         out.write_bytes(keep)
-    return ids
+    return {row["id"] for _, row in rows}
 
 
 class CorpusWriter:

@@ -38,7 +38,7 @@ from checkpoint import (RUN_INFO, cache_dir, default_student, from_pretrained, l
                         read_run_info, recover_folder, save_pretrained)
 from cli import InputError
 from distributed import Dist
-from evaluate import answers_of, greedy
+from decode import answers_of, greedy
 from model import DTYPES
 from report import Progress, append_jsonl, plot_lines
 from scotd import MODES, SOCRATIC_ROLES
@@ -486,12 +486,9 @@ def prepare_out(args, state, dist):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if metrics.exists():  # keep what happened up to the resumed step; drop what a killed run did after
-        rows = []
-        for line in metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # the half-written last line of a killed run
-                print(f"note      {metrics}: dropped a half-written line", flush=True)
+        rows = [row for _, row in data.read_appended(metrics)]  # a half-written last line of a killed run is left out
+        if not metrics.read_text().endswith("\n") and metrics.stat().st_size:
+            print(f"note      {metrics}: dropped a half-written line", flush=True)
         metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
     (args.out / "args.json").write_text(json.dumps(run_info(args)["args"], indent=2))
     return metrics

@@ -39,7 +39,6 @@ Writes <--results>/results.md and vote-curves.png, and with --readme the table b
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import threading

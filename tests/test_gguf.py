@@ -3,7 +3,6 @@ byte-level BPE vocabulary, converted by us and loaded by transformers from the s
 
 import json
 
-import numpy as np
 import pytest
 import torch
 

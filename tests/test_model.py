@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import ROOT
 from helpers import Opaque, hf_logits, left_padded_batch, make_hf_model, rewrite_weights, save_hf

@@ -2,12 +2,9 @@
 killed process is free), durable writes (fsync'd in the right order), and an output that cannot be written
 refused before any model loads. train.py's own race is in test_train.py."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

@@ -310,8 +310,9 @@ def test_scoring_given_chains_equals_a_plain_forward_pass(student):
     prompts = [tok.encode(q, add_special_tokens=False).ids for q in ("Q: where?\nA:", "Q: what do people use?\nA:", "Q: x?\nA:")]
     chains = [[tok.encode(c, add_special_tokens=False).ids for c in cs] for cs in
               ([" a river.", " the lake, then the sea. So the answer is (b) lake."], [" wood."], [])]
+    chains[1].append([7])  # a one-token chain
     scores = sample.chain_logprobs(model, prompts, chains, prefix=header, batch_size=2)
-    assert [len(s) for s in scores] == [2, 1, 0]
+    assert [len(s) for s in scores] == [2, 2, 0] and min(len(c) for cs in chains for c in cs) == 1  # a one-token chain too
     for p, cs, ss in zip(prompts, chains, scores):
         for c, (logprob, n) in zip(cs, ss):
             ids = header + p + c

@@ -165,7 +165,7 @@ def test_score_adds_the_teachers_logprob_of_each_chain_and_resumes(student, stra
                 logp = model(torch.tensor([prompt + chain]))[0][0].float().log_softmax(-1)
             want = sum(logp[t - 1, (prompt + chain)[t]].item() for t in range(len(prompt), len(prompt) + len(chain)))
             assert r["teacher_tokens"] == len(chain) and r["teacher_logprob"] == pytest.approx(want, abs=1e-4)
-    out, real, calls = tmp_path / "cut.jsonl", sample.chain_logprobs, []
+    out, real = tmp_path / "cut.jsonl", sample.chain_logprobs
 
     def stop_after_first_batch(*a, on_batch, **k):
         def once(*b):
