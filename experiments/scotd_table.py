@@ -35,6 +35,12 @@ metrics, and every evaluation's predictions and summary. The record is what the 
 a later session in a fresh clone goes on from it; a student whose evaluation is still to run and whose
 checkpoint is gone trains again (the same seed and data: the same weights).
 Writes <--results>/results.md and vote-curves.png, and with --readme the table between its markers.
+
+--plan chains (issue #31) runs other students the same way: K = 1, 2, 3, 5 random rationales per question and
+K = all, all for as many steps as one pass over K = all (the K curve); K = 3 chosen by the teacher's likelihood
+(likeliest, unlikeliest) or for diversity (train.py --select, on the --score'd corpus); and self-consistency on
+all 1,221 questions for `cot` and K = all. It writes chains-results.md, chains.png (accuracy against K) and the
+vote curves; its record is <--results>/chains-table.
 """
 
 import argparse
@@ -62,7 +68,9 @@ from scotd import majority_vote  # noqa: E402
 MARGIN = 0.02  # the smallest accuracy difference the verdicts care about
 TEACHER_CORPUS = ROOT / "data" / "csqa_qwen_train.jsonl"
 TEACHERS = ROOT / "experiments" / "teachers"
-CORPORA = {"palm": "PaLM, 1 per question", "teacher": "Qwen 1.5B, 10 per question"}
+SCORED_CORPUS = ROOT / "experiments" / "scores" / "csqa_qwen_train.scored.jsonl"  # teacher.py --score's output
+CORPORA = {"palm": "PaLM, 1 per question", "teacher": "Qwen 1.5B, 10 per question",
+           "scored": "Qwen 1.5B, 10 per question, scored by the teacher"}
 README_BEGIN, README_END = "<!-- scotd_table: begin (written by experiments/scotd_table.py) -->", "<!-- scotd_table: end -->"
 
 
@@ -71,7 +79,7 @@ class Student:
     name: str
     what: str
     train: list = None      # train.py flags; None: evaluated as it is (the untuned floor)
-    corpus: str = "palm"    # "palm" (bundled) or "teacher" (data/csqa_qwen_train.jsonl)
+    corpus: str = "palm"    # "palm" (bundled), "teacher" (data/csqa_qwen_train.jsonl) or "scored" (with teacher_logprob)
     chains: bool = True     # writes its rationale first: self-consistency and a vote curve
     steps_of: str = None    # the equal-steps control: as many optimizer steps as this student took
     evaluate: list = field(default_factory=list)  # extra evaluate.py flags
@@ -109,6 +117,38 @@ CLAIMS = [  # (paper, claim, system A, system B, kind); "name@sc": the N-chain v
     ("-", "student (Qwen corpus, K = all) vs its teacher, greedy (no claim)", "qwen-Kall", "teacher", "report"),
     ("-", "student vs its teacher, majority of the chains (no claim)", "qwen-Kall@sc", "teacher@sc", "report"),
 ]
+
+
+# --plan chains (issue #31): which chains, how many, and self-consistency on every question. Every Qwen student
+# trains for as many steps as one pass over K = all, so only the chains differ.
+CHAIN_STUDENTS = [
+    Student("cot", "`cot`: rationale, then answer", ["--mode", "cot"]),
+    Student("qwen-Kall", "`cot`, Qwen corpus, K = all, one pass", ["--epochs", "1"], "teacher"),
+    *[Student(f"qwen-K{k}-steps", f"`cot`, Qwen corpus, K = {k}, random, K = all's steps",
+              ["--rationales-per-question", str(k)], "teacher", chains=False, steps_of="qwen-Kall") for k in (1, 2, 3, 5)],
+    *[Student(f"qwen-K3-{how}", f"`cot`, Qwen corpus, K = 3, {what}, K = all's steps",
+              ["--rationales-per-question", "3", "--select", how], "scored", chains=False, steps_of="qwen-Kall")
+      for how, what in (("likely", "the teacher's likeliest"), ("unlikely", "the teacher's unlikeliest"),
+                        ("diverse", "the most diverse"))],
+]
+CURVE = {1: "qwen-K1-steps", 2: "qwen-K2-steps", 3: "qwen-K3-steps", 5: "qwen-K5-steps", 10: "qwen-Kall"}
+CHAIN_CLAIMS = [
+    ("SCoTD", "more rationales per question at equal steps: K = 2 beats K = 1", "qwen-K2-steps", "qwen-K1-steps", "beats"),
+    ("SCoTD", "K = 3 beats K = 2 at equal steps", "qwen-K3-steps", "qwen-K2-steps", "beats"),
+    ("SCoTD", "K = 5 beats K = 3 at equal steps", "qwen-K5-steps", "qwen-K3-steps", "beats"),
+    ("SCoTD", "K = all (10) beats K = 5 at equal steps (the paper: 50 did not beat 30)", "qwen-Kall", "qwen-K5-steps", "beats"),
+    ("SCoTD", "the teacher's likeliest chains beat random ones (K = 3)", "qwen-K3-likely", "qwen-K3-steps", "beats"),
+    ("SCoTD", "diverse chains beat random ones (K = 3)", "qwen-K3-diverse", "qwen-K3-steps", "beats"),
+    ("SCoTD", "diverse chains beat the teacher's likeliest (K = 3)", "qwen-K3-diverse", "qwen-K3-likely", "beats"),
+    ("-", "the teacher's unlikeliest chains vs random ones (no claim)", "qwen-K3-unlikely", "qwen-K3-steps", "report"),
+    ("SCoTD", "self-consistency beats greedy decoding (PaLM `cot` student)", "cot@sc", "cot", "beats"),
+    ("SCoTD", "self-consistency beats greedy decoding (Qwen corpus, K = all)", "qwen-Kall@sc", "qwen-Kall", "beats"),
+]
+# plan -> (students, claims, results page, record folder, the results page's markers)
+PLANS = {"claims": (STUDENTS, CLAIMS, "results.md", "scotd-table", (README_BEGIN, README_END)),
+         "chains": (CHAIN_STUDENTS, CHAIN_CLAIMS, "chains-results.md", "chains-table",
+                    ("<!-- chains_table: begin (written by experiments/scotd_table.py --plan chains) -->",
+                     "<!-- chains_table: end -->"))}
 
 
 # -----------------------------------------------------------------------------
@@ -194,10 +234,11 @@ class Runner:
         evaluations = [summary(rec / "greedy")] + ([summary(rec / "sc")] if s.chains else [])
         if all(e.exists() for e in evaluations):
             return None
-        if s.corpus == "teacher":
-            have = len(data.read_finished(a.teacher_corpus))
+        corpus = {"teacher": a.teacher_corpus, "scored": a.scored_corpus}.get(s.corpus)
+        if corpus:
+            have = len(data.read_finished(corpus)) if Path(corpus).exists() else 0
             if have < a.corpus_questions:
-                return f"waits for the teacher corpus ({have:,} of {a.corpus_questions:,} questions in {a.teacher_corpus})"
+                return f"waits for the {s.corpus} corpus ({have:,} of {a.corpus_questions:,} questions in {corpus})"
         checkpoint = run / "last"
         if s.train is None:
             checkpoint = Path(a.init) if a.init else default_student()
@@ -206,8 +247,8 @@ class Runner:
                 return f"waits for {s.steps_of} (it sets the number of steps)"
             argv = [*s.train, "--out", str(run), "--seed", str(a.seed), "--batch-size", str(a.batch_size),
                     "--eval-every", "0", "--save-every", str(a.save_every)]
-            if s.corpus == "teacher":
-                argv += ["--data", str(a.teacher_corpus), "--limit", str(a.corpus_questions)]
+            if corpus:
+                argv += ["--data", str(corpus), "--limit", str(a.corpus_questions)]
             elif a.train_limit:
                 argv += ["--limit", str(a.train_limit)]
             if s.steps_of:
@@ -240,7 +281,7 @@ def run_workers(args, argv, names):
     training is recorded. For a GPU, where one student's small kernels leave most of it idle. Each
     process's output goes to <--out>/<student>.log. -> {student: why it did not finish}: its own skip line
     ("waits for ..."), or its failure; the tables are written once, by the caller, from the record."""
-    by_name = {s.name: s for s in STUDENTS}
+    by_name = {s.name: s for s in args.students}
     queue, running, skipped = [by_name[name] for name in names], {}, {}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
@@ -289,10 +330,10 @@ def predictions(folder, dev=data.DEFAULT_DEV):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def outcomes(out, n, teachers):
+def outcomes(out, n, teachers, students=STUDENTS):
     """{system: {question id: right?}} for every finished evaluation, plus {student: vote curve rows}."""
     systems, curves = {}, {}
-    for s in STUDENTS:
+    for s in students:
         run = out / s.name
         if summary(run / "greedy").exists():
             systems[s.name] = {r["id"]: r["greedy_correct"] for r in predictions(run / "greedy")}
@@ -354,11 +395,11 @@ def chain_cells(systems, name):
 
 def report(args, skipped, wall0):
     out = Path(args.record)
-    systems, curves = outcomes(out, args.n, Path(args.teachers))
+    systems, curves = outcomes(out, args.n, Path(args.teachers), args.students)
     commands, total = [], 0.0
     rows = [f"| student | trained on | steps x {args.batch_size} | greedy [95 % CI] (questions) | one chain | "
             f"majority of {args.n} | wall time (min) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for s in STUDENTS:
+    for s in args.students:
         run = out / s.name
         if s.name not in systems:
             rows.append(f"| {s.what} | {CORPORA[s.corpus] if s.train else '-'} | | {skipped.get(s.name, 'not run yet')} | | | |")
@@ -376,26 +417,46 @@ def report(args, skipped, wall0):
                     f"{chain_cells(systems, 'teacher')} | see the teacher table |")
     claims = ["| paper | claim | A vs B | questions | A - B, points [95 % CI] | p (bootstrap / McNemar) | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
-    claims += [f"| {paper} | {claim} | {claim_cells(systems, a, b, kind)}" for paper, claim, a, b, kind in CLAIMS]
-    note = (f"CSQA validation (1,221 questions; self-consistency on the first {args.sc_limit}, T = {args.temperature}); "
+    claims += [f"| {paper} | {claim} | {claim_cells(systems, a, b, kind)}" for paper, claim, a, b, kind in args.claims]
+    sc = f"the first {args.sc_limit}" if args.sc_limit else "all of them"
+    note = (f"CSQA validation (1,221 questions; self-consistency on {sc}, T = {args.temperature}); "
             f"SmolLM2-135M-Instruct students, seed {args.seed}; verdict margin {100 * MARGIN:.0f} points; "
             f"`@sc`: majority of {args.n} chains. Wall time: minutes of train + greedy + self-consistency, as run.")
     table = "\n".join(rows) + "\n\n" + "\n".join(claims)
-    text = (f"# SCoTD claims, measured\n\n{note}\n\n{table}\n\nMachine: {args.machine}; {total / 3600:.1f} h of "
+    title = "How many rationales, which ones, and self-consistency" if args.plan == "chains" else "SCoTD claims"
+    text = (f"# {title}, measured\n\n{note}\n\n{table}\n\nMachine: {args.machine}; {total / 3600:.1f} h of "
             "steps in all.\n\nCommands, one per step, as run:\n" + "".join(f"    {c}\n" for c in commands)
             + f"\nThis invocation: {(time.time() - wall0) / 60:.0f} min.\n")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "results.md").write_text(text)
+    (results / args.page).write_text(text)
     if curves:
         ks = list(range(1, args.n + 1))
         series = {name: (ks, [float(np.mean(c)) for c in curve]) for name, curve in curves.items()}
         bands = {name: tuple(zip(*[wilson(sum(c), len(c)) for c in curve])) for name, curve in curves.items()}
         plot_lines(results / "vote-curves.png", series, "chains voted over (k)", "accuracy",
-                   f"self-consistency, CSQA validation (first {args.sc_limit}), 95 % bands", bands=bands)
+                   f"self-consistency, CSQA validation ({sc}), 95 % bands", bands=bands)
+    if args.plan == "chains":
+        plot_chains(results / "chains.png", systems)
     if args.readme:
-        write_between(Path(args.readme), README_BEGIN, README_END, f"{note}\n\n{table}")
+        write_between(Path(args.readme), *args.markers, f"{note}\n\n{table}")
     print(text)
+
+
+def plot_chains(path, systems):
+    """Accuracy against K (random chains, equal steps) with 95 % bands, and the K = 3 selections beside it."""
+    series, bands = {}, {}
+    curve = [(k, systems[name]) for k, name in CURVE.items() if name in systems]
+    if curve:
+        series["random chains"] = ([k for k, _ in curve], [float(np.mean(list(s.values()))) for _, s in curve])
+        bands["random chains"] = tuple(zip(*[wilson(sum(s.values()), len(s)) for _, s in curve]))
+    for how in ("likely", "unlikely", "diverse"):
+        if (s := systems.get(f"qwen-K3-{how}")) is not None:
+            series[f"K = 3, {how}"] = ([3], [float(np.mean(list(s.values())))])
+            bands[f"K = 3, {how}"] = tuple([x] for x in wilson(sum(s.values()), len(s)))
+    if series:
+        plot_lines(path, series, "rationales per question (K), equal steps", "greedy accuracy",
+                   "CSQA validation, SmolLM2-135M students, 95 % bands", bands=bands)
 
 
 def write_between(readme, begin, end, text):
@@ -410,14 +471,20 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "runs" / "scotd-table"), help="checkpoints (not committed)")
     p.add_argument("--record", default=None, help="steps, metrics and evaluations, committed: what the tables are "
                    "read from (default: <--results>/scotd-table)")
+    p.add_argument("--plan", default="claims", choices=list(PLANS), help="claims: the SCoTD and Wadhwa claims; chains: "
+                   "how many rationales, which ones (teacher likelihood, diversity) and self-consistency on every "
+                   "question (default: claims)")
     p.add_argument("--only", default=None, help="comma-separated student names (default: all, in order)")
     p.add_argument("--report-only", action="store_true", help="write the tables from what is finished; run nothing")
     p.add_argument("--palm-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--teacher-corpus", default=str(TEACHER_CORPUS))
+    p.add_argument("--scored-corpus", default=str(SCORED_CORPUS), help="the teacher corpus with teacher_logprob "
+                   "(teacher.py --score), for --select")
     p.add_argument("--corpus-questions", type=int, default=1000)
     p.add_argument("--greedy-limit", type=int, default=0, help="validation questions for greedy (0 = all 1,221)")
-    p.add_argument("--sc-limit", type=int, default=400)
+    p.add_argument("--sc-limit", type=int, default=None, help="questions for self-consistency, 0 = all (default: 400; "
+                   "all with --plan chains)")
     p.add_argument("--greedy-batch", type=int, default=64, help="questions a greedy batch")
     p.add_argument("--sc-batch", type=int, default=8, help="questions a self-consistency batch (x --n rows)")
     p.add_argument("--workers", type=cli.positive_int, default=1, help="students run at once, each in its own process (GPU)")
@@ -436,8 +503,10 @@ def main(argv=None):
     p.add_argument("--teachers", default=str(TEACHERS), help="teacher_runs.sh's outputs (the teacher's own accuracy)")
     p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")
     args = p.parse_args(argv)
-    args.record = args.record or str(Path(args.results) / "scotd-table")
-    names = [s.name for s in STUDENTS]
+    args.students, args.claims, args.page, record, args.markers = PLANS[args.plan]
+    args.record = args.record or str(Path(args.results) / record)
+    args.sc_limit = args.sc_limit if args.sc_limit is not None else (0 if args.plan == "chains" else 400)
+    names = [s.name for s in args.students]
     only = args.only.split(",") if args.only else names
     if unknown := set(only) - set(names):
         p.error(f"--only: unknown students {sorted(unknown)}; expected some of {names}")
@@ -446,7 +515,7 @@ def main(argv=None):
         skipped = run_workers(args, sys.argv[1:] if argv is None else argv, only)
     elif not args.report_only:
         runner = Runner(args)
-        for s in STUDENTS:
+        for s in args.students:
             if s.name in only and (why := runner.run(s)):
                 skipped[s.name] = why
                 print(skip_line(s.name, why), flush=True)

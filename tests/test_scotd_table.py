@@ -150,3 +150,35 @@ def test_workers_must_be_positive(capsys):
     ("report", -0.5, 0.5, "(reported)")])
 def test_verdicts_follow_the_interval(kind, low, high, expected):
     assert table.verdict(kind, low, high) == expected
+
+
+def test_the_chains_plan_trains_k_and_selection_students_at_equal_steps(setup, tmp_path, capsys):
+    """--plan chains: the K = 3 students on random, likeliest and most diverse chains train for as many steps as
+    K = all's one pass, with train.py --select on the scored corpus; the results page names each claim's verdict
+    and chains.png plots accuracy against K. Without the scored corpus, its students wait for it."""
+    tmp, argv = setup
+    records = data.read_corpus(tmp / "qwen.jsonl")
+    for rec in records:  # scored as teacher.py --score would
+        for k, r in enumerate(rec["rationales"]):
+            r |= {"teacher_logprob": -1.0 - k, "teacher_tokens": 4}
+    data.write_corpus(records, tmp_path / "scored.jsonl")
+    plan = [a for a in argv if a not in ("--readme", str(tmp / "README.md"))]
+    plan[plan.index("--only") + 1] = "qwen-Kall,qwen-K3-steps,qwen-K3-likely,qwen-K3-diverse"
+    plan[plan.index("--results") + 1] = str(tmp_path / "results")
+    waiting = plan + ["--plan", "chains", "--scored-corpus", str(tmp_path / "missing.jsonl")]
+    table.main(waiting)
+    assert "skip      qwen-K3-likely: waits for the scored corpus (0 of 6 questions" in capsys.readouterr().out
+    table.main(plan + ["--plan", "chains", "--scored-corpus", str(tmp_path / "scored.jsonl")])
+    record = tmp_path / "results" / "chains-table"
+    steps = {name: json.loads((record / name / "trained.json").read_text())["steps"]
+             for name in ("qwen-Kall", "qwen-K3-steps", "qwen-K3-likely", "qwen-K3-diverse")}
+    assert len(set(steps.values())) == 1  # equal steps
+    commands = json.loads((record / "qwen-K3-likely" / "steps.json").read_text())["train"]["command"]
+    assert "--select likely" in commands and "scored.jsonl" in commands
+    page = (tmp_path / "results" / "chains-results.md").read_text()
+    for claim in ("the teacher's likeliest chains beat random ones (K = 3)", "diverse chains beat random ones (K = 3)"):
+        row = next(line for line in page.splitlines() if claim in line)
+        assert any(v in row for v in ("| reproduced |", "| not reproduced |", "| inconclusive at this size |")), row
+    assert page.startswith("# How many rationales, which ones, and self-consistency, measured")
+    assert "K = 2 beats K = 1 | qwen-K2-steps vs qwen-K1-steps | | | | not run yet |" in page
+    assert (tmp_path / "results" / "chains.png").stat().st_size > 0
