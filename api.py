@@ -23,6 +23,7 @@ writes. httpx is imported only when a Client is made, so the local teacher path 
 """
 
 import json
+import queue
 import random
 import re
 import threading
@@ -245,8 +246,6 @@ def in_order(work, jobs, concurrency):
     as it and every job before it are done; an exception from work(job) is raised in its place (no job starts
     after it, the jobs in flight before it are finished and yielded first). The threads
     are daemons: Ctrl-C ends the run at once, without waiting for the requests in flight."""
-    import queue
-
     jobs = list(jobs)
     todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
     for k in range(len(jobs)):

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+import api
 import cli
 import data
 from checkpoint import default_student, from_pretrained, load_tokenizer
@@ -187,8 +188,6 @@ def check_args(p, args):
 
 def check_api_args(p, args):
     """--api's flags, and the key, read from the environment (never from argv)."""
-    import api
-
     if not args.model:
         p.error("argument --model: required with --api (the name the server serves the teacher under)")
     try:
@@ -479,11 +478,9 @@ class Served:
         """The dialogue so far (the question; Socratic: then each question asked and the step after it)."""
         if self.args.api_style == "completions":
             return self.header + "".join(pieces)
-        import api
         return api.chat_messages(self.shots, pieces, system=None if self.shots else self.header)
 
     def ask(self, i, pieces, n, r):
-        import api
         seed = None if self.args.seed is None else batch_seed(batch_seed(self.args.seed, i), r) % 2**31
         choices = self.client.complete(self.prompt(pieces), n, seed, what=f"question {self.records[i]['id']}")
         return [api.chain(c, self.stop_after) for c in choices[:n]]
@@ -503,7 +500,7 @@ class Served:
     def dialogue(self, i, j):
         """Chain j of Socratic problem i: a request a step (Asking's dialogue with one row)."""
         asking = Asking([self.records[i]])
-        pieces, r = [asking.prompt(0)], j * 1000
+        pieces, r = [asking.prompt(0)], j * 1000  # chain j's requests: numbered from j * 1000 (far fewer turns)
         while True:
             out = self.ask(i, pieces, 1, r)[0]
             out["tokens"] = out["tokens"] or []
@@ -517,8 +514,6 @@ class Served:
 def api_client(args):
     """The served teacher's api.Client: every request asks for --max-new-tokens at --temperature and --top-p,
     stops at a newline, and asks for logprobs (unless --no-logprobs)."""
-    import api
-
     params = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_new_tokens, "stop": ["\n"]}
     if args.logprobs:
         params |= {"logprobs": 1} if args.api_style == "completions" else {"logprobs": True}
@@ -530,8 +525,6 @@ def api_client(args):
 def sample_api(args, client, records, header, shots, todo, writer):
     """Ask the served teacher for every question in `todo`, --concurrency at a time, handing each question's
     chains to `writer` in question order."""
-    import api
-
     try:
         for i, chains in api.in_order(Served(args, client, header, shots, records), todo, args.concurrency):
             writer([i], [chains])
@@ -547,7 +540,6 @@ def cost(args, records, header, shots, tokenizer):
     def prompt_tokens(pieces):  # chat: the messages' words and ~4 tokens of template a message
         if not chat:
             return count(header + "".join(pieces))
-        import api
         messages = api.chat_messages(shots, pieces, system=None if shots else header)
         return sum(count(m["content"]) + 4 for m in messages)
 

@@ -349,6 +349,11 @@ def test_chat_layout_of_the_fewshot_prompt():
         {"role": "user", "content": "Step: s2\nQuestion it answers:"}]
 
 
+def test_httpx_is_imported_only_by_the_api_path():
+    code = "import sys, teacher, train, evaluate; assert 'httpx' not in sys.modules, 'imported'"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
 def test_urls_backoff_and_retry_after():
     assert api.base_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080/v1"
     assert api.base_url("https://api.example.com/v1/") == "https://api.example.com/v1"
