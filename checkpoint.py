@@ -104,14 +104,26 @@ def _hf_prefix(cfg):
     return "model.decoder." if cfg.model_type == "opt" else "model."
 
 
+# HF names the attention's output projection `out_proj` in OPT and `o_proj` in Llama/Qwen2; ours is o_proj
+OPT_OUT, OUT = ".self_attn.out_proj.", ".self_attn.o_proj."
+
+
 def _normalise_key(key):
-    """HF checkpoint key -> our module name: drop the prefix (OPT keys come with or without `model.`)."""
+    """HF checkpoint key -> our module name: drop the prefix (OPT keys come with or without `model.`), and
+    OPT's out_proj is our o_proj."""
     if key.startswith("lm_head."):
         return key
     for prefix in ("model.decoder.", "decoder.", "model."):
         if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
+            return key[len(prefix):].replace(OPT_OUT, OUT)
+    return key.replace(OPT_OUT, OUT)
+
+
+def _hf_key(key, cfg):
+    """Our module name -> the HF checkpoint key (the inverse of _normalise_key for this model type)."""
+    if key == "lm_head.weight":
+        return key
+    return _hf_prefix(cfg) + (key.replace(OUT, OPT_OUT) if cfg.model_type == "opt" else key)
 
 
 def _read_safetensors(path):
@@ -224,7 +236,6 @@ def save_pretrained(model, folder, tokenizer_from=None, files=None, state_dict=N
     files come from `tokenizer_from` (default: the folder the model was loaded from); `files` as in
     write_folder; `state_dict` overrides the model's own (e.g. the full weights gathered from FSDP shards)."""
     cfg = model.cfg
-    prefix = _hf_prefix(cfg)
     state = {}
     for key, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         if key == "lm_head.weight":
@@ -232,7 +243,7 @@ def save_pretrained(model, folder, tokenizer_from=None, files=None, state_dict=N
                 continue  # transformers re-ties it from the embedding
             state[key] = tensor
         else:
-            state[prefix + key] = tensor
+            state[_hf_key(key, cfg)] = tensor
     hf = dict(cfg.hf, torch_dtype=str(next(iter(state.values())).dtype).removeprefix("torch."))
     source = tokenizer_from or getattr(model, "source_folder", None)
     tokenizer = {name: (Path(source) / name).read_bytes() for name in TOKENIZER_FILES

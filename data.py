@@ -584,7 +584,7 @@ def question_batches(queries, lengths, batch_size, rng):
 
 def layout(batch, pad_id, row_len, share=False, pack=False):
     """A micro-batch of (ids, n_query) -> rows (idx, targets, docs, branches), each (B, T), for
-    Transformer.forward(docs=..., branches=...).
+    Transformer.forward(docs=..., branches=...) and attention.TreeAttention.
 
     An example is a prefix (its query less the last token: no loss) and a branch (the query's last token,
     then the target: it predicts the target). share=True: examples with the same prefix (a question's K

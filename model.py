@@ -5,8 +5,10 @@ rationales and then samples many chains from them at test time. This file is tha
 
 - `Config`: a typed view of an HF `config.json` (`model_type` "opt", "llama" or "qwen2").
 - `Transformer`: embeddings -> blocks -> norm -> lm_head, with module names that mirror the HF
-  checkpoints (after dropping the `model.` / `model.decoder.` prefix), so loading is a strict
-  `load_state_dict` and nothing is transposed behind the reader's back.
+  checkpoints (after dropping the `model.` / `model.decoder.` prefix; OPT's `out_proj` is read as
+  `o_proj`), so loading is a strict `load_state_dict` and nothing is transposed behind the reader's back.
+  Three entry points: `forward(idx, targets)` over whole rows (training, scoring), `prefill(idx, cache)`
+  and `decode_step(idx, cache)` for sampling.
     OPT:   learned positions (offset 2), LayerNorm, ReLU MLP, biases, pre-LN or post-LN (350m layout,
            with project_in/project_out), tied lm_head.
     Llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, tied or untied lm_head.
@@ -15,7 +17,7 @@ rationales and then samples many chains from them at test time. This file is tha
   left-padded batches, that can repeat one prompt's rows N times (N chains for self-consistency), and
   whose rows can share one prefix cache they all attend to without a copy (a few-shot header).
 
-Loading and saving HF-layout folders, the tokenizer and the default student live in checkpoint.py.
+The attention kernels for packed, shared-prefix and shared-header rows live in attention.py. Loading and saving HF-layout folders, the tokenizer and the default student live in checkpoint.py.
 """
 
 import json
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from attention import Dense, SharedPrefix, TreeAttention
 
 # -----------------------------------------------------------------------------
 # Config
@@ -180,6 +184,10 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def attention(self, mask):
+        """How a prefill or decode step over this cache attends (attention.py), under mask (B, 1, T, S)."""
+        return Dense(mask) if self.shared is None else SharedPrefix(mask, self)
+
     def shared_kv(self, layer):
         """The shared prefix's K/V for `layer`: (n_kv, P, hd) each."""
         P = self.shared.length
@@ -252,35 +260,6 @@ def rope_table(max_positions, head_dim, theta, device):
     return angles.cos(), angles.sin()
 
 
-def shared_prefix_attention(q, k, v, mask, k_shared, v_shared):
-    """Attention of q (B, nh, T, hd) over a prefix all B rows share (k/v_shared (n_kv, P, hd), seen by
-    every query) followed by each row's own keys (k/v (B, n_kv, S, hd) under mask (B, 1, T, S)).
-
-    This is softmax attention over the concatenation [shared; own], computed in two parts and merged by
-    their log-sum-exps (as flash attention merges blocks), so the prefix is stored once, not per row.
-    The shared part is one matrix product for all rows' queries against the same keys (Hydragen,
-    Juravsky et al. 2024), instead of B matrix-vector products over B copies of the prefix.
-    """
-    B, nh, T, hd = q.shape
-    n_kv, P, _ = k_shared.shape
-    g = nh // n_kv  # query heads per K/V head (grouped-query attention)
-    scale = hd ** -0.5
-    qg = q.reshape(B, n_kv, g * T, hd)  # query head h = kv * g + j uses K/V head kv
-    # shared prefix: (n_kv, B*g*T, hd) @ (n_kv, hd, P), every query sees every prefix key
-    s1 = (qg.transpose(0, 1).reshape(n_kv, B * g * T, hd) @ k_shared.transpose(1, 2)).float() * scale
-    lse1 = s1.logsumexp(-1, keepdim=True)
-    o1 = ((s1 - lse1).exp().to(v_shared.dtype) @ v_shared).view(n_kv, B, g * T, hd).transpose(0, 1)
-    lse1 = lse1.view(n_kv, B, g * T, 1).transpose(0, 1)
-    # each row's own keys, masked: (B, n_kv, g*T, S)
-    s2 = (qg @ k.transpose(2, 3)).float() * scale
-    s2 = s2.view(B, n_kv, g, T, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, n_kv, g * T, -1)
-    lse2 = s2.logsumexp(-1, keepdim=True)  # finite: a query always sees itself
-    o2 = (s2 - lse2).exp().to(v.dtype) @ v
-    lse = torch.logaddexp(lse1, lse2)
-    y = o1 * (lse1 - lse).exp().to(o1.dtype) + o2 * (lse2 - lse).exp().to(o2.dtype)
-    return y.reshape(B, nh, T, hd)
-
-
 def apply_rope(x, cos, sin):
     """HF Llama convention: the two halves of each head are the (real, imaginary) parts."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -289,38 +268,29 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """Self-attention: project, rotate (Llama), write K/V to the cache (if any), attend (attention.py), project.
+    `attn` is how the tokens attend: attention.Dense, SharedPrefix or TreeAttention, built once a forward pass."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
         n_head, n_kv, hd, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         qkv_bias = cfg.bias or cfg.qkv_bias
+        self.head_dim = hd
         self.q_proj = nn.Linear(d, n_head * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(d, n_kv * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, n_kv * hd, bias=qkv_bias)
-        # HF names the output projection `out_proj` in OPT and `o_proj` in Llama; keep the checkpoint's name.
-        self.out_name = "out_proj" if cfg.model_type == "opt" else "o_proj"
-        self.add_module(self.out_name, nn.Linear(n_head * hd, d, bias=cfg.bias))
+        self.o_proj = nn.Linear(n_head * hd, d, bias=cfg.bias)  # OPT's checkpoints call it out_proj (checkpoint.py)
 
-    def forward(self, x, rope, mask, cache, layer):
+    def forward(self, x, rope, attn, cache, layer):
         B, T, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # write this step's K/V into its slots, then attend over the cache
             k, v = cache.write(layer, k, v)  # (B, n_kv, S, hd)
-            if cache.shared is not None:
-                y = shared_prefix_attention(q, k, v, mask, *cache.shared_kv(layer))
-                return getattr(self, self.out_name)(y.transpose(1, 2).reshape(B, T, -1))
-        if isinstance(mask, TreeAttention):  # packed / shared-prefix training rows
-            return getattr(self, self.out_name)(mask.attend(q, k, v).reshape(B, T, -1))
-        is_causal = mask is None and cache is None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.cfg.num_key_value_heads != self.cfg.num_attention_heads)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
-        return getattr(self, self.out_name)(y)
+        return self.o_proj(attn.attend(q, k, v, layer).reshape(B, T, -1))
 
 
 class OPTBlock(nn.Module):
@@ -334,12 +304,12 @@ class OPTBlock(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.bias)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size)
 
-    def forward(self, x, rope, mask, cache, layer):
+    def forward(self, x, rope, attn, cache, layer):
         if self.pre_ln:  # 125m, 1.3b, ...
-            x = x + self.self_attn(self.self_attn_layer_norm(x), rope, mask, cache, layer)
+            x = x + self.self_attn(self.self_attn_layer_norm(x), rope, attn, cache, layer)
             x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
         else:  # post-LN: 350m
-            x = self.self_attn_layer_norm(x + self.self_attn(x, rope, mask, cache, layer))
+            x = self.self_attn_layer_norm(x + self.self_attn(x, rope, attn, cache, layer))
             x = self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
         return x
 
@@ -364,112 +334,27 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, rope, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
+    def forward(self, x, rope, attn, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
-class TreeAttention:
-    """Attention for packed and shared-prefix rows (data.layout), segment by segment instead of under a
-    dense (T, T) mask. docs (B, T): a token's group in its row (-1 = padding); branches (B, T): 0 = the
-    group's prefix (a question), k = its k-th branch (a rationale), which sees the prefix and itself only.
-
-    The prefixes, gathered into a (groups, P) batch, attend causally to themselves; the branches, gathered
-    into a (branches, R) batch, attend to their group's prefix keys followed by their own, causally. That
-    is the dense mask's attention exactly, for sum(P^2 + R * (P + R)) scores instead of T^2 a row: with a
-    question's 30 rationales in one row (q = 70, r = 45: T = 1,420), 7x fewer. Positions (`positions`):
-    a prefix from 0, each branch continuing from its prefix's length. Built on the host from docs and
-    branches (one device->host copy a batch); padding gets a zero output (it has no loss, nothing sees it).
-    """
-
-    def __init__(self, docs, branches=None):
-        B, T = docs.shape
-        device = docs.device
-        d = docs.cpu()
-        br = torch.zeros_like(d) if branches is None else branches.cpu()
-        cuts = ((d[:, 1:] != d[:, :-1]) | (br[:, 1:] != br[:, :-1])).nonzero().tolist()
-        starts = [[0] for _ in range(B)]
-        for b, t in cuts:
-            starts[b].append(t + 1)
-        prefixes, branch_rows, group_of = {}, [], []  # (row, doc) -> prefix token indices; per branch: its tokens, group
-        order = {}  # (row, doc) -> its index among the prefixes
-        positions = torch.zeros(B, T, dtype=torch.long)
-        for b in range(B):
-            ends = starts[b][1:] + [T]
-            for s, e in zip(starts[b], ends):
-                doc, k = int(d[b, s]), int(br[b, s])
-                if doc < 0:
-                    continue
-                flat = list(range(b * T + s, b * T + e))
-                if k == 0:
-                    prefixes[(b, doc)] = flat
-                    order[(b, doc)] = len(order)
-                    positions[b, s:e] = torch.arange(e - s)
-                else:  # a branch follows its prefix (or has none: a one-token query)
-                    prefix = prefixes.setdefault((b, doc), [])
-                    branch_rows.append(flat)
-                    group_of.append(order.setdefault((b, doc), len(order)))
-                    positions[b, s:e] = torch.arange(len(prefix), len(prefix) + e - s)
-        self.positions = positions.to(device)
-        self.prefix_idx, self.prefix_valid = self._pad(list(prefixes.values()), device)
-        self.branch_idx, self.branch_valid = self._pad(branch_rows, device)
-        self.branch_group = torch.tensor(group_of, dtype=torch.long, device=device)
-        P, R = self.prefix_idx.shape[1], self.branch_idx.shape[1]
-        causal_p = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        causal_r = torch.ones(R, R, dtype=torch.bool, device=device).tril()
-        # (G, 1, P, P) and (NB, 1, R, P + R); a query always sees itself, so no row is all False
-        self.prefix_mask = ((causal_p & self.prefix_valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
-        own = (causal_r & self.branch_valid[:, None, :]) | torch.eye(R, dtype=torch.bool, device=device)
-        self.branch_mask = torch.cat((self.prefix_valid[self.branch_group][:, None, :].expand(-1, R, -1), own), 2)[:, None]
-        # the output: each token's row in [prefix outputs; branch outputs; a zero row for padding]
-        where = self.prefix_valid.flatten().nonzero()[:, 0], self.branch_valid.flatten().nonzero()[:, 0]
-        n_out = len(where[0]) + len(where[1])
-        source = torch.full((B * T,), n_out, dtype=torch.long, device=device)
-        source[self.prefix_idx[self.prefix_valid]] = torch.arange(len(where[0]), device=device)
-        source[self.branch_idx[self.branch_valid]] = torch.arange(len(where[0]), n_out, device=device)
-        self.valid_at, self.source, self.shape = where, source, (B, T)
-
-    @staticmethod
-    def _pad(rows, device):
-        """Lists of flat token indices -> (n, L) indices (padding points at token 0) and (n, L) validity."""
-        L = max((len(r) for r in rows), default=0) or 1
-        idx = torch.zeros(len(rows), L, dtype=torch.long)
-        valid = torch.zeros(len(rows), L, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            valid[i, :len(r)] = True
-        return idx.to(device), valid.to(device)
-
-    def attend(self, q, k, v):
-        """q (B, nh, T, hd), k/v (B, n_kv, T, hd) -> (B, T, nh, hd). Gathers are index_select (their
-        backward an index_add, not a sorting index_put), of q, k and v together."""
-        B, T = self.shape
-        nh, n_kv, hd = q.shape[1], k.shape[1], q.shape[3]
-        qkv = torch.cat((q, k, v), 1).transpose(1, 2).reshape(B * T, nh + 2 * n_kv, hd)  # token-major
-
-        def gather(idx):  # (n, L) token indices -> q (n, nh, L, hd), k and v (n, n_kv, L, hd)
-            x = qkv.index_select(0, idx.flatten()).view(*idx.shape, nh + 2 * n_kv, hd).transpose(1, 2)
-            return x.split((nh, n_kv, n_kv), 1)
-
-        def valid_rows(y, at):  # (n, nh, L, hd) -> the real positions' rows (N, nh, hd)
-            return y.transpose(1, 2).reshape(-1, nh, hd).index_select(0, at)
-
-        gqa = nh != n_kv
-        qp, kp, vp = gather(self.prefix_idx)
-        out = [valid_rows(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.prefix_mask, enable_gqa=gqa),
-                          self.valid_at[0])]
-        if self.branch_idx.shape[0]:
-            qb, kb, vb = gather(self.branch_idx)
-            kb = torch.cat((kp.index_select(0, self.branch_group), kb), 2)  # its prefix's keys, then its own
-            vb = torch.cat((vp.index_select(0, self.branch_group), vb), 2)
-            out.append(valid_rows(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.branch_mask,
-                                                                 enable_gqa=gqa), self.valid_at[1]))
-        out.append(q.new_zeros(1, nh, hd))  # padding's output
-        return torch.cat(out).index_select(0, self.source).view(B, T, nh, hd)
 
 
 # -----------------------------------------------------------------------------
 # The model
+
+def causal_mask(key_valid, start, T):
+    """(B, 1, T, S) bool: query start+i sees key j if j <= start+i and slot j is real.
+
+    Each query also sees itself, so a padding row never has an all-False row (sdpa would give NaN).
+    """
+    S = key_valid.shape[1]
+    q_slot = torch.arange(start, start + T, device=key_valid.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=key_valid.device)[None, :]  # (1, S)
+    mask = (k_slot <= q_slot) & key_valid[:, None, :]  # (B, T, S)
+    mask |= k_slot == q_slot
+    return mask[:, None]
+
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table has 2 extra rows in front (a fairseq legacy)
 
@@ -496,60 +381,58 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None, docs=None, branches=None, last_only=False):
-        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (logits of the target
-        positions only (N, V), mean cross-entropy over them).
+    # Three entry points: forward (whole rows: training, scoring), prefill and decode_step (a KVCache).
 
-        last_only: logits (B, 1, V) of the last position alone -- a prefill needs no more, and the head
-        (49k x d for SmolLM2) over every prompt position would be a fifth of its FLOPs and a B x T x V tensor.
+    def forward(self, idx, targets=None, attention_mask=None, docs=None, branches=None):
+        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (the logits of the target positions
+        only (N, V), their mean cross-entropy).
 
-        attention_mask (B, T): 1 for real tokens, 0 for (left) padding; None means no padding.
         targets (B, T): the token each position should predict (already shifted), -100 = no loss.
-        cache: a KVCache; the T new tokens go into its next slots and attend to everything before.
+        attention_mask (B, T): 1 for real tokens, 0 for (left) padding; None: no padding (plain causal).
         docs (B, T): group ids of packed rows: positions restart and attention stays within each group.
         branches (B, T): with docs, shared-prefix rows (data.layout): 0 = a group's prefix, k = its k-th
         branch, which sees the prefix and itself only; its positions continue from the prefix's.
         """
         B, T = idx.shape
         if docs is not None:
-            assert cache is None and attention_mask is None, "packed rows are for training, without a cache"
             tree = TreeAttention(docs, branches)
-            return self._run(idx, targets, tree.positions, tree, None, last_only)
-        if cache is not None and T == 1 and attention_mask is None:
-            return self._decode_step(idx, cache)
-        start = 0 if cache is None else cache.length
-        padded = attention_mask is not None  # None (training batches): causal attention, no mask, no sync
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-        attention_mask = attention_mask.bool()
-        if cache is not None:
-            assert start + T <= cache.max_seq_len, f"KV cache full: {start} + {T} > {cache.max_seq_len} slots"
-            cache.valid[:, start:start + T] = attention_mask
-            key_valid = cache.valid[:, :start + T]  # (B, S)
-        else:
-            key_valid = attention_mask
+            return self._head(self._hidden(idx, tree.positions, tree), targets)
+        if attention_mask is None:  # training batches: causal attention, no mask, no host sync
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+            return self._head(self._hidden(idx, positions, Dense()), targets)
+        valid = attention_mask.bool()
         # a token's position counts only the real tokens before it in its row, so left padding is harmless
-        offset = 0 if cache is None else cache.offset  # tokens of a shared prefix before the cache's slots
-        positions = offset + (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T)
-        mask = None
-        if cache is not None or (padded and not attention_mask.all()):
-            mask = self._attention_mask(key_valid, start, T)
-        out = self._run(idx, targets, positions, mask, cache, last_only)
-        if cache is not None:  # the decode step's counters continue from here
-            cache.length += T
-            cache.slot.fill_(cache.length)
-            cache.pos.copy_(offset + key_valid.sum(1))
-        return out
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        attn = Dense() if valid.all() else Dense(causal_mask(valid, 0, T))
+        return self._head(self._hidden(idx, positions, attn), targets)
 
-    def _decode_step(self, idx, cache):
-        """One new token per row (B, 1), every row real: static shapes (see KVCache)."""
+    def prefill(self, idx, cache, attention_mask=None, last_only=True):
+        """Write idx (B, T) into the cache's next T slots, attending to everything before -> the logits of
+        each row's last position (B, 1, V), or of every position (B, T, V) with last_only=False. A prefill
+        needs only the last: the head (49k x d for SmolLM2) over every prompt position would be a fifth of
+        its FLOPs. attention_mask (B, T): 0 for left padding, which is masked and skipped by positions."""
+        B, T = idx.shape
+        start = cache.length
+        assert start + T <= cache.max_seq_len, f"KV cache full: {start} + {T} > {cache.max_seq_len} slots"
+        cache.valid[:, start:start + T] = True if attention_mask is None else attention_mask.bool()
+        key_valid = cache.valid[:, :start + T]  # (B, S)
+        positions = cache.offset + (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T)
+        x = self._hidden(idx, positions, cache.attention(causal_mask(key_valid, start, T)), cache)
+        cache.length += T  # the decode step's counters continue from here
+        cache.slot.fill_(cache.length)
+        cache.pos.copy_(cache.offset + key_valid.sum(1))
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def decode_step(self, idx, cache):
+        """One new token per row, idx (B, 1), every row real -> logits (B, 1, V). Its shapes are static (see
+        KVCache), so it compiles once and can be captured as a CUDA graph."""
         cache.valid.index_fill_(1, cache.slot, True)
         mask = cache.valid[:, None, None, :cache.attended()]  # (B, 1, 1, S): later slots are not valid yet
-        out = self._run(idx, None, cache.pos[:, None], mask, cache)
+        x = self._hidden(idx, cache.pos[:, None], cache.attention(mask), cache)
         cache.length += 1
         cache.pos += 1
         cache.slot += 1
-        return out
+        return self.lm_head(x)
 
     def _rope(self, positions):
         """cos/sin for integer positions (B, T) -> (B, 1, T, head_dim), looked up in a table built once."""
@@ -559,7 +442,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cache
         return cos[positions][:, None], sin[positions][:, None]
 
-    def _run(self, idx, targets, positions, mask, cache, last_only=False):
+    def _hidden(self, idx, positions, attn, cache=None):
+        """Embeddings -> blocks -> final norm: (B, T, d), each token at `positions` attending as `attn` says."""
         x = self.embed_tokens(idx)
         rope = None
         if self.cfg.model_type == "opt":
@@ -569,35 +453,23 @@ class Transformer(nn.Module):
         else:
             rope = self._rope(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i)
-        if self.cfg.model_type == "opt":
-            if hasattr(self, "final_layer_norm"):
-                x = self.final_layer_norm(x)
-            if hasattr(self, "project_out"):
-                x = self.project_out(x)
-        else:
-            x = self.norm(x)
+            x = layer(x, rope, attn, cache, i)
+        if self.cfg.model_type != "opt":
+            return self.norm(x)
+        if hasattr(self, "final_layer_norm"):
+            x = self.final_layer_norm(x)
+        return self.project_out(x) if hasattr(self, "project_out") else x
+
+    def _head(self, x, targets):
+        """The logits, and with targets the loss. Training runs the head (49k x d for SmolLM2) only where
+        there is a target; the query has none."""
         if targets is None:
-            return self.lm_head(x[:, -1:] if last_only else x), None
-        # training: the head (49k x d for SmolLM2) runs only where there is a target; the query has none
+            return self.lm_head(x), None
         trained = targets != -100  # (B, T)
         logits = self.lm_head(x[trained])  # (N_targets, V)
         if logits.shape[0] == 0:  # no target at all (a rank's empty share of a batch): zero loss, zero gradients
             return logits, logits.float().sum()
         return logits, F.cross_entropy(logits.float(), targets[trained])
-
-    @staticmethod
-    def _attention_mask(key_valid, start, T):
-        """(B, 1, T, S) bool: query start+i sees key j if j <= start+i and slot j is real.
-
-        Each query also sees itself, so a padding row never has an all-False row (sdpa would give NaN).
-        """
-        S = key_valid.shape[1]
-        q_slot = torch.arange(start, start + T, device=key_valid.device)[:, None]  # (T, 1)
-        k_slot = torch.arange(S, device=key_valid.device)[None, :]  # (1, S)
-        mask = (k_slot <= q_slot) & key_valid[:, None, :]  # (B, T, S)
-        mask |= k_slot == q_slot
-        return mask[:, None]
 
     def num_params(self):
         """Parameters, the tied embedding counted once."""

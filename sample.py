@@ -97,7 +97,7 @@ def prefill(model, ids):
         return None
     p = next(model.parameters())
     header = KVCache(model.cfg, 1, len(ids), device=p.device, dtype=p.dtype)
-    model(torch.tensor([ids], device=p.device), cache=header, last_only=True)
+    model.prefill(torch.tensor([ids], device=p.device), header)
     return header
 
 
@@ -129,7 +129,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
                          f"+ max_new_tokens {cfg.max_new_tokens} needs {longest} positions; the model has "
                          f"{model.cfg.max_position_embeddings} (max_position_embeddings): shorten the prompt or "
                          "lower max_new_tokens")
-    decode = torch.compile(model, dynamic=True) if cfg.compile else model  # only the decode step, as gpt-fast
+    decode = torch.compile(model.decode_step, dynamic=True) if cfg.compile else model.decode_step  # as gpt-fast
     header = prefill(model, prefix)  # one prefill for the whole run
     results = [None] * len(prompts)
     layout = batch_slices(len(prompts), cfg.batch_size)
@@ -139,8 +139,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
         cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device, dtype=dtype,
                         static=cfg.compile, shared=header)
-        logits, _ = model(ids, attention_mask=mask, cache=cache, last_only=True)  # one prefill per question
-        logits = logits[:, -1].repeat_interleave(cfg.n, 0)  # (B*n, V)
+        logits = model.prefill(ids, cache, mask)[:, -1].repeat_interleave(cfg.n, 0)  # one prefill per question: (B*n, V)
         cache = cache.repeat_rows(cfg.n)
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
         out, logprobs, _ = _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every)
@@ -172,13 +171,13 @@ def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, 
         ids, mask = left_pad([prompts[q] for q in batch], pad_id, device)
         longest = max(1, max(map(len, rows)))
         cache = KVCache(model.cfg, len(batch), ids.shape[1] + longest, device=device, dtype=dtype, shared=header)
-        first = model(ids, attention_mask=mask, cache=cache, last_only=True)[0][:, -1].float().log_softmax(-1)
+        first = model.prefill(ids, cache, mask)[:, -1].float().log_softmax(-1)
         cache = cache.repeat_rows(n)
         tokens = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         real = torch.zeros(len(rows), longest, dtype=torch.bool)
         for r, chain in enumerate(rows):
             tokens[r, :len(chain)], real[r, :len(chain)] = torch.tensor(chain, dtype=torch.long), True
-        logp = model(tokens.to(device), attention_mask=real.to(device), cache=cache)[0].float().log_softmax(-1)
+        logp = model.prefill(tokens.to(device), cache, real.to(device), last_only=False).float().log_softmax(-1)
         for j, q in enumerate(batch):
             results[q] = []
             for c, chain in enumerate(chains[q]):
@@ -223,7 +222,7 @@ def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, chec
             if compact and 4 * len(done) >= len(rows):
                 keep = [r for r, row in enumerate(rows) if row not in done]
                 cache, tok, rows, done = cache.select_rows(keep), tok[keep], [rows[r] for r in keep], set()
-        logits = decode(tok, cache=cache)[0][:, -1]
+        logits = decode(tok, cache)[:, -1]
     return out, logprobs, step + 1
 
 
@@ -261,9 +260,9 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None,
         unread = [text[i][read[m][i]:] for i in rows]
         assert all(unread), "a turn continues from at least one token the model has not read"
         ids, mask = left_pad(unread, pad_id, device)
-        logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[0][:, -1]
+        logits = model.prefill(ids, cache, mask)[:, -1]
         start = cache.length
-        out, logprobs, steps = _decode(model, cache, logits, rows, cfg, generators[m], tokenizer, eos_id, 1, compact=False)
+        out, logprobs, steps = _decode(model.decode_step, cache, logits, rows, cfg, generators[m], tokenizer, eos_id, 1, compact=False)
         going = []
         for r, i in enumerate(rows):
             kept = _clean(out[i], tokenizer, cfg, eos_id, logprobs.get(i))

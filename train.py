@@ -97,7 +97,7 @@ def parser():
     p.add_argument("--share-prefix", default="auto", choices=("auto", "on", "off"),
                    help="a question once, its rationales as branches of one row (default auto: on when a question has several)")
     p.add_argument("--row-len", type=cli.positive_int, default=2048, help="token budget of a packed or shared-prefix row "
-                   "(attention within a row costs by segment, not row length: model.TreeAttention; default 2048)")
+                   "(attention within a row costs by segment, not row length: attention.TreeAttention; default 2048)")
     p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1, help="the final lr as a fraction of --lr "
                    "(default 0.1)")

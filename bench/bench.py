@@ -48,7 +48,8 @@ import torch  # noqa: E402
 import data  # noqa: E402
 from checkpoint import default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from cli import keep_freed_memory  # noqa: E402
-from model import DTYPES, Config, Transformer, TreeAttention  # noqa: E402
+from attention import TreeAttention  # noqa: E402
+from model import DTYPES, Config, Transformer  # noqa: E402
 from scotd import format_query  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def train_flops(cfg, tokens, pairs, head_positions):
 
 def attended_pairs(idx, docs=None, branches=None):
     """(query, key) pairs attention computes: the causal half of each padded row, or for packed /
-    shared-prefix rows what model.TreeAttention computes (each prefix causally, each branch over its
+    shared-prefix rows what attention.TreeAttention computes (each prefix causally, each branch over its
     prefix and causally over itself)."""
     if docs is None:
         B, T = idx.shape

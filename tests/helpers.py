@@ -146,18 +146,19 @@ class Crash(Exception):
 
 
 def counting_forward(monkeypatch, crash_at=None):
-    """Count Transformer.forward calls; raise Crash in call number crash_at (mid-decode: the fault lands in a batch)."""
+    """Count the model's passes (forward, prefill and decode_step all run Transformer._hidden); raise Crash in
+    pass number crash_at (mid-decode: the fault lands in a batch)."""
     import model as model_py
 
     calls = [0]
-    real = getattr(model_py.Transformer.forward, "unpatched", model_py.Transformer.forward)
+    real = getattr(model_py.Transformer._hidden, "unpatched", model_py.Transformer._hidden)
 
-    def forward(self, *a, **k):
+    def hidden(self, *a, **k):
         calls[0] += 1
         if calls[0] == crash_at:
-            raise Crash(f"forward call {crash_at}")
+            raise Crash(f"model pass {crash_at}")
         return real(self, *a, **k)
 
-    forward.unpatched = real
-    monkeypatch.setattr(model_py.Transformer, "forward", forward)
+    hidden.unpatched = real
+    monkeypatch.setattr(model_py.Transformer, "_hidden", hidden)
     return calls

@@ -95,7 +95,7 @@ def test_last_batch_with_fewer_examples_than_ranks(student, tmp_path):
     stdout = launch("train.py", *args, "--out", str(tmp_path / "one"))
     assert "9 cot examples" in stdout  # 3 steps = the epoch's batches of 4, 4 and 1
     launch("train.py", *args, "--out", str(tmp_path / "two"), nproc=2)
-    # each rank pads its prefixes and branches to its own longest (model.TreeAttention), so attention sums in
+    # each rank pads its prefixes and branches to its own longest (attention.TreeAttention), so attention sums in
     # another order than one process's (step-1 losses differ by ~1e-7 relative); four AdamW steps at lr 3e-3
     # make that up to 1.1e-5 in a weight (measured), hence 3e-5 here
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=3e-5)
@@ -109,7 +109,7 @@ def test_shared_prefix_rows_under_ddp_equal_one_process(student, tmp_path):
     stdout = launch("train.py", *args, "--out", str(tmp_path / "one"))
     assert "shared-prefix rows" in stdout
     launch("train.py", *args, "--out", str(tmp_path / "two"), nproc=2)
-    # each rank pads its prefixes and branches to its own longest (model.TreeAttention), so attention sums in
+    # each rank pads its prefixes and branches to its own longest (attention.TreeAttention), so attention sums in
     # another order than one process's (step-1 losses differ by ~1e-7 relative); four AdamW steps at lr 3e-3
     # make that up to 1.1e-5 in a weight (measured), hence 3e-5 here
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=3e-5)

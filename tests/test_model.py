@@ -93,15 +93,15 @@ def test_cached_decode_equals_full_forward(kind, tmp_path):
     new = torch.randint(3, 99, (3, 6), generator=torch.Generator().manual_seed(4))
     cache = KVCache(model.cfg, batch_size=3, max_seq_len=32)
     with torch.no_grad():
-        logits, _ = model(ids, attention_mask=mask, cache=cache)
+        logits = model.prefill(ids, cache, mask, last_only=False)
         full, _ = model(ids, attention_mask=mask)
         real = mask.bool()
         torch.testing.assert_close(logits[real], full[real], atol=1e-5, rtol=0)
-        last, _ = model(ids, attention_mask=mask, cache=KVCache(model.cfg, batch_size=3, max_seq_len=32), last_only=True)
+        last = model.prefill(ids, KVCache(model.cfg, batch_size=3, max_seq_len=32), mask)
         assert last.shape == (3, 1, model.cfg.vocab_size)  # a prefill's head runs on the last position alone
         torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
         for t in range(new.shape[1]):
-            step, _ = model(new[:, t:t + 1], cache=cache)
+            step = model.decode_step(new[:, t:t + 1], cache)
             seq = torch.cat([ids, new[:, :t + 1]], 1)
             seq_mask = torch.cat([mask, torch.ones(3, t + 1, dtype=mask.dtype)], 1)
             full, _ = model(seq, attention_mask=seq_mask)
@@ -116,12 +116,12 @@ def greedy_with_cache(model, ids, mask, n_steps, how):
     cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + n_steps, static=how == "static")
     out = []
     with torch.no_grad():
-        logits, _ = model(ids, attention_mask=mask, cache=cache)
+        logits = model.prefill(ids, cache, mask, last_only=False)
         for _ in range(n_steps):
             tok = logits[:, -1].argmax(-1, keepdim=True)
             out.append(tok)
-            kwargs = {"attention_mask": torch.ones_like(tok)} if how == "masked" else {}
-            logits, _ = model(tok, cache=cache, **kwargs)
+            logits = (model.prefill(tok, cache, torch.ones_like(tok), last_only=False) if how == "masked"
+                      else model.decode_step(tok, cache))
     return torch.cat(out, 1)
 
 
@@ -149,12 +149,12 @@ def test_repeated_prompt_cache_equals_separate_prefills(kind, tmp_path):
     cont = torch.randint(3, 99, (N, 3), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         cache = KVCache(model.cfg, batch_size=1, max_seq_len=16)
-        model(prompt, cache=cache)
+        model.prefill(prompt, cache)
         cache = cache.repeat_rows(N)
-        expanded = torch.cat([model(cont[:, t:t + 1], cache=cache)[0] for t in range(3)], 1)
+        expanded = torch.cat([model.decode_step(cont[:, t:t + 1], cache) for t in range(3)], 1)
         separate = KVCache(model.cfg, batch_size=N, max_seq_len=16)
-        model(prompt.expand(N, -1), cache=separate)
-        reference = torch.cat([model(cont[:, t:t + 1], cache=separate)[0] for t in range(3)], 1)
+        model.prefill(prompt.expand(N, -1), separate)
+        reference = torch.cat([model.decode_step(cont[:, t:t + 1], separate) for t in range(3)], 1)
     torch.testing.assert_close(expanded, reference, atol=1e-5, rtol=0)
 
 
@@ -167,13 +167,13 @@ def test_select_rows_keeps_the_chosen_chains(keep, tmp_path):
     steps = torch.tensor([[[7], [8], [9]], [[10], [11], [12]], [[13], [14], [15]]])
     with torch.no_grad():
         cache = KVCache(model.cfg, 3, 16)
-        model(ids, attention_mask=mask, cache=cache)
-        full = torch.cat([model(s, cache=cache)[0] for s in steps], 1)
+        model.prefill(ids, cache, mask)
+        full = torch.cat([model.decode_step(s, cache) for s in steps], 1)
         cache = KVCache(model.cfg, 3, 16)
-        model(ids, attention_mask=mask, cache=cache)
-        model(steps[0], cache=cache)
+        model.prefill(ids, cache, mask)
+        model.decode_step(steps[0], cache)
         cache = cache.select_rows(keep)
-        kept = torch.cat([model(s[keep], cache=cache)[0] for s in steps[1:]], 1)
+        kept = torch.cat([model.decode_step(s[keep], cache) for s in steps[1:]], 1)
     torch.testing.assert_close(kept, full[keep, 1:], atol=1e-5, rtol=0)
 
 
@@ -200,13 +200,13 @@ def test_shared_prefix_cache_equals_full_forward(kind, tmp_path):
 
     with torch.no_grad():
         header = KVCache(model.cfg, 1, 6)
-        model(prefix, cache=header)
+        model.prefill(prefix, header)
         cache = KVCache(model.cfg, 3, ids.shape[1] + 4, shared=header)
-        logits, _ = model(ids, attention_mask=mask, cache=cache)
+        logits = model.prefill(ids, cache, mask, last_only=False)
         torch.testing.assert_close(logits[:, -1].repeat_interleave(2, 0), reference(0, range(6)), atol=1e-5, rtol=0)
         cache, keep = cache.repeat_rows(2), list(range(6))
         for t in range(4):
-            step, _ = model(new[keep, t:t + 1], cache=cache)
+            step = model.decode_step(new[keep, t:t + 1], cache)
             torch.testing.assert_close(step[:, 0], reference(t + 1, keep), atol=1e-5, rtol=0)
             if t == 1:  # chain 3 is done: it leaves the running batch
                 keep = [0, 1, 2, 4, 5]

@@ -82,7 +82,11 @@ class Scripted(torch.nn.Module):
         self.stop_at, self.w = stop_at, torch.nn.Parameter(torch.zeros(1))
         self.rows_seen = []
 
-    def forward(self, idx, attention_mask=None, cache=None, last_only=False):
+    def prefill(self, idx, cache, attention_mask=None, last_only=True):
+        logits = self.decode_step(idx, cache)  # the same fake logits, a prefill or a step
+        return logits[:, -1:] if last_only else logits
+
+    def decode_step(self, idx, cache):
         B, T = idx.shape
         step = cache.length - self.prompt_len  # -prompt_len at the prefill, then 0, 1, ...
         cache.length += T
@@ -91,7 +95,7 @@ class Scripted(torch.nn.Module):
         for b in range(B):
             row = self.row_ids[b] if B == len(self.row_ids) else self.live[b]
             logits[b, -1, 1 if step >= self.stop_at[row] else 5] = 1.0
-        return logits[:, -1:] if last_only else logits, None
+        return logits
 
 
 def make_hf_cfg():

@@ -14,7 +14,7 @@ import torch
 import data
 import train
 from checkpoint import from_pretrained
-import model as model_module
+import attention
 from helpers import make_hf_model, save_hf
 
 torch.set_num_threads(2)
@@ -130,7 +130,7 @@ def test_rank_shares_are_contiguous_slices_that_cover_the_batch(world):
 
 
 def test_tree_attention_is_the_dense_tree_mask_attention():
-    """model.TreeAttention, segment by segment, against one SDPA over the dense (T, T) tree mask (a token sees
+    """attention.TreeAttention, segment by segment, against one SDPA over the dense (T, T) tree mask (a token sees
     the earlier tokens of its group's prefix and of its own branch): rows packing two groups, a group whose
     branches spill to the next row, a one-token query with no prefix, padding; grouped-query heads. Equal
     outputs on every real token (1e-6, fp32), padding's zero, and the positions the mask implies."""
@@ -142,7 +142,7 @@ def test_tree_attention_is_the_dense_tree_mask_attention():
                              [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0]])
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, h, 12, 8, generator=g) for h in (4, 2, 2))
-    tree = model_module.TreeAttention(docs, branches)
+    tree = attention.TreeAttention(docs, branches)
     causal = torch.ones(12, 12, dtype=torch.bool).tril()
     mask = (docs[:, :, None] == docs[:, None, :]) & causal
     mask &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])

@@ -37,14 +37,14 @@ def questions():
 def greedy(model, ids, n, suppress=None):
     """n greedy tokens through the KV cache; `suppress` (a token id, e.g. EOS) is never chosen."""
     cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + n)
-    logits, _ = model(ids, cache=cache)
+    logits = model.prefill(ids, cache, last_only=False)
     out = []
     for _ in range(n):
         if suppress is not None:
             logits[..., suppress] = float("-inf")
         nxt = logits[:, -1:].argmax(-1)
         out.append(nxt)
-        logits, _ = model(nxt, cache=cache)
+        logits = model.decode_step(nxt, cache)
     return torch.cat(out, 1)
 
 
