@@ -83,6 +83,24 @@ def check_device(parser, device):
         parser.error(f"argument --device: {device} requested but this torch has no CUDA device")
 
 
+def check_model_folder(parser, flag, folder):
+    """A model flag (--init, --checkpoint, --teacher, ...): an HF-layout folder, i.e. one with a config.json."""
+    if folder is not None and not (Path(folder) / "config.json").is_file():
+        parser.error(f"argument {flag}: {folder} is not a model folder (no config.json)")
+
+
+def device_type(device):
+    """'cuda' or 'cpu': where --device puts a run (None: CUDA if this machine has it)."""
+    import torch
+
+    return "cuda" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
+
+
+def default_dtype(device, dtype=None):
+    """--dtype, else its default on `device` (a device or its type): bfloat16 on CUDA, float32 on CPU."""
+    return dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+
+
 def check_file(parser, flag, path):
     if path is not None and not os.path.isfile(path):
         parser.error(f"argument {flag}: no such file: {path}")

@@ -17,6 +17,7 @@ class Progress:
         self.total, self.label, self.n, self.start = total, label, start, start
         self.width, self.stream, self.t0, self.info = width, stream, time.time(), ""
         self.last_draw = 0.0
+        self.closed = False
 
     def update(self, k=1, info=None):
         self.n += k
@@ -41,6 +42,7 @@ class Progress:
         self.stream.flush()
 
     def close(self):
+        self.closed = True
         self.draw()
         self.stream.write("\n")
         self.stream.flush()

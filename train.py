@@ -26,7 +26,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +58,72 @@ class Diverged(InputError):
     """A non-finite loss or gradient norm (usually a learning rate too high for the model)."""
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """A training run's settings: the flags (in parser order; see --help) with what they leave open resolved
+    once -- the device's defaults by check_args, the step budget and shared-prefix rows by with_budget once
+    the data is read. Frozen: no helper changes a setting. `info()` is what a checkpoint saves of it."""
+    init: str | None
+    data: str
+    dev_data: str | None
+    mode: str
+    filter: str
+    rationales_per_question: int | None
+    select: str
+    limit: int | None
+    out: Path  # default runs/<mode>
+    overwrite: bool
+    max_steps: int | None  # on a CPU, without --max-steps or --epochs: CPU_DEFAULT's
+    epochs: float | None  # on a GPU, without either: GPU_DEFAULT's
+    batch_size: int  # default: the device's
+    grad_accum: int
+    max_len: int
+    pack: bool
+    share_prefix: str
+    row_len: int
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int | None
+    schedule: str
+    weight_decay: float
+    grad_clip: float
+    device: str | None
+    dtype: str  # default: the device's
+    compile: bool
+    fsdp: bool
+    seed: int
+    resume: Path | None  # the checkpoint to continue (a swap a kill -9 cut short finished)
+    allow_changes: bool
+    eval_every: int
+    save_every: int
+    eval_questions: int
+    log_every: int
+    num_threads: int | None
+    shared: bool = False  # shared-prefix rows: --share-prefix on, or auto and some question has several examples
+    changed: tuple = ()  # with --resume --allow-changes: the flags that differ from the checkpoint's
+    total_steps: int = 0  # optimizer steps, from --max-steps or --epochs
+    warmup: int = 0  # warmup steps, from --warmup-steps or 5 % of total_steps
+
+    def info(self):
+        """scotd.json of a checkpoint: how it was trained, as plain JSON (evaluate.py reads the mode from it)."""
+        return {"mode": self.mode, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
+                                            if k not in NOT_SAVED}}
+
+    def with_budget(self, tokens):
+        """The settings that depend on the examples: shared-prefix rows, total and warmup steps."""
+        queries = data.query_keys(tokens)
+        shared = self.share_prefix == "on" or (self.share_prefix == "auto" and len(set(queries)) < len(queries))
+        total = self.max_steps or math.ceil(self.epochs * math.ceil(len(tokens) / self.batch_size) / self.grad_accum)
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, total // 20)
+        return replace(self, shared=shared, total_steps=total, warmup=warmup)
+
+
+NOT_SAVED = ("resume", "overwrite", "allow_changes", "changed", "total_steps", "warmup")
+
+
 def get_args(argv=None):
     p = parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
+    return check_args(p, p.parse_args(argv))
 
 
 def parser():
@@ -122,76 +183,69 @@ def parser():
 
 
 def check_args(p, args):
-    """Everything that can be checked before a model loads: files, device, --out and --resume (exit 2)."""
+    """Everything that can be checked before a model loads: files, device, --out and --resume (argparse's exit
+    2) -> the RunConfig, with the device's defaults filled in (so a --resume compares like with like)."""
     cli.check_file(p, "--data", args.data)
     cli.check_file(p, "--dev-data", args.dev_data)
     cli.check_device(p, args.device)
-    if args.init is not None and not (Path(args.init) / "config.json").is_file():
-        p.error(f"argument --init: {args.init} is not a model folder (no config.json)")
+    cli.check_model_folder(p, "--init", args.init)
     if args.select != "random" and not args.rationales_per_question:
         p.error("argument --select: choose K with --rationales-per-question")
     if args.overwrite and args.resume is not None:
         p.error("--overwrite and --resume exclude each other")
-    args.out = Path(args.out or f"runs/{args.mode}")
+    device = cli.device_type(args.device)
+    defaults = GPU_DEFAULT if device == "cuda" else CPU_DEFAULT
+    steps = {"max_steps": defaults.get("max_steps"), "epochs": defaults.get("epochs")} \
+        if args.max_steps is None and args.epochs is None else {}
+    run = RunConfig(**(vars(args) | steps | {"out": Path(args.out or f"runs/{args.mode}"), "resume": None,
+                                             "batch_size": args.batch_size or defaults["batch_size"],
+                                             "dtype": cli.default_dtype(device, args.dtype)}))
     if args.resume is not None:
-        args.resume = recover_folder(Path(args.resume or args.out / "last"))  # a swap a kill -9 cut short
-        if not (args.resume / STATE_FILE).is_file():
-            p.error(f"argument --resume: {args.resume / STATE_FILE} not found (nothing to resume)")
-        changed = changed_flags(args, read_run_info(args.resume).get("args", {}))
+        resume = recover_folder(Path(args.resume or run.out / "last"))  # a swap a kill -9 cut short
+        if not (resume / STATE_FILE).is_file():
+            p.error(f"argument --resume: {resume / STATE_FILE} not found (nothing to resume)")
+        saved = read_run_info(resume).get("args", {})
+        changed = cli.changed_settings(saved, run.info()["args"], [k for k in MUST_MATCH if k in saved],
+                                       name=lambda k: f"--{k.replace('_', '-')}")
         if changed and not args.allow_changes:
-            p.error(f"--resume: {args.resume} was trained with other flags: {'; '.join(changed)}. "
+            p.error(f"--resume: {resume} was trained with other flags: {'; '.join(changed)}. "
                     "Use the same flags, or pass --allow-changes to continue with the new ones")
-        args.changed = changed
-    elif args.out.is_dir() and any(p.name != ".lock" for p in args.out.iterdir()) and not args.overwrite and os.environ.get("RANK", "0") == "0":
-        p.error(f"argument --out: {args.out} already holds a run; pass --resume to continue it or --overwrite to "
+        return replace(run, resume=resume, changed=tuple(changed))
+    if run.out.is_dir() and any(p.name != ".lock" for p in run.out.iterdir()) and not args.overwrite \
+            and os.environ.get("RANK", "0") == "0":
+        p.error(f"argument --out: {run.out} already holds a run; pass --resume to continue it or --overwrite to "
                 "start again there (or choose another --out)")
-
-
-def changed_flags(args, saved):
-    return cli.changed_settings(saved, run_info(args)["args"], [k for k in MUST_MATCH if k in saved],
-                                name=lambda k: f"--{k.replace('_', '-')}")
-
-
-def run_info(args):
-    """scotd.json of a checkpoint: how it was trained, as plain JSON (evaluate.py reads the mode from it)."""
-    return {"mode": args.mode, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                        if k not in ("changed", "resume", "overwrite", "allow_changes")}}
+    return run
 
 
 # -----------------------------------------------------------------------------
 # Schedule and data order
 
 
-def get_lr(step, total_steps, args, warmup):
-    """Linear warmup to lr, then cosine (or linear) decay to lr * min_lr_ratio at total_steps."""
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay)
+def get_lr(step, run):
+    """Linear warmup to lr, then cosine (or linear) decay to lr * min_lr_ratio at the last step."""
+    if step < run.warmup:
+        return run.lr * (step + 1) / run.warmup
+    progress = min(1.0, (step - run.warmup) / max(1, run.total_steps - run.warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if run.schedule == "cosine" else 1 - progress
+    return run.lr * (run.min_lr_ratio + (1 - run.min_lr_ratio) * decay)
 
 
-def epoch_batches(lengths, queries, args, epoch):
+def epoch_batches(lengths, queries, run, epoch):
     """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same.
     Shared-prefix training (queries given) keeps a question's examples together (data.question_batches)."""
-    rng = np.random.default_rng([args.seed, epoch])
+    rng = np.random.default_rng([run.seed, epoch])
     if queries is not None:
-        return data.question_batches(queries, lengths, args.batch_size, rng)
-    return data.length_bucketed_batches(lengths, args.batch_size, rng)
+        return data.question_batches(queries, lengths, run.batch_size, rng)
+    return data.length_bucketed_batches(lengths, run.batch_size, rng)
 
 
-def resolve_share_prefix(args, tokens):
-    """args.shared: --share-prefix, where auto = on when some question has several training examples."""
-    queries = data.query_keys(tokens)
-    args.shared = args.share_prefix == "on" or (args.share_prefix == "auto" and len(set(queries)) < len(queries))
-
-
-def micro_batches(tokens, args, start_epoch, start_index):
+def micro_batches(tokens, run, start_epoch, start_index):
     """Endless (epoch, index, batch) from a data position on; index counts the batches of epoch consumed."""
     epoch, index = start_epoch, start_index
-    lengths, queries = [len(t) for t, _ in tokens], data.query_keys(tokens) if args.shared else None
+    lengths, queries = [len(t) for t, _ in tokens], data.query_keys(tokens) if run.shared else None
     while True:
-        batches = epoch_batches(lengths, queries, args, epoch)
+        batches = epoch_batches(lengths, queries, run, epoch)
         for i in range(index, len(batches)):
             yield epoch, i + 1, [tokens[j] for j in batches[i]]
         epoch, index = epoch + 1, 0
@@ -207,17 +261,26 @@ def rank_share(batch, dist, contiguous):
     return batch[start:start + size + (dist.rank < extra)]
 
 
-def to_tensors(batch, args, pad_id, device):
+def to_tensors(batch, run, pad_id, device):
     """A micro-batch of (ids, n_query) -> (idx, targets, docs, branches) on the device: right-padded rows
     (docs None: plain causal attention), or data.layout's packed and/or shared-prefix rows. An empty share
     (a last global batch with fewer examples than ranks) becomes one padding token without targets: zero
     loss and zero gradients, but the rank still joins the gradient all-reduce."""
     batch = batch or [(np.array([pad_id, pad_id]), 2)]
-    if args.pack or args.shared:
-        rows = data.layout(batch, pad_id, args.row_len, share=args.shared, pack=args.pack)
+    if run.pack or run.shared:
+        rows = data.layout(batch, pad_id, run.row_len, share=run.shared, pack=run.pack)
         return tuple(x.to(device) for x in rows)
     idx, targets = data.collate(batch, pad_id)
     return idx.to(device), targets.to(device), None, None
+
+
+def next_window(stream, run, dist, pad_id, device):
+    """The micro-batches of one optimizer step, as this rank's tensors -> (window, epoch, index after it)."""
+    window = []
+    for _ in range(run.grad_accum):
+        epoch, index, batch = next(stream)
+        window.append(to_tensors(rank_share(batch, dist, run.shared), run, pad_id, device))
+    return window, epoch, index
 
 
 # -----------------------------------------------------------------------------
@@ -300,24 +363,6 @@ def full_states(model, optimizer):
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def save_checkpoint(folder, raw_model, model, optimizer, scaler, state, args, init, dist):
-    """HF-layout folder + scotd.json (how it was trained) + trainer_state.pt (optimizer, scaler, RNG and
-    TrainState); atomic; rank 0 writes. Refuses non-finite weights."""
-    weights, optim = full_states(model, optimizer)
-    if dist.main:
-        bad = nonfinite_tensors(weights)
-        if bad:
-            raise Diverged(f"step {state.step}: non-finite weights ({', '.join(bad[:3])}); {folder} not written")
-        trainer_state = {"optimizer": optim, "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                         **asdict(state)}
-        if torch.cuda.is_available() and next(raw_model.parameters()).is_cuda:
-            trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
-        save_pretrained(raw_model, folder, tokenizer_from=init, state_dict=weights,
-                        files={RUN_INFO: json.dumps({**run_info(args), "step": state.step}, indent=2) + "\n",
-                               STATE_FILE: lambda path: torch.save(trainer_state, path)})
-    dist.barrier()
-
-
 def load_trainer_state(folder):
     try:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -325,15 +370,65 @@ def load_trainer_state(folder):
         raise InputError(f"{Path(folder) / STATE_FILE}: cannot read trainer state ({str(e).splitlines()[0]})") from None
 
 
-def restore(trainer_state, model, optimizer, scaler, device):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+class Trainer:
+    """What a checkpoint holds and --resume restores, as one object: the model (the raw module, which is what
+    is saved, and the one DDP/FSDP wraps), its AdamW, the fp16 loss scaler, and where training stands."""
 
-    set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    scaler.load_state_dict(trainer_state["scaler"])
-    torch.set_rng_state(trainer_state["rng_cpu"])
-    if device.type == "cuda" and "rng_cuda" in trainer_state:
-        torch.cuda.set_rng_state(trainer_state["rng_cuda"])
-    return TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "index", "best")})
+    def __init__(self, run, model, scaler, init, dist, device):
+        self.run, self.init, self.dist, self.device = run, init, dist, device
+        self.raw_model, self.model = model, data_parallel(model, run, dist, device)
+        self.optimizer = make_optimizer(self.model, run.lr, run.weight_decay, device.type)
+        self.scaler, self.state = scaler, TrainState()
+        self.step_model = torch.compile(self.model) if run.compile else self.model  # checkpoints never see it
+        self.saved_at = 0  # the step of the newest `last`
+
+    def step(self, window, position, ctx, lr):
+        """One optimizer step at learning rate lr over the window that ends at data position (epoch, index)
+        -> (mean loss, grad norm, target tokens). A divergence is reported with the step and the last good
+        checkpoint."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            out = train_step(self.step_model, self.optimizer, self.scaler, window, ctx, self.run.grad_clip, self.dist)
+            self.state.step, (self.state.epoch, self.state.index) = self.state.step + 1, position
+            return out
+        except Diverged as e:
+            kept = (f"the last good checkpoint is {self.run.out / 'last'} (step {self.saved_at})" if self.saved_at
+                    else "no `last` was written yet")
+            raise Diverged(f"step {self.state.step + 1}: {e}: training stopped before the optimizer step; {kept}. "
+                           f"Lower --lr (now {self.run.lr:g}) or check the data") from None
+
+    def save(self, folder):
+        """HF-layout folder + scotd.json (how it was trained) + trainer_state.pt (optimizer, scaler, RNG and
+        TrainState); atomic; rank 0 writes. Refuses non-finite weights."""
+        weights, optim = full_states(self.model, self.optimizer)
+        if self.dist.main:
+            bad = nonfinite_tensors(weights)
+            if bad:
+                raise Diverged(f"step {self.state.step}: non-finite weights ({', '.join(bad[:3])}); {folder} not written")
+            trainer_state = {"optimizer": optim, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                             **asdict(self.state)}
+            if torch.cuda.is_available() and next(self.raw_model.parameters()).is_cuda:
+                trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
+            save_pretrained(self.raw_model, folder, tokenizer_from=self.init, state_dict=weights,
+                            files={RUN_INFO: json.dumps({**self.run.info(), "step": self.state.step}, indent=2) + "\n",
+                                   STATE_FILE: lambda path: torch.save(trainer_state, path)})
+        self.dist.barrier()
+        if Path(folder).name == "last":
+            self.saved_at = self.state.step
+
+    def restore(self, trainer_state):
+        """Optimizer, scaler, RNG and position from a checkpoint's trainer_state.pt (load_trainer_state's)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, trainer_state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.scaler.load_state_dict(trainer_state["scaler"])
+        torch.set_rng_state(trainer_state["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in trainer_state:
+            torch.cuda.set_rng_state(trainer_state["rng_cuda"])
+        self.state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "index", "best")})
+        self.saved_at = self.state.step
 
 
 class StopSignals:
@@ -375,33 +470,33 @@ class StopSignals:
 
 
 @torch.no_grad()
-def evaluate_dev(model, tokenizer, dev_tokens, dev_records, args, ctx, device):
+def evaluate_dev(model, tokenizer, dev_tokens, dev_records, run, ctx, device):
     """Dev loss on held-out targets, and greedy accuracy on a few dev questions (evaluate.py's greedy path)."""
     model.eval()
     losses, counts = [], []
-    for s in range(0, len(dev_tokens), args.batch_size):
-        idx, targets, docs, branches = to_tensors(dev_tokens[s:s + args.batch_size], args, model.cfg.pad_token_id, device)
+    for s in range(0, len(dev_tokens), run.batch_size):
+        idx, targets, docs, branches = to_tensors(dev_tokens[s:s + run.batch_size], run, model.cfg.pad_token_id, device)
         with ctx:
             _, loss = model(idx, targets, docs=docs, branches=branches)
         n = int((targets != -100).sum())
         losses.append(loss.item() * n)
         counts.append(n)
     accuracy = float("nan")  # a Socratic role answers nothing alone: evaluate.py --decomposer runs the pair
-    if dev_records and args.mode not in SOCRATIC_ROLES:
+    if dev_records and run.mode not in SOCRATIC_ROLES:
         prompts = [tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids for r in dev_records]
         with ctx:
-            outs = greedy(model, tokenizer, prompts, args.mode)
-        answers = answers_of(args.mode, outs, dev_records)
+            outs = greedy(model, tokenizer, prompts, run.mode)
+        answers = answers_of(run.mode, outs, dev_records)
         accuracy = float(np.mean([a[0] == data.gold(r) for a, r in zip(answers, dev_records)]))
     model.train()
     return sum(losses) / max(1, sum(counts)), accuracy
 
 
-def accuracy_text(acc, args, questions):
+def accuracy_text(acc, run, questions):
     """The dev line's accuracy part; none for a Socratic role (it answers nothing alone) or --eval-questions 0."""
     if acc == acc:
         return f"dev greedy acc {acc:.1%} on {questions} questions"
-    return ("no dev accuracy (a Socratic role answers nothing alone)" if args.mode in SOCRATIC_ROLES
+    return ("no dev accuracy (a Socratic role answers nothing alone)" if run.mode in SOCRATIC_ROLES
             else "no dev accuracy (--eval-questions 0)")
 
 
@@ -427,92 +522,91 @@ def is_better(acc, loss, best):
 # The run, as named steps
 
 
-def setup(args, dist, device):
-    """Defaults that depend on the device, seeds, threads, precision. Returns (autocast ctx, GradScaler)."""
-    cli.keep_freed_memory(device)
-    defaults = GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT
-    if args.max_steps is None and args.epochs is None:
-        args.max_steps, args.epochs = defaults.get("max_steps"), defaults.get("epochs")
-    args.batch_size = args.batch_size or defaults["batch_size"]
-    if args.batch_size % dist.world:
-        raise InputError(f"--batch-size {args.batch_size} must be divisible by the {dist.world} ranks")
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    # precision: fp32 master weights, autocast for bf16/fp16, a GradScaler only for fp16
-    ptdtype = DTYPES[args.dtype]
+def precision(dtype, device):
+    """fp32 master weights, autocast for bf16/fp16, a GradScaler only for fp16 -> (autocast ctx, GradScaler)."""
+    ptdtype = DTYPES[dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device.type, dtype=ptdtype)
     return ctx, torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
 
 
-def load_data(args, tokenizer, init, dist):
-    """Corpus -> (query, target) examples -> token ids, every skip counted; plus the dev examples and where
-    they come from."""
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Dev:
+    """The held-out examples: dev loss on `tokens`, greedy accuracy on `records`; `source` says where they are from."""
+    tokens: list
+    records: list
+    source: str
+
+
+def load_data(run, tokenizer, init, dist):
+    """Corpus -> (query, target) examples -> token ids, every skip counted -> (records, tokens, skips, Dev)."""
     skips = data.Skips()
-    records = data.read_corpus(args.data)
-    if args.dev_data is None and "choices" not in records[0]:  # numeric (GSM8K): no validation split of its own
+    records = data.read_corpus(run.data)
+    if run.dev_data is None and "choices" not in records[0]:  # numeric (GSM8K): no validation split of its own
         records, dev_records = records[:-DEV_HOLDOUT], records[-DEV_HOLDOUT:]
         dev_from = f"the last {DEV_HOLDOUT} questions of --data, held out of training"
     else:
-        dev_from = args.dev_data or data.DEFAULT_DEV
+        dev_from = run.dev_data or data.DEFAULT_DEV
         dev_records = data.read_corpus(dev_from)
-    if args.limit:
-        records = records[:args.limit]
-    examples = data.build_examples(records, args.mode, args.filter, args.rationales_per_question, args.seed, skips,
-                                   args.select)
+    if run.limit:
+        records = records[:run.limit]
+    examples = data.build_examples(records, run.mode, run.filter, run.rationales_per_question, run.seed, skips,
+                                   run.select)
     if not dist.main:
         dist.barrier()  # rank 0 tokenises and writes the cache first; the others then read it
-    tokens = data.tokenize_examples(examples, tokenizer, args.max_len, skips, cache_dir() / "tokens", cache_key=str(init))
+    tokens = data.tokenize_examples(examples, tokenizer, run.max_len, skips, cache_dir() / "tokens", cache_key=str(init))
     if dist.main:
         dist.barrier()
     if not tokens:
-        raise InputError(f"{args.data}: no training examples left ({skips.summary()})")
-    dev_examples = data.build_examples(dev_records[:64], args.mode, args.filter, 1, args.seed, data.Skips())
-    dev_tokens = data.tokenize_examples(dev_examples, tokenizer, args.max_len, data.Skips())
-    return records, tokens, skips, dev_tokens, dev_records[:args.eval_questions], dev_from
+        raise InputError(f"{run.data}: no training examples left ({skips.summary()})")
+    dev_examples = data.build_examples(dev_records[:64], run.mode, run.filter, 1, run.seed, data.Skips())
+    dev_tokens = data.tokenize_examples(dev_examples, tokenizer, run.max_len, data.Skips())
+    return records, tokens, skips, Dev(dev_tokens, dev_records[:run.eval_questions], dev_from)
 
 
-def prepare_out(args, state, dist):
+def prepare_out(run, state, dist):
     """--overwrite clears an earlier run's outputs; --resume keeps metrics up to the resumed step."""
-    metrics = args.out / "metrics.jsonl"
+    metrics = run.out / "metrics.jsonl"
     if not dist.main:
         return metrics
-    if args.overwrite:
+    if run.overwrite:
         for name in OUTPUTS:
-            for path in (args.out / name, args.out / f"{name}.tmp", args.out / f"{name}.old"):
+            for path in (run.out / name, run.out / f"{name}.tmp", run.out / f"{name}.old"):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    run.out.mkdir(parents=True, exist_ok=True)
     if metrics.exists():  # keep what happened up to the resumed step; drop what a killed run did after
         rows = [row for _, row in data.read_appended(metrics)]  # a half-written last line of a killed run is left out
         if not metrics.read_text().endswith("\n") and metrics.stat().st_size:
             print(f"note      {metrics}: dropped a half-written line", flush=True)
         metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
-    (args.out / "args.json").write_text(json.dumps(run_info(args)["args"], indent=2))
+    (run.out / "args.json").write_text(json.dumps(run.info()["args"], indent=2))
     return metrics
 
 
-def budget(args, n_examples):
-    """(optimizer steps, warmup steps) from --max-steps or --epochs."""
-    batches_per_epoch = math.ceil(n_examples / args.batch_size)
-    total_steps = args.max_steps or math.ceil(args.epochs * batches_per_epoch / args.grad_accum)
-    return total_steps, args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
+def describe(run, records, tokens, skips, dev, dist):
+    """What the run will do, before it starts: the lines under `model`."""
+    seen = run.total_steps * run.grad_accum * run.batch_size
+    coverage = f"a subset: {seen:,} of {len(tokens):,}" if seen < len(tokens) else f"{seen / len(tokens):.2f} epochs"
+    ranks = f", {dist.world} ranks x {run.batch_size // dist.world} ({'FSDP' if run.fsdp else 'DDP'})" if dist.world > 1 else ""
+    return [f"data      {run.data}: {len(records):,} questions -> {len(tokens):,} {run.mode} examples "
+            f"(filter={run.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens"
+            f"{'; shared-prefix rows (a question once, its rationales as branches)' if run.shared else ''}",
+            f"          {skips.summary()}",
+            f"dev       {dev.source}",
+            f"budget    {run.total_steps:,} steps x {run.grad_accum} x {run.batch_size} examples = {seen:,} examples "
+            f"({coverage}){ranks}"]
 
 
-def describe_budget(args, total_steps, n_available, dist):
-    n = total_steps * args.grad_accum * args.batch_size
-    coverage = f"a subset: {n:,} of {n_available:,}" if n < n_available else f"{n / n_available:.2f} epochs"
-    ranks = f", {dist.world} ranks x {args.batch_size // dist.world} ({'FSDP' if args.fsdp else 'DDP'})" if dist.world > 1 else ""
-    return f"{total_steps:,} steps x {args.grad_accum} x {args.batch_size} examples = {n:,} examples ({coverage}){ranks}"
-
-
-def data_parallel(model, args, dist, device):
+def data_parallel(model, run, dist, device):
     """Under torchrun: DDP replicates the model, FSDP2 (--fsdp) shards it per layer; one process: unchanged."""
     if dist.world == 1:
         return model
-    if args.fsdp:
+    if run.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh(device.type, (dist.world,))  # named: FSDP's default mesh is CUDA's wherever CUDA is
@@ -526,111 +620,115 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     with cli.one_writer(args.out or f"runs/{args.mode}", rank0=os.environ.get("RANK", "0") == "0"):  # one run an --out
-        check_args(p, args)  # every flag checked before anything loads; under the lock, as --resume may finish a swap
-        return train(args)
+        run = check_args(p, args)  # every flag checked before anything loads; under the lock, as --resume may finish a swap
+        return train(run)
 
 
-def train(args):
-    dist, device = Dist.init(args.device)
+def train(run):
+    """The run: set up (device, data, model, resumed state), then the loop, then what to run next."""
+    dist, device = Dist.init(run.device)
     log = print if dist.main else (lambda *a, **k: None)
-    ctx, scaler = setup(args, dist, device)
+    cli.keep_freed_memory(device)
+    if run.batch_size % dist.world:
+        raise InputError(f"--batch-size {run.batch_size} must be divisible by the {dist.world} ranks")
+    if run.num_threads:
+        torch.set_num_threads(run.num_threads)
+    seed_everything(run.seed)
+    ctx, scaler = precision(run.dtype, device)
 
-    init = Path(args.init) if args.init else default_student()
-    model = from_pretrained(args.resume or init, device=device)  # resumed: the checkpoint's weights at once
+    init = Path(run.init) if run.init else default_student()
+    model = from_pretrained(run.resume or init, device=device)  # resumed: the checkpoint's weights at once
     tokenizer = load_tokenizer(init)
-    records, tokens, skips, dev_tokens, dev_records, dev_from = load_data(args, tokenizer, init, dist)
-    resolve_share_prefix(args, tokens)
+    records, tokens, skips, dev = load_data(run, tokenizer, init, dist)
+    run = run.with_budget(tokens)  # every setting resolved: from here on the run's settings are fixed
+    log(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {run.dtype}")
+    for line in describe(run, records, tokens, skips, dev, dist):
+        log(line)
 
-    total_steps, warmup = budget(args, len(tokens))
-    log(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {args.dtype}")
-    log(f"data      {args.data}: {len(records):,} questions -> {len(tokens):,} {args.mode} examples "
-        f"(filter={args.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens"
-        f"{'; shared-prefix rows (a question once, its rationales as branches)' if args.shared else ''}")
-    log(f"          {skips.summary()}")
-    log(f"dev       {dev_from}")
-    log(f"budget    {describe_budget(args, total_steps, len(tokens), dist)}")
-
-    trainer_state = None
-    if args.resume is not None:
-        trainer_state = load_trainer_state(args.resume)
-        for change in args.changed:
-            log(f"changed   {change} (--allow-changes)")
-
-    raw_model, model = model, data_parallel(model, args, dist, device)  # rank 0 saves the raw module
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device.type)
-    state = TrainState()
+    trainer_state = load_trainer_state(run.resume) if run.resume is not None else None
+    for change in run.changed:
+        log(f"changed   {change} (--allow-changes)")
+    trainer = Trainer(run, model, scaler, init, dist, device)
     if trainer_state is not None:
-        state = restore(trainer_state, model, optimizer, scaler, device)
-        log(f"resumed   {args.resume} at step {state.step} (epoch {state.epoch}, batch {state.index})")
-    metrics = prepare_out(args, state, dist)
-    step_model = torch.compile(model) if args.compile else model  # checkpoints never see the compiled wrapper
+        trainer.restore(trainer_state)
+        state = trainer.state
+        log(f"resumed   {run.resume} at step {state.step} (epoch {state.epoch}, batch {state.index})")
+    metrics = prepare_out(run, trainer.state, dist)
+    loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log)
 
-    stream = micro_batches(tokens, args, state.epoch, state.index)
-    bar = Progress(total_steps, "train", start=state.step) if dist.main else None
-    raw_model.train()
-    t0, tokens_seen, saved_at = time.time(), 0, state.step
-    with StopSignals() as stop:
-        while state.step < total_steps:
-            lr = get_lr(state.step, total_steps, args, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            window = []
-            for _ in range(args.grad_accum):
-                epoch, index, batch = next(stream)
-                window.append(to_tensors(rank_share(batch, dist, args.shared), args, raw_model.cfg.pad_token_id, device))
-            try:
-                train_loss, grad_norm, n_window = train_step(step_model, optimizer, scaler, window, ctx, args.grad_clip, dist)
-            except Diverged as e:
-                if bar:
-                    bar.close()
-                kept = f"the last good checkpoint is {args.out / 'last'} (step {saved_at})" if saved_at else "no `last` was written yet"
-                raise Diverged(f"step {state.step + 1}: {e}: training stopped before the optimizer step; {kept}. "
-                               f"Lower --lr (now {args.lr:g}) or check the data") from None
-            state.step, state.epoch, state.index = state.step + 1, epoch, index
+    if dist.main:
+        plot_metrics(metrics, run.out / "loss.png")
+    best = trainer.state.best
+    chosen = f"dev greedy acc {best['acc']:.1%}" if best["acc"] == best["acc"] else f"dev loss {best['loss']:.4f}"
+    log(f"saved     {run.out / 'last'} and {run.out / 'best'} (best at step {best['step']}: {chosen})")
+    log(f"metrics   {metrics}, plot {run.out / 'loss.png'}")
+    log(f"next      {next_command(run.mode, run.out / 'best', 'choices' not in records[0])}")
+    dist.close()
+    return run.out
+
+
+def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log):
+    """The training loop: lr -> window -> step -> log -> maybe evaluate -> maybe save -> maybe stop."""
+    state, dist, pad_id, device = trainer.state, trainer.dist, trainer.raw_model.cfg.pad_token_id, trainer.device
+    stream = micro_batches(tokens, run, state.epoch, state.index)
+    bar = Progress(run.total_steps, "train", start=state.step) if dist.main else None
+    trainer.raw_model.train()
+    t0, tokens_seen = time.time(), 0
+    with StopSignals() as stop, closing(bar):
+        while state.step < run.total_steps:
+            lr = get_lr(state.step, run)
+            window, epoch, index = next_window(stream, run, dist, pad_id, device)
+            loss, grad_norm, n_window = trainer.step(window, (epoch, index), ctx, lr)
             tokens_seen += n_window
-            tok_s = tokens_seen / (time.time() - t0)
-            if dist.main and (state.step % args.log_every == 0 or state.step == total_steps):
-                append_jsonl(metrics, {"step": state.step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                                       "target_tok_s": tok_s, "epoch": state.epoch})
-            if bar:
-                bar.update(1, f"loss {train_loss:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s")
-
-            done = state.step == total_steps
-            if (args.eval_every and state.step % args.eval_every == 0) or done:
-                # every rank evaluates the same questions: FSDP needs all ranks in its forward, DDP does not mind
-                dev_loss, dev_acc = evaluate_dev(raw_model, tokenizer, dev_tokens, dev_records, args, ctx, device)
-                improved = is_better(dev_acc, dev_loss, state.best)
-                if improved:
-                    state.best = {"step": state.step, "acc": dev_acc, "loss": dev_loss}
-                if dist.main:  # no accuracy: null (JSON has no NaN)
-                    append_jsonl(metrics, {"step": state.step, "dev_loss": dev_loss,
-                                           "dev_greedy_acc": None if dev_acc != dev_acc else dev_acc})
-                log(f"\nstep {state.step} | dev loss {dev_loss:.4f} | {accuracy_text(dev_acc, args, len(dev_records))}"
-                    f"{' | new best' if improved else ''}", flush=True)
-                if improved:
-                    save_checkpoint(args.out / "best", raw_model, model, optimizer, scaler, state, args, init, dist)
+            log_step(metrics, bar, state, run, loss, lr, grad_norm, tokens_seen / (time.time() - t0), dist)
+            done = state.step == run.total_steps
+            if (run.eval_every and state.step % run.eval_every == 0) or done:
+                dev_evaluation(trainer, dev, tokenizer, ctx, metrics, log)
             stopping = stop.requested(dist)
-            if done or stopping or (args.save_every and state.step % args.save_every == 0):
-                save_checkpoint(args.out / "last", raw_model, model, optimizer, scaler, state, args, init, dist)
-                saved_at = state.step
+            if done or stopping or (run.save_every and state.step % run.save_every == 0):
+                trainer.save(run.out / "last")
             if stopping and not done:
                 if bar:
                     bar.close()
-                log(f"stopped at step {state.step}: saved {args.out / 'last'}; continue with: "
-                    f"python train.py --resume --out {args.out} (and the same flags as before)")
+                log(f"stopped at step {state.step}: saved {run.out / 'last'}; continue with: "
+                    f"python train.py --resume --out {run.out} (and the same flags as before)")
                 dist.close()
                 raise SystemExit(stop.exit_code)
+
+
+@contextmanager
+def closing(bar):
+    """Close the progress bar however the loop ends (done, a divergence), once."""
+    try:
+        yield
+    finally:
+        if bar and not bar.closed:
+            bar.close()
+
+
+def log_step(metrics, bar, state, run, loss, lr, grad_norm, tok_s, dist):
+    if dist.main and (state.step % run.log_every == 0 or state.step == run.total_steps):
+        append_jsonl(metrics, {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                               "target_tok_s": tok_s, "epoch": state.epoch})
     if bar:
-        bar.close()
-    if dist.main:
-        plot_metrics(metrics, args.out / "loss.png")
-    best = state.best
-    chosen = f"dev greedy acc {best['acc']:.1%}" if best["acc"] == best["acc"] else f"dev loss {best['loss']:.4f}"
-    log(f"saved     {args.out / 'last'} and {args.out / 'best'} (best at step {best['step']}: {chosen})")
-    log(f"metrics   {metrics}, plot {args.out / 'loss.png'}")
-    log(f"next      {next_command(args.mode, args.out / 'best', 'choices' not in records[0])}")
-    dist.close()
-    return args.out
+        bar.update(1, f"loss {loss:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s")
+
+
+def dev_evaluation(trainer, dev, tokenizer, ctx, metrics, log):
+    """Dev loss and greedy accuracy now; `best` saved when they improve. Every rank evaluates the same
+    questions: FSDP needs all ranks in its forward, DDP does not mind."""
+    run, state = trainer.run, trainer.state
+    dev_loss, dev_acc = evaluate_dev(trainer.raw_model, tokenizer, dev.tokens, dev.records, run, ctx, trainer.device)
+    improved = is_better(dev_acc, dev_loss, state.best)
+    if improved:
+        state.best = {"step": state.step, "acc": dev_acc, "loss": dev_loss}
+    if trainer.dist.main:  # no accuracy: null (JSON has no NaN)
+        append_jsonl(metrics, {"step": state.step, "dev_loss": dev_loss,
+                               "dev_greedy_acc": None if dev_acc != dev_acc else dev_acc})
+    log(f"\nstep {state.step} | dev loss {dev_loss:.4f} | {accuracy_text(dev_acc, run, len(dev.records))}"
+        f"{' | new best' if improved else ''}", flush=True)
+    if improved:
+        trainer.save(run.out / "best")
 
 
 def plot_metrics(metrics, path):

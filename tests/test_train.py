@@ -376,3 +376,33 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(student, straight, tmp_path):
     assert (out / ".lock").exists()
     run(student, out, *INTERRUPTIBLE, "--overwrite")
     assert losses(out) == losses(straight)
+
+
+# -----------------------------------------------------------------------------
+# The run's settings
+
+
+def test_every_flag_is_a_setting_of_the_frozen_run_config():
+    """RunConfig holds each flag of --help (a new flag cannot be forgotten) plus the settings resolved from the
+    data; a helper cannot change one (frozen)."""
+    flags = {a.dest for a in train.parser()._actions if a.dest != "help"}
+    fields = set(train.RunConfig.__dataclass_fields__)
+    assert fields - flags == {"shared", "changed", "total_steps", "warmup"}
+    assert flags <= fields
+    cfg = train.get_args(["--max-steps", "3"])
+    with pytest.raises(AttributeError):
+        cfg.batch_size = 4
+
+
+def test_resume_of_a_run_with_the_device_defaults_is_not_refused(student, tmp_path):
+    """A run that left --batch-size and --dtype to the device, resumed with the same (short) command: the
+    saved settings hold the defaults it used, and the resumed run resolves the same ones, so nothing is
+    reported changed (before RunConfig, `--batch-size 8 -> None` refused the resume)."""
+    out = tmp_path / "o"
+    argv = ["--init", str(student), "--out", str(out), "--limit", "16", "--max-steps", "2", "--eval-every", "0",
+            "--eval-questions", "2"]
+    train.main(argv)
+    assert json.loads((out / "args.json").read_text())["batch_size"] == train.CPU_DEFAULT["batch_size"]
+    resumed = train.get_args(argv + ["--resume"])
+    assert resumed.resume == out / "last" and resumed.changed == ()
+    assert resumed.batch_size == train.CPU_DEFAULT["batch_size"] and resumed.dtype == "float32"
