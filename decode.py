@@ -1,11 +1,10 @@
-"""Decoding as the method uses it, shared by evaluate.py and train.py's dev accuracy: greedy answers (with the
-label-first fast path), the answers chains commit to, and Socratic CoT's two-model dialogue (Shridhar et al.
-2022). sample.py does the batched decoding itself; scotd.py reads the answers.
+"""Decoding as the method uses it, shared by evaluate.py, train.py's dev accuracy and teacher.py: greedy answers
+(with the label-first fast path), the answers chains commit to, and dialogues between models -- Socratic CoT's
+decomposer and solver (Shridhar et al. 2022), or a teacher asking a sub-question a step -- through one batch
+loop (`dialogues`). sample.py does the batched decoding itself; scotd.py reads the answers.
 """
 
 from dataclasses import replace
-
-import torch
 
 from sample import SampleConfig, batch_seed, batch_slices, generate, generate_turns
 from scotd import LABEL_FIRST, STOP, SUB, extract_answer, socratic_line, states_answer
@@ -22,58 +21,69 @@ def greedy(model, tokenizer, prompts, mode, max_new_tokens=96, batch_size=16, se
                     batches=batches, on_batch=on_batch)
 
 
+def dialogues(models, tokenizer, items, make, cfgs, n, batch_size, seed, encode, slots, batches=None, prefix=None):
+    """The batch loop of a dialogue between models, shared by Socratic CoT's decomposer and solver (below) and
+    teacher.py's teacher asking a sub-question a step: items in batches of batch_size, n dialogues (rows) an
+    item, all turns of a batch in one pair of caches (sample.generate_turns: each model prefills only what it has
+    not read). make(rows) -> the batch's dialogue: its `prompts` (text, one a row), `turn(i, out, m)` (the text
+    that follows model m's output in row i, or None: the row is done) and `chains()` at the end. encode: text ->
+    token ids; slots(dialogue, prompts): the cache slots a row needs. Model m of batch k samples from seed
+    batch_seed(seed, k) * len(models) + m, so any subset of `batches` gives what the whole run gives for them.
+    Yields (the batch's item indices, per item its n chains)."""
+    layout = batch_slices(len(items), batch_size)
+    for k in range(len(layout)) if batches is None else batches:
+        batch = list(layout[k])
+        dialogue = make([items[i] for i in batch for _ in range(n)])
+        prompts = [encode(p) for p in dialogue.prompts]
+        seeded = [replace(c, n=1, seed=batch_seed(seed, k) * len(models) + m) for m, c in enumerate(cfgs)]
+
+        def follow(i, m, out):  # generate_turns wants token ids: none for an empty follow-up
+            text = dialogue.turn(i, out, m)
+            return None if text is None else encode(text) if text else []
+        generate_turns(models, tokenizer, prompts, seeded, follow, slots(dialogue, prompts),
+                       eos_id=models[-1].cfg.eos_token_id, pad_id=models[-1].cfg.pad_token_id, prefix=prefix)
+        chains = dialogue.chains()
+        yield batch, [chains[j * n:(j + 1) * n] for j in range(len(batch))]
+
+
 class Socratic:
-    """The bookkeeping of Socratic CoT's two-model dialogue, for sample.generate_turns. Each row of the batch holds
-    one chain. Each round has two turns: first the decomposer writes a sub-question (ended by " **"), then the
-    solver writes the step that answers it (ended by the newline). A chain ends when a step states the answer
-    ("... So the answer is 18."). It ends without an answer when the decomposer writes no sub-question (an
-    empty line, or one not ended by " **"), when the solver writes nothing, or after max_rounds rounds."""
+    """Socratic CoT's two-model dialogue (a query a row). Each round has two turns: first the decomposer writes a
+    sub-question, ended by " **"; then the solver writes the step that answers it, ended by the newline. A chain
+    ends when a step states the answer ("... So the answer is 18."). It ends without an answer when the
+    decomposer writes no sub-question (an empty line, or one not ended by " **"), when the solver writes
+    nothing, or after max_rounds rounds."""
 
-    def __init__(self, n_rows, tokenizer, max_rounds):
-        self.tokenizer, self.max_rounds = tokenizer, max_rounds
-        self.lines, self.asked, self.tokens = [[] for _ in range(n_rows)], [None] * n_rows, [[] for _ in range(n_rows)]
+    def __init__(self, queries, tokenizer, max_rounds):
+        self.prompts, self.tokenizer, self.max_rounds = queries, tokenizer, max_rounds
+        n = len(queries)
+        self.lines, self.asked, self.tokens = [[] for _ in range(n)], [None] * n, [[] for _ in range(n)]
 
-    def turn(self, i, m, out):
+    def turn(self, i, out, m):
         self.tokens[i] += out["tokens"]
         if m == 0:  # the decomposer's sub-question: the solver reads it as written, " **" included
             self.asked[i] = out["text"].strip()
             ended = self.tokenizer.decode(out["tokens"]).rstrip().endswith(SUB.strip())
-            return [] if self.asked[i] and ended else None
+            return "" if self.asked[i] and ended else None
         self.lines[i].append(socratic_line(self.asked[i], out["text"].strip()))
         done = states_answer(out["text"]) or not out["tokens"] or len(self.lines[i]) == self.max_rounds
-        return None if done else []
+        return None if done else ""
 
     def chains(self):
         """-> per row {"text": the chain as a unified model writes it, "tokens": both models' generated ids}."""
         return [{"text": " " + "\n".join(lines), "tokens": t} for lines, t in zip(self.lines, self.tokens)]
 
 
-@torch.no_grad()
-def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, batches=None, on_batch=None):
+def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, batches=None):
     """Socratic CoT with two models (Shridhar et al. 2022): cfg.n chains a query, each a dialogue in which the
-    decomposer asks the next sub-question and the solver answers it (Socratic). A batch of cfg.batch_size
-    queries (x n rows) runs all its rounds in one pair of caches (sample.generate_turns: each model prefills
-    only the other's last turn), and samples from seed (cfg.seed, batch k) as generate() does.
-    -> per query, cfg.n dicts {"text", "tokens"}; batches and on_batch(indices, outs) as generate()'s."""
+    decomposer asks the next sub-question and the solver answers it, cfg.batch_size queries (x n rows) at a
+    time. Yields (the batch's query indices, per query cfg.n dicts {"text", "tokens"}), as `dialogues`."""
     ask = replace(cfg, n=1, stop=(SUB.strip(), "\n"), max_new_tokens=48)
     solve = replace(cfg, n=1, stop=("\n",))
-    results = [None] * len(queries)
-    layout = batch_slices(len(queries), cfg.batch_size)
-    for k in range(len(layout)) if batches is None else batches:
-        batch = layout[k]
-        prompts = [tokenizer.encode(queries[q]).ids for q in batch for _ in range(cfg.n)]
-        seeds = [replace(c, seed=batch_seed(cfg.seed, k) * 2 + m) for m, c in enumerate((ask, solve))]
-        # cache slots: the prompt, then a round's turns (each model's cache holds both: what it wrote, what it read)
-        slots = max(map(len, prompts)) + max_rounds * (ask.max_new_tokens + solve.max_new_tokens + 1)
-        dialogue = Socratic(len(prompts), tokenizer, max_rounds)
-        generate_turns([decomposer, solver], tokenizer, prompts, seeds, dialogue.turn, slots,
-                       eos_id=solver.cfg.eos_token_id, pad_id=solver.cfg.pad_token_id)
-        chains = dialogue.chains()
-        for j, q in enumerate(batch):
-            results[q] = chains[j * cfg.n:(j + 1) * cfg.n]
-        if on_batch:
-            on_batch(list(batch), [results[q] for q in batch])
-    return results
+    # cache slots: the prompt, then a round's turns (each model's cache holds both: what it wrote, what it read)
+    slots = lambda _, prompts: max(map(len, prompts)) + max_rounds * (ask.max_new_tokens + solve.max_new_tokens + 1)  # noqa: E731
+    yield from dialogues([decomposer, solver], tokenizer, queries, lambda rows: Socratic(rows, tokenizer, max_rounds),
+                         [ask, solve], cfg.n, cfg.batch_size, cfg.seed, lambda text: tokenizer.encode(text).ids, slots,
+                         batches)
 
 
 def answers_of(mode, outs, records):

@@ -84,16 +84,9 @@ def check_args(p, args):
             p.error("no checkpoint found under runs/*/best: run `python train.py` first, or pass --checkpoint")
         args.checkpoint = found[-1].parent
     args.checkpoint = recover_folder(args.checkpoint)
-    for flag, folder in (("--checkpoint", args.checkpoint), ("--decomposer", args.decomposer)):
-        if folder is not None and not (Path(folder) / "config.json").is_file():
-            p.error(f"argument {flag}: {folder} is not a model folder (no config.json)")
+    cli.check_model_folder(p, "--checkpoint", args.checkpoint)
+    cli.check_model_folder(p, "--decomposer", args.decomposer)
     return args
-
-
-def my_batches(n_prompts, batch_size, dist):
-    """This rank's share of the question batches (every world-th). Batch k samples from its own seed, so
-    any number of ranks gives the single-process result."""
-    return range(dist.rank, len(batch_slices(n_prompts, batch_size)), dist.world)
 
 
 class Journal:
@@ -102,10 +95,13 @@ class Journal:
     decodes only the batches the journal lacks and, batch k sampling from its own seed, writes what one
     uninterrupted run writes. Line 1 is the run's settings (every flag but --out, the weights' file sizes
     and times); a journal of other settings is discarded, never mixed in. Removed once the predictions
-    are written. path None (under torchrun): kept in memory only."""
+    are written. path None (under torchrun): kept in memory only.
 
-    def __init__(self, path, settings, log):
-        self.path, self.done = path, {}  # (step, batch k) -> {"seconds", "outs"}
+    `run` is the batch loop itself: it decodes this rank's batches that the journal lacks, one at a time, and
+    journals each as it ends."""
+
+    def __init__(self, path, settings, dist, log):
+        self.path, self.dist, self.done = path, dist, {}  # (step, batch k) -> {"seconds", "outs"}
         if path is None:
             return
         settings = json.loads(json.dumps(settings))
@@ -131,33 +127,32 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())  # a crash of the machine keeps the batch too
 
+    def run(self, step, label, n_prompts, batch_size, decode):
+        """decode(k) -> the outputs of question batch k (batch_slices), for each of this rank's batches (every
+        world-th: batch k samples from its own seed, so any number of ranks gives the one-process result) that
+        the journal lacks, with a progress bar on rank 0 -> (outputs, None where another rank has the question;
+        seconds spent decoding them, this run's and the interrupted runs' together)."""
+        layout = batch_slices(n_prompts, batch_size)
+        mine = range(self.dist.rank, len(layout), self.dist.world)
+        todo = [k for k in mine if (step, k) not in self.done]
+        bar = Progress(n_prompts, label, start=sum(len(layout[k]) for k in mine if k not in todo) * self.dist.world) \
+            if self.dist.main else None
+        for k in todo:
+            t0 = time.time()
+            outs = decode(k)
+            self.add(step, k, time.time() - t0, outs)
+            if bar:
+                bar.update(len(layout[k]) * self.dist.world)
+        if bar:
+            bar.close()
+        outs = [None] * n_prompts
+        for k in mine:
+            outs[layout[k].start:layout[k].stop] = self.done[(step, k)]["outs"]
+        return outs, sum(self.done[(step, k)]["seconds"] for k in mine)
+
     def close(self):
         if self.path is not None:
             self.path.unlink(missing_ok=True)
-
-
-def timed(step, label, n_prompts, batch_size, dist, journal, decode):
-    """decode(batches, on_batch) over this rank's batches that the journal lacks, with a progress bar on rank 0
-    (each rank does 1/world of the questions); each batch goes into the journal as it ends -> (outputs, seconds
-    spent decoding them, this run's and the interrupted runs' together)."""
-    layout, mine = batch_slices(n_prompts, batch_size), my_batches(n_prompts, batch_size, dist)
-    todo = [k for k in mine if (step, k) not in journal.done]
-    bar = Progress(n_prompts, label, start=sum(len(layout[k]) for k in mine if k not in todo) * dist.world) \
-        if dist.main else None
-    clock = [time.time()]
-
-    def on_batch(batch, outs):
-        journal.add(step, batch[0] // batch_size, time.time() - clock[0], outs)
-        clock[0] = time.time()
-        if bar:
-            bar.update(len(batch) * dist.world)
-
-    outs = decode(todo, on_batch)
-    if bar:
-        bar.close()
-    for k in mine:
-        outs[layout[k].start:layout[k].stop] = journal.done[(step, k)]["outs"]
-    return outs, sum(journal.done[(step, k)]["seconds"] for k in mine)
 
 
 def merge(shares):
@@ -165,36 +160,39 @@ def merge(shares):
     return [next(s[i] for s in shares if s[i] is not None) for i in range(len(shares[0]))]
 
 
-def decode(args, mode, model, tokenizer, prompts, dist, journal):
+def only(k, batch_size, outs):
+    """Batch k's outputs from a decoding call that decoded batch k alone."""
+    return outs[k * batch_size:(k + 1) * batch_size]
+
+
+def decode(args, mode, model, tokenizer, prompts, journal):
     """Greedy chains, then args.n sampled chains a question -> (greedy outputs or None, seconds, chains or None,
     seconds). For label-first students ("post", "label") greedy stops after the answer sentence: the fast path."""
     batch = max(args.batch_size, 16)
     greedy_outs, greedy_s = None, 0.0
     if args.greedy:
         label = "greedy (answer only)" if mode in LABEL_FIRST else "greedy"
-        greedy_outs, greedy_s = timed("greedy", label, len(prompts), batch, dist, journal, lambda batches, on_batch:
-            greedy(model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile,
-                   batches=batches, on_batch=on_batch))
+        greedy_outs, greedy_s = journal.run("greedy", label, len(prompts), batch, lambda k: only(k, batch, greedy(
+            model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile, batches=[k])))
     chains, sc_s = None, 0.0
     if args.n > 0:
-        sc_cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                              compile=args.compile)
-        chains, sc_s = timed("chains", f"sample N={args.n}", len(prompts), args.batch_size, dist, journal,
-            lambda batches, on_batch: generate(model, tokenizer, prompts, sc_cfg, eos_id=model.cfg.eos_token_id,
-                                               pad_id=model.cfg.pad_token_id, batches=batches, on_batch=on_batch))
+        cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                           compile=args.compile)
+        chains, sc_s = journal.run("chains", f"sample N={args.n}", len(prompts), args.batch_size, lambda k: only(
+            k, args.batch_size, generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id,
+                                         pad_id=model.cfg.pad_token_id, batches=[k])))
     return greedy_outs, greedy_s, chains, sc_s
 
 
-def socratic(args, mode, solver, tokenizer, records, prefix, device, dist, journal):
+def socratic(args, mode, solver, tokenizer, queries, device, dtype, dist, journal):
     """decode()'s counterpart for Socratic CoT: --checkpoint the solver, --decomposer the decomposer."""
     if mode != "solve" or not args.decomposer:
         raise InputError(f"Socratic CoT needs two models: --checkpoint trained with --mode solve (this one: {mode}) and "
                          "--decomposer trained with --mode decompose")
     if dist.world > 1:
         raise InputError("--decomposer runs in one process; run it without torchrun")
-    decomposer = from_pretrained(args.decomposer, device=device, dtype=DTYPES[args.dtype])
-    queries = [prefix + data.format_query(r["question"], r.get("choices")) for r in records]
+    decomposer = from_pretrained(args.decomposer, device=device, dtype=DTYPES[dtype])
     results = []
     rows = args.batch_size * max(args.n, 1)  # greedy runs as many rows at a time as sampling does
     for step, n, temperature, label in (("greedy", int(args.greedy), 0.0, "socratic greedy"),
@@ -204,9 +202,8 @@ def socratic(args, mode, solver, tokenizer, records, prefix, device, dist, journ
             continue
         cfg = SampleConfig(n=n, temperature=temperature, top_p=args.top_p, top_k=args.top_k, batch_size=rows // n,
                            max_new_tokens=args.max_new_tokens, seed=args.seed)
-        results += timed(step, label, len(queries), cfg.batch_size, dist, journal, lambda batches, on_batch:
-            socratic_chains(decomposer, solver, tokenizer, queries, cfg, args.max_rounds, batches=batches,
-                            on_batch=on_batch))
+        results += journal.run(step, label, len(queries), cfg.batch_size, lambda k: next(socratic_chains(
+            decomposer, solver, tokenizer, queries, cfg, args.max_rounds, batches=[k]))[1])
     return tuple(results)
 
 
@@ -229,83 +226,74 @@ def main(argv=None):
 
 
 def evaluation(args, out):
+    """Load, decode (greedy, then the sampled chains; through the journal), gather, write and report."""
     dist, device = Dist.init(args.device)
     cli.keep_freed_memory(device)
     log = print if dist.main else (lambda *a, **k: None)
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    checkpoint = args.checkpoint
-    mode = args.mode or read_run_info(checkpoint).get("mode")
+    dtype = cli.default_dtype(device.type, args.dtype)
+    mode = args.mode or read_run_info(args.checkpoint).get("mode")
     if mode is None:
-        log(f"note      {checkpoint} has no scotd.json (not written by train.py): assuming --mode cot")
+        log(f"note      {args.checkpoint} has no scotd.json (not written by train.py): assuming --mode cot")
         mode = "cot"
-    limit = args.limit if args.limit is not None else (0 if device.type == "cuda" else CPU_DEFAULT_LIMIT)
     torch.manual_seed(args.seed)
-
-    model = from_pretrained(checkpoint, device=device, dtype=DTYPES[args.dtype])
-    tokenizer = load_tokenizer(checkpoint)
-    records = data.read_corpus(args.data)
-    total = len(records)
-    records = records[:limit] if limit else records
-    golds = [data.gold(r) for r in records]
-    prefix = ""
-    if args.fewshot:  # worked examples from the train split of the same task
-        exemplars = data.build_examples(data.read_corpus(data.train_corpus_of(records))[:100], mode, "correct")
-        exemplars = exemplars[:args.fewshot]
-        prefix = fewshot_prefix([(x["query"], x["target"]) for x in exemplars])
-    prompts = [tokenizer.encode(prefix + data.format_query(r["question"], r.get("choices"))).ids for r in records]
-    log(f"model     {checkpoint} ({mode} mode{f', {args.fewshot}-shot' if args.fewshot else ''}) on {device}, {args.dtype}")
+    model = from_pretrained(args.checkpoint, device=device, dtype=DTYPES[dtype])
+    tokenizer = load_tokenizer(args.checkpoint)
+    records, total, prefix = questions(args, mode, device)
+    queries = [prefix + data.format_query(r["question"], r.get("choices")) for r in records]
+    log(f"model     {args.checkpoint} ({mode} mode{f', {args.fewshot}-shot' if args.fewshot else ''}) on {device}, {dtype}")
     log(f"data      {args.data}: {len(records):,} of {total:,} questions"
-          f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
+        f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
     stem = Path(args.data).name.split(".")[0]
-    journal = Journal(out / f"partial-{stem}.jsonl" if dist.world == 1 else None, settings_of(args, device), log)
+    journal = Journal(out / f"partial-{stem}.jsonl" if dist.world == 1 else None, settings_of(args, device), dist, log)
     if mode in SOCRATIC_ROLES or args.decomposer:
-        greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, records, prefix, device, dist, journal)
+        greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, queries, device, dtype, dist, journal)
         mode = "cot"  # the chains read as a unified model's: the answer after the last "answer is"
     else:
-        greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, dist, journal)
-    fast = mode in LABEL_FIRST
-
+        prompts = [tokenizer.encode(q).ids for q in queries]
+        greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, journal)
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it
         shares = dist.gather((greedy_outs, chains))
         greedy_outs = merge([g for g, _ in shares]) if greedy_outs is not None else None
         chains = merge([c for _, c in shares]) if chains is not None else None
-        log(f"gathered  {len(prompts):,} questions' outputs from {dist.world} ranks (one all-gather)")
-    if not dist.main:
-        dist.close()
-        return out
-    table, greedy_acc = ["| metric | value |", "| --- | --- |"], None
+        log(f"gathered  {len(records):,} questions' outputs from {dist.world} ranks (one all-gather)")
+    if dist.main:
+        report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, device, dtype)
+        journal.close()  # everything it held is in the predictions
+    dist.close()
+    return out
+
+
+def questions(args, mode, device):
+    """The evaluated questions (--limit's first N; by default all on a GPU, CPU_DEFAULT_LIMIT on a CPU) ->
+    (records, the corpus's size, the --fewshot prefix: worked examples from the same task's train split)."""
+    records = data.read_corpus(args.data)
+    limit = args.limit if args.limit is not None else (0 if device.type == "cuda" else CPU_DEFAULT_LIMIT)
+    prefix = ""
+    if args.fewshot:
+        exemplars = data.build_examples(data.read_corpus(data.train_corpus_of(records))[:100], mode, "correct")
+        prefix = fewshot_prefix([(x["query"], x["target"]) for x in exemplars[:args.fewshot]])
+    return (records[:limit] if limit else records), len(records), prefix
+
+
+def report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, device, dtype):
+    """The predictions file, the accuracy table (printed), the vote-curve plot and the summary JSON."""
+    golds = [data.gold(r) for r in records]
+    greedy_answers = [a[0] for a in answers_of(mode, greedy_outs, records)] if greedy_outs else None
+    answers = answers_of(mode, chains, records) if chains else None
+    out.mkdir(parents=True, exist_ok=True)
+    preds_path = write_predictions(out / f"predictions-{stem}.jsonl", records, golds, greedy_outs, greedy_answers,
+                                   chains, answers)
+    table, greedy_acc, curve = ["| metric | value |", "| --- | --- |"], None, []
     if greedy_outs:
-        greedy_answers = [a[0] for a in answers_of(mode, greedy_outs, records)]
         greedy_tokens = sum(len(o[0]["tokens"]) for o in greedy_outs)
         greedy_acc = float(np.mean([a == g for a, g in zip(greedy_answers, golds)]))
-        table += [f"| greedy accuracy{' (answer only, fast path)' if fast else ''} | {greedy_acc:.1%} |",
+        table += [f"| greedy accuracy{' (answer only, fast path)' if mode in LABEL_FIRST else ''} | {greedy_acc:.1%} |",
                   f"| greedy abstentions | {np.mean([a is None for a in greedy_answers]):.1%} |",
                   f"| greedy tokens/s | {greedy_tokens / max(greedy_s, 1e-9):,.0f} |"]
-    curve = []
     if chains:
-        answers = answers_of(mode, chains, records)
-        curve = vote_curve(answers, golds)
+        curve, flat = vote_curve(answers, golds), [a for q in answers for a in q]
         sc_tokens = sum(len(c["tokens"]) for o in chains for c in o)
-    out.mkdir(parents=True, exist_ok=True)
-    preds_path = out / f"predictions-{stem}.jsonl"
-    with open(preds_path.with_suffix(".tmp"), "w") as f:
-        for i, r in enumerate(records):
-            row = {"id": r["id"], "gold": _shown(golds[i])}
-            if greedy_outs:
-                row["greedy"] = {"text": greedy_outs[i][0]["text"], "answer": _shown(greedy_answers[i])}
-                row["greedy_correct"] = greedy_answers[i] == golds[i]
-            if chains:
-                votes = answers[i]
-                row["chains"] = [{"text": c["text"], "answer": _shown(a), "tokens": len(c["tokens"])}
-                                 for c, a in zip(chains[i], votes)]
-                vote = majority_vote(votes)
-                row["vote"], row["vote_correct"] = _shown(vote), vote == golds[i]
-            f.write(json.dumps(row) + "\n")
-    preds_path.with_suffix(".tmp").replace(preds_path)
-
-    if chains:
-        flat = [a for q in answers for a in q]
         table += [f"| self-consistency accuracy, N={args.n} (T={args.temperature}) | {curve[-1]:.1%} |",
                   f"| accuracy of a single sampled chain | {curve[0]:.1%} |",
                   f"| abstention rate (chains with no answer) | {np.mean([a is None for a in flat]):.1%} |",
@@ -316,15 +304,31 @@ def evaluation(args, out):
             lines["greedy"] = ([1, args.n], [greedy_acc, greedy_acc])
         plot_lines(out / f"vote-curve-{stem}.png", lines,
                    "chains voted over (k)", "accuracy", f"self-consistency on {stem} ({len(records)} questions)")
-    print(f"\n{len(records):,} questions from {args.data}, {device}, {args.dtype}\n" + "\n".join(table))
+    print(f"\n{len(records):,} questions from {args.data}, {device}, {dtype}\n" + "\n".join(table))
     print(f"\npredictions {preds_path}" + (f"\nplot        {out / f'vote-curve-{stem}.png'}" if chains else ""))
     (out / f"summary-{stem}.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint), "mode": mode, "questions": len(records), "greedy_acc": greedy_acc,
-         "vote_curve": curve, "n": args.n, "fewshot": args.fewshot, "temperature": args.temperature, "device": str(device), "dtype": args.dtype},
-        indent=2))
-    journal.close()  # everything it held is in the predictions
-    dist.close()
-    return out
+        {"checkpoint": str(args.checkpoint), "mode": mode, "questions": len(records), "greedy_acc": greedy_acc,
+         "vote_curve": curve, "n": args.n, "fewshot": args.fewshot, "temperature": args.temperature, "device": str(device),
+         "dtype": dtype}, indent=2))
+
+
+def write_predictions(path, records, golds, greedy_outs, greedy_answers, chains, answers):
+    """One line a question: the gold answer, the greedy chain and its answer, every sampled chain with its answer,
+    the vote. Written to a .tmp file, then moved into place."""
+    with open(path.with_suffix(".tmp"), "w") as f:
+        for i, r in enumerate(records):
+            row = {"id": r["id"], "gold": _shown(golds[i])}
+            if greedy_outs:
+                row["greedy"] = {"text": greedy_outs[i][0]["text"], "answer": _shown(greedy_answers[i])}
+                row["greedy_correct"] = greedy_answers[i] == golds[i]
+            if chains:
+                row["chains"] = [{"text": c["text"], "answer": _shown(a), "tokens": len(c["tokens"])}
+                                 for c, a in zip(chains[i], answers[i])]
+                vote = majority_vote(answers[i])
+                row["vote"], row["vote_correct"] = _shown(vote), vote == golds[i]
+            f.write(json.dumps(row) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    return path
 
 
 def _shown(answer):

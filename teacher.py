@@ -67,7 +67,8 @@ from cli import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
-from sample import SampleConfig, batch_seed, batch_slices, chain_logprobs, generate, generate_turns, prefill
+from decode import dialogues
+from sample import SampleConfig, batch_seed, batch_slices, chain_logprobs, generate, prefill
 from scotd import ANSWER_END, STOP, fewshot_prefix, format_query, format_target, socratic_rationale
 
 # Socratic sub-questions for the first GSM8K train problems, written for this prompt (never test problems)
@@ -287,12 +288,13 @@ class Asking:
         self.asked, self.why, self.tokens = [[] for _ in rows], [None] * len(rows), [[] for _ in rows]
         self.logprob = [0.0] * len(rows)  # the sum over the row's turns; None once a turn comes without one
 
-    def prompt(self, j):
-        return socratic_round(self.rows[j], [])
+    @property
+    def prompts(self):
+        return [socratic_round(rec, []) for rec in self.rows]
 
-    def turn(self, j, out):
+    def turn(self, j, out, m=0):
         """Row j's output {"text", "tokens"[, "logprob"]} -> the text that follows it (the next step), or None:
-        the row is done."""
+        the row is done. (m: the model, for decode.dialogues; here there is one.)"""
         self.tokens[j] += out["tokens"]
         self.logprob[j] = None if out.get("logprob") is None or self.logprob[j] is None else self.logprob[j] + out["logprob"]
         steps, q = self.rows[j]["rationales"][0]["steps"], subquestion(out["text"])
@@ -443,22 +445,17 @@ def sample_local(args, teacher, records, todo, writer):
 
 
 def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch):
-    """Asking's dialogues for each batch of problems (cfg.n chains each), all turns of a batch in one cache
-    (sample.generate_turns: a turn prefills only the step it appends), after the header's one prefill (a
-    KVCache); batch k samples from seed (cfg.seed, k). on_batch as sample.generate's."""
+    """Asking's dialogues for each batch of problems (cfg.n chains each; decode.dialogues: all turns of a batch
+    in one cache, a turn prefilling only the step it appends), after the header's one prefill (a KVCache); batch
+    k samples from seed (cfg.seed, k). on_batch as sample.generate's."""
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-    layout = batch_slices(len(records), cfg.batch_size)
-    for k in batches:
-        batch = list(layout[k])
-        asking = Asking([records[i] for i in batch for _ in range(cfg.n)])
-        prompts = [encode(asking.prompt(j)) for j in range(len(asking.rows))]
-        need = max(len(p) + sum(len(encode(f"\nStep: {s}\n{ASKS}")) + cfg.max_new_tokens for s in rec["rationales"][0]["steps"])
-                   for p, rec in zip(prompts, asking.rows))  # cache slots: every turn's tokens
-        generate_turns([model], tokenizer, prompts, [replace(cfg, n=1, seed=batch_seed(cfg.seed, k))],
-                       lambda j, _, out: None if (follow := asking.turn(j, out)) is None else encode(follow), need,
-                       eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id, prefix=header)
-        chains = asking.chains()
-        on_batch(batch, [chains[j * cfg.n:(j + 1) * cfg.n] for j in range(len(batch))])
+
+    def slots(asking, prompts):  # every turn's tokens
+        return max(len(p) + sum(len(encode(f"\nStep: {s}\n{ASKS}")) + cfg.max_new_tokens for s in rec["rationales"][0]["steps"])
+                   for p, rec in zip(prompts, asking.rows))
+    for batch, chains in dialogues([model], tokenizer, records, Asking, [cfg], cfg.n, cfg.batch_size, cfg.seed, encode,
+                                   slots, batches, prefix=header):
+        on_batch(batch, chains)
 
 
 # -----------------------------------------------------------------------------
@@ -500,7 +497,7 @@ class Served:
     def dialogue(self, i, j):
         """Chain j of Socratic problem i: a request a step (Asking's dialogue with one row)."""
         asking = Asking([self.records[i]])
-        pieces, r = [asking.prompt(0)], j * 1000  # chain j's requests: numbered from j * 1000 (far fewer turns)
+        pieces, r = [asking.prompts[0]], j * 1000  # chain j's requests: numbered from j * 1000 (far fewer turns)
         while True:
             out = self.ask(i, pieces, 1, r)[0]
             out["tokens"] = out["tokens"] or []

@@ -72,7 +72,7 @@ def test_subquestions_are_asked_a_step_a_turn_reading_the_earlier_ones():
         assert all(teacher.socratic_round(rec, qs[:r]) + f" {qs[r]}\n" in header for r in range(len(qs)))
     recs = recs[:3]
     asking = teacher.Asking(recs)
-    text = {j: asking.prompt(j) for j in range(3)}
+    text = dict(enumerate(asking.prompts))
     active, r = [0, 1, 2], 0
     while active:
         going = []
