@@ -46,6 +46,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import os
 import random
 import re
 import zipfile
@@ -60,6 +61,7 @@ import torch
 import cli
 from cli import InputError
 from scotd import (LETTERS, MODES, SOCRATIC_ROLES, format_query, format_target, majority_vote, parse_choice, parse_number,
+                   split_teacher_output,
                    socratic_turns)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -209,6 +211,28 @@ def read_appended(path):
     return list(_json_lines(path, enumerate(raw[:raw.rfind("\n") + 1].splitlines(), 1)))
 
 
+def drop_partial_line(path):
+    """Cut a half-written last line (a kill mid-write) off a JSONL file a run appends to, so that the next line
+    appended starts on a line of its own -> the bytes dropped (0: none, or no file). Reads only the tail."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        keep = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        if keep < size:
+            f.truncate(keep)
+    return size - keep
+
+
 def read_finished(path):
     """The complete records of a corpus a teacher run may still be appending to (read_appended); every
     complete record is validated."""
@@ -250,26 +274,6 @@ def make_rationale(text, prediction_text, answer):
 
 # -----------------------------------------------------------------------------
 # Importers
-
-
-_LEAD_IN = re.compile(r"[,\s]*(?:\b(?:and\s+)?(?:so|thus|therefore|hence)\b)?[,\s]*(?:\b(?:the|my|our)\b)?\s*"
-                      r"(?:\b(?:correct|final|best|right)\b)?\s*$", re.IGNORECASE)
-
-
-def split_teacher_output(output):
-    """A few-shot completion -> (rationale, answer part), answer part None when it names no answer.
-
-    The completion is cut at the next '\\n\\nQ:'. The answer part follows its last "answer is" (as
-    scotd.extract_answer reads a cot chain) to the end of that sentence; the rationale is what precedes
-    it, less the lead-in ("... So the answer is (c) x." / "..., therefore the correct answer is: x").
-    """
-    output = output.split("\n\nQ:")[0].strip()
-    spans = list(re.finditer(r"answer is", output, re.IGNORECASE))
-    if not spans:
-        return output, None
-    answer = output[spans[-1].end():].lstrip(" :")
-    answer = re.split(r"(?<=[.!?])\s", answer, maxsplit=1)[0]  # "(d) bridge. Bridges span rivers." -> "(d) bridge."
-    return _LEAD_IN.sub("", output[:spans[-1].start()]), answer.strip()
 
 
 def teacher_rationale(output, choices, answer):

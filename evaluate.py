@@ -110,6 +110,7 @@ class Journal:
         except InputError as e:
             raise InputError(f"{e}; delete the file to start this evaluation over") from None
         if rows and rows[0] == {"settings": settings}:
+            data.drop_partial_line(path)  # a batch cut by a kill is decoded again, and its line appended after
             self.done = {(r["step"], r["batch"]): r for r in rows[1:]}
             log(f"resume    {len(self.done):,} finished batches from {path} (an interrupted run of these settings)")
             return

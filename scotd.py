@@ -156,6 +156,12 @@ def states_answer(text):
     return re.search(r"answer is", text, re.IGNORECASE) is not None
 
 
+def answer_spans(text):
+    """Each "answer is" in text (a match, case-insensitive): a chain's answer follows the last (cot) or the first
+    (label first); a teacher's completion is read like a cot chain (split_teacher_output)."""
+    return list(re.finditer(r"answer is", text, re.IGNORECASE))
+
+
 def extract_answer(mode, generated, choices):
     """The answer a generated continuation commits to, or None (an abstention): the choice's index, or
     for a numeric question (choices None) the normalised number.
@@ -164,14 +170,34 @@ def extract_answer(mode, generated, choices):
     post/post-shuffled/label: the answer after the first "answer is" (it leads the continuation).
     """
     text = generated.split(STOP)[0]
-    spans = [m.start() for m in re.finditer(r"answer is", text, re.IGNORECASE)]
+    spans = answer_spans(text)
     if not spans:
         return None
-    start = spans[-1] if mode == "cot" else spans[0]
+    start = (spans[-1] if mode == "cot" else spans[0]).start()
     tail = _ANSWER.match(text, start).group(1)
     if mode != "cot":
         tail = tail.split(". ")[0]  # the rationale follows the answer
     return parse_choice(tail, choices) if choices is not None else parse_number(tail)
+
+
+_LEAD_IN = re.compile(r"[,\s]*(?:\b(?:and\s+)?(?:so|thus|therefore|hence)\b)?[,\s]*(?:\b(?:the|my|our)\b)?\s*"
+                      r"(?:\b(?:correct|final|best|right)\b)?\s*$", re.IGNORECASE)
+
+
+def split_teacher_output(output):
+    """A few-shot completion -> (rationale, answer part), answer part None when it names no answer.
+
+    The completion is cut at the next '\\n\\nQ:'. The answer part follows its last "answer is" (as
+    extract_answer reads a cot chain) to the end of that sentence; the rationale is what precedes
+    it, less the lead-in ("... So the answer is (c) x." / "..., therefore the correct answer is: x").
+    """
+    output = output.split("\n\nQ:")[0].strip()
+    spans = answer_spans(output)
+    if not spans:
+        return output, None
+    answer = output[spans[-1].end():].lstrip(" :")
+    answer = re.split(r"(?<=[.!?])\s", answer, maxsplit=1)[0]  # "(d) bridge. Bridges span rivers." -> "(d) bridge."
+    return _LEAD_IN.sub("", output[:spans[-1].start()]), answer.strip()
 
 
 # -----------------------------------------------------------------------------

@@ -57,7 +57,6 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 import api
 import cli
@@ -179,9 +178,9 @@ def check_args(p, args):
         p.error("argument --out: write plain .jsonl (it is appended to as questions finish); gzip it afterwards")
     if args.teacher:
         cli.check_device(p, args.device)
-        if not (Path(args.teacher) / "config.json").is_file():
-            p.error(f"argument --teacher: {args.teacher} is not a model folder (no config.json)")
+        cli.check_model_folder(p, "--teacher", args.teacher)
         args.seed = 0 if args.seed is None else args.seed
+        args.dtype = cli.default_dtype(cli.device_type(args.device), args.dtype)
     else:
         check_api_args(p, args)
     return args
@@ -355,14 +354,11 @@ def done_ids(out):
     """Ids already in `out` (data.read_appended: each complete line); a half-written last line (a kill
     mid-write) is cut off the file, with a note, so that the next record starts on a line of its own."""
     rows = data.read_appended(out)
-    if any(not isinstance(row, dict) or "id" not in row for _, row in rows):
-        n = next(n for n, row in rows if not isinstance(row, dict) or "id" not in row)
-        raise InputError(f"{out}:{n}: not a record this script wrote; move the file away or choose another --out")
-    raw = out.read_bytes() if out.exists() else b""
-    keep = raw[:raw.rfind(b"\n") + 1]
-    if len(keep) < len(raw):
-        print(f"note      {out}: dropped a half-written last line ({len(raw) - len(keep)} bytes); it is redone")
-        out.write_bytes(keep)
+    for n, row in rows:
+        if not isinstance(row, dict) or "id" not in row:
+            raise InputError(f"{out}:{n}: not a record this script wrote; move the file away or choose another --out")
+    if dropped := data.drop_partial_line(out):
+        print(f"note      {out}: dropped a half-written last line ({dropped} bytes); it is redone")
     return {row["id"] for _, row in rows}
 
 
@@ -598,9 +594,6 @@ def main(argv=None):
 def write(args, records, header, shots, shot_ids):
     """Sample what <out> lacks and append it, question by question (the module docstring says how)."""
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
-    if args.teacher:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        args.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     meta = settings(args, header, shot_ids)
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was sampled with other settings: {'; '.join(changes)}. Use the same "
@@ -644,8 +637,6 @@ def score(args, header, shot_ids):
     prefilled once, each question once, its chains as rows of its cache), written to --out as the records
     with teacher_logprob and teacher_tokens added, a batch of questions at a time (resumable)."""
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     meta = {"scored": cli.portable(args.score), "teacher": cli.portable(args.teacher), "exemplar_ids": shot_ids,
             "prompt": header, "chain": "the rationale, then ' So the answer is (x) choice.' (none without an answer)",
             "batch_size": args.batch_size, "dtype": args.dtype}

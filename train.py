@@ -580,9 +580,9 @@ def prepare_out(run, state, dist):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run.out.mkdir(parents=True, exist_ok=True)
     if metrics.exists():  # keep what happened up to the resumed step; drop what a killed run did after
-        rows = [row for _, row in data.read_appended(metrics)]  # a half-written last line of a killed run is left out
-        if not metrics.read_text().endswith("\n") and metrics.stat().st_size:
+        if data.drop_partial_line(metrics):  # a half-written last line of a killed run
             print(f"note      {metrics}: dropped a half-written line", flush=True)
+        rows = [row for _, row in data.read_appended(metrics)]
         metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
     (run.out / "args.json").write_text(json.dumps(run.info()["args"], indent=2))
     return metrics

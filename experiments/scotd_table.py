@@ -56,13 +56,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))  # stats.py
 
 import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from checkpoint import default_student, read_run_info  # noqa: E402
-from report import bootstrap_cell, mcnemar, paired_bootstrap, plot_lines, wilson, wilson_cell  # noqa: E402
+from report import plot_lines  # noqa: E402
+from stats import bootstrap_cell, mcnemar, paired_bootstrap, wilson, wilson_cell  # noqa: E402
 from scotd import majority_vote  # noqa: E402
 
 MARGIN = 0.02  # the smallest accuracy difference the verdicts care about

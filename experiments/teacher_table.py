@@ -12,9 +12,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))  # stats.py
 
 import data  # noqa: E402
-from report import bootstrap_cell, wilson_cell  # noqa: E402
+from stats import bootstrap_cell, wilson_cell  # noqa: E402
 from scotd import majority_vote  # noqa: E402
 
 

@@ -186,6 +186,31 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(student, tmp
         evaluate.main(argv + ["--out", str(out)])
 
 
+def test_an_evaluation_killed_mid_write_twice_still_resumes(student, tmp_path, monkeypatch):
+    """Killed while writing a batch (a cut last line), resumed, and crashed again: the resumed run first cuts
+    the half line off, so what it appends starts a line of its own and the third run reads every finished
+    batch (appending after the half line made line 4 invalid JSON, and the journal unusable)."""
+    argv = ["--checkpoint", str(student), "--limit", "12", "--n", "2", "--temperature", "1.0", "--batch-size", "4",
+            "--max-new-tokens", "8", "--seed", "3"]
+    stem = "csqa_palm_validation"
+    read = lambda out: (out / f"predictions-{stem}.jsonl").read_text()  # noqa: E731
+    calls = counting_forward(monkeypatch)
+    whole = read(evaluate.main(argv + ["--out", str(tmp_path / "whole")]))
+    out, journal = tmp_path / "cut", tmp_path / "cut" / f"partial-{stem}.jsonl"
+    counting_forward(monkeypatch, crash_at=calls[0] // 2)
+    with pytest.raises(Crash):
+        evaluate.main(argv + ["--out", str(out)])
+    journal.write_text(journal.read_text()[:-20])  # killed while writing its last batch
+    lines = len(journal.read_text().splitlines())
+    counting_forward(monkeypatch, crash_at=calls[0] // 3)  # the resumed run crashes again, after a batch or more
+    with pytest.raises(Crash):
+        evaluate.main(argv + ["--out", str(out)])
+    rows = [json.loads(line) for line in journal.read_text().splitlines()]  # every line whole JSON
+    assert len(rows) >= lines
+    counting_forward(monkeypatch)
+    assert read(evaluate.main(argv + ["--out", str(out)])) == whole and not journal.exists()
+
+
 def test_compiled_decode_step_gives_the_same_tokens(student):
     model, tok = from_pretrained(student), load_tokenizer(student)
     prompts = [tok.encode("Q: where do beavers live?\nA:").ids, tok.encode("Q: what?\nA:").ids]

@@ -1,9 +1,15 @@
-"""report.py's statistics: intervals and paired tests, against values computed by hand or by definition."""
+"""experiments/stats.py: intervals and paired tests, against values computed by hand or by definition."""
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from report import bootstrap_mean, mcnemar, paired_bootstrap, wilson
+_spec = importlib.util.spec_from_file_location("stats", Path(__file__).resolve().parent.parent / "experiments" / "stats.py")
+stats = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stats)
+bootstrap_mean, mcnemar, paired_bootstrap, wilson = stats.bootstrap_mean, stats.mcnemar, stats.paired_bootstrap, stats.wilson
 
 
 def test_wilson_interval():
