@@ -367,6 +367,7 @@ class CorpusWriter:
     flushed, then this invocation's running total appended to <out>.runs.jsonl. `client`: an api.Client,
     whose tally (requests, retries, tokens) the totals carry, with the client's own CPU seconds (what it
     spends besides waiting for the server); else generated tokens are counted here."""
+    counted = "generated_tokens"  # what the runs file's totals count
 
     def __init__(self, f, runs, records, done, bar, socratic=False, client=None):
         self.f, self.runs, self.records, self.done, self.bar, self.socratic = f, Path(runs), records, done, bar, socratic
@@ -374,29 +375,51 @@ class CorpusWriter:
         self.started = datetime.fromtimestamp(self.t0, timezone.utc).isoformat(timespec="microseconds")  # the run's key
         self.no_logprobs = False
 
+    def row(self, rec, chains):
+        """A question's record: its rationales (and the rejected chains) from its chains."""
+        row = {key: rec[key] for key in ("id", "question", "choices", "answer") if key in rec}
+        row["rationales"], rejected = rationales(rec, chains, self.socratic)
+        if rejected:
+            row["rejected"] = rejected
+        if self.client and not self.no_logprobs and any(c.get("logprob") is None for c in chains):
+            self.no_logprobs = True
+            print(f"\nnote      the server returned no logprobs for {rec['id']}: its rationales have no teacher_logprob")
+        return row
+
+    def tokens_of(self, outs):
+        return sum(len(c["tokens"] or []) for chains in outs for c in chains)
+
     def __call__(self, indices, outs):
-        self.tokens += sum(len(c["tokens"] or []) for chains in outs for c in chains)  # the whole batch's, first
+        self.tokens += self.tokens_of(outs)  # the whole batch's, first
         tally = self.client.totals() | {"client_cpu_seconds": round(time.process_time() - self.cpu0, 3)} if self.client else {}
-        generated = tally.get("completion_tokens", self.tokens)
-        for i, chains in zip(indices, outs):
+        counted = tally.get("completion_tokens", self.tokens)
+        for i, out in zip(indices, outs):
             rec = self.records[i]
             if rec["id"] in self.done:  # a batch redone after a kill mid-write: its first lines are there
                 continue
-            row = {key: rec[key] for key in ("id", "question", "choices", "answer") if key in rec}
-            row["rationales"], rejected = rationales(rec, chains, self.socratic)
-            if rejected:
-                row["rejected"] = rejected
-            self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.f.write(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n")
             self.f.flush()  # a kill loses nothing written
             self.questions += 1
-            self.bar.update(1, f"{generated / (time.time() - self.t0):,.0f} tok/s")
-            if self.client and not self.no_logprobs and any(c.get("logprob") is None for c in chains):
-                self.no_logprobs = True
-                print(f"\nnote      the server returned no logprobs for {rec['id']}: its rationales have no teacher_logprob")
+            self.bar.update(1, f"{counted / (time.time() - self.t0):,.0f} tok/s")
         os.fsync(self.f.fileno())  # nor does a crash of the machine
         with open(self.runs, "a") as runs:  # opened a batch at a time: an invocation with nothing to do writes nothing
             runs.write(json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
-                                   "questions": self.questions, "generated_tokens": generated} | tally) + "\n")
+                                   "questions": self.questions, self.counted: counted} | tally) + "\n")
+
+
+class ScoreWriter(CorpusWriter):
+    """--score's writer: each record as the corpus has it, its rationales with teacher_logprob and
+    teacher_tokens added (outs: per question, (summed log-probability, tokens) a chain)."""
+    counted = "scored_tokens"
+
+    def row(self, rec, scores):
+        rec = json.loads(json.dumps(rec))
+        for r, (logprob, n) in zip(rec["rationales"], scores):
+            r |= {"teacher_logprob": logprob, "teacher_tokens": n}
+        return rec
+
+    def tokens_of(self, outs):
+        return sum(n for scores in outs for _, n in scores)
 
 
 # -----------------------------------------------------------------------------
@@ -655,30 +678,9 @@ def score(args, header, shot_ids):
     print(f"scoring   {sum(map(len, chains)):,} chains of {len(records):,} questions in {args.score}: {len(done):,} "
           f"questions already in {out}")
     bar = Progress(len(records), "score", start=len(done))
-    t0, tokens = time.time(), 0
-    started = datetime.fromtimestamp(t0, timezone.utc).isoformat(timespec="microseconds")
-
-    def write_batch(indices, scores):
-        nonlocal tokens
-        with open(out, "a", encoding="utf-8") as f:
-            for i, per_chain in zip(indices, scores):
-                if records[i]["id"] in done:
-                    continue
-                rec = json.loads(json.dumps(records[i]))
-                for r, (logprob, n) in zip(rec["rationales"], per_chain):
-                    r |= {"teacher_logprob": logprob, "teacher_tokens": n}
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                tokens += sum(n for _, n in per_chain)
-                bar.update(1, f"{tokens / (time.time() - t0):,.0f} tok/s")
-            f.flush()
-            os.fsync(f.fileno())
-        with open(args.out + ".runs.jsonl", "a") as runs:
-            runs.write(json.dumps({"started": started, "seconds": round(time.time() - t0, 3), "questions": bar.n - len(done),
-                                   "scored_tokens": tokens}) + "\n")
-
-    with stopping_cleanly(bar, out, len(records)):
+    with open(out, "a", encoding="utf-8") as f, stopping_cleanly(bar, out, len(records)):
         chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size, pad_id=model.cfg.pad_token_id,
-                       batches=todo, on_batch=write_batch)
+                       batches=todo, on_batch=ScoreWriter(f, args.out + ".runs.jsonl", records, done, bar))
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions, every chain scored); settings in {meta_path}")
     return out
