@@ -172,3 +172,56 @@ class TreeAttention:
         out.append(q.new_zeros(1, nh, hd))  # padding's output
         return torch.cat(out).index_select(0, self.source).view(B, T, nh, hd)
 
+
+
+class FlexTree:
+    """TreeAttention's attention through PyTorch's FlexAttention: one kernel over the whole (B, T) rows under a
+    block-sparse mask (a BlockMask, built once per batch and used by every layer) instead of gathering the
+    prefixes and branches into batches of their own. The mask: a token sees the earlier tokens of its own group
+    that are its prefix's (branch 0) or its own branch's; padding sees only itself (its output is never used).
+    Positions are computed on the device (no host copy). On CUDA flex_attention is compiled into a fused
+    kernel; on a CPU it runs unfused (fine for the tests, slow for training)."""
+
+    def __init__(self, docs, branches=None):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        B, T = docs.shape
+        branches = torch.zeros_like(docs) if branches is None else branches
+
+        def mask_mod(b, h, q, kv):
+            own = (docs[b, q] == docs[b, kv]) & (docs[b, q] >= 0) & (kv <= q)
+            return (own & ((branches[b, kv] == 0) | (branches[b, kv] == branches[b, q]))) | (q == kv)
+
+        self.block_mask = create_block_mask(mask_mod, B, None, T, T, device=docs.device)
+        self.positions = self._positions(docs, branches)
+
+    @staticmethod
+    def _positions(docs, branches):
+        """A prefix's tokens count from 0; a branch's continue from its prefix's length (TreeAttention's)."""
+        B, T = docs.shape
+        t = torch.arange(T, device=docs.device).expand(B, T)
+        new = torch.ones(B, T, dtype=torch.bool, device=docs.device)
+        new[:, 1:] = (docs[:, 1:] != docs[:, :-1]) | (branches[:, 1:] != branches[:, :-1])
+        offset = t - torch.where(new, t, 0).cummax(1).values  # within the segment (a run of one doc and branch)
+        is_prefix = ((branches == 0) & (docs >= 0)).long()
+        slot = docs.clamp(min=-1) + 1  # group ids are < T; padding (-1) counts in slot 0
+        prefix_len = torch.zeros(B, T + 1, dtype=torch.long, device=docs.device).scatter_add_(1, slot, is_prefix)
+        return torch.where(branches == 0, offset, prefix_len.gather(1, slot) + offset)
+
+    def attend(self, q, k, v, layer=None):
+        y = _flex_attention(q.device)(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        return y.transpose(1, 2)
+
+
+_FLEX = {}
+
+
+def _flex_attention(device):
+    """flex_attention, compiled once on CUDA (a fused kernel), as it is elsewhere (a CPU: eager, unfused)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _FLEX:
+        _FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["cuda"]

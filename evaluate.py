@@ -66,7 +66,8 @@ def parser():
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="of the sampled chains (default 0)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step, on CUDA replayed as CUDA graphs (default: on CUDA; off on a CPU)")
     p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models; default 0)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval)")
     return p
@@ -78,6 +79,8 @@ def check_args(p, args):
         p.error("--no-greedy with --n 0 leaves nothing to decode")
     cli.check_file(p, "--data", args.data)
     cli.check_device(p, args.device)
+    if args.compile is None:
+        args.compile = cli.device_type(args.device) == "cuda"
     if args.checkpoint is None:
         found = sorted(Path("runs").glob("*/best/config.json"), key=lambda f: f.stat().st_mtime)
         if not found:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import Dense, SharedPrefix, TreeAttention
+from attention import Dense, FlexTree, SharedPrefix, TreeAttention
 
 # -----------------------------------------------------------------------------
 # Config
@@ -356,6 +356,61 @@ def causal_mask(key_valid, start, T):
     return mask[:, None]
 
 
+CE_CHUNK_ELEMENTS = 2 ** 25  # logits a chunk of the head + cross-entropy holds at once (128 MiB in fp32)
+
+
+def linear_cross_entropy(x, weight, labels):
+    """Mean cross-entropy of the logits x @ weight.T (N, V) against labels (N,), in fp32, computed in chunks of
+    rows so that the whole (N, V) logits never exist at once (for N = 2,048 targets and SmolLM2's 49k vocabulary
+    they would be 400 MB in fp32, twice over with their gradient). Equal to F.cross_entropy(F.linear(x,
+    weight).float(), labels) with its gradients (tested to 1e-5); no rows: a zero loss with zero gradients."""
+    if x.shape[0] == 0:  # no target at all (a rank's empty share of a batch)
+        return (x.sum() * weight.sum()).float() * 0
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCE.apply(x, weight, labels)
+    return sum(_chunk_loss(x[s], weight, labels[s], grad=False)[0] for s in _chunks(x.shape[0], weight.shape[0])) / x.shape[0]
+
+
+def _chunks(n, vocab):
+    rows = max(1, CE_CHUNK_ELEMENTS // vocab)
+    return [slice(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def _chunk_loss(x, weight, labels, grad=True):
+    """-> (the chunk's summed loss, and with grad its logits' gradient of that sum: softmax - one-hot), fp32."""
+    logits = F.linear(x, weight).float()
+    lse = logits.logsumexp(-1)
+    loss = (lse - logits.gather(1, labels[:, None])[:, 0]).sum()
+    if not grad:
+        return loss, None
+    grad = (logits - lse[:, None]).exp_()
+    grad[torch.arange(len(labels), device=labels.device), labels] -= 1
+    return loss, grad
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """The forward pass computes the gradients too, chunk by chunk (each chunk's logits are freed once its
+    gradients wrt x and weight are taken); the backward pass only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, labels):
+        n = x.shape[0]
+        loss = x.new_zeros((), dtype=torch.float32)
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
+        for s in _chunks(n, weight.shape[0]):
+            chunk_loss, grad = _chunk_loss(x[s], weight, labels[s])
+            loss += chunk_loss
+            grad_x[s] = (grad.to(x.dtype) @ weight.to(x.dtype)) / n  # under autocast: the matmul's precision
+            grad_w += (grad.T @ x[s].float()) / n
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype), None
+
+
 OPT_POSITION_OFFSET = 2  # OPT's learned position table has 2 extra rows in front (a fairseq legacy)
 
 
@@ -365,6 +420,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.source_folder = None  # set by from_pretrained; save_pretrained copies tokenizer files from it
         self.rope_cache = None  # (cos, sin) of every position, built on first use on the model's device
+        self.tree_kernel = "gather"  # packed / shared-prefix rows: attention.TreeAttention ("gather") or FlexTree ("flex")
         opt = cfg.model_type == "opt"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
         if opt:
@@ -383,11 +439,12 @@ class Transformer(nn.Module):
 
     # Three entry points: forward (whole rows: training, scoring), prefill and decode_step (a KVCache).
 
-    def forward(self, idx, targets=None, attention_mask=None, docs=None, branches=None):
-        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (the logits of the target positions
-        only (N, V), their mean cross-entropy).
+    def forward(self, idx, targets=None, attention_mask=None, docs=None, branches=None, target_idx=None):
+        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (None, the mean cross-entropy over
+        the target positions).
 
-        targets (B, T): the token each position should predict (already shifted), -100 = no loss.
+        targets (B, T): the token each position should predict (already shifted), -100 = no loss; target_idx
+        (N,): optionally, the flat indices of its positions that are not -100 (see _head).
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding; None: no padding (plain causal).
         docs (B, T): group ids of packed rows: positions restart and attention stays within each group.
         branches (B, T): with docs, shared-prefix rows (data.layout): 0 = a group's prefix, k = its k-th
@@ -395,16 +452,16 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         if docs is not None:
-            tree = TreeAttention(docs, branches)
-            return self._head(self._hidden(idx, tree.positions, tree), targets)
+            tree = (FlexTree if self.tree_kernel == "flex" else TreeAttention)(docs, branches)
+            return self._head(self._hidden(idx, tree.positions, tree), targets, target_idx)
         if attention_mask is None:  # training batches: causal attention, no mask, no host sync
             positions = torch.arange(T, device=idx.device).expand(B, T)
-            return self._head(self._hidden(idx, positions, Dense()), targets)
+            return self._head(self._hidden(idx, positions, Dense()), targets, target_idx)
         valid = attention_mask.bool()
         # a token's position counts only the real tokens before it in its row, so left padding is harmless
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         attn = Dense() if valid.all() else Dense(causal_mask(valid, 0, T))
-        return self._head(self._hidden(idx, positions, attn), targets)
+        return self._head(self._hidden(idx, positions, attn), targets, target_idx)
 
     def prefill(self, idx, cache, attention_mask=None, last_only=True):
         """Write idx (B, T) into the cache's next T slots, attending to everything before -> the logits of
@@ -460,16 +517,17 @@ class Transformer(nn.Module):
             x = self.final_layer_norm(x)
         return self.project_out(x) if hasattr(self, "project_out") else x
 
-    def _head(self, x, targets):
-        """The logits, and with targets the loss. Training runs the head (49k x d for SmolLM2) only where
-        there is a target; the query has none."""
+    def _head(self, x, targets, target_idx=None):
+        """The logits (B, T, V); or with targets (None, the mean cross-entropy over the target positions). The
+        head (49k x d for SmolLM2) runs only where there is a target (the query has none), in row chunks
+        (linear_cross_entropy: never the whole (N, V) logits). target_idx: the flat indices of the positions
+        whose target is not -100, computed on the host by the caller (no device->host sync); else found here."""
         if targets is None:
             return self.lm_head(x), None
-        trained = targets != -100  # (B, T)
-        logits = self.lm_head(x[trained])  # (N_targets, V)
-        if logits.shape[0] == 0:  # no target at all (a rank's empty share of a batch): zero loss, zero gradients
-            return logits, logits.float().sum()
-        return logits, F.cross_entropy(logits.float(), targets[trained])
+        if target_idx is None:
+            target_idx = (targets.flatten() != -100).nonzero()[:, 0]
+        hidden = x.flatten(0, 1).index_select(0, target_idx)  # (N_targets, d)
+        return None, linear_cross_entropy(hidden, self.lm_head.weight, targets.flatten().index_select(0, target_idx))
 
     def num_params(self):
         """Parameters, the tied embedding counted once."""

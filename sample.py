@@ -30,7 +30,10 @@ class SampleConfig:
     batch_size: int = 8  # questions per prefill; the running batch is batch_size * n rows
     seed: int = 0
     check_every: int = 0  # steps between stop checks; 0 = 1 on CPU, 8 on CUDA
-    compile: bool = False  # torch.compile the one-token decode step (static: attends over all cache slots)
+    compile: bool = False  # torch.compile the one-token decode step (static: attends over all cache slots;
+    # on CUDA mode="reduce-overhead": replayed as CUDA graphs)
+    bucket_rows: bool | None = None  # running rows padded to a power of two (None: when compiled), so that
+    # finished rows leaving the batch give a few shapes, each compiled (and captured) once
     logprobs: bool = False  # also return each chain's summed log-probability under the model (at T = 1)
 
 
@@ -129,7 +132,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
                          f"+ max_new_tokens {cfg.max_new_tokens} needs {longest} positions; the model has "
                          f"{model.cfg.max_position_embeddings} (max_position_embeddings): shorten the prompt or "
                          "lower max_new_tokens")
-    decode = torch.compile(model.decode_step, dynamic=True) if cfg.compile else model.decode_step  # as gpt-fast
+    decode = decode_step(model, cfg, device)
     header = prefill(model, prefix)  # one prefill for the whole run
     results = [None] * len(prompts)
     layout = batch_slices(len(prompts), cfg.batch_size)
@@ -137,8 +140,10 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
         generator = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, k))
         batch = list(layout[k])
         ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
-        cache = KVCache(model.cfg, len(batch), ids.shape[1] + cfg.max_new_tokens, device=device, dtype=dtype,
-                        static=cfg.compile, shared=header)
+        slots = ids.shape[1] + cfg.max_new_tokens
+        if cfg.compile:  # static shapes: cache sizes in steps of 64, so that batches share compiled steps
+            slots = min(-(-slots // 64) * 64, model.cfg.max_position_embeddings - (header.length if header else 0))
+        cache = KVCache(model.cfg, len(batch), slots, device=device, dtype=dtype, static=cfg.compile, shared=header)
         logits = model.prefill(ids, cache, mask)[:, -1].repeat_interleave(cfg.n, 0)  # one prefill per question: (B*n, V)
         cache = cache.repeat_rows(cfg.n)
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
@@ -189,11 +194,31 @@ def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, 
     return results
 
 
+def bucket(n, most):
+    """n running rows padded to the next power of two, at most `most` (the rows there are now)."""
+    return min(most, 1 << (n - 1).bit_length())
+
+
+def decode_step(model, cfg, device):
+    """The one-token step generate() runs: model.decode_step, or with cfg.compile that step compiled (gpt-fast):
+    on CUDA with mode="reduce-overhead", so it is replayed as a CUDA graph (one per running-row bucket and
+    cache size), its launches no longer paid per step."""
+    if not cfg.compile:
+        return model.decode_step
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # a graph a shape
+    if device.type == "cuda":
+        return torch.compile(model.decode_step, mode="reduce-overhead")
+    return torch.compile(model.decode_step, dynamic=True)
+
+
 def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every, compact=True):
     """Sample from `logits` (one row per entry of `rows`) until every row has finished -> ({row: its tokens},
     {row: each token's log-probability under the model} (empty unless cfg.logprobs), the steps run). Every
     step's tokens but the last are written to the cache, for every running row.
-    compact: finished rows leave the running batch (and the cache); else they run on to the end."""
+    compact: finished rows leave the running batch (and the cache); else they run on to the end. With
+    cfg.bucket_rows (default: when compiled) the rows left are padded to a power of two (copies of a running
+    row, whose tokens are dropped), so the decode step sees a few batch shapes only."""
+    bucketed = cfg.compile if cfg.bucket_rows is None else cfg.bucket_rows
     out = {row: [] for row in rows}
     logprobs = {row: [] for row in rows} if cfg.logprobs else {}
     done = set()  # finished rows still in the running batch
@@ -209,19 +234,22 @@ def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, chec
             new_lp = torch.cat(pending_lp, 1).tolist() if cfg.logprobs else None
             pending, pending_lp = [], []
             for r, row in enumerate(rows):
-                if row not in done:
+                if row is not None and row not in done:  # None: a padding row (bucket_rows)
                     out[row] += new[r]
                     if cfg.logprobs:
                         logprobs[row] += new_lp[r]
                     if _finished(out[row], len(new[r]), tokenizer, cfg, eos_id):
                         done.add(row)
-            if len(done) == len(rows) or last:
+            live = sum(row is not None for row in rows)
+            if len(done) == live or last:
                 break
             # finished chains leave the running batch; compacting moves every later row's cache
             # slots, so it waits until a quarter of the rows are done (at most 25 % of rows wasted)
-            if compact and 4 * len(done) >= len(rows):
-                keep = [r for r, row in enumerate(rows) if row not in done]
-                cache, tok, rows, done = cache.select_rows(keep), tok[keep], [rows[r] for r in keep], set()
+            if compact and 4 * len(done) >= live:
+                keep = [r for r, row in enumerate(rows) if row is not None and row not in done]
+                keep += [keep[-1]] * (bucket(len(keep), len(rows)) - len(keep) if bucketed else 0)  # padding rows
+                rows = [rows[r] for r in keep[:live - len(done)]] + [None] * (len(keep) + len(done) - live)
+                cache, tok, done = cache.select_rows(keep), tok[keep], set()
         logits = decode(tok, cache)[:, -1]
     return out, logprobs, step + 1
 

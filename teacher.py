@@ -135,6 +135,8 @@ def parser():
     local.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     local.add_argument("--dtype", default=None, choices=list(DTYPES),
                        help="default: bfloat16 on CUDA, float32 on CPU")
+    local.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the decode step, on CUDA replayed as CUDA graphs (default: on CUDA; off on a CPU)")
     served = p.add_argument_group("a served teacher (--api)")
     served.add_argument("--model", help="the model name the server knows (required with --api)")
     served.add_argument("--api-style", default="completions", choices=("completions", "chat"),
@@ -181,6 +183,7 @@ def check_args(p, args):
         cli.check_model_folder(p, "--teacher", args.teacher)
         args.seed = 0 if args.seed is None else args.seed
         args.dtype = cli.default_dtype(cli.device_type(args.device), args.dtype)
+        args.compile = cli.device_type(args.device) == "cuda" if args.compile is None else args.compile
     else:
         check_api_args(p, args)
     return args
@@ -435,7 +438,7 @@ def load_local(args, header):
     prefix = prefill(model, tokenizer.encode(header).ids)  # one prefill of the header for the whole run
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                        stop=("\n",), stop_after=(r"\?",) if args.socratic else (ANSWER_END,) if args.stop == "answer" else (),
-                       batch_size=args.batch_size, seed=args.seed, logprobs=args.logprobs)
+                       batch_size=args.batch_size, seed=args.seed, logprobs=args.logprobs, compile=args.compile)
     print(f"teacher   {args.teacher} on {device}, {args.dtype}; header of {prefix.length if prefix else 0} tokens")
     return model, tokenizer, prefix, cfg
 

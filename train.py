@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ class RunConfig:
     pack: bool
     share_prefix: str
     row_len: int
+    tree_kernel: str
     lr: float
     min_lr_ratio: float
     warmup_steps: int | None
@@ -89,7 +91,7 @@ class RunConfig:
     grad_clip: float
     device: str | None
     dtype: str  # default: the device's
-    compile: bool
+    compile: bool  # default: on CUDA
     fsdp: bool
     seed: int
     resume: Path | None  # the checkpoint to continue (a swap a kill -9 cut short finished)
@@ -159,6 +161,9 @@ def parser():
                    help="a question once, its rationales as branches of one row (default auto: on when a question has several)")
     p.add_argument("--row-len", type=cli.positive_int, default=2048, help="token budget of a packed or shared-prefix row "
                    "(attention within a row costs by segment, not row length: attention.TreeAttention; default 2048)")
+    p.add_argument("--tree-kernel", default="gather", choices=("gather", "flex"),
+                   help="attention of packed and shared-prefix rows: gather (attention.TreeAttention, the default) "
+                   "or flex (FlexAttention under a block mask)")
     p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1, help="the final lr as a fraction of --lr "
                    "(default 0.1)")
@@ -169,7 +174,8 @@ def parser():
     p.add_argument("--grad-clip", type=cli.positive_float, default=1.0, help="max gradient norm (default 1.0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model for training (default: on CUDA; off on a CPU, where it is slower)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard params, grads and optimizer state (FSDP2)")
     p.add_argument("--seed", type=int, default=1337, help="data order and initial state (default 1337)")
     p.add_argument("--resume", nargs="?", const="", default=None, help="resume from OUT/last (or the given checkpoint; default: start afresh)")
@@ -194,12 +200,15 @@ def check_args(p, args):
     if args.overwrite and args.resume is not None:
         p.error("--overwrite and --resume exclude each other")
     device = cli.device_type(args.device)
+    if args.tree_kernel == "flex" and device != "cuda":
+        p.error("argument --tree-kernel: flex trains on CUDA only (FlexAttention has no backward pass on a CPU)")
     defaults = GPU_DEFAULT if device == "cuda" else CPU_DEFAULT
     steps = {"max_steps": defaults.get("max_steps"), "epochs": defaults.get("epochs")} \
         if args.max_steps is None and args.epochs is None else {}
     run = RunConfig(**(vars(args) | steps | {"out": Path(args.out or f"runs/{args.mode}"), "resume": None,
                                              "batch_size": args.batch_size or defaults["batch_size"],
-                                             "dtype": cli.default_dtype(device, args.dtype)}))
+                                             "dtype": cli.default_dtype(device, args.dtype),
+                                             "compile": device == "cuda" if args.compile is None else args.compile}))
     if args.resume is not None:
         resume = recover_folder(Path(args.resume or run.out / "last"))  # a swap a kill -9 cut short
         if not (resume / STATE_FILE).is_file():
@@ -261,17 +270,29 @@ def rank_share(batch, dist, contiguous):
     return batch[start:start + size + (dist.rank < extra)]
 
 
+class Rows(NamedTuple):
+    """A micro-batch on the device, with what the step needs to know about it known on the host."""
+    idx: torch.Tensor  # (B, T) token ids
+    targets: torch.Tensor  # (B, T) the next token, -100 where there is no loss
+    docs: torch.Tensor | None  # packed / shared-prefix rows (data.layout), else None: plain causal rows
+    branches: torch.Tensor | None
+    target_idx: torch.Tensor  # (N,) flat indices of the target positions (the head runs there only)
+    n_targets: int  # N, on the host: normalising the loss needs no device->host copy
+
+
 def to_tensors(batch, run, pad_id, device):
-    """A micro-batch of (ids, n_query) -> (idx, targets, docs, branches) on the device: right-padded rows
-    (docs None: plain causal attention), or data.layout's packed and/or shared-prefix rows. An empty share
+    """A micro-batch of (ids, n_query) -> Rows on the device: right-padded rows (docs None: plain causal
+    attention), or data.layout's packed and/or shared-prefix rows (run: pack, shared, row_len). An empty share
     (a last global batch with fewer examples than ranks) becomes one padding token without targets: zero
     loss and zero gradients, but the rank still joins the gradient all-reduce."""
     batch = batch or [(np.array([pad_id, pad_id]), 2)]
     if run.pack or run.shared:
-        rows = data.layout(batch, pad_id, run.row_len, share=run.shared, pack=run.pack)
-        return tuple(x.to(device) for x in rows)
-    idx, targets = data.collate(batch, pad_id)
-    return idx.to(device), targets.to(device), None, None
+        idx, targets, docs, branches = data.layout(batch, pad_id, run.row_len, share=run.shared, pack=run.pack)
+    else:
+        (idx, targets), docs, branches = data.collate(batch, pad_id), None, None
+    target_idx = (targets.flatten() != -100).nonzero()[:, 0]  # on the host
+    move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+    return Rows(move(idx), move(targets), move(docs), move(branches), move(target_idx), len(target_idx))
 
 
 def next_window(stream, run, dist, pad_id, device):
@@ -295,17 +316,17 @@ def train_step(model, optimizer, scaler, window, ctx, grad_clip, dist=Dist()):
     DDP averages gradients over ranks, hence the factor dist.world. Returns (mean loss, grad norm, tokens).
     A non-finite loss, or a non-finite gradient norm outside fp16 (where the GradScaler skips the step
     and lowers its scale), raises Diverged before the optimizer touches the weights."""
-    n_window = dist.sum(sum(int((t != -100).sum()) for _, t, _, _ in window))
-    loss_sum = 0.0
-    for i, (idx, targets, docs, branches) in enumerate(window):
+    n_window = dist.sum(sum(rows.n_targets for rows in window))  # known on the host
+    loss_sum = torch.zeros((), dtype=torch.float64, device=window[0].idx.device)
+    for i, rows in enumerate(window):
         with no_sync(model, last=i == len(window) - 1), ctx:
-            _, loss = model(idx, targets, docs=docs, branches=branches)
-            n = int((targets != -100).sum())
-            scaler.scale(loss * (n * dist.world / n_window)).backward()
-        loss_sum += loss.item() * n
+            _, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches, target_idx=rows.target_idx)
+            scaler.scale(loss * (rows.n_targets * dist.world / n_window)).backward()
+        loss_sum += loss.detach().double() * rows.n_targets  # float64: what summing Python floats gives
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    loss_sum, grad_norm = torch.stack((loss_sum, grad_norm.double())).tolist()  # the step's one device->host copy
     mean_loss = dist.sum(loss_sum) / n_window
     if not math.isfinite(mean_loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
         optimizer.zero_grad(set_to_none=True)
@@ -475,12 +496,11 @@ def evaluate_dev(model, tokenizer, dev_tokens, dev_records, run, ctx, device):
     model.eval()
     losses, counts = [], []
     for s in range(0, len(dev_tokens), run.batch_size):
-        idx, targets, docs, branches = to_tensors(dev_tokens[s:s + run.batch_size], run, model.cfg.pad_token_id, device)
+        rows = to_tensors(dev_tokens[s:s + run.batch_size], run, model.cfg.pad_token_id, device)
         with ctx:
-            _, loss = model(idx, targets, docs=docs, branches=branches)
-        n = int((targets != -100).sum())
-        losses.append(loss.item() * n)
-        counts.append(n)
+            _, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches, target_idx=rows.target_idx)
+        losses.append(loss.item() * rows.n_targets)
+        counts.append(rows.n_targets)
     accuracy = float("nan")  # a Socratic role answers nothing alone: evaluate.py --decomposer runs the pair
     if dev_records and run.mode not in SOCRATIC_ROLES:
         prompts = [tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids for r in dev_records]
@@ -648,6 +668,7 @@ def train(run):
     trainer_state = load_trainer_state(run.resume) if run.resume is not None else None
     for change in run.changed:
         log(f"changed   {change} (--allow-changes)")
+    model.tree_kernel = run.tree_kernel
     trainer = Trainer(run, model, scaler, init, dist, device)
     if trainer_state is not None:
         trainer.restore(trainer_state)

@@ -385,3 +385,46 @@ def test_keep_freed_memory_stops_refaulting_each_step():
     faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True,
                                        check=True, cwd=ROOT, env=env).stdout) for mode in ("default", "keep")}
     assert faults["default"] > 60_000 and faults["keep"] < 5_000, faults
+
+
+@pytest.mark.parametrize("chunk_rows", [1000, 7, 1])
+def test_chunked_head_and_cross_entropy_equal_the_plain_ones(chunk_rows, monkeypatch):
+    """model.linear_cross_entropy (the head + loss in row chunks, gradients taken chunk by chunk) against
+    F.cross_entropy(F.linear(x, w)): the same loss and gradients for x and w (fp32, 1e-5), in one chunk or many;
+    the same loss without autograd; zero rows give a zero loss whose gradients are zero."""
+    import model as model_py
+
+    V = 50
+    monkeypatch.setattr(model_py, "CE_CHUNK_ELEMENTS", chunk_rows * V)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(23, 16, generator=g, requires_grad=True)
+    w = torch.randn(V, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (23,), generator=g)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), labels)
+    ref_gx, ref_gw = torch.autograd.grad(ref * 3.0, (x, w))
+    loss = model_py.linear_cross_entropy(x, w, labels)
+    gx, gw = torch.autograd.grad(loss * 3.0, (x, w))
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model_py.linear_cross_entropy(x, w, labels), ref, atol=1e-5, rtol=0)
+    empty = model_py.linear_cross_entropy(x[:0], w, labels[:0])
+    assert empty.item() == 0 and not torch.autograd.grad(empty, w)[0].any()
+
+
+def test_training_forward_with_host_target_indices_equals_the_boolean_mask(tmp_path):
+    """forward(idx, targets, target_idx=...) (indices computed on the host: no device->host sync) gives the loss
+    of forward(idx, targets) (which finds them itself) and of a plain cross-entropy over the full logits."""
+    model = from_pretrained(save_hf(make_hf_model("llama-untied"), tmp_path))
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(3, 99, (3, 9), generator=g)
+    targets = torch.randint(3, 99, (3, 9), generator=g)
+    targets[:, :4] = -100
+    targets[2, 6:] = -100
+    _, loss = model(idx, targets)
+    _, host = model(idx, targets, target_idx=(targets.flatten() != -100).nonzero()[:, 0])
+    logits, _ = model(idx)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    assert torch.equal(loss, host)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)

@@ -125,6 +125,37 @@ def test_stop_strings_end_each_row_on_its_own(monkeypatch):
     assert model.rows_seen[1:] == sorted(model.rows_seen[1:], reverse=True) and min(model.rows_seen) == 1
 
 
+def scripted_run(monkeypatch, stops, **cfg):
+    """generate() over the Scripted model, rows stopping at stops[b] -> (outputs, the batch sizes it saw)."""
+    import sample
+
+    model = Scripted(stops)
+    model.prompt_len, model.row_ids, model.live = 3, list(range(len(stops))), list(range(len(stops)))
+    real_select = getattr(sample.KVCache.select_rows, "real", sample.KVCache.select_rows)
+
+    def select(cache, index):
+        model.live = [model.live[i] for i in index]
+        return real_select(cache, index)
+
+    select.real = real_select
+    monkeypatch.setattr(sample.KVCache, "select_rows", select)
+    outs = generate(model, CountingTokenizer(), [[3, 4, 5]] * len(stops),
+                    SampleConfig(max_new_tokens=30, batch_size=len(stops), **cfg))
+    return outs, model.rows_seen
+
+
+def test_bucketed_running_rows_give_the_same_chains(monkeypatch):
+    """With bucket_rows (the default of a compiled step), rows that finish leave the batch as before, but the rows
+    left are padded to a power of two: the decode step sees 11 rows (the start), then 8, 4, 2, 1 only, and every
+    chain is the one the unbucketed run writes."""
+    stops = [2, 9, 4, 13, 3, 17, 5, 21, 6, 11, 8]
+    plain, plain_rows = scripted_run(monkeypatch, stops, bucket_rows=False)
+    bucketed, bucketed_rows = scripted_run(monkeypatch, stops, bucket_rows=True)
+    assert bucketed == plain and [o[0]["text"] for o in plain] == ["f" * (s + 1) for s in stops]
+    assert len(set(plain_rows[1:])) > 4 and not set(plain_rows[1:]) <= {11, 8, 4, 2, 1}  # without: many shapes
+    assert set(bucketed_rows[1:]) <= {11, 8, 4, 2, 1}
+
+
 def test_evaluate_end_to_end_writes_predictions_and_plot(student, tmp_path):
     ckpt = train.main(["--init", str(student), "--out", str(tmp_path / "run"), "--limit", "32", "--max-steps", "4",
                        "--batch-size", "8", "--eval-every", "0", "--eval-questions", "4"])

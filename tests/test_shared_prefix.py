@@ -49,8 +49,13 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("how", ["shared", "shared+packed", "spilled"])
-def test_shared_rows_give_the_loss_and_gradients_of_separate_examples(kind, how, tmp_path):
+@pytest.mark.parametrize("kernel", ["gather", "flex"])
+def test_shared_rows_give_the_loss_and_gradients_of_separate_examples(kind, how, kernel, tmp_path):
+    """Shared-prefix (and packed, and spilled) rows against the examples one a row: the same loss and gradients
+    (fp32, 1e-5) through attention.TreeAttention; the same loss through FlexTree (FlexAttention has no backward
+    on a CPU: its gradients are compared on a GPU, bench/gpu.sh)."""
     model = from_pretrained(save_hf(make_hf_model(kind), tmp_path))
+    model.tree_kernel = kernel
     batch = examples()
     separate = loss_and_grads(model, data.collate(batch, pad_id=0))
     # spilled: a row budget of 15 tokens fits question 1's prefix (8) and one or two branches, not all three
@@ -65,6 +70,10 @@ def test_shared_rows_give_the_loss_and_gradients_of_separate_examples(kind, how,
     if how == "spilled":
         assert idx.shape[0] == 4  # question 1 split over two rows, its prefix in both
     assert int((targets != -100).sum()) == sum(len(t) - n for t, n in batch)  # the same target tokens
+    if kernel == "flex":
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx, targets, docs=docs, branches=branches)[1], separate[0], atol=1e-5, rtol=0)
+        return
     assert_same(loss_and_grads(model, rows), separate)
 
 
@@ -129,11 +138,14 @@ def test_rank_shares_are_contiguous_slices_that_cover_the_batch(world):
     assert [train.rank_share(batch, Namespace(rank=r, world=world), False) for r in range(world)][0] == batch[::world]
 
 
-def test_tree_attention_is_the_dense_tree_mask_attention():
-    """attention.TreeAttention, segment by segment, against one SDPA over the dense (T, T) tree mask (a token sees
-    the earlier tokens of its group's prefix and of its own branch): rows packing two groups, a group whose
-    branches spill to the next row, a one-token query with no prefix, padding; grouped-query heads. Equal
-    outputs on every real token (1e-6, fp32), padding's zero, and the positions the mask implies."""
+@pytest.mark.parametrize("kernel", ["TreeAttention", "FlexTree"])
+def test_tree_attention_is_the_dense_tree_mask_attention(kernel):
+    """attention.TreeAttention (segment by segment) and attention.FlexTree (FlexAttention under a BlockMask)
+    against one SDPA over the dense (T, T) tree mask (a token sees the earlier tokens of its group's prefix and
+    of its own branch): rows packing two groups, a group whose branches spill to the next row, a one-token query
+    with no prefix, padding; grouped-query heads. Equal outputs on every real token (1e-6, fp32), padding's zero
+    (TreeAttention; FlexTree's padding attends to itself, an output no loss reads), and the positions the
+    mask implies."""
     docs = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1],
                          [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, -1],
                          [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, -1]])
@@ -142,7 +154,7 @@ def test_tree_attention_is_the_dense_tree_mask_attention():
                              [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0]])
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, h, 12, 8, generator=g) for h in (4, 2, 2))
-    tree = attention.TreeAttention(docs, branches)
+    tree = getattr(attention, kernel)(docs, branches)
     causal = torch.ones(12, 12, dtype=torch.bool).tril()
     mask = (docs[:, :, None] == docs[:, None, :]) & causal
     mask &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
@@ -151,6 +163,6 @@ def test_tree_attention_is_the_dense_tree_mask_attention():
     real = docs >= 0
     out = tree.attend(q, k, v)
     torch.testing.assert_close(out[real], dense.transpose(1, 2)[real], atol=1e-6, rtol=0)
-    assert out[~real].abs().max() == 0
+    assert kernel == "FlexTree" or out[~real].abs().max() == 0
     implied = (mask & real[:, None, :]).sum(-1) - 1  # the real tokens a token sees, itself excluded
     assert torch.equal(tree.positions[real], implied[real])
