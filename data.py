@@ -546,15 +546,30 @@ def collate(batch, pad_id):
     return idx, targets
 
 
-def length_bucketed_batches(lengths, batch_size, rng):
+def cut_batches(order, lengths, batch_size, tokens=None):
+    """Examples in order, cut into batches of batch_size; or with `tokens`, into batches of as many as fit that
+    budget of padded tokens (examples x the longest of them; at least one example a batch)."""
+    if not tokens:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, batch, longest = [], [], 0
+    for i in order:
+        if batch and (len(batch) + 1) * max(longest, lengths[i]) > tokens:
+            batches.append(batch)
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, lengths[i])
+    return batches + ([batch] if batch else [])
+
+
+def length_bucketed_batches(lengths, batch_size, rng, tokens=None):
     """Shuffle, then sort within windows of 50 batches by length, so a batch wastes little on padding;
-    the batches are shuffled again so training does not see lengths in order."""
+    the batches are shuffled again so training does not see lengths in order. tokens: cut_batches'."""
     order = rng.permutation(len(lengths))
     window = batch_size * 50
     batches = []
     for s in range(0, len(order), window):
         chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        batches += cut_batches(chunk, lengths, batch_size, tokens)
     rng.shuffle(batches)
     return batches
 
@@ -565,12 +580,12 @@ def query_keys(tokens):
     return [ids[:n].tobytes() for ids, n in tokens]
 
 
-def question_batches(queries, lengths, batch_size, rng):
+def question_batches(queries, lengths, batch_size, rng, tokens=None):
     """Batches for shared-prefix training: a question's examples stay together, so that a micro-batch
     holds few questions with several rationales each (what `layout(share=True)` saves on). Questions are
     shuffled, sorted by their tokens within windows of 50 batches (little padding), laid end to end and
-    cut into batches of batch_size examples (a question may straddle two); the batches are shuffled.
-    queries: one hashable key per example (query_keys)."""
+    cut into batches of batch_size examples (or of `tokens`: cut_batches; a question may straddle two); the
+    batches are shuffled. queries: one hashable key per example (query_keys)."""
     groups = {}
     for i, q in enumerate(queries):
         groups.setdefault(q, []).append(i)
@@ -581,7 +596,7 @@ def question_batches(queries, lengths, batch_size, rng):
     for s in range(0, len(order), window):
         chunk = sorted(order[s:s + window], key=lambda g: sum(lengths[i] for i in groups[g]))
         flat += [i for g in chunk for i in groups[g]]
-    batches = [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
+    batches = cut_batches(flat, lengths, batch_size, tokens)
     rng.shuffle(batches)
     return batches
 

@@ -51,7 +51,7 @@ GPU_DEFAULT = dict(epochs=3, batch_size=32)
 OUTPUTS = ("best", "last", "metrics.jsonl", "args.json", "loss.png")  # what a run writes into --out
 # flags a --resume must share with the run it continues (else the result is not that run's continuation)
 MUST_MATCH = ("init", "data", "mode", "filter", "rationales_per_question", "select", "limit", "max_len", "pack", "row_len",
-              "share_prefix", "batch_size",
+              "share_prefix", "batch_size", "tokens_per_step",
               "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "grad_clip", "seed")
 
 
@@ -77,6 +77,7 @@ class RunConfig:
     max_steps: int | None  # on a CPU, without --max-steps or --epochs: CPU_DEFAULT's
     epochs: float | None  # on a GPU, without either: GPU_DEFAULT's
     batch_size: int  # default: the device's
+    tokens_per_step: int | None
     grad_accum: int
     max_len: int
     pack: bool
@@ -115,7 +116,10 @@ class RunConfig:
         """The settings that depend on the examples: shared-prefix rows, total and warmup steps."""
         queries = data.query_keys(tokens)
         shared = self.share_prefix == "on" or (self.share_prefix == "auto" and len(set(queries)) < len(queries))
-        total = self.max_steps or math.ceil(self.epochs * math.ceil(len(tokens) / self.batch_size) / self.grad_accum)
+        per_epoch = math.ceil(len(tokens) / self.batch_size)
+        if self.tokens_per_step:  # as many micro-batches as the first epoch's token budget cuts
+            per_epoch = len(epoch_batches([len(t) for t, _ in tokens], queries if shared else None, self, 0))
+        total = self.max_steps or math.ceil(self.epochs * per_epoch / self.grad_accum)
         warmup = self.warmup_steps if self.warmup_steps is not None else max(1, total // 20)
         return replace(self, shared=shared, total_steps=total, warmup=warmup)
 
@@ -154,6 +158,9 @@ def parser():
                    f"{GPU_DEFAULT['epochs']} on a GPU; on a CPU {CPU_DEFAULT['max_steps']} steps instead)")
     p.add_argument("--batch-size", type=cli.positive_int, default=None, help="examples per micro-batch, over all ranks (default: "
                    f"{GPU_DEFAULT['batch_size']} on a GPU, {CPU_DEFAULT['batch_size']} on a CPU)")
+    p.add_argument("--tokens-per-step", type=cli.positive_int, default=None, metavar="T",
+                   help="size micro-batches in tokens instead: as many examples as fit T / --grad-accum padded tokens "
+                   "(examples x the longest), so a step holds at most T (default: none, --batch-size examples)")
     p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--max-len", type=cli.positive_int, default=256, help="tokens; longer examples are skipped and counted (default 256)")
     p.add_argument("--pack", action="store_true", help="pack examples into rows (block-diagonal mask) instead of length buckets")
@@ -244,9 +251,10 @@ def epoch_batches(lengths, queries, run, epoch):
     """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same.
     Shared-prefix training (queries given) keeps a question's examples together (data.question_batches)."""
     rng = np.random.default_rng([run.seed, epoch])
+    tokens = run.tokens_per_step // run.grad_accum if run.tokens_per_step else None  # a micro-batch's share
     if queries is not None:
-        return data.question_batches(queries, lengths, run.batch_size, rng)
-    return data.length_bucketed_batches(lengths, run.batch_size, rng)
+        return data.question_batches(queries, lengths, run.batch_size, rng, tokens)
+    return data.length_bucketed_batches(lengths, run.batch_size, rng, tokens)
 
 
 def micro_batches(tokens, run, start_epoch, start_index):
@@ -610,7 +618,11 @@ def prepare_out(run, state, dist):
 
 def describe(run, records, tokens, skips, dev, dist):
     """What the run will do, before it starts: the lines under `model`."""
+    micro = f"{run.batch_size} examples"
     seen = run.total_steps * run.grad_accum * run.batch_size
+    if run.tokens_per_step:  # micro-batches of a token budget: count the first epoch's
+        per_epoch = len(epoch_batches([len(t) for t, _ in tokens], data.query_keys(tokens) if run.shared else None, run, 0))
+        micro, seen = f"<= {run.tokens_per_step // run.grad_accum:,} tokens", run.total_steps * run.grad_accum * len(tokens) // per_epoch
     coverage = f"a subset: {seen:,} of {len(tokens):,}" if seen < len(tokens) else f"{seen / len(tokens):.2f} epochs"
     ranks = f", {dist.world} ranks x {run.batch_size // dist.world} ({'FSDP' if run.fsdp else 'DDP'})" if dist.world > 1 else ""
     return [f"data      {run.data}: {len(records):,} questions -> {len(tokens):,} {run.mode} examples "
@@ -618,7 +630,7 @@ def describe(run, records, tokens, skips, dev, dist):
             f"{'; shared-prefix rows (a question once, its rationales as branches)' if run.shared else ''}",
             f"          {skips.summary()}",
             f"dev       {dev.source}",
-            f"budget    {run.total_steps:,} steps x {run.grad_accum} x {run.batch_size} examples = {seen:,} examples "
+            f"budget    {run.total_steps:,} steps x {run.grad_accum} x {micro} = {seen:,} examples "
             f"({coverage}){ranks}"]
 
 

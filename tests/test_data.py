@@ -203,6 +203,28 @@ def test_length_buckets_cover_every_example_once():
     assert padded < 1.1 * sum(lengths)  # little compute wasted on padding
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_token_budget_batches_fit_the_budget_and_cover_every_example_once(grouped):
+    """--tokens-per-step: batches of as many examples as fit 2,048 padded tokens (examples x the longest; a
+    longer example alone), every example once, the same batches for the same seed; grouped: shared-prefix
+    question batches."""
+    import numpy as np
+
+    lengths = list(np.random.default_rng(0).integers(10, 200, 1000)) + [3000]
+    queries = [i // 3 for i in range(len(lengths))]
+
+    def batches(seed):
+        rng = np.random.default_rng(seed)
+        if grouped:
+            return data.question_batches(queries, lengths, 16, rng, tokens=2048)
+        return data.length_bucketed_batches(lengths, 16, rng, tokens=2048)
+    got = batches(1)
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 2048 or len(b) == 1 for b in got)
+    assert max(map(len, got)) > 16 and got == batches(1)  # short examples: more than --batch-size a batch
+    assert data.cut_batches(list(range(10)), [5] * 10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
 def test_stats_reports_the_corpus(student):
     text = data.stats(data.DEFAULT_DEV, load_tokenizer(student))
     assert "questions         1,221" in text

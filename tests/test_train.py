@@ -414,3 +414,23 @@ def test_resume_of_a_run_with_the_device_defaults_is_not_refused(student, tmp_pa
     resumed = train.get_args(argv + ["--resume"])
     assert resumed.resume == out / "last" and resumed.changed == ()
     assert resumed.batch_size == train.CPU_DEFAULT["batch_size"] and resumed.dtype == "float32"
+
+
+def test_token_budget_micro_batches_train_and_resume_exactly(student, tmp_path, monkeypatch, capsys):
+    """--tokens-per-step: micro-batches as many examples as fit the budget (they vary in size); the budget line
+    says so; stopped by SIGTERM inside step 3 and resumed, the same losses and weights as the uninterrupted run."""
+    flags = [*INTERRUPTIBLE, "--tokens-per-step", "1600"]
+    straight = run(student, tmp_path / "a", *flags)
+    assert "x <= 800 tokens" in capsys.readouterr().out
+    sizes = []
+    real = train.to_tensors
+    monkeypatch.setattr(train, "to_tensors", lambda batch, *a: (sizes.append(len(batch)), real(batch, *a))[1])
+    out = tmp_path / "b"
+    with monkeypatch.context() as m:
+        inject(m, "forward", 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        with pytest.raises(SystemExit):
+            run(student, out, *flags)
+    run(student, out, *flags, "--resume")
+    assert len(set(sizes)) > 1 and max(sizes) > 4  # not --batch-size 4: as many as fit 800 tokens
+    assert losses(out) == losses(straight)
+    assert_same_weights(out / "last", straight / "last")
