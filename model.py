@@ -163,6 +163,14 @@ class KVCache:
         self.shared = shared  # the prefix every row continues from (all real tokens), or None
         self.offset = shared.length if shared is not None else 0  # positions of this cache's tokens start here
         self.pos = torch.full((batch_size,), self.offset, dtype=torch.long, device=device)  # (B,) each row's next position
+        self._mark_static()
+
+    def _mark_static(self):
+        """A static cache on CUDA: its tensors keep their addresses, so a CUDA graph of the decode step (sample.py,
+        mode="reduce-overhead") may write into them in place instead of being skipped for mutating its inputs."""
+        if self.static and self.valid.is_cuda:
+            for t in (self.k, self.v, self.valid, self.slot, self.pos):
+                torch._dynamo.mark_static_address(t)
 
     @property
     def batch_size(self):
@@ -201,6 +209,7 @@ class KVCache:
         new = object.__new__(KVCache)
         new.k, new.v, new.valid, new.pos, new.slot, new.length, new.static = k, v, valid, pos, self.slot, self.length, self.static
         new.shared, new.offset = self.shared, self.offset
+        new._mark_static()
         return new
 
     def repeat_rows(self, n):

@@ -74,7 +74,42 @@ def opt_random_folder(name, cache):
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02) if p.dim() >= 2 else None
-        save_pretrained(model, folder, tokenizer_from=default_student())  # SmolLM2's tokenizer: ids < 49152
+        smollm2 = ASSETS / "smollm2-135m" if (ASSETS / "smollm2-135m" / "tokenizer.json").exists() else default_student()
+        save_pretrained(model, folder, tokenizer_from=smollm2)  # SmolLM2's tokenizer: ids < 49152
+    return folder
+
+
+ASSETS = ROOT / "bench" / "assets"  # configs + tokenizers of the random-init shapes (gitignored; --prepare-assets)
+ASSET_SOURCES = {"smollm2-135m": "the default student", "qwen2.5-1.5b": "--teacher (Qwen2.5-Coder-1.5B-Instruct)"}
+
+
+def prepare_assets(teacher):
+    """bench/assets/<shape>/: config.json and the tokenizer files of SmolLM2-135M and of the 1.5B teacher, what a GPU
+    machine needs to build random inits of their shapes (a few MB, where the weights are GBs)."""
+    from checkpoint import TOKENIZER_FILES
+
+    for shape, source in (("smollm2-135m", default_student()), ("qwen2.5-1.5b", teacher)):
+        if source is None:
+            raise SystemExit(f"--prepare-assets needs {ASSET_SOURCES[shape]}")
+        (ASSETS / shape).mkdir(parents=True, exist_ok=True)
+        for name in ("config.json",) + TOKENIZER_FILES:
+            if (Path(source) / name).exists():
+                (ASSETS / shape / name).write_bytes((Path(source) / name).read_bytes())
+    print(f"wrote {ASSETS}: carry it to a GPU machine with the repository (run: carry=['bench/assets'])")
+
+
+def random_folder(name, cache):
+    """A random init of an asset's shape ("smollm2-135m-random", "qwen2.5-1.5b-random"), saved once (bf16)."""
+    folder, assets = cache / name, ASSETS / name.removesuffix("-random")
+    if not (folder / "config.json").exists():
+        if not (assets / "config.json").exists():
+            raise SystemExit(f"{assets}: missing; run python bench/bench.py --prepare-assets --teacher ... first")
+        torch.manual_seed(0)
+        model = Transformer(Config.from_hf_json(assets / "config.json"))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02) if p.dim() >= 2 else None
+        save_pretrained(model.to(torch.bfloat16), folder, tokenizer_from=assets)
     return folder
 
 
@@ -82,7 +117,10 @@ def model_folder(name):
     if Path(name).is_dir():  # a model folder given on the command line (--teacher)
         return Path(name)
     cache = Path(os.environ.get("SCOTD_CACHE", Path.home() / ".cache" / "scotd"))
-    return default_student() if name == "smollm2-135m" else opt_random_folder(name, cache)
+    if name == "smollm2-135m":
+        return default_student()
+    return random_folder(name, cache) if name in ("smollm2-135m-random", "qwen2.5-1.5b-random") else \
+        opt_random_folder(name, cache)
 
 
 def train_flops(cfg, tokens, pairs, head_positions):
@@ -138,12 +176,15 @@ def sync(device):
 # Workers (one per subprocess)
 
 
-def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False):
+def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False, compile=False, batch_tokens=None,
+                 kernel="gather"):
     """k = 1: the bundled corpus (one rationale per question); ours batches by length, transformers in random
     order. k > 1: a SCoTD-shaped stand-in -- each example repeated k times as k rationales of its question
     -- with the same question-grouped batches on every side; ours in plain or shared-prefix rows (share).
     Both sides: train.make_optimizer's AdamW (fused kernel, betas (0.9, 0.95), eps 1e-8, decay 0.1 on
-    matrices), grad clip 1.0."""
+    matrices), grad clip 1.0. compile: torch.compile on both sides (the GPU suite: each side's best settings);
+    batch_tokens: micro-batches of as many examples as fit that many padded tokens, length-bucketed on both sides;
+    kernel: ours, the shared-prefix rows' attention (gather or flex)."""
     import train
 
     folder = model_folder(name)
@@ -154,27 +195,32 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False)
     rng = np.random.default_rng(0)
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     torch.manual_seed(0)
-    grouped = data.question_batches(data.query_keys(tokens), [len(t) for t, _ in tokens], batch_size, rng) \
-        if k > 1 else None
+    lengths = [len(t) for t, _ in tokens]
+    grouped = data.question_batches(data.query_keys(tokens), lengths, batch_size, rng, batch_tokens) if k > 1 else \
+        data.length_bucketed_batches(lengths, batch_size, rng, batch_tokens) if batch_tokens else None
     if side == "ours":
         keep_freed_memory(device)  # as train.py does
         model = from_pretrained(folder, device=device).train()
-        batches = grouped or data.length_bucketed_batches([len(t) for t, _ in tokens], batch_size, rng)
+        model.tree_kernel = kernel
+        batches = grouped or data.length_bucketed_batches(lengths, batch_size, rng)
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         layout = Namespace(pack=False, shared=share, row_len=2048)  # train.py --row-len: a question's 30 rationales fit one row
+        step_model = torch.compile(model) if compile else model
 
         def step(batch):
             rows = train.to_tensors(batch, layout, 0, device)
-            n = train.train_step(model, optimizer, scaler, [rows], ctx, 1.0)[2]
-            return n, train_flops(cfg, rows[0].numel(), attended_pairs(*rows[:1], *rows[2:]), n)  # head: targets only
+            n = train.train_step(step_model, optimizer, scaler, [rows], ctx, 1.0)[2]
+            return n, train_flops(cfg, rows.idx.numel(), attended_pairs(rows.idx, rows.docs, rows.branches), n)  # head: targets only
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        model = model.to(device).train()
         order = rng.permutation(len(tokens))
         batches = grouped or [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
+        forward = torch.compile(model) if compile else model
 
         def step(batch):
             T = max(len(ids) for ids, _ in batch)
@@ -186,7 +232,7 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False)
                 input_ids[b, :len(ids)], attention[b, :len(ids)] = ids, 1
                 labels[b, n_query:len(ids)] = ids[n_query:]
             with ctx:
-                loss = model(input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
+                loss = forward(input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -194,10 +240,12 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False)
             return int((labels != -100).sum()), train_flops(cfg, len(batch) * T, attended_pairs(input_ids),
                                                             len(batch) * T)  # padded, head everywhere
 
-    step([tokens[i] for i in batches[0]])  # warm-up
+    warm = 3 if compile else 1  # compiled: the first shapes, then the recompile for dynamic ones, outside the timing
+    for b in batches[:warm]:
+        step([tokens[i] for i in b])
     sync(device)
     t0, useful, flops = time.time(), 0, 0
-    for b in batches[1:steps + 1]:
+    for b in batches[warm:warm + steps]:
         n, f = step([tokens[i] for i in b])
         useful, flops = useful + n, flops + f
     sync(device)
@@ -206,8 +254,10 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False)
             "flop_s": flops / seconds, "flop_per_token": flops / useful}
 
 
-def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_tokens=96, shots=0):
-    """Self-consistency sampling (shots = 0), or teacher.py's K-shot sampling (shots > 0)."""
+def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_tokens=96, shots=0, compile=False):
+    """Self-consistency sampling (shots = 0), or teacher.py's K-shot sampling (shots > 0). compile (the GPU suite:
+    each side's best settings): ours, the compiled decode step (CUDA graphs); transformers, generate with its
+    static cache (which it compiles)."""
     from sample import SampleConfig, generate
 
     folder = model_folder(name)
@@ -227,8 +277,10 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         keep_freed_memory(device)  # as evaluate.py does
         model = from_pretrained(folder, device=device, dtype=dtype)
         cfg = SampleConfig(n=n, temperature=temperature, max_new_tokens=max_new_tokens, stop=(stop,),
-                           batch_size=batch_size, seed=0)
-        generate(model, tok, prompts[:1], SampleConfig(n=2, max_new_tokens=4), prefix=header)  # warm-up
+                           batch_size=batch_size, seed=0, compile=compile)
+        warm = prompts[:batch_size] if compile else prompts[:1]  # compiled: a whole batch's shapes
+        generate(model, tok, warm, SampleConfig(n=n if compile else 2, max_new_tokens=max_new_tokens if compile else 4,
+                                                 stop=(stop,), batch_size=batch_size, compile=compile), prefix=header)
         sync(device)
         t0 = time.time()
         outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
@@ -244,6 +296,8 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         hf_tok.padding_side = "left"
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         model.generation_config.pad_token_id = pad
+        if compile:
+            model.generation_config.cache_implementation = "static"
 
         def run(batch_prompts, n, max_new):
             batch_prompts = [header + p for p in batch_prompts]
@@ -265,7 +319,7 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
             return len(row)
 
         with torch.no_grad():
-            run(prompts[:1], 2, 4)  # warm-up
+            run(prompts[:batch_size], n, max_new_tokens) if compile else run(prompts[:1], 2, 4)  # warm-up
             sync(device)
             t0 = time.time()
             rows = [row for s in range(0, len(prompts), batch_size) for row in run(prompts[s:s + batch_size], n, max_new_tokens)]
@@ -332,6 +386,32 @@ def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=
     return {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
 
 
+def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slots=512):
+    """The one-token decode step alone (sample.decode_step: compiled, on CUDA a CUDA graph) at `rows` rows over a
+    static cache: milliseconds a step (tok_s: rows / step time)."""
+    from model import KVCache
+    from sample import SampleConfig, decode_step
+
+    model = from_pretrained(model_folder(name), device=device, dtype=dtype)
+    cache = KVCache(model.cfg, rows, slots, device=device, dtype=dtype, static=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.prefill(torch.randint(0, model.cfg.vocab_size, (rows, prompt), generator=g).to(device), cache)
+        step = decode_step(model, SampleConfig(compile=True), device)
+        tok = torch.randint(0, model.cfg.vocab_size, (rows, 1), generator=g).to(device)
+        for _ in range(5):  # compile and capture
+            step(tok, cache)
+        sync(device)
+        t0 = time.time()
+        for _ in range(steps):
+            logits = step(tok, cache)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+    seconds = time.time() - t0
+    return {"tok_s": rows * steps / seconds, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
+            "peak_mb": peak_memory_mb(device)}
+
+
 def teacher_api_worker(side, name, n, questions, batch_size, device, dtype, parallel=40, concurrency=4):
     """teacher.py on one GGUF teacher both ways: `api` -- --api against llama.cpp's server (xllamacpp, its
     quantised CPU kernels) on the GGUF, `parallel` slots, `concurrency` requests of n chains in flight; `ours`
@@ -376,40 +456,76 @@ def teacher_api_worker(side, name, n, questions, batch_size, device, dtype, para
 # Driver
 
 
-def measure(kind, side, **kw):
-    """Run one worker in a fresh process; return its JSON result."""
+RESULTS = None  # --results FILE: every measurement appended as it ends (a cut run keeps what it measured)
+
+
+def measure(kind, side, keep_going=False, **kw):
+    """Run one worker in a fresh process; return its JSON result. keep_going: a failed worker gives
+    {"failed": the end of its stderr} instead of stopping the run (the GPU suite: one row's failure is a finding)."""
     cmd = [sys.executable, __file__, "--worker", json.dumps({"kind": kind, "side": side, **kw})]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
+        if keep_going:
+            print(f"{kind} {kw.get('name')} {side}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr, flush=True)
+            result = {"failed": r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else f"exit {r.returncode}"}
+            record(kind, side, kw, result)
+            return result
         raise SystemExit(f"worker {kind}/{side} failed:\n{r.stderr[-3000:]}")
     result = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"{kind} {kw.get('name')} {side}: {result['tok_s']:,.1f} tok/s in {result['seconds']:.1f} s", file=sys.stderr,
           flush=True)  # progress, one line per measurement
+    record(kind, side, kw, result)
     return result
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher", "socratic", "teacher-api"),
-                   help="one group of rows (k30: the K = 30 training workload only)")
-    p.add_argument("--teacher", default=None, help="a fetched teacher folder for the teacher rows (besides SmolLM2)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        kw = json.loads(args.worker)
-        kind = kw.pop("kind")
-        kw["device"], kw["dtype"] = torch.device(kw["device"]), DTYPES[kw["dtype"]]
-        torch.set_num_threads(kw.pop("threads", torch.get_num_threads()))
-        workers = {"train": train_worker, "sample": sample_worker, "socratic": socratic_worker, "teacher-api": teacher_api_worker}
-        result = workers[kind](**kw)
-        print(json.dumps(result))
-        return
+def record(kind, side, kw, result):
+    if RESULTS:
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps({"kind": kind, "side": side, **kw, **result}) + "\n")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+def gpu_suite(device, dtype, quick):
+    """Every GPU row of issue #32 in one call, each side with its best settings (compiled, fused AdamW, SDPA; ours
+    also its shared-prefix rows and CUDA-graph decode; transformers its static-cache generate): random inits of
+    SmolLM2-135M, OPT-1.3b and Qwen2.5-1.5B shapes (bench/assets), so nothing but the repository travels.
+    -> (training rows, sampling rows, decode-step rows)."""
+    steps, go = (3 if quick else 20), dict(device=device, dtype=dtype, keep_going=True)
+    train_rows, sample_rows, step_rows = [], [], []
+    for name, tokens in (("smollm2-135m-random", None), ("smollm2-135m-random", 16384), ("opt-1.3b-random", None),
+                         ("opt-1.3b-random", 16384)):
+        kw = dict(name=name, steps=steps, batch_size=8, compile=True, batch_tokens=tokens, **go)
+        label = f"{name}, {'batch 8' if tokens is None else f'<= {tokens:,} tokens a batch'}, {steps} steps, compiled"
+        train_rows.append((label, measure("train", "ours", **kw), measure("train", "hf", **kw)))
+    kw = dict(name="smollm2-135m-random", steps=steps, batch_size=30, k=30, compile=True, **go)
+    hf = measure("train", "hf", **kw)
+    for share, kernel in ((True, "gather"), (True, "flex"), (False, "gather")):
+        train_rows.append((f"smollm2-135m-random, K=30 stand-in, batch 30, {steps} steps, "
+                           f"{f'shared-prefix rows ({kernel})' if share else 'plain rows'}",
+                           measure("train", "ours", share=share, kernel=kernel, **kw), hf))
+    questions = 8 if quick else 32
+    for n in (10, 30):
+        kw = dict(name="smollm2-135m-random", n=n, questions=questions, batch_size=8, compile=True, **go)
+        sample_rows.append((f"smollm2-135m-random, {questions} questions, N={n}, compiled / static cache",
+                            measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
+    kw = dict(name="qwen2.5-1.5b-random", n=30, questions=4 if quick else 16, batch_size=8, shots=4, compile=True, **go)
+    sample_rows.append((f"teacher.py: qwen2.5-1.5b-random, 4-shot, {kw['questions']} questions, N=30",
+                        measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
+    for rows in (32, 256):
+        step_rows.append((f"smollm2-135m-random decode step, {rows} rows, 512 static slots",
+                          measure("decode_step", "ours", name="smollm2-135m-random", rows=rows, **go)))
+    return train_rows, sample_rows, step_rows
+
+
+def failed(label, *sides):
+    """Print a failed measurement's row (the GPU suite keeps going past one) -> whether one failed."""
+    why = next((r["failed"] for r in sides if "failed" in r), None)
+    if why:
+        print(f"| {label} | failed: {why} |")
+    return why is not None
+
+
+def default_suite(args, device, dtype):
+    """The rows of the default set (or of --only's group) -> (training rows, sampling rows, teacher --api rows)."""
     q = args.quick
     train_rows, sample_rows = [], []
     if args.only in (None, "train"):
@@ -453,7 +569,45 @@ def main():
             kw = dict(name=name, n=10, questions=4 if q else 16, batch_size=4, device=device, dtype=dtype)
             api_rows.append((f"teacher.py: {Path(name).name}, 4-shot, {kw['questions']} questions, N=10",
                              measure("teacher-api", "ours", **kw), measure("teacher-api", "api", **kw)))
+    return train_rows, sample_rows, api_rows
 
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher", "socratic", "teacher-api"),
+                   help="one group of rows (k30: the K = 30 training workload only)")
+    p.add_argument("--teacher", default=None, help="a fetched teacher folder for the teacher rows (besides SmolLM2)")
+    p.add_argument("--suite", default="default", choices=("default", "gpu"),
+                   help="gpu: issue #32's rows (bench/gpu.sh), random-init shapes from bench/assets (default: default)")
+    p.add_argument("--prepare-assets", action="store_true", help="write bench/assets (with --teacher: the 1.5B teacher)")
+    p.add_argument("--results", default=None, help="append every measurement to this JSONL as it ends (default: none)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.prepare_assets:
+        return prepare_assets(args.teacher)
+    global RESULTS
+    RESULTS = args.results
+    if args.worker:
+        kw = json.loads(args.worker)
+        kind = kw.pop("kind")
+        kw["device"], kw["dtype"] = torch.device(kw["device"]), DTYPES[kw["dtype"]]
+        torch.set_num_threads(kw.pop("threads", torch.get_num_threads()))
+        workers = {"train": train_worker, "sample": sample_worker, "socratic": socratic_worker,
+                   "teacher-api": teacher_api_worker, "decode_step": decode_step_worker}
+        result = workers[kind](**kw)
+        print(json.dumps(result))
+        return
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.suite == "gpu":
+        train_rows, sample_rows, step_rows = gpu_suite(device, dtype, args.quick)
+        api_rows = []
+    else:
+        (train_rows, sample_rows, api_rows), step_rows = default_suite(args, device, dtype), []
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"\nscotd vs transformers | {name} | {dtype} | torch {torch.__version__}")
@@ -470,6 +624,8 @@ def main():
               "transformers s / peak MB |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, ours, hf in train_rows:
+            if failed(label, ours, hf):
+                continue
             print(f"| {label} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
                   f"{ours['flop_per_token'] / 1e9:.2f} / {hf['flop_per_token'] / 1e9:.2f} | "
                   f"{ours['flop_s'] / 1e9:,.0f} ({ours['flop_s'] / peak:.0%}) / {hf['flop_s'] / 1e9:,.0f} "
@@ -479,8 +635,16 @@ def main():
               "transformers s / peak MB |")
         print("| --- | --- | --- | --- | --- | --- |")
         for label, ours, hf in sample_rows:
+            if failed(label, ours, hf):
+                continue
             print(f"| {label} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
                   f"{side(ours)} | {side(hf)} |")
+    if step_rows:
+        print("\n| decode step (compiled; on CUDA a CUDA graph) | ms a step | tokens/s | peak MB |")
+        print("| --- | --- | --- | --- |")
+        for label, ours in step_rows:
+            if not failed(label, ours):
+                print(f"| {label} | {ours['ms_per_step']:.2f} | {ours['tok_s']:,.0f} | {ours['peak_mb']:,.0f} |")
     if api_rows:
         print("\n| teacher sampling (generated tokens/s) | local path (scotd) | --api, llama.cpp server | ratio, local / api | "
               "client CPU share of wall time (api) | local s / peak MB | api s / server peak MB |")
