@@ -83,6 +83,13 @@ def check_device(parser, device):
         parser.error(f"argument --device: {device} requested but this torch has no CUDA device")
 
 
+def get_args(parser, check, argv=None):
+    """A command's flags: parsed by parser() and checked by check(p, args) (argparse's message and exit 2 on a
+    bad one) -> what check returns."""
+    p = parser()
+    return check(p, p.parse_args(argv))
+
+
 def check_model_folder(parser, flag, folder):
     """A model flag (--init, --checkpoint, --teacher, ...): an HF-layout folder, i.e. one with a config.json."""
     if folder is not None and not (Path(folder) / "config.json").is_file():

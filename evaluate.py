@@ -38,10 +38,7 @@ CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes 
 
 
 def get_args(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
+    return cli.get_args(parser, check_args, argv)
 
 
 def parser():

@@ -83,10 +83,7 @@ SOCRATIC_SHOTS = {
 
 
 def get_args(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
+    return cli.get_args(parser, check_args, argv)
 
 
 def parser():

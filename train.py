@@ -128,8 +128,7 @@ NOT_SAVED = ("resume", "overwrite", "allow_changes", "changed", "total_steps", "
 
 
 def get_args(argv=None):
-    p = parser()
-    return check_args(p, p.parse_args(argv))
+    return cli.get_args(parser, check_args, argv)
 
 
 def parser():

@@ -619,40 +619,33 @@ def main():
             peak = matmul_peak(dev, DTYPES[dtype])
             print(f"\nmatmul peak measured now (2048^3, {dtype}): {peak / 1e9:,.0f} GFLOP/s")
         util = "MFU" if dev.type == "cuda" else "of matmul peak"
-        print("\n| training (target tokens/s) | scotd | transformers | ratio | model GFLOP per target token, scotd / "
-              f"transformers | achieved GFLOP/s ({util}), scotd / transformers | scotd s / peak MB | "
-              "transformers s / peak MB |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for label, ours, hf in train_rows:
-            if failed(label, ours, hf):
-                continue
-            print(f"| {label} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
-                  f"{ours['flop_per_token'] / 1e9:.2f} / {hf['flop_per_token'] / 1e9:.2f} | "
-                  f"{ours['flop_s'] / 1e9:,.0f} ({ours['flop_s'] / peak:.0%}) / {hf['flop_s'] / 1e9:,.0f} "
-                  f"({hf['flop_s'] / peak:.0%}) | {side(ours)} | {side(hf)} |")
-    if sample_rows:
-        print("\n| sampling (generated tokens/s) | scotd | transformers | ratio | scotd s / peak MB | "
-              "transformers s / peak MB |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for label, ours, hf in sample_rows:
-            if failed(label, ours, hf):
-                continue
-            print(f"| {label} | {ours['tok_s']:,.0f} | {hf['tok_s']:,.0f} | {ours['tok_s'] / hf['tok_s']:.2f}x | "
-                  f"{side(ours)} | {side(hf)} |")
-    if step_rows:
-        print("\n| decode step (compiled; on CUDA a CUDA graph) | ms a step | tokens/s | peak MB |")
-        print("| --- | --- | --- | --- |")
-        for label, ours in step_rows:
-            if not failed(label, ours):
-                print(f"| {label} | {ours['ms_per_step']:.2f} | {ours['tok_s']:,.0f} | {ours['peak_mb']:,.0f} |")
-    if api_rows:
-        print("\n| teacher sampling (generated tokens/s) | local path (scotd) | --api, llama.cpp server | ratio, local / api | "
-              "client CPU share of wall time (api) | local s / peak MB | api s / server peak MB |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for label, ours, served in api_rows:
-            print(f"| {label} | {ours['tok_s']:,.0f} | {served['tok_s']:,.0f} | {ours['tok_s'] / served['tok_s']:.2f}x | "
-                  f"{served['client_share']:.1%} | {side(ours)} | {side(served)} |")
+        table(["training (target tokens/s)", "scotd", "transformers", "ratio", "model GFLOP per target token, scotd / "
+               "transformers", f"achieved GFLOP/s ({util}), scotd / transformers", "scotd s / peak MB",
+               "transformers s / peak MB"], train_rows, lambda ours, hf: [
+            f"{ours['tok_s']:,.0f}", f"{hf['tok_s']:,.0f}", f"{ours['tok_s'] / hf['tok_s']:.2f}x",
+            f"{ours['flop_per_token'] / 1e9:.2f} / {hf['flop_per_token'] / 1e9:.2f}",
+            f"{ours['flop_s'] / 1e9:,.0f} ({ours['flop_s'] / peak:.0%}) / {hf['flop_s'] / 1e9:,.0f} ({hf['flop_s'] / peak:.0%})",
+            side(ours), side(hf)])
+    table(["sampling (generated tokens/s)", "scotd", "transformers", "ratio", "scotd s / peak MB", "transformers s / peak MB"],
+          sample_rows, lambda ours, hf: [f"{ours['tok_s']:,.0f}", f"{hf['tok_s']:,.0f}", f"{ours['tok_s'] / hf['tok_s']:.2f}x",
+                                         side(ours), side(hf)])
+    table(["decode step (compiled; on CUDA a CUDA graph)", "ms a step", "tokens/s", "peak MB"], step_rows,
+          lambda ours: [f"{ours['ms_per_step']:.2f}", f"{ours['tok_s']:,.0f}", f"{ours['peak_mb']:,.0f}"])
+    table(["teacher sampling (generated tokens/s)", "local path (scotd)", "--api, llama.cpp server", "ratio, local / api",
+           "client CPU share of wall time (api)", "local s / peak MB", "api s / server peak MB"], api_rows,
+          lambda ours, served: [f"{ours['tok_s']:,.0f}", f"{served['tok_s']:,.0f}", f"{ours['tok_s'] / served['tok_s']:.2f}x",
+                                f"{served['client_share']:.1%}", side(ours), side(served)])
 
+
+def table(header, rows, cells):
+    """A markdown table: one row per (label, *measurements), its cells from cells(*measurements); a failed
+    measurement's row says so."""
+    if not rows:
+        return
+    print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for label, *sides in rows:
+        if not failed(label, *sides):
+            print("| " + " | ".join([label, *cells(*sides)]) + " |")
 
 if __name__ == "__main__":
     main()

@@ -104,6 +104,16 @@ def inject(monkeypatch, where, nth, action):
         monkeypatch.setattr(checkpoint, "save_file", patched)
 
 
+def interrupt_and_resume(student, out, monkeypatch, flags, signum):
+    """A signal inside step 3's first forward (of INTERRUPTIBLE's 2 micro-batches a step), then --resume -> out."""
+    with monkeypatch.context() as m:
+        inject(m, "forward", 5, lambda: os.kill(os.getpid(), signum))
+        with pytest.raises(SystemExit):
+            run(student, out, *flags)
+    run(student, out, *flags, "--resume")
+    return out
+
+
 @pytest.mark.parametrize("where,nth,signum", [
     ("forward", 5, signal.SIGINT),     # step 3, first micro-batch
     ("backward", 6, signal.SIGINT),    # step 3, second micro-batch
@@ -313,12 +323,7 @@ def test_shared_prefix_run_resumes_exactly(student, tmp_path, monkeypatch, capsy
     flags = ["--data", str(corpus), *INTERRUPTIBLE]
     straight = run(student, tmp_path / "a", *flags)
     assert "shared-prefix rows" in capsys.readouterr().out
-    out = tmp_path / "b"
-    with monkeypatch.context() as m:
-        inject(m, "forward", 5, lambda: os.kill(os.getpid(), signal.SIGINT))
-        with pytest.raises(SystemExit):
-            run(student, out, *flags)
-    run(student, out, *flags, "--resume")
+    out = interrupt_and_resume(student, tmp_path / "b", monkeypatch, flags, signal.SIGINT)
     assert losses(out) == losses(straight)
     assert_same_weights(out / "last", straight / "last")
     capsys.readouterr()
@@ -425,12 +430,7 @@ def test_token_budget_micro_batches_train_and_resume_exactly(student, tmp_path, 
     sizes = []
     real = train.to_tensors
     monkeypatch.setattr(train, "to_tensors", lambda batch, *a: (sizes.append(len(batch)), real(batch, *a))[1])
-    out = tmp_path / "b"
-    with monkeypatch.context() as m:
-        inject(m, "forward", 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
-        with pytest.raises(SystemExit):
-            run(student, out, *flags)
-    run(student, out, *flags, "--resume")
+    out = interrupt_and_resume(student, tmp_path / "b", monkeypatch, flags, signal.SIGTERM)
     assert len(set(sizes)) > 1 and max(sizes) > 4  # not --batch-size 4: as many as fit 800 tokens
     assert losses(out) == losses(straight)
     assert_same_weights(out / "last", straight / "last")
