@@ -399,25 +399,31 @@ def _chunk_loss(x, weight, labels, grad=True):
 
 class _ChunkedLinearCE(torch.autograd.Function):
     """The forward pass computes the gradients too, chunk by chunk (each chunk's logits are freed once its
-    gradients wrt x and weight are taken); the backward pass only scales them by the incoming gradient."""
+    gradients wrt x and weight are taken); the backward pass only scales them by grad_out / N."""
 
     @staticmethod
     def forward(ctx, x, weight, labels):
-        n = x.shape[0]
-        loss = x.new_zeros((), dtype=torch.float32)
-        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
-        for s in _chunks(n, weight.shape[0]):
+        loss, grad_x = x.new_zeros((), dtype=torch.float32), torch.empty_like(x)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        fp32 = x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+        for s in _chunks(x.shape[0], weight.shape[0]):
             chunk_loss, grad = _chunk_loss(x[s], weight, labels[s])
             loss += chunk_loss
-            grad_x[s] = (grad.to(x.dtype) @ weight.to(x.dtype)) / n  # under autocast: the matmul's precision
-            grad_w += (grad.T @ x[s].float()) / n
+            if fp32:  # the products written in place, the sum over chunks inside the GEMM
+                torch.mm(grad, weight, out=grad_x[s])
+                grad_w.addmm_(grad.T, x[s])
+            else:  # under autocast: each product in the autocast precision, as autograd's would be; summed in fp32
+                grad_x[s] = grad.to(x.dtype) @ weight.to(x.dtype)
+                grad_w += grad.T @ x[s]
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        return loss / n
+        ctx.n = x.shape[0]
+        return loss / x.shape[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype), None
+        scale = grad_out / ctx.n
+        return grad_x * scale.to(grad_x.dtype), grad_w * scale.to(grad_w.dtype), None
 
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table has 2 extra rows in front (a fairseq legacy)
