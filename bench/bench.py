@@ -484,33 +484,36 @@ def record(kind, side, kw, result):
             f.write(json.dumps({"kind": kind, "side": side, **kw, **result}) + "\n")
 
 
-def gpu_suite(device, dtype, quick):
+def gpu_suite(device, dtype, quick, only=None):
     """Every GPU row of issue #32 in one call, each side with its best settings (compiled, fused AdamW, SDPA; ours
     also its shared-prefix rows and CUDA-graph decode; transformers its static-cache generate): random inits of
     SmolLM2-135M, OPT-1.3b and Qwen2.5-1.5B shapes (bench/assets), so nothing but the repository travels.
+    only: one group of rows (train, k30, sample, teacher, decode), for a call that must be split.
     -> (training rows, sampling rows, decode-step rows)."""
     steps, go = (3 if quick else 20), dict(device=device, dtype=dtype, keep_going=True)
     train_rows, sample_rows, step_rows = [], [], []
-    for name, tokens in (("smollm2-135m-random", None), ("smollm2-135m-random", 16384), ("opt-1.3b-random", None),
-                         ("opt-1.3b-random", 16384)):
+    run = lambda group: only in (None, group)  # noqa: E731
+    shapes = [(name, tokens) for name in ("smollm2-135m-random", "opt-1.3b-random") for tokens in (None, 16384)]
+    for name, tokens in shapes if run("train") else ():
         kw = dict(name=name, steps=steps, batch_size=8, compile=True, batch_tokens=tokens, **go)
         label = f"{name}, {'batch 8' if tokens is None else f'<= {tokens:,} tokens a batch'}, {steps} steps, compiled"
         train_rows.append((label, measure("train", "ours", **kw), measure("train", "hf", **kw)))
     kw = dict(name="smollm2-135m-random", steps=steps, batch_size=30, k=30, compile=True, **go)
-    hf = measure("train", "hf", **kw)
-    for share, kernel in ((True, "gather"), (True, "flex"), (False, "gather")):
+    hf = measure("train", "hf", **kw) if run("k30") else None
+    for share, kernel in ((True, "gather"), (True, "flex"), (False, "gather")) if run("k30") else ():
         train_rows.append((f"smollm2-135m-random, K=30 stand-in, batch 30, {steps} steps, "
                            f"{f'shared-prefix rows ({kernel})' if share else 'plain rows'}",
                            measure("train", "ours", share=share, kernel=kernel, **kw), hf))
     questions = 8 if quick else 32
-    for n in (10, 30):
+    for n in (10, 30) if run("sample") else ():
         kw = dict(name="smollm2-135m-random", n=n, questions=questions, batch_size=8, compile=True, **go)
         sample_rows.append((f"smollm2-135m-random, {questions} questions, N={n}, compiled / static cache",
                             measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
     kw = dict(name="qwen2.5-1.5b-random", n=30, questions=4 if quick else 16, batch_size=8, shots=4, compile=True, **go)
-    sample_rows.append((f"teacher.py: qwen2.5-1.5b-random, 4-shot, {kw['questions']} questions, N=30",
-                        measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
-    for rows in (32, 256):
+    if run("teacher"):
+        sample_rows.append((f"teacher.py: qwen2.5-1.5b-random, 4-shot, {kw['questions']} questions, N=30",
+                            measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
+    for rows in (32, 256) if run("decode") else ():
         step_rows.append((f"smollm2-135m-random decode step, {rows} rows, 512 static slots",
                           measure("decode_step", "ours", name="smollm2-135m-random", rows=rows, **go)))
     return train_rows, sample_rows, step_rows
@@ -577,8 +580,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher", "socratic", "teacher-api"),
-                   help="one group of rows (k30: the K = 30 training workload only)")
+    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher", "socratic", "teacher-api", "decode"),
+                   help="one group of rows (k30: the K = 30 training workload only; decode: --suite gpu's decode step)")
     p.add_argument("--teacher", default=None, help="a fetched teacher folder for the teacher rows (besides SmolLM2)")
     p.add_argument("--suite", default="default", choices=("default", "gpu"),
                    help="gpu: issue #32's rows (bench/gpu.sh), random-init shapes from bench/assets (default: default)")
@@ -604,7 +607,7 @@ def main():
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if args.suite == "gpu":
-        train_rows, sample_rows, step_rows = gpu_suite(device, dtype, args.quick)
+        train_rows, sample_rows, step_rows = gpu_suite(device, dtype, args.quick, args.only)
         api_rows = []
     else:
         (train_rows, sample_rows, api_rows), step_rows = default_suite(args, device, dtype), []

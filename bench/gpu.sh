@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue #32's GPU rows in one call (about 8 minutes on one H100): training (SmolLM2-135M- and OPT-1.3b-shaped, batch 8
+# Issue #32's GPU rows in one call (meant to fit one 10-minute call on one H100; not yet timed on a GPU): training (SmolLM2-135M- and OPT-1.3b-shaped, batch 8
 # and token-filled, K = 30 shared-prefix rows with both tree kernels), sampling at N = 10 / 30, a Qwen2.5-1.5B-shaped
 # teacher at N = 30, and the decode step at 32 / 256 rows -- scotd and transformers measured in the same run, random
 # inits from bench/assets (python bench/bench.py --prepare-assets --teacher <the 1.5B teacher>, then carry it).
-#     bash bench/gpu.sh [--quick]        # writes $OUT/gpu.md (the table) and $OUT/gpu.jsonl (every measurement)
+#     bash bench/gpu.sh [--quick] [--only train|k30|sample|teacher|decode]   # writes $OUT/gpu.md (the table), $OUT/gpu.jsonl
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"
