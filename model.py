@@ -436,6 +436,7 @@ class Transformer(nn.Module):
         self.source_folder = None  # set by from_pretrained; save_pretrained copies tokenizer files from it
         self.rope_cache = None  # (cos, sin) of every position, built on first use on the model's device
         self.tree_kernel = "gather"  # packed / shared-prefix rows: attention.TreeAttention ("gather") or FlexTree ("flex")
+        self.compiled_decode_step = None  # sample.decode_step's torch.compile of decode_step, made once
         opt = cfg.model_type == "opt"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
         if opt:
