@@ -8,7 +8,8 @@ layer with that layer's projected q (B, nh, T, hd) and k, v (B, n_kv, S, hd) -> 
 - `SharedPrefix`: rows that all continue one prefix stored once (a few-shot header prefilled a single time):
   `shared_prefix_attention` merges attention over the shared keys and over each row's own.
 - `TreeAttention`: packed and shared-prefix training rows (data.layout), segment by segment instead of
-  under a dense (T, T) mask.
+  under a dense (T, T) mask; `FlexTree`: the same rows through FlexAttention under a block mask (CUDA).
+Both tree kernels place their tokens with `tree_positions`.
 """
 
 import torch
@@ -68,6 +69,20 @@ def shared_prefix_attention(q, k, v, mask, k_shared, v_shared):
 
 
 
+def tree_positions(docs, branches):
+    """Positions of packed and shared-prefix rows (data.layout), on the device (no host copy): a prefix's tokens
+    count from 0, a branch's continue from its prefix's length."""
+    B, T = docs.shape
+    t = torch.arange(T, device=docs.device).expand(B, T)
+    new = torch.ones(B, T, dtype=torch.bool, device=docs.device)
+    new[:, 1:] = (docs[:, 1:] != docs[:, :-1]) | (branches[:, 1:] != branches[:, :-1])
+    offset = t - torch.where(new, t, 0).cummax(1).values  # within the segment (a run of one doc and branch)
+    is_prefix = ((branches == 0) & (docs >= 0)).long()
+    slot = docs.clamp(min=-1) + 1  # group ids are < T; padding (-1) counts in slot 0
+    prefix_len = torch.zeros(B, T + 1, dtype=torch.long, device=docs.device).scatter_add_(1, slot, is_prefix)
+    return torch.where(branches == 0, offset, prefix_len.gather(1, slot) + offset)
+
+
 class TreeAttention:
     """Attention for packed and shared-prefix rows (data.layout), segment by segment instead of under a
     dense (T, T) mask. docs (B, T): a token's group in its row (-1 = padding); branches (B, T): 0 = the
@@ -76,16 +91,17 @@ class TreeAttention:
     The prefixes, gathered into a (groups, P) batch, attend causally to themselves; the branches, gathered
     into a (branches, R) batch, attend to their group's prefix keys followed by their own, causally. That
     is the dense mask's attention exactly, for sum(P^2 + R * (P + R)) scores instead of T^2 a row: with a
-    question's 30 rationales in one row (q = 70, r = 45: T = 1,420), 7x fewer. Positions (`positions`):
-    a prefix from 0, each branch continuing from its prefix's length. Built on the host from docs and
-    branches (one device->host copy a batch); padding gets a zero output (it has no loss, nothing sees it).
+    question's 30 rationales in one row (q = 70, r = 45: T = 1,420), 7x fewer. Positions: tree_positions.
+    The gathers are built on the host from docs and branches (one device->host copy a batch); padding gets a
+    zero output (it has no loss, nothing sees it).
     """
 
     def __init__(self, docs, branches=None):
         B, T = docs.shape
         device = docs.device
-        prefixes, branch_rows, group_of, positions = self._segments(docs.cpu(), None if branches is None else branches.cpu())
-        self.positions = positions.to(device)
+        branches = torch.zeros_like(docs) if branches is None else branches
+        self.positions = tree_positions(docs, branches)
+        prefixes, branch_rows, group_of = self._segments(docs.cpu(), branches.cpu())
         self.prefix_idx, self.prefix_valid = self._pad(prefixes, device)
         self.branch_idx, self.branch_valid = self._pad(branch_rows, device)
         self.branch_group = torch.tensor(group_of, dtype=torch.long, device=device)
@@ -107,16 +123,14 @@ class TreeAttention:
     @staticmethod
     def _segments(d, br):
         """docs and branches on the host -> (each prefix's flat token indices, each branch's, each branch's
-        prefix number, positions (B, T)). A segment is a run of equal (doc, branch); doc -1 is padding."""
+        prefix number). A segment is a run of equal (doc, branch); doc -1 is padding."""
         B, T = d.shape
-        br = torch.zeros_like(d) if br is None else br
         cuts = ((d[:, 1:] != d[:, :-1]) | (br[:, 1:] != br[:, :-1])).nonzero().tolist()
         starts = [[0] for _ in range(B)]
         for b, t in cuts:
             starts[b].append(t + 1)
         prefixes, branch_rows, group_of = {}, [], []  # (row, doc) -> prefix token indices; per branch: its tokens, group
         order = {}  # (row, doc) -> its index among the prefixes
-        positions = torch.zeros(B, T, dtype=torch.long)
         for b in range(B):
             for s, e in zip(starts[b], starts[b][1:] + [T]):
                 doc, k = int(d[b, s]), int(br[b, s])
@@ -126,13 +140,11 @@ class TreeAttention:
                 if k == 0:
                     prefixes[(b, doc)] = flat
                     order[(b, doc)] = len(order)
-                    positions[b, s:e] = torch.arange(e - s)
                 else:  # a branch follows its prefix (or has none: a one-token query)
-                    prefix = prefixes.setdefault((b, doc), [])
+                    prefixes.setdefault((b, doc), [])
                     branch_rows.append(flat)
                     group_of.append(order.setdefault((b, doc), len(order)))
-                    positions[b, s:e] = torch.arange(len(prefix), len(prefix) + e - s)
-        return list(prefixes.values()), branch_rows, group_of, positions
+        return list(prefixes.values()), branch_rows, group_of
 
     @staticmethod
     def _pad(rows, device):
@@ -193,20 +205,7 @@ class FlexTree:
             return (own & ((branches[b, kv] == 0) | (branches[b, kv] == branches[b, q]))) | (q == kv)
 
         self.block_mask = create_block_mask(mask_mod, B, None, T, T, device=docs.device)
-        self.positions = self._positions(docs, branches)
-
-    @staticmethod
-    def _positions(docs, branches):
-        """A prefix's tokens count from 0; a branch's continue from its prefix's length (TreeAttention's)."""
-        B, T = docs.shape
-        t = torch.arange(T, device=docs.device).expand(B, T)
-        new = torch.ones(B, T, dtype=torch.bool, device=docs.device)
-        new[:, 1:] = (docs[:, 1:] != docs[:, :-1]) | (branches[:, 1:] != branches[:, :-1])
-        offset = t - torch.where(new, t, 0).cummax(1).values  # within the segment (a run of one doc and branch)
-        is_prefix = ((branches == 0) & (docs >= 0)).long()
-        slot = docs.clamp(min=-1) + 1  # group ids are < T; padding (-1) counts in slot 0
-        prefix_len = torch.zeros(B, T + 1, dtype=torch.long, device=docs.device).scatter_add_(1, slot, is_prefix)
-        return torch.where(branches == 0, offset, prefix_len.gather(1, slot) + offset)
+        self.positions = tree_positions(docs, branches)
 
     def attend(self, q, k, v, layer=None):
         y = _flex_attention(q.device)(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])

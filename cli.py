@@ -108,6 +108,12 @@ def default_dtype(device, dtype=None):
     return dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
 
 
+def default_compile(device, compile=None):
+    """--compile/--no-compile, else its default on `device` (a device or its type): on CUDA, off on a CPU (where
+    compiling each new shape costs more than it saves)."""
+    return str(device).startswith("cuda") if compile is None else compile
+
+
 def check_file(parser, flag, path):
     if path is not None and not os.path.isfile(path):
         parser.error(f"argument {flag}: no such file: {path}")

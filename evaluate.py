@@ -76,8 +76,7 @@ def check_args(p, args):
         p.error("--no-greedy with --n 0 leaves nothing to decode")
     cli.check_file(p, "--data", args.data)
     cli.check_device(p, args.device)
-    if args.compile is None:
-        args.compile = cli.device_type(args.device) == "cuda"
+    args.compile = cli.default_compile(cli.device_type(args.device), args.compile)
     if args.checkpoint is None:
         found = sorted(Path("runs").glob("*/best/config.json"), key=lambda f: f.stat().st_mtime)
         if not found:

@@ -17,7 +17,8 @@ rationales and then samples many chains from them at test time. This file is tha
   left-padded batches, that can repeat one prompt's rows N times (N chains for self-consistency), and
   whose rows can share one prefix cache they all attend to without a copy (a few-shot header).
 
-The attention kernels for packed, shared-prefix and shared-header rows live in attention.py. Loading and saving HF-layout folders, the tokenizer and the default student live in checkpoint.py.
+The attention kernels for packed, shared-prefix and shared-header rows live in attention.py. Loading and
+saving HF-layout folders, the tokenizer and the default student live in checkpoint.py.
 """
 
 import json

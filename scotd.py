@@ -151,15 +151,18 @@ def parse_number(text):
     return "0" if text in ("-0", "0") else text
 
 
+_ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
+
+
 def states_answer(text):
     """Does text state an answer ("... So the answer is 18.", any case)? It ends a Socratic chain."""
-    return re.search(r"answer is", text, re.IGNORECASE) is not None
+    return _ANSWER_IS.search(text) is not None
 
 
 def answer_spans(text):
     """Each "answer is" in text (a match, case-insensitive): a chain's answer follows the last (cot) or the first
     (label first); a teacher's completion is read like a cot chain (split_teacher_output)."""
-    return list(re.finditer(r"answer is", text, re.IGNORECASE))
+    return list(_ANSWER_IS.finditer(text))
 
 
 def extract_answer(mode, generated, choices):

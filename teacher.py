@@ -179,8 +179,8 @@ def check_args(p, args):
         cli.check_device(p, args.device)
         cli.check_model_folder(p, "--teacher", args.teacher)
         args.seed = 0 if args.seed is None else args.seed
-        args.dtype = cli.default_dtype(cli.device_type(args.device), args.dtype)
-        args.compile = cli.device_type(args.device) == "cuda" if args.compile is None else args.compile
+        device = cli.device_type(args.device)
+        args.dtype, args.compile = cli.default_dtype(device, args.dtype), cli.default_compile(device, args.compile)
     else:
         check_api_args(p, args)
     return args

@@ -104,6 +104,7 @@ class RunConfig:
     num_threads: int | None
     shared: bool = False  # shared-prefix rows: --share-prefix on, or auto and some question has several examples
     changed: tuple = ()  # with --resume --allow-changes: the flags that differ from the checkpoint's
+    batches_per_epoch: int = 0  # micro-batches an epoch (with --tokens-per-step: the first epoch's)
     total_steps: int = 0  # optimizer steps, from --max-steps or --epochs
     warmup: int = 0  # warmup steps, from --warmup-steps or 5 % of total_steps
 
@@ -121,10 +122,10 @@ class RunConfig:
             per_epoch = len(epoch_batches([len(t) for t, _ in tokens], queries if shared else None, self, 0))
         total = self.max_steps or math.ceil(self.epochs * per_epoch / self.grad_accum)
         warmup = self.warmup_steps if self.warmup_steps is not None else max(1, total // 20)
-        return replace(self, shared=shared, total_steps=total, warmup=warmup)
+        return replace(self, shared=shared, batches_per_epoch=per_epoch, total_steps=total, warmup=warmup)
 
 
-NOT_SAVED = ("resume", "overwrite", "allow_changes", "changed", "total_steps", "warmup")
+NOT_SAVED = ("resume", "overwrite", "allow_changes", "changed", "batches_per_epoch", "total_steps", "warmup")
 
 
 def get_args(argv=None):
@@ -214,7 +215,7 @@ def check_args(p, args):
     run = RunConfig(**(vars(args) | steps | {"out": Path(args.out or f"runs/{args.mode}"), "resume": None,
                                              "batch_size": args.batch_size or defaults["batch_size"],
                                              "dtype": cli.default_dtype(device, args.dtype),
-                                             "compile": device == "cuda" if args.compile is None else args.compile}))
+                                             "compile": cli.default_compile(device, args.compile)}))
     if args.resume is not None:
         resume = recover_folder(Path(args.resume or run.out / "last"))  # a swap a kill -9 cut short
         if not (resume / STATE_FILE).is_file():
@@ -445,9 +446,11 @@ class Trainer:
         if Path(folder).name == "last":
             self.saved_at = self.state.step
 
-    def restore(self, trainer_state):
-        """Optimizer, scaler, RNG and position from a checkpoint's trainer_state.pt (load_trainer_state's)."""
+    def restore(self, folder):
+        """Optimizer, scaler, RNG and position from a checkpoint folder's trainer_state.pt."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        trainer_state = load_trainer_state(folder)
 
         set_optimizer_state_dict(self.model, self.optimizer, trainer_state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -619,9 +622,9 @@ def describe(run, records, tokens, skips, dev, dist):
     """What the run will do, before it starts: the lines under `model`."""
     micro = f"{run.batch_size} examples"
     seen = run.total_steps * run.grad_accum * run.batch_size
-    if run.tokens_per_step:  # micro-batches of a token budget: count the first epoch's
-        per_epoch = len(epoch_batches([len(t) for t, _ in tokens], data.query_keys(tokens) if run.shared else None, run, 0))
-        micro, seen = f"<= {run.tokens_per_step // run.grad_accum:,} tokens", run.total_steps * run.grad_accum * len(tokens) // per_epoch
+    if run.tokens_per_step:  # micro-batches of a token budget: examples seen at the first epoch's rate
+        micro = f"<= {run.tokens_per_step // run.grad_accum:,} tokens"
+        seen = run.total_steps * run.grad_accum * len(tokens) // run.batches_per_epoch
     coverage = f"a subset: {seen:,} of {len(tokens):,}" if seen < len(tokens) else f"{seen / len(tokens):.2f} epochs"
     ranks = f", {dist.world} ranks x {run.batch_size // dist.world} ({'FSDP' if run.fsdp else 'DDP'})" if dist.world > 1 else ""
     return [f"data      {run.data}: {len(records):,} questions -> {len(tokens):,} {run.mode} examples "
@@ -676,13 +679,12 @@ def train(run):
     for line in describe(run, records, tokens, skips, dev, dist):
         log(line)
 
-    trainer_state = load_trainer_state(run.resume) if run.resume is not None else None
     for change in run.changed:
         log(f"changed   {change} (--allow-changes)")
     model.tree_kernel = run.tree_kernel
     trainer = Trainer(run, model, scaler, init, dist, device)
-    if trainer_state is not None:
-        trainer.restore(trainer_state)
+    if run.resume is not None:
+        trainer.restore(run.resume)
         state = trainer.state
         log(f"resumed   {run.resume} at step {state.step} (epoch {state.epoch}, batch {state.index})")
     metrics = prepare_out(run, trainer.state, dist)

@@ -401,7 +401,7 @@ def test_every_flag_is_a_setting_of_the_frozen_run_config():
     data; a helper cannot change one (frozen)."""
     flags = {a.dest for a in train.parser()._actions if a.dest != "help"}
     fields = set(train.RunConfig.__dataclass_fields__)
-    assert fields - flags == {"shared", "changed", "total_steps", "warmup"}
+    assert fields - flags == {"shared", "changed", "batches_per_epoch", "total_steps", "warmup"}
     assert flags <= fields
     cfg = train.get_args(["--max-steps", "3"])
     with pytest.raises(AttributeError):
