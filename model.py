@@ -437,7 +437,7 @@ class Transformer(nn.Module):
         self.source_folder = None  # set by from_pretrained; save_pretrained copies tokenizer files from it
         self.rope_cache = None  # (cos, sin) of every position, built on first use on the model's device
         self.tree_kernel = "gather"  # packed / shared-prefix rows: attention.TreeAttention ("gather") or FlexTree ("flex")
-        self.compiled_decode_step = None  # sample.decode_step's torch.compile of decode_step, made once
+        self.compiled_step = None  # sample.decode_step's torch.compile of step_tensors, made once
         opt = cfg.model_type == "opt"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
         if opt:
@@ -497,13 +497,21 @@ class Transformer(nn.Module):
         cache.pos.copy_(cache.offset + key_valid.sum(1))
         return self.lm_head(x[:, -1:] if last_only else x)
 
-    def decode_step(self, idx, cache):
-        """One new token per row, idx (B, 1), every row real -> logits (B, 1, V). Its shapes are static (see
-        KVCache), so it compiles once and can be captured as a CUDA graph."""
+    def decode_step(self, idx, cache, step=None):
+        """One new token per row, idx (B, 1), every row real -> logits (B, 1, V). The work on the device is
+        `step_tensors` (or `step`, its compiled version: sample.decode_step); the host's count of filled slots
+        is advanced here, outside it. (A Python int changed inside a compiled function becomes an input of
+        the graph, and CUDA graphs record a new graph for every value an input int takes: one a step.)"""
+        logits = (step or self.step_tensors)(idx, cache)
+        cache.length += 1
+        return logits
+
+    def step_tensors(self, idx, cache):
+        """decode_step's device work: static shapes (see KVCache) and tensors alone, so it compiles once and
+        is captured as one CUDA graph."""
         cache.valid.index_fill_(1, cache.slot, True)
         mask = cache.valid[:, None, None, :cache.attended()]  # (B, 1, 1, S): later slots are not valid yet
         x = self._hidden(idx, cache.pos[:, None], cache.attention(mask), cache)
-        cache.length += 1
         cache.pos += 1
         cache.slot += 1
         return self.lm_head(x)

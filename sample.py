@@ -11,6 +11,7 @@ device->host sync; stops are checked every `check_every` steps (1 on CPU, where 
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -200,16 +201,16 @@ def bucket(n, most):
 
 
 def decode_step(model, cfg, device):
-    """The one-token step generate() runs: model.decode_step, or with cfg.compile that step compiled (gpt-fast):
-    on CUDA with mode="reduce-overhead", so it is replayed as a CUDA graph (one per running-row bucket and
-    cache size), its launches no longer paid per step. Compiled once a model and kept on it."""
+    """The one-token step generate() runs: model.decode_step, or with cfg.compile its device work compiled
+    (gpt-fast): on CUDA with mode="reduce-overhead", so it is replayed as a CUDA graph (one per running-row
+    bucket and cache), its launches no longer paid per step. Compiled once a model and kept on it."""
     if not cfg.compile:
         return model.decode_step
-    if getattr(model, "compiled_decode_step", None) is None:  # once a model: evaluate.py calls generate() a batch
+    if getattr(model, "compiled_step", None) is None:  # once a model: evaluate.py calls generate() a batch at a time
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # a graph a shape
-        model.compiled_decode_step = torch.compile(model.decode_step, mode="reduce-overhead") if device.type == "cuda" \
-            else torch.compile(model.decode_step, dynamic=True)
-    return model.compiled_decode_step
+        model.compiled_step = torch.compile(model.step_tensors, mode="reduce-overhead") if device.type == "cuda" \
+            else torch.compile(model.step_tensors, dynamic=True)
+    return partial(model.decode_step, step=model.compiled_step)
 
 
 def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every, compact=True):

@@ -457,23 +457,59 @@ def teacher_api_worker(side, name, n, questions, batch_size, device, dtype, para
 
 
 RESULTS = None  # --results FILE: every measurement appended as it ends (a cut run keeps what it measured)
+DEADLINE = None  # --deadline: time.time() after which no measurement starts (a lent GPU's call has a hard limit)
+ROW_TIMEOUT = None  # --row-timeout: seconds one worker may run before it is killed and its row says so
+REUSE = {}  # --reuse FILE: measurements of an earlier call on this device, by what was measured (not re-run)
+DEVICE_NAME = None  # the device the driver runs on, recorded with each measurement (and matched by --reuse)
+
+
+def measured_key(kind, side, kw):
+    return json.dumps({"kind": kind, "side": side, **kw}, sort_keys=True)
+
+
+def load_reuse(path):
+    """--reuse: the measurements of FILE (a --results file) taken on this device, by what was measured; failed
+    rows and other devices' rows are measured again."""
+    reuse = {}
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else ():
+        rec = json.loads(line)
+        if "failed" not in rec and "measured" in rec and rec.get("device_name") == DEVICE_NAME:
+            kw = {k: v for k, v in rec.items() if k in rec["measured"]}
+            reuse[measured_key(rec["kind"], rec["side"], kw)] = rec
+    return reuse
 
 
 def measure(kind, side, keep_going=False, **kw):
     """Run one worker in a fresh process; return its JSON result. keep_going: a failed worker gives
     {"failed": the end of its stderr} instead of stopping the run (the GPU suite: one row's failure is a finding)."""
     cmd = [sys.executable, __file__, "--worker", json.dumps({"kind": kind, "side": side, **kw})]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if measured_key(kind, side, kw) in REUSE:
+        print(f"{kind} {kw.get('name')} {side}: reused (--reuse)", file=sys.stderr, flush=True)
+        return REUSE[measured_key(kind, side, kw)]
+    if keep_going and DEADLINE is not None and time.time() > DEADLINE:
+        return _failed(kind, side, kw, "not run: --deadline passed")
+    start = time.time()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=ROW_TIMEOUT if keep_going else None)
+    except subprocess.TimeoutExpired as e:
+        tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        print(f"{kind} {kw.get('name')} {side}: TIMED OUT\n{tail[-2000:]}", file=sys.stderr, flush=True)
+        return _failed(kind, side, kw, f"killed after --row-timeout {ROW_TIMEOUT:.0f} s")
     if r.returncode != 0:
         if keep_going:
             print(f"{kind} {kw.get('name')} {side}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr, flush=True)
-            result = {"failed": r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else f"exit {r.returncode}"}
-            record(kind, side, kw, result)
-            return result
+            return _failed(kind, side, kw, r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else
+                           f"exit {r.returncode}")
         raise SystemExit(f"worker {kind}/{side} failed:\n{r.stderr[-3000:]}")
-    result = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"{kind} {kw.get('name')} {side}: {result['tok_s']:,.1f} tok/s in {result['seconds']:.1f} s", file=sys.stderr,
-          flush=True)  # progress, one line per measurement
+    result = {**json.loads(r.stdout.strip().splitlines()[-1]), "wall_s": time.time() - start}  # wall: start-up, compile
+    print(f"{kind} {kw.get('name')} {side}: {result['tok_s']:,.1f} tok/s in {result['seconds']:.1f} s "
+          f"({result['wall_s']:.0f} s with start-up and compiling)", file=sys.stderr, flush=True)  # one line a measurement
+    record(kind, side, kw, result)
+    return result
+
+
+def _failed(kind, side, kw, why):
+    result = {"failed": why}
     record(kind, side, kw, result)
     return result
 
@@ -481,41 +517,43 @@ def measure(kind, side, keep_going=False, **kw):
 def record(kind, side, kw, result):
     if RESULTS:
         with open(RESULTS, "a") as f:
-            f.write(json.dumps({"kind": kind, "side": side, **kw, **result}) + "\n")
+            f.write(json.dumps({"kind": kind, "side": side, **kw, **result, "device_name": DEVICE_NAME,
+                                "measured": sorted(kw)}) + "\n")
 
 
 def gpu_suite(device, dtype, quick, only=None):
     """Every GPU row of issue #32 in one call, each side with its best settings (compiled, fused AdamW, SDPA; ours
     also its shared-prefix rows and CUDA-graph decode; transformers its static-cache generate): random inits of
     SmolLM2-135M, OPT-1.3b and Qwen2.5-1.5B shapes (bench/assets), so nothing but the repository travels.
-    only: one group of rows (train, k30, sample, teacher, decode), for a call that must be split.
+    Cheapest rows first, so that a call cut by --deadline keeps the most rows.
+    only: one group of rows (decode, sample, train, teacher, k30), for a call that must be split.
     -> (training rows, sampling rows, decode-step rows)."""
     steps, go = (3 if quick else 20), dict(device=device, dtype=dtype, keep_going=True)
     train_rows, sample_rows, step_rows = [], [], []
     run = lambda group: only in (None, group)  # noqa: E731
+    for rows in (32, 256) if run("decode") else ():
+        step_rows.append((f"smollm2-135m-random decode step, {rows} rows, 512 static slots",
+                          measure("decode_step", "ours", name="smollm2-135m-random", rows=rows, **go)))
+    questions = 8 if quick else 32
+    for n in (10, 30) if run("sample") else ():
+        kw = dict(name="smollm2-135m-random", n=n, questions=questions, batch_size=8, compile=True, **go)
+        sample_rows.append((f"smollm2-135m-random, {questions} questions, N={n}, compiled / static cache",
+                            measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
     shapes = [(name, tokens) for name in ("smollm2-135m-random", "opt-1.3b-random") for tokens in (None, 16384)]
     for name, tokens in shapes if run("train") else ():
         kw = dict(name=name, steps=steps, batch_size=8, compile=True, batch_tokens=tokens, **go)
         label = f"{name}, {'batch 8' if tokens is None else f'<= {tokens:,} tokens a batch'}, {steps} steps, compiled"
         train_rows.append((label, measure("train", "ours", **kw), measure("train", "hf", **kw)))
+    kw = dict(name="qwen2.5-1.5b-random", n=30, questions=4 if quick else 16, batch_size=8, shots=4, compile=True, **go)
+    if run("teacher"):
+        sample_rows.append((f"teacher.py: qwen2.5-1.5b-random, 4-shot, {kw['questions']} questions, N=30",
+                            measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
     kw = dict(name="smollm2-135m-random", steps=steps, batch_size=30, k=30, compile=True, **go)
     hf = measure("train", "hf", **kw) if run("k30") else None
     for share, kernel in ((True, "gather"), (True, "flex"), (False, "gather")) if run("k30") else ():
         train_rows.append((f"smollm2-135m-random, K=30 stand-in, batch 30, {steps} steps, "
                            f"{f'shared-prefix rows ({kernel})' if share else 'plain rows'}",
                            measure("train", "ours", share=share, kernel=kernel, **kw), hf))
-    questions = 8 if quick else 32
-    for n in (10, 30) if run("sample") else ():
-        kw = dict(name="smollm2-135m-random", n=n, questions=questions, batch_size=8, compile=True, **go)
-        sample_rows.append((f"smollm2-135m-random, {questions} questions, N={n}, compiled / static cache",
-                            measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
-    kw = dict(name="qwen2.5-1.5b-random", n=30, questions=4 if quick else 16, batch_size=8, shots=4, compile=True, **go)
-    if run("teacher"):
-        sample_rows.append((f"teacher.py: qwen2.5-1.5b-random, 4-shot, {kw['questions']} questions, N=30",
-                            measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
-    for rows in (32, 256) if run("decode") else ():
-        step_rows.append((f"smollm2-135m-random decode step, {rows} rows, 512 static slots",
-                          measure("decode_step", "ours", name="smollm2-135m-random", rows=rows, **go)))
     return train_rows, sample_rows, step_rows
 
 
@@ -587,12 +625,18 @@ def main():
                    help="gpu: issue #32's rows (bench/gpu.sh), random-init shapes from bench/assets (default: default)")
     p.add_argument("--prepare-assets", action="store_true", help="write bench/assets (with --teacher: the 1.5B teacher)")
     p.add_argument("--results", default=None, help="append every measurement to this JSONL as it ends (default: none)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="--suite gpu: start no measurement after this many seconds; the rest print as not run")
+    p.add_argument("--row-timeout", type=float, default=None, help="--suite gpu: kill a measurement after this many seconds")
+    p.add_argument("--reuse", default=None, help="--suite gpu: take the measurements this --results file holds for this "
+                   "device instead of running them again (a suite split over several calls)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.prepare_assets:
         return prepare_assets(args.teacher)
-    global RESULTS
-    RESULTS = args.results
+    global RESULTS, DEADLINE, ROW_TIMEOUT, REUSE, DEVICE_NAME
+    RESULTS, ROW_TIMEOUT = args.results, args.row_timeout
+    DEADLINE = None if args.deadline is None else time.time() + args.deadline
     if args.worker:
         kw = json.loads(args.worker)
         kind = kw.pop("kind")
@@ -606,13 +650,14 @@ def main():
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dev = torch.device(device)
+    DEVICE_NAME = name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    REUSE = load_reuse(args.reuse) if args.reuse else {}
     if args.suite == "gpu":
         train_rows, sample_rows, step_rows = gpu_suite(device, dtype, args.quick, args.only)
         api_rows = []
     else:
         (train_rows, sample_rows, api_rows), step_rows = default_suite(args, device, dtype), []
-    dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"\nscotd vs transformers | {name} | {dtype} | torch {torch.__version__}")
     side = lambda r: f"{r['seconds']:.1f} / {r['peak_mb']:,.0f}"  # noqa: E731
     if train_rows:

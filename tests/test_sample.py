@@ -251,6 +251,25 @@ def test_compiled_decode_step_gives_the_same_tokens(student):
     assert compiled == eager
 
 
+def test_compiled_decode_step_is_one_graph_of_tensors(student, monkeypatch):
+    """On CUDA the compiled step is replayed as a CUDA graph, which is recorded anew for every value an int
+    input of the graph takes: over a whole generate() the step must compile once, to a graph whose inputs are
+    all tensors (the host's slot count, a Python int, stays outside it). Compiled here as on CUDA (no
+    dynamic=True), with a backend that records each graph's inputs."""
+    graphs, compile = [], torch.compile
+
+    def backend(gm, example_inputs):
+        graphs.append([type(x).__name__ for x in example_inputs if not isinstance(x, torch.Tensor)])
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=backend))
+    torch._dynamo.reset()  # forget the shapes earlier tests compiled this step for (it would start them dynamic)
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    prompts = [tok.encode("Q: where do beavers live?\nA:").ids, tok.encode("Q: what?\nA:").ids]
+    out = generate(model, None, prompts, SampleConfig(n=2, max_new_tokens=12, stop=(), compile=True, bucket_rows=False))
+    assert all(len(c["tokens"]) == 12 for o in out for c in o)  # no row left early: one batch shape throughout
+    assert graphs == [[]]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_shared_prefix_prefilled_once_gives_the_same_tokens(student, temperature):
     """A few-shot header prefilled once and shared by each batch (by generate, or by the caller for many
