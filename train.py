@@ -182,7 +182,7 @@ def parser():
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model for training (default: on CUDA; off on a CPU, where it is slower)")
+                   help="torch.compile each block for training (default: on CUDA; off on a CPU, where it is slower)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard params, grads and optimizer state (FSDP2)")
     p.add_argument("--seed", type=int, default=1337, help="data order and initial state (default 1337)")
     p.add_argument("--resume", nargs="?", const="", default=None, help="resume from OUT/last (or the given checkpoint; default: start afresh)")
@@ -408,7 +408,8 @@ class Trainer:
         self.raw_model, self.model = model, data_parallel(model, run, dist, device)
         self.optimizer = make_optimizer(self.model, run.lr, run.weight_decay, device.type)
         self.scaler, self.state = scaler, TrainState()
-        self.step_model = torch.compile(self.model) if run.compile else self.model  # checkpoints never see it
+        if run.compile:
+            model.compile_blocks()  # each block compiled once for all (checkpoints never see it)
         self.saved_at = 0  # the step of the newest `last`
 
     def step(self, window, position, ctx, lr):
@@ -418,7 +419,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         try:
-            out = train_step(self.step_model, self.optimizer, self.scaler, window, ctx, self.run.grad_clip, self.dist)
+            out = train_step(self.model, self.optimizer, self.scaler, window, ctx, self.run.grad_clip, self.dist)
             self.state.step, (self.state.epoch, self.state.index) = self.state.step + 1, position
             return out
         except Diverged as e:

@@ -206,11 +206,12 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         layout = Namespace(pack=False, shared=share, row_len=2048)  # train.py --row-len: a question's 30 rationales fit one row
-        step_model = torch.compile(model) if compile else model
+        if compile:
+            model.compile_blocks()  # as train.py --compile does
 
         def step(batch):
             rows = train.to_tensors(batch, layout, 0, device)
-            n = train.train_step(step_model, optimizer, scaler, [rows], ctx, 1.0)[2]
+            n = train.train_step(model, optimizer, scaler, [rows], ctx, 1.0)[2]
             return n, train_flops(cfg, rows.idx.numel(), attended_pairs(rows.idx, rows.docs, rows.branches), n)  # head: targets only
     else:
         from transformers import AutoModelForCausalLM
