@@ -23,9 +23,27 @@ class Dense:
         self.mask = mask
 
     def attend(self, q, k, v, layer):
+        if q.shape[2] == 1 and self.mask is not None and q.shape[1] != k.shape[1]:  # a decode step, grouped heads
+            out, _ = grouped_attention(q, k, v, self.mask)  # SDPA would take its math path (below)
+            return out.reshape(q.shape).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
                                            enable_gqa=q.shape[1] != k.shape[1])
         return y.transpose(1, 2)
+
+
+def grouped_attention(q, k, v, mask):
+    """Softmax attention of q (B, nh, T, hd) over k/v (B, n_kv, S, hd) under mask (B, 1, T, S), for grouped-query
+    heads: each K/V head is read once, by one matrix product for its group of query heads. (SDPA has no CUDA kernel
+    for a masked call with grouped heads: it falls back to its math path, which copies K/V once per query head
+    and writes the scores out -- for a decode step of 256 rows over 512 slots, three copies of the whole cache.)
+    -> (out (B, n_kv, g*T, hd), where query head h = kv*g + j; the log-sum-exps (B, n_kv, g*T, 1))."""
+    B, nh, T, hd = q.shape
+    n_kv = k.shape[1]
+    g = nh // n_kv
+    s = (q.reshape(B, n_kv, g * T, hd) @ k.transpose(2, 3)).float() * hd ** -0.5
+    s = s.view(B, n_kv, g, T, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, n_kv, g * T, -1)
+    lse = s.logsumexp(-1, keepdim=True)  # finite: a query always sees itself
+    return (s - lse).exp().to(v.dtype) @ v, lse
 
 
 class SharedPrefix:
@@ -51,18 +69,13 @@ def shared_prefix_attention(q, k, v, mask, k_shared, v_shared):
     B, nh, T, hd = q.shape
     n_kv, P, _ = k_shared.shape
     g = nh // n_kv  # query heads per K/V head (grouped-query attention)
-    scale = hd ** -0.5
     qg = q.reshape(B, n_kv, g * T, hd)  # query head h = kv * g + j uses K/V head kv
     # shared prefix: (n_kv, B*g*T, hd) @ (n_kv, hd, P), every query sees every prefix key
-    s1 = (qg.transpose(0, 1).reshape(n_kv, B * g * T, hd) @ k_shared.transpose(1, 2)).float() * scale
+    s1 = (qg.transpose(0, 1).reshape(n_kv, B * g * T, hd) @ k_shared.transpose(1, 2)).float() * hd ** -0.5
     lse1 = s1.logsumexp(-1, keepdim=True)
     o1 = ((s1 - lse1).exp().to(v_shared.dtype) @ v_shared).view(n_kv, B, g * T, hd).transpose(0, 1)
     lse1 = lse1.view(n_kv, B, g * T, 1).transpose(0, 1)
-    # each row's own keys, masked: (B, n_kv, g*T, S)
-    s2 = (qg @ k.transpose(2, 3)).float() * scale
-    s2 = s2.view(B, n_kv, g, T, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, n_kv, g * T, -1)
-    lse2 = s2.logsumexp(-1, keepdim=True)  # finite: a query always sees itself
-    o2 = (s2 - lse2).exp().to(v.dtype) @ v
+    o2, lse2 = grouped_attention(q, k, v, mask)  # each row's own keys, masked
     lse = torch.logaddexp(lse1, lse2)
     y = o1 * (lse1 - lse).exp().to(o1.dtype) + o2 * (lse2 - lse).exp().to(o2.dtype)
     return y.reshape(B, nh, T, hd)

@@ -166,3 +166,21 @@ def test_tree_attention_is_the_dense_tree_mask_attention(kernel):
     assert kernel == "FlexTree" or out[~real].abs().max() == 0
     implied = (mask & real[:, None, :]).sum(-1) - 1  # the real tokens a token sees, itself excluded
     assert torch.equal(tree.positions[real], implied[real])
+
+
+def test_a_masked_decode_step_with_grouped_heads_reads_each_kv_head_once(monkeypatch):
+    """A decode step (one query a row) over a cache with padding and unfilled slots, grouped-query heads:
+    attention.Dense takes grouped_attention (a matrix product per K/V head, no per-query-head copy of K/V) and
+    equals SDPA over K/V repeated per query head, in float64 (1e-6, fp32 inputs), at every row."""
+    g = torch.Generator().manual_seed(0)
+    B, S = 5, 40
+    q, k, v = torch.randn(B, 9, 1, 64, generator=g), torch.randn(B, 3, S, 64, generator=g), torch.randn(B, 3, S, 64, generator=g)
+    mask = torch.rand(B, 1, 1, S, generator=g) < 0.5
+    mask[..., 30:] = False  # slots not filled yet
+    mask[..., 29] = True  # the step's own slot
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(3, 1),
+                                                           v.double().repeat_interleave(3, 1), attn_mask=mask)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", None)  # not SDPA's (math) path
+    out = attention.Dense(mask).attend(q, k, v, 0)
+    assert out.shape == (B, 1, 9, 64)
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=1e-6, rtol=0)
