@@ -527,9 +527,9 @@ class Transformer(nn.Module):
 
     def compile_blocks(self):
         """torch.compile each block for training (torchtitan's per-block compile). The blocks share their
-        code, so one compiled graph serves all of them: SmolLM2-135M's forward + backward compiles in ~10 s
-        on a CPU where the whole model took ~200 s (2 shapes, 4 steps; see docs/methods.md). Only forward()
-        in training mode runs them; checkpoints, evaluation and decoding see the plain modules."""
+        code, so one compiled graph serves all of them: SmolLM2-135M's first 4 steps (2 lengths) took 39 s on
+        a CPU, against 205 s with the whole model compiled (bench/compile_time.py). Only forward() in training
+        mode runs them; checkpoints, evaluation and decoding see the plain modules."""
         self.train_blocks = [torch.compile(block) for block in self.layers]  # a list: not submodules, not saved
 
     def _hidden(self, idx, positions, attn, cache=None):
