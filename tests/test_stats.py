@@ -47,3 +47,18 @@ def test_bootstrap_over_questions_is_wider_than_treating_chains_as_independent()
     mean, (low, high) = bootstrap_mean(per_question)
     assert mean == 0.5 and high - low > 0.17  # Wilson for 500/1000 would be ~0.06 wide
     assert wilson(500, 1000)[1] - wilson(500, 1000)[0] < 0.07
+
+
+def test_within_question_auc_counts_pairs_by_mean_token_logprob():
+    """experiments/score_stats.py: the chance that a right chain of a question outscores a wrong one, scored
+    per token (a long likely chain is not penalised for its length), ties half; None without both kinds."""
+    spec = importlib.util.spec_from_file_location("score_stats", Path(__file__).resolve().parent.parent /
+                                                  "experiments" / "score_stats.py")
+    score_stats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score_stats)
+    chain = lambda logprob, tokens, correct: dict(teacher_logprob=logprob, teacher_tokens=tokens, correct=correct)  # noqa: E731
+    right = [chain(-10.0, 20, True), chain(-3.0, 3, True)]  # -0.5 and -1.0 a token
+    wrong = [chain(-6.0, 10, False), chain(-2.0, 2, False), chain(-1.0, 1, False)]  # -0.6, -1.0, -1.0
+    # pairs: -0.5 beats all three (3); -1.0 loses to -0.6 and ties twice (1)
+    assert score_stats.within_question_auc(right + wrong) == pytest.approx(4 / 6)
+    assert score_stats.within_question_auc(right) is None and score_stats.within_question_auc(wrong) is None
