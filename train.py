@@ -452,7 +452,6 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         trainer_state = load_trainer_state(folder)
-
         set_optimizer_state_dict(self.model, self.optimizer, trainer_state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.scaler.load_state_dict(trainer_state["scaler"])

@@ -484,9 +484,10 @@ def measure(kind, side, keep_going=False, **kw):
     """Run one worker in a fresh process; return its JSON result. keep_going: a failed worker gives
     {"failed": the end of its stderr} instead of stopping the run (the GPU suite: one row's failure is a finding)."""
     cmd = [sys.executable, __file__, "--worker", json.dumps({"kind": kind, "side": side, **kw})]
-    if measured_key(kind, side, kw) in REUSE:
+    reused = REUSE.get(measured_key(kind, side, kw))
+    if reused is not None:
         print(f"{kind} {kw.get('name')} {side}: reused (--reuse)", file=sys.stderr, flush=True)
-        return REUSE[measured_key(kind, side, kw)]
+        return reused
     if keep_going and DEADLINE is not None and time.time() > DEADLINE:
         return _failed(kind, side, kw, "not run: --deadline passed")
     start = time.time()
