@@ -396,14 +396,15 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(student, straight, tmp_path):
 # The run's settings
 
 
-def test_every_flag_is_a_setting_of_the_frozen_run_config():
+def test_every_flag_is_a_setting_of_the_frozen_run_config(tmp_path):
     """RunConfig holds each flag of --help (a new flag cannot be forgotten) plus the settings resolved from the
-    data; a helper cannot change one (frozen)."""
+    data; a helper cannot change one (frozen). (--out in tmp_path: the default, runs/cot, already holds a run
+    once a user has run README's `python train.py`, and check_args rightly refuses it.)"""
     flags = {a.dest for a in train.parser()._actions if a.dest != "help"}
     fields = set(train.RunConfig.__dataclass_fields__)
     assert fields - flags == {"shared", "changed", "batches_per_epoch", "total_steps", "warmup"}
     assert flags <= fields
-    cfg = train.get_args(["--max-steps", "3"])
+    cfg = train.get_args(["--max-steps", "3", "--out", str(tmp_path / "run")])
     with pytest.raises(AttributeError):
         cfg.batch_size = 4
 
