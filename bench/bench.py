@@ -25,10 +25,12 @@
    each turn's whole text (the loop before it). HF: each turn generate() on the whole text so far.
 
 Every measurement runs in a fresh subprocess so that peak memory (max RSS on CPU, max allocated on
-CUDA) belongs to that side alone. Prints a markdown table with both figures and the ratio.
+CUDA) belongs to that side alone. Prints a markdown table with both figures and the ratio. With --profile DIR,
+each worker then runs its work once more under torch.profiler and writes what bounds it to DIR (one file each).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -37,6 +39,7 @@ import sys
 import time
 from argparse import Namespace
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,6 +175,51 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+PROFILE = None  # a worker's (--profile-to FILE, what it measures): where its profile goes (see profiled)
+
+
+def profiled(device, run):
+    """--profile: run() (the measured work once more, after its timing) under torch.profiler, and write the worker's
+    FILE: what it measured, how much of the wall time the GPU was busy (kernels and copies, overlaps counted once; a
+    low share is a launch- or host-bound run) and the operators and kernels with the most self time. A failure is
+    written there instead (the measurement is already out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    path, title = PROFILE
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cuda = device.type == "cuda"
+    sync(device)
+    t0 = time.time()
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            run()
+            sync(device)
+    except Exception as e:  # noqa: BLE001 -- a profile is extra; its failure is reported, not raised
+        Path(path).write_text(f"{title}\nprofile failed: {type(e).__name__}: {e}\n")
+        print(f"profile failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return
+    wall_us = (time.time() - t0) * 1e6
+    lines = [title, f"profiled run: {wall_us / 1e3:,.1f} ms wall"]
+    if cuda:
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = covered(spans)
+        lines.append(f"GPU busy {busy / 1e3:,.1f} ms ({busy / wall_us:.0%} of the wall time, a lower bound: the "
+                     f"profiler slows the host; {len(spans):,} kernels and copies)")
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines.append(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=80))
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def covered(spans):
+    """The length of the union of (start, end) intervals: time a device was busy, overlapping kernels counted once."""
+    total, end = 0, float("-inf")
+    for start, stop in sorted(spans):
+        total += max(0, stop - max(start, end))
+        end = max(end, stop)
+    return total
+
+
 # -----------------------------------------------------------------------------
 # Workers (one per subprocess)
 
@@ -251,8 +299,9 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
         useful, flops = useful + n, flops + f
     sync(device)
     seconds = time.time() - t0
-    return {"tok_s": useful / seconds, "seconds": seconds, "useful_tokens": useful, "peak_mb": peak_memory_mb(device),
-            "flop_s": flops / seconds, "flop_per_token": flops / useful}
+    result = {"tok_s": useful / seconds, "seconds": seconds, "useful_tokens": useful, "peak_mb": peak_memory_mb(device),
+              "flop_s": flops / seconds, "flop_per_token": flops / useful}
+    return result, lambda: step([tokens[i] for i in batches[(warm + steps) % len(batches)]])  # one more step
 
 
 def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_tokens=96, shots=0, compile=False):
@@ -289,6 +338,8 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         sync(device)
         seconds = time.time() - t0
         generated = sum(len(c["tokens"]) for o in outs for c in o)
+        again = partial(generate, model, tok, prompts[:batch_size], cfg, eos_id=model.cfg.eos_token_id,
+                        pad_id=model.cfg.pad_token_id, prefix=header)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -327,7 +378,9 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
             sync(device)
             seconds = time.time() - t0
         generated = sum(useful(row) for row in rows)  # counted outside the timed region
-    return {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
+        again = torch.no_grad()(partial(run, prompts[:batch_size], n, max_new_tokens))
+    result = {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
+    return result, again  # one more batch
 
 
 def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=24, reprefill=False):
@@ -384,7 +437,8 @@ def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=
         sync(device)
         seconds = time.time() - t0
     generated = len(prompts) * rounds * (ask + solve)
-    return {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
+    result = {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
+    return result, torch.no_grad()(dialogue)  # the dialogue again
 
 
 def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slots=512):
@@ -409,8 +463,9 @@ def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slo
             tok = logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
     seconds = time.time() - t0
-    return {"tok_s": rows * steps / seconds, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
-            "peak_mb": peak_memory_mb(device)}
+    result = {"tok_s": rows * steps / seconds, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
+              "peak_mb": peak_memory_mb(device)}
+    return result, torch.no_grad()(lambda: [step(tok, cache) for _ in range(10)])  # ten more steps
 
 
 def teacher_api_worker(side, name, n, questions, batch_size, device, dtype, parallel=40, concurrency=4):
@@ -450,7 +505,7 @@ def teacher_api_worker(side, name, n, questions, batch_size, device, dtype, para
     run = data.run_totals(out)[-1]
     kept = sum(r["teacher_tokens"] for rec in data.read_corpus(out) for r in rec["rationales"])
     return {"tok_s": kept / run["seconds"], "seconds": run["seconds"], "generated": kept,
-            "peak_mb": server_mb or peak_memory_mb(device), "client_share": run.get("client_cpu_seconds", 0) / run["seconds"]}
+            "peak_mb": server_mb or peak_memory_mb(device), "client_share": run.get("client_cpu_seconds", 0) / run["seconds"]}, None
 
 
 # -----------------------------------------------------------------------------
@@ -460,6 +515,7 @@ def teacher_api_worker(side, name, n, questions, batch_size, device, dtype, para
 RESULTS = None  # --results FILE: every measurement appended as it ends (a cut run keeps what it measured)
 DEADLINE = None  # --deadline: time.time() after which no measurement starts (a lent GPU's call has a hard limit)
 ROW_TIMEOUT = None  # --row-timeout: seconds one worker may run before it is killed and its row says so
+PROFILE_DIR = None  # --profile DIR: every worker profiles one more run of its work there (see profiled)
 REUSE = {}  # --reuse FILE: measurements of an earlier call on this device, by what was measured (not re-run)
 DEVICE_NAME = None  # the device the driver runs on, recorded with each measurement (and matched by --reuse)
 
@@ -484,7 +540,11 @@ def measure(kind, side, keep_going=False, **kw):
     """Run one worker in a fresh process; return its JSON result. keep_going: a failed worker gives
     {"failed": the end of its stderr} instead of stopping the run (the GPU suite: one row's failure is a finding)."""
     cmd = [sys.executable, __file__, "--worker", json.dumps({"kind": kind, "side": side, **kw})]
-    reused = REUSE.get(measured_key(kind, side, kw))
+    key = measured_key(kind, side, kw)
+    if PROFILE_DIR:  # one file a measurement: its kind, model and side, and a digest of the rest of what it measures
+        name = f"{kind}-{Path(str(kw.get('name'))).name}-{side}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.txt"
+        cmd += ["--profile-to", str(Path(PROFILE_DIR) / name)]
+    reused = REUSE.get(key)
     if reused is not None:
         print(f"{kind} {kw.get('name')} {side}: reused (--reuse)", file=sys.stderr, flush=True)
         return reused
@@ -493,21 +553,29 @@ def measure(kind, side, keep_going=False, **kw):
     start = time.time()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=ROW_TIMEOUT if keep_going else None)
+        out, err, why = r.stdout, r.stderr, r.returncode and f"exit {r.returncode}"
     except subprocess.TimeoutExpired as e:
-        tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
-        print(f"{kind} {kw.get('name')} {side}: TIMED OUT\n{tail[-2000:]}", file=sys.stderr, flush=True)
-        return _failed(kind, side, kw, f"killed after --row-timeout {ROW_TIMEOUT:.0f} s")
-    if r.returncode != 0:
-        if keep_going:
-            print(f"{kind} {kw.get('name')} {side}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr, flush=True)
-            return _failed(kind, side, kw, r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else
-                           f"exit {r.returncode}")
-        raise SystemExit(f"worker {kind}/{side} failed:\n{r.stderr[-3000:]}")
-    result = {**json.loads(r.stdout.strip().splitlines()[-1]), "wall_s": time.time() - start}  # wall: start-up, compile
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        why = f"killed after --row-timeout {ROW_TIMEOUT:.0f} s"
+    measured = worker_result(out)  # printed before the worker profiles: it stands if the profiling dies
+    if why:
+        print(f"{kind} {kw.get('name')} {side}: {'FAILED' if measured is None else 'measured, then'} {why}\n"
+              f"{err[-2000:]}", file=sys.stderr, flush=True)
+    if measured is None:
+        why = why or "no measurement in its output"
+        if keep_going:  # the row says why: the timeout, or the error's last line
+            return _failed(kind, side, kw, why if "row-timeout" in why or not err.strip() else err.strip().splitlines()[-1][:300])
+        raise SystemExit(f"worker {kind}/{side} failed ({why}):\n{err[-3000:]}")
+    result = {**measured, "wall_s": time.time() - start}  # wall: start-up, compile
     print(f"{kind} {kw.get('name')} {side}: {result['tok_s']:,.1f} tok/s in {result['seconds']:.1f} s "
           f"({result['wall_s']:.0f} s with start-up and compiling)", file=sys.stderr, flush=True)  # one line a measurement
     record(kind, side, kw, result)
     return result
+
+
+def worker_result(stdout):
+    """A worker's measurement: the last line of its output that is one (a worker prints it before it profiles)."""
+    return next((json.loads(line) for line in reversed(stdout.splitlines()) if line.startswith('{"tok_s"')), None)
 
 
 def _failed(kind, side, kw, why):
@@ -632,22 +700,28 @@ def main():
     p.add_argument("--row-timeout", type=float, default=None, help="--suite gpu: kill a measurement after this many seconds")
     p.add_argument("--reuse", default=None, help="--suite gpu: take the measurements this --results file holds for this "
                    "device instead of running them again (a suite split over several calls)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="after each measurement, profile one more run of "
+                   "its work (torch.profiler; outside the timing) and write what bounds it to DIR (default: none)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile-to", default=None, help=argparse.SUPPRESS)  # a worker's --profile file
     args = p.parse_args()
     if args.prepare_assets:
         return prepare_assets(args.teacher)
-    global RESULTS, DEADLINE, ROW_TIMEOUT, REUSE, DEVICE_NAME
-    RESULTS, ROW_TIMEOUT = args.results, args.row_timeout
+    global RESULTS, DEADLINE, ROW_TIMEOUT, REUSE, DEVICE_NAME, PROFILE, PROFILE_DIR
+    RESULTS, ROW_TIMEOUT, PROFILE_DIR = args.results, args.row_timeout, args.profile
     DEADLINE = None if args.deadline is None else time.time() + args.deadline
     if args.worker:
         kw = json.loads(args.worker)
+        PROFILE = (args.profile_to, args.worker) if args.profile_to else None
         kind = kw.pop("kind")
         kw["device"], kw["dtype"] = torch.device(kw["device"]), DTYPES[kw["dtype"]]
         torch.set_num_threads(kw.pop("threads", torch.get_num_threads()))
         workers = {"train": train_worker, "sample": sample_worker, "socratic": socratic_worker,
                    "teacher-api": teacher_api_worker, "decode_step": decode_step_worker}
-        result = workers[kind](**kw)
-        print(json.dumps(result))
+        result, again = workers[kind](**kw)  # the measurement, and a callable that runs its work once more
+        print(json.dumps(result), flush=True)  # first: a profile that fails or is killed does not lose it
+        if PROFILE and again is not None:
+            profiled(kw["device"], again)
         return
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

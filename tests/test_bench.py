@@ -1,0 +1,78 @@
+"""bench/bench.py's machinery (not its numbers): --profile's files, the GPU-busy arithmetic, and a measurement that
+survives its profile failing or its worker dying while it profiles."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_student
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_student(tmp_path_factory.mktemp("bench") / "tiny")
+
+
+def sample(folder, **kw):
+    return dict(name=str(folder), n=2, questions=2, batch_size=2, device="cpu", dtype="float32", max_new_tokens=4) | kw
+
+
+def test_covered_counts_overlapping_intervals_once():
+    assert bench.covered([]) == 0
+    assert bench.covered([(0, 10), (20, 25)]) == 15
+    assert bench.covered([(5, 15), (0, 10), (12, 13), (30, 31)]) == 16  # unsorted, overlapping, nested
+    assert bench.covered([(0, 10), (10, 20)]) == 20
+
+
+def test_profile_writes_what_each_measurement_ran(tiny, tmp_path, monkeypatch):
+    """--profile: each worker, in its own process, profiles one more run of its work and writes it to its own file
+    (kind, model, side, and a digest of the rest), titled with what it measured; the measurement still comes back."""
+    monkeypatch.setattr(bench, "PROFILE_DIR", str(tmp_path / "profiles"))
+    for n in (2, 3):
+        result = bench.measure("sample", "ours", **sample(tiny, n=n))
+        assert result["generated"] > 0 and result["tok_s"] > 0
+    files = sorted((tmp_path / "profiles").iterdir())
+    assert len(files) == 2 and all(f.name.startswith("sample-tiny-ours-") for f in files), files
+    texts = [f.read_text() for f in files]
+    assert sorted(json.loads(t.splitlines()[0])["n"] for t in texts) == [2, 3]
+    for text in texts:
+        assert text.splitlines()[1].startswith("profiled run: ")
+        assert "aten::linear" in text and "Self CPU time total" in text  # the model ran under the profiler
+
+
+def test_a_failed_profile_is_written_not_raised(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "PROFILE", (tmp_path / "p.txt", "what it measured"))
+
+    def fails():
+        raise RuntimeError("CUPTI said no")
+    bench.profiled(torch.device("cpu"), fails)
+    assert (tmp_path / "p.txt").read_text() == "what it measured\nprofile failed: RuntimeError: CUPTI said no\n"
+
+
+def test_a_worker_that_dies_while_it_profiles_keeps_its_measurement(tiny, tmp_path, monkeypatch):
+    """The fault where it hurts: the worker process dies hard inside the profiled run (as a CUDA or CUPTI crash
+    would), after its measurement: the measurement stands and is recorded; a worker that dies before measuring
+    fails its row."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # runs at the worker's start-up: the profiler's entry kills the process
+        "import os, torch.profiler\n"
+        "torch.profiler.profile.__enter__ = lambda self: os._exit(int(os.environ['DIE_WITH']))\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("DIE_WITH", "3")
+    monkeypatch.setattr(bench, "PROFILE_DIR", str(tmp_path / "profiles"))
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "results.jsonl"))
+    result = bench.measure("sample", "ours", keep_going=True, **sample(tiny))
+    assert "failed" not in result and result["generated"] > 0
+    assert list((tmp_path / "profiles").iterdir()) == []  # it died before writing
+    [rec] = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rec["generated"] == result["generated"] and rec["side"] == "ours"
+
+    failed = bench.measure("sample", "ours", keep_going=True, **sample(tiny, name=str(tmp_path / "missing")))
+    assert "failed" in failed and "missing" in failed["failed"]  # the error's last line
