@@ -34,13 +34,14 @@ record (--record, experiments/scotd-table/, committed): each step's command and 
 metrics, and every evaluation's predictions and summary. The record is what the tables are read from, so
 a later session in a fresh clone goes on from it; a student whose evaluation is still to run and whose
 checkpoint is gone trains again (the same seed and data: the same weights).
-Writes <--results>/results.md and vote-curves.png, and with --readme the table between its markers.
+Writes <--results>/results.md and vote-curves.png (--plan chains: the files below), and with --readme the table
+between its markers.
 
 --plan chains (issue #31) runs other students the same way: K = 1, 2, 3, 5 random rationales per question and
 K = all, all for as many steps as one pass over K = all (the K curve); K = 3 chosen by the teacher's likelihood
 (likeliest, unlikeliest) or for diversity (train.py --select, on the --score'd corpus); and self-consistency on
-all 1,221 questions for `cot` and K = all. It writes chains-results.md, chains.png (accuracy against K) and the
-vote curves; its record is <--results>/chains-table.
+all 1,221 questions for `cot` and K = all. It writes chains-results.md, chains.png (accuracy against K) and
+chains-vote-curves.png (the claims plan's files stay as they are); its record is <--results>/chains-table.
 """
 
 import argparse
@@ -436,7 +437,7 @@ def report(args, skipped, wall0):
         ks = list(range(1, args.n + 1))
         series = {name: (ks, [float(np.mean(c)) for c in curve]) for name, curve in curves.items()}
         bands = {name: tuple(zip(*[wilson(sum(c), len(c)) for c in curve])) for name, curve in curves.items()}
-        plot_lines(results / "vote-curves.png", series, "chains voted over (k)", "accuracy",
+        plot_lines(results / ("chains-vote-curves.png" if args.plan == "chains" else "vote-curves.png"), series, "chains voted over (k)", "accuracy",
                    f"self-consistency, CSQA validation ({sc}), 95 % bands", bands=bands)
     if args.plan == "chains":
         plot_chains(results / "chains.png", systems)

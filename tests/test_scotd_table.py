@@ -182,3 +182,5 @@ def test_the_chains_plan_trains_k_and_selection_students_at_equal_steps(setup, t
     assert page.startswith("# How many rationales, which ones, and self-consistency, measured")
     assert "K = 2 beats K = 1 | qwen-K2-steps vs qwen-K1-steps | | | | not run yet |" in page
     assert (tmp_path / "results" / "chains.png").stat().st_size > 0
+    assert (tmp_path / "results" / "chains-vote-curves.png").stat().st_size > 0  # K = all's self-consistency
+    assert not (tmp_path / "results" / "vote-curves.png").exists()  # the claims plan's plot is not overwritten
