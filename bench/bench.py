@@ -553,10 +553,10 @@ def measure(kind, side, keep_going=False, **kw):
     start = time.time()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=ROW_TIMEOUT if keep_going else None)
-        out, err, why = r.stdout, r.stderr, r.returncode and f"exit {r.returncode}"
+        out, err, why, timed_out = r.stdout, r.stderr, r.returncode and f"exit {r.returncode}", False
     except subprocess.TimeoutExpired as e:
         out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
-        why = f"killed after --row-timeout {ROW_TIMEOUT:.0f} s"
+        why, timed_out = f"killed after --row-timeout {ROW_TIMEOUT:.0f} s", True
     measured = worker_result(out)  # printed before the worker profiles: it stands if the profiling dies
     if why:
         print(f"{kind} {kw.get('name')} {side}: {'FAILED' if measured is None else 'measured, then'} {why}\n"
@@ -564,7 +564,7 @@ def measure(kind, side, keep_going=False, **kw):
     if measured is None:
         why = why or "no measurement in its output"
         if keep_going:  # the row says why: the timeout, or the error's last line
-            return _failed(kind, side, kw, why if "row-timeout" in why or not err.strip() else err.strip().splitlines()[-1][:300])
+            return _failed(kind, side, kw, why if timed_out or not err.strip() else err.strip().splitlines()[-1][:300])
         raise SystemExit(f"worker {kind}/{side} failed ({why}):\n{err[-3000:]}")
     result = {**measured, "wall_s": time.time() - start}  # wall: start-up, compile
     print(f"{kind} {kw.get('name')} {side}: {result['tok_s']:,.1f} tok/s in {result['seconds']:.1f} s "
@@ -574,7 +574,8 @@ def measure(kind, side, keep_going=False, **kw):
 
 
 def worker_result(stdout):
-    """A worker's measurement: the last line of its output that is one (a worker prints it before it profiles)."""
+    """A worker's measurement: the last line of its output that is one (every worker's opens with tok_s; a worker
+    prints it before it profiles)."""
     return next((json.loads(line) for line in reversed(stdout.splitlines()) if line.startswith('{"tok_s"')), None)
 
 

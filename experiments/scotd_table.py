@@ -147,9 +147,9 @@ CHAIN_CLAIMS = [
     ("SCoTD", "self-consistency beats greedy decoding (PaLM `cot` student)", "cot@sc", "cot", "beats"),
     ("SCoTD", "self-consistency beats greedy decoding (Qwen corpus, K = all)", "qwen-Kall@sc", "qwen-Kall", "beats"),
 ]
-# plan -> (students, claims, results page, record folder, the results page's markers)
-PLANS = {"claims": (STUDENTS, CLAIMS, "results.md", "scotd-table", (README_BEGIN, README_END)),
-         "chains": (CHAIN_STUDENTS, CHAIN_CLAIMS, "chains-results.md", "chains-table",
+# plan -> (students, claims, results page, vote-curve plot, record folder, the results page's markers)
+PLANS = {"claims": (STUDENTS, CLAIMS, "results.md", "vote-curves.png", "scotd-table", (README_BEGIN, README_END)),
+         "chains": (CHAIN_STUDENTS, CHAIN_CLAIMS, "chains-results.md", "chains-vote-curves.png", "chains-table",
                     ("<!-- chains_table: begin (written by experiments/scotd_table.py --plan chains) -->",
                      "<!-- chains_table: end -->"))}
 
@@ -437,7 +437,7 @@ def report(args, skipped, wall0):
         ks = list(range(1, args.n + 1))
         series = {name: (ks, [float(np.mean(c)) for c in curve]) for name, curve in curves.items()}
         bands = {name: tuple(zip(*[wilson(sum(c), len(c)) for c in curve])) for name, curve in curves.items()}
-        plot_lines(results / ("chains-vote-curves.png" if args.plan == "chains" else "vote-curves.png"), series, "chains voted over (k)", "accuracy",
+        plot_lines(results / args.curves_plot, series, "chains voted over (k)", "accuracy",
                    f"self-consistency, CSQA validation ({sc}), 95 % bands", bands=bands)
     if args.plan == "chains":
         plot_chains(results / "chains.png", systems)
@@ -506,7 +506,7 @@ def main(argv=None):
     p.add_argument("--teachers", default=str(TEACHERS), help="teacher_runs.sh's outputs (the teacher's own accuracy)")
     p.add_argument("--machine", default="2-core AMD EPYC VM, float32, torch 2.13.0+cpu")
     args = p.parse_args(argv)
-    args.students, args.claims, args.page, record, args.markers = PLANS[args.plan]
+    args.students, args.claims, args.page, args.curves_plot, record, args.markers = PLANS[args.plan]
     args.record = args.record or str(Path(args.results) / record)
     args.sc_limit = args.sc_limit if args.sc_limit is not None else (0 if args.plan == "chains" else 400)
     names = [s.name for s in args.students]
