@@ -26,6 +26,7 @@ import json
 import queue
 import random
 import re
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -263,8 +264,17 @@ def in_order(work, jobs, concurrency):
                 stop.set()  # no new jobs: the run ends once the jobs before this one are written
                 done.put((k, None, e))
 
-    for _ in range(min(concurrency, len(jobs))):
-        threading.Thread(target=worker, daemon=True).start()
+    # A Ctrl-C or SIGTERM sent to the process may be handed to any thread that does not block it, and only the
+    # main thread runs Python's handlers: one taken by a worker stuck in a request would wait for that request.
+    # So the workers start with both blocked (a thread inherits its creator's mask).
+    masked = hasattr(signal, "pthread_sigmask")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if masked else None
+    try:
+        for _ in range(min(concurrency, len(jobs))):
+            threading.Thread(target=worker, daemon=True).start()
+    finally:
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     ready = {}
     try:
         for k, job in enumerate(jobs):

@@ -240,6 +240,16 @@ def test_ctrl_c_exits_130_with_every_line_valid_and_the_rerun_completes(faulty, 
     assert len(data.read_corpus(out)) == 4
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_ctrl_c_and_sigterm_go_to_the_main_thread_not_to_a_worker_in_a_request():
+    """The workers block SIGINT and SIGTERM, so the kernel hands them to the main thread (which raises
+    KeyboardInterrupt at once), never to a worker waiting on a stalled request; the main thread's mask is kept."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    masks = [mask for _, mask in api.in_order(lambda job: signal.pthread_sigmask(signal.SIG_BLOCK, []), range(4), 2)]
+    assert all({signal.SIGINT, signal.SIGTERM} <= mask for mask in masks)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before and signal.SIGINT not in before
+
+
 def test_records_land_in_question_order_whatever_finishes_first(faulty, tmp_path):
     url, seen = faulty("slow:1.5")  # the first question's request is the slowest
     out = run(url, tmp_path / "c.jsonl", "--concurrency", "3", limit=5)
