@@ -149,13 +149,17 @@ class KVCache:
     `shared`: a one-row cache (a few-shot header, prefilled once) that every row continues from. Its K/V
     are attended to by all rows but stored once, not copied per row (see `shared_prefix_attention`);
     this cache's slots hold only what follows it, and positions start at its length.
+
+    K and V are one tensor per layer, not one (L, ...) tensor: a compiled step that writes into a slice of one
+    big input rewrites the whole of it (every layer's cache) for each layer's write -- on an H100, 256 rows
+    over 512 slots, 94 ms a step instead of a few (bench/README.md, "The GPU rows").
     """
 
     def __init__(self, cfg, batch_size, max_seq_len, device=None, dtype=torch.float32, static=False, shared=None):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        shape = (batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         alloc = torch.zeros if static else torch.empty  # eager steps never read a slot before writing it
-        self.k = alloc(shape, device=device, dtype=dtype)  # (L, B, n_kv, S, hd)
-        self.v = alloc(shape, device=device, dtype=dtype)
+        self.k = [alloc(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]  # L x (B, n_kv, S, hd)
+        self.v = [alloc(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # (B, S)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the next slot, on the device (== length)
         self.length = 0  # slots filled so far, the same for every row
@@ -170,7 +174,7 @@ class KVCache:
         """A static cache on CUDA: its tensors keep their addresses, so a CUDA graph of the decode step (sample.py,
         mode="reduce-overhead") may write into them in place instead of being skipped for mutating its inputs."""
         if self.static and self.valid.is_cuda:
-            for t in (self.k, self.v, self.valid, self.slot, self.pos):
+            for t in (*self.k, *self.v, self.valid, self.slot, self.pos):
                 torch._dynamo.mark_static_address(t)
 
     @property
@@ -183,15 +187,16 @@ class KVCache:
 
     def write(self, layer, k, v):
         """Store this step's K/V (B, n_kv, T, hd) for `layer`; return the K/V to attend over."""
+        K, V = self.k[layer], self.v[layer]
         if k.shape[2] == 1:  # decode
-            self.k[layer].index_copy_(2, self.slot, k.to(self.k.dtype))  # autocast may compute K/V in 16 bits
-            self.v[layer].index_copy_(2, self.slot, v.to(self.v.dtype))
+            K.index_copy_(2, self.slot, k.to(K.dtype))  # autocast may compute K/V in 16 bits
+            V.index_copy_(2, self.slot, v.to(V.dtype))
             n = self.attended()
-            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]  # (B, n_kv, S, hd)
+            return K[:, :, :n], V[:, :, :n]  # (B, n_kv, S, hd)
         end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        K[:, :, self.length:end] = k
+        V[:, :, self.length:end] = v
+        return K[:, :, :end], V[:, :, :end]
 
     def attention(self, mask):
         """How a prefill or decode step over this cache attends (attention.py), under mask (B, 1, T, S)."""
@@ -200,7 +205,7 @@ class KVCache:
     def shared_kv(self, layer):
         """The shared prefix's K/V for `layer`: (n_kv, P, hd) each."""
         P = self.shared.length
-        return self.shared.k[layer, 0, :, :P], self.shared.v[layer, 0, :, :P]
+        return self.shared.k[layer][0, :, :P], self.shared.v[layer][0, :, :P]
 
     def attended(self):
         """Slots a decode step attends over: all of them when static, else the filled ones and the new one."""
@@ -219,30 +224,33 @@ class KVCache:
         n = 1 (greedy) returns this cache itself: nothing to repeat."""
         if n == 1:
             return self
-        L, B, n_kv, S, hd = self.k.shape
-        new = self._view(self.k.new_empty(L, B * n, n_kv, S, hd), self.v.new_empty(L, B * n, n_kv, S, hd),
-                         self.valid.repeat_interleave(n, 0), self.pos.repeat_interleave(n, 0))
+        B, n_kv, S, hd = self.k[0].shape
         filled, empty = slice(0, self.length), slice(self.length, S)
-        new.k[:, :, :, filled] = self.k[:, :, :, filled].repeat_interleave(n, 1)
-        new.v[:, :, :, filled] = self.v[:, :, :, filled].repeat_interleave(n, 1)
-        if self.static:
-            new.k[:, :, :, empty] = 0
-            new.v[:, :, :, empty] = 0
-        return new
+
+        def repeated(t):
+            new = t.new_empty(B * n, n_kv, S, hd)
+            new[:, :, filled] = t[:, :, filled].repeat_interleave(n, 0)
+            if self.static:
+                new[:, :, empty] = 0
+            return new
+        return self._view([repeated(t) for t in self.k], [repeated(t) for t in self.v],
+                          self.valid.repeat_interleave(n, 0), self.pos.repeat_interleave(n, 0))
 
     def select_rows(self, keep):
         """Keep only the rows `keep` (ascending), e.g. drop finished chains from the running batch. The
         kept rows move to the front in place, filled slots only: no new memory, and this cache is
         consumed (use the returned one)."""
-        filled = slice(0, self.length)
-        for dst, src in enumerate(keep):
-            if dst != src:  # dst < src, so a row is never overwritten before it has moved
-                self.k[:, dst, :, filled] = self.k[:, src, :, filled]
-                self.v[:, dst, :, filled] = self.v[:, src, :, filled]
-                self.valid[dst] = self.valid[src]
-                self.pos[dst] = self.pos[src]
         m = len(keep)
-        return self._view(self.k[:, :m], self.v[:, :m], self.valid[:m], self.pos[:m])
+        moved = [dst for dst, src in enumerate(keep) if dst != src]  # dst < src: a row moves to the front
+        if moved:
+            dst = torch.tensor(moved, device=self.valid.device)
+            src = torch.tensor([keep[i] for i in moved], device=self.valid.device)
+            filled = slice(0, self.length)
+            for t in (*self.k, *self.v):  # one layer at a time: a temporary of the moved rows of one layer
+                t[dst, :, filled] = t[src, :, filled]
+            self.valid[dst] = self.valid[src]
+            self.pos[dst] = self.pos[src]
+        return self._view([t[:m] for t in self.k], [t[:m] for t in self.v], self.valid[:m], self.pos[:m])
 
 
 # -----------------------------------------------------------------------------

@@ -176,6 +176,18 @@ def sync(device):
 
 
 PROFILE = None  # a worker's (--profile-to FILE, what it measures): where its profile goes (see profiled)
+WARM_ONLY = False  # a worker's --warm-only: stop after the warm-up (see prewarm)
+
+
+class Warmed(Exception):
+    """Raised by warmed() in a --warm-only worker: its warm-up (model build, compiles, CUDA-graph captures) is done."""
+
+
+def warmed():
+    """Called by every worker right after its warm-up: a --warm-only worker stops there, having filled the compile
+    cache for the timed run of the same measurement."""
+    if WARM_ONLY:
+        raise Warmed
 
 
 def profiled(device, run):
@@ -293,6 +305,7 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
     for b in batches[:warm]:
         step([tokens[i] for i in b])
     sync(device)
+    warmed()
     t0, useful, flops = time.time(), 0, 0
     for b in batches[warm:warm + steps]:
         n, f = step([tokens[i] for i in b])
@@ -332,6 +345,7 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         generate(model, tok, warm, SampleConfig(n=n if compile else 2, max_new_tokens=max_new_tokens if compile else 4,
                                                  stop=(stop,), batch_size=batch_size, compile=compile), prefix=header)
         sync(device)
+        warmed()
         t0 = time.time()
         outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
                         prefix=header)
@@ -373,6 +387,7 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         with torch.no_grad():
             run(prompts[:batch_size], n, max_new_tokens) if compile else run(prompts[:1], 2, 4)  # warm-up
             sync(device)
+            warmed()
             t0 = time.time()
             rows = [row for s in range(0, len(prompts), batch_size) for row in run(prompts[s:s + batch_size], n, max_new_tokens)]
             sync(device)
@@ -457,6 +472,7 @@ def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slo
         for _ in range(5):  # compile and capture
             step(tok, cache)
         sync(device)
+        warmed()
         t0 = time.time()
         for _ in range(steps):
             logits = step(tok, cache)
@@ -539,7 +555,7 @@ def load_reuse(path):
 def measure(kind, side, keep_going=False, **kw):
     """Run one worker in a fresh process; return its JSON result. keep_going: a failed worker gives
     {"failed": the end of its stderr} instead of stopping the run (the GPU suite: one row's failure is a finding)."""
-    cmd = [sys.executable, __file__, "--worker", json.dumps({"kind": kind, "side": side, **kw})]
+    cmd = worker_command(kind, side, kw)
     key = measured_key(kind, side, kw)
     if PROFILE_DIR:  # one file a measurement: its kind, model and side, and a digest of the rest of what it measures
         name = f"{kind}-{Path(str(kw.get('name'))).name}-{side}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.txt"
@@ -573,6 +589,47 @@ def measure(kind, side, keep_going=False, **kw):
     return result
 
 
+def worker_command(kind, side, kw):
+    return [sys.executable, __file__, "--worker", json.dumps({"kind": kind, "side": side, **kw})]
+
+
+def prewarm(jobs, parallel, seconds):
+    """--prewarm J: before the timed pass, run the warm-up of every planned measurement -- model build, compiles,
+    CUDA-graph captures, nothing timed -- in J processes at once, so that each worker of the timed pass (one at a
+    time, alone on the device) finds its compiles in the cache (TORCHINDUCTOR_CACHE_DIR) instead of spending ~100 s
+    on them: compiling is mostly single-threaded Python, so J at once take about the time of one. jobs: (kind,
+    side, kw) as measure takes them; none starts after `seconds`; a warm-up that fails only leaves its compiles
+    cold (the timed pass compiles them)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    end, big, writing = time.time() + seconds, threading.Lock(), threading.Lock()
+
+    def warm(job):
+        kind, side, kw = job
+        kw = {k: v for k, v in kw.items() if k != "keep_going"}
+        if measured_key(kind, side, kw) in REUSE or time.time() > end:
+            return
+        start, why = time.time(), None
+        if kw["name"].endswith("-random"):
+            with writing:  # each random init written once, here, not by J workers racing to write it
+                model_folder(kw["name"])
+        # one billion-parameter training at a time: two OPT-1.3b steps of 16k tokens (~50 GB each) overfill an H100
+        with big if kind == "train" and "1.3b" in kw["name"] else nullcontext():
+            try:
+                r = subprocess.run(worker_command(kind, side, kw) + ["--warm-only"], capture_output=True, text=True,
+                                   cwd=ROOT, timeout=ROW_TIMEOUT)
+                if '{"warmed": true}' not in r.stdout:
+                    why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1][:300]
+            except subprocess.TimeoutExpired:
+                why = f"killed after --row-timeout {ROW_TIMEOUT:.0f} s"
+        print(f"warm-up {kind} {kw.get('name')} {side}: {why or 'done'} ({time.time() - start:.0f} s)", file=sys.stderr,
+              flush=True)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(warm, jobs))
+
+
 def worker_result(stdout):
     """A worker's measurement: the last line of its output that is one (every worker's opens with tok_s; a worker
     prints it before it profiles)."""
@@ -592,12 +649,13 @@ def record(kind, side, kw, result):
                                 "measured": sorted(kw)}) + "\n")
 
 
-def gpu_suite(device, dtype, quick, only=None):
+def gpu_suite(device, dtype, quick, only=None, measure=measure):
     """Every GPU row of issue #32 in one call, each side with its best settings (compiled, fused AdamW, SDPA; ours
     also its shared-prefix rows and CUDA-graph decode; transformers its static-cache generate): random inits of
     SmolLM2-135M, OPT-1.3b and Qwen2.5-1.5B shapes (bench/assets), so nothing but the repository travels.
-    Cheapest rows first, so that a call cut by --deadline keeps the most rows.
-    only: one group of rows (decode, sample, train, teacher, k30), for a call that must be split.
+    The rows #32 sets targets for first (the decode step, N = 30, the teacher, OPT-1.3b's MFU, SmolLM2's 2x), so
+    that a call cut by --deadline keeps those. only: one group of rows (decode, sample, train, teacher, k30), for a
+    call that must be split. measure: what runs each measurement (prewarm's planner passes one that records it).
     -> (training rows, sampling rows, decode-step rows)."""
     steps, go = (3 if quick else 20), dict(device=device, dtype=dtype, keep_going=True)
     train_rows, sample_rows, step_rows = [], [], []
@@ -605,20 +663,30 @@ def gpu_suite(device, dtype, quick, only=None):
     for rows in (32, 256) if run("decode") else ():
         step_rows.append((f"smollm2-135m-random decode step, {rows} rows, 512 static slots",
                           measure("decode_step", "ours", name="smollm2-135m-random", rows=rows, **go)))
-    questions = 8 if quick else 32
-    for n in (10, 30) if run("sample") else ():
+    questions = 8  # one batch of 8 questions (80 or 240 rows), the same on both sides (transformers' N = 30 is slow)
+
+    def sample(n):
         kw = dict(name="smollm2-135m-random", n=n, questions=questions, batch_size=8, compile=True, **go)
         sample_rows.append((f"smollm2-135m-random, {questions} questions, N={n}, compiled / static cache",
                             measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
-    shapes = [(name, tokens) for name in ("smollm2-135m-random", "opt-1.3b-random") for tokens in (None, 16384)]
-    for name, tokens in shapes if run("train") else ():
+
+    def train(name, tokens):
         kw = dict(name=name, steps=steps, batch_size=8, compile=True, batch_tokens=tokens, **go)
         label = f"{name}, {'batch 8' if tokens is None else f'<= {tokens:,} tokens a batch'}, {steps} steps, compiled"
         train_rows.append((label, measure("train", "ours", **kw), measure("train", "hf", **kw)))
-    kw = dict(name="qwen2.5-1.5b-random", n=30, questions=4 if quick else 16, batch_size=8, shots=4, compile=True, **go)
+
+    if run("sample"):
+        sample(30)
+    kw = dict(name="qwen2.5-1.5b-random", n=30, questions=4 if quick else 8, batch_size=8, shots=4, compile=True, **go)
     if run("teacher"):
         sample_rows.append((f"teacher.py: qwen2.5-1.5b-random, 4-shot, {kw['questions']} questions, N=30",
                             measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
+    for name, tokens in (("opt-1.3b-random", 16384), ("smollm2-135m-random", None), ("smollm2-135m-random", 16384)):
+        train(name, tokens) if run("train") else None
+    if run("sample"):
+        sample(10)
+    if run("train"):
+        train("opt-1.3b-random", None)
     kw = dict(name="smollm2-135m-random", steps=steps, batch_size=30, k=30, compile=True, **go)
     hf = measure("train", "hf", **kw) if run("k30") else None
     for share, kernel in ((True, "gather"), (True, "flex"), (False, "gather")) if run("k30") else ():
@@ -703,12 +771,18 @@ def main():
                    "device instead of running them again (a suite split over several calls)")
     p.add_argument("--profile", default=None, metavar="DIR", help="after each measurement, profile one more run of "
                    "its work (torch.profiler; outside the timing) and write what bounds it to DIR (default: none)")
+    p.add_argument("--prewarm", type=int, default=0, metavar="J", help="--suite gpu: first run every measurement's "
+                   "warm-up (compiles, CUDA-graph captures; nothing timed) in J processes at once, so the timed pass "
+                   "finds its compiles cached (default: 0, none)")
+    p.add_argument("--prewarm-for", type=float, default=300, metavar="S",
+                   help="--prewarm: start no warm-up after S seconds (default: 300)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)  # a worker: stop after the warm-up
     p.add_argument("--profile-to", default=None, help=argparse.SUPPRESS)  # a worker's --profile file
     args = p.parse_args()
     if args.prepare_assets:
         return prepare_assets(args.teacher)
-    global RESULTS, DEADLINE, ROW_TIMEOUT, REUSE, DEVICE_NAME, PROFILE, PROFILE_DIR
+    global RESULTS, DEADLINE, ROW_TIMEOUT, REUSE, DEVICE_NAME, PROFILE, PROFILE_DIR, WARM_ONLY
     RESULTS, ROW_TIMEOUT, PROFILE_DIR = args.results, args.row_timeout, args.profile
     DEADLINE = None if args.deadline is None else time.time() + args.deadline
     if args.worker:
@@ -719,7 +793,11 @@ def main():
         torch.set_num_threads(kw.pop("threads", torch.get_num_threads()))
         workers = {"train": train_worker, "sample": sample_worker, "socratic": socratic_worker,
                    "teacher-api": teacher_api_worker, "decode_step": decode_step_worker}
-        result, again = workers[kind](**kw)  # the measurement, and a callable that runs its work once more
+        WARM_ONLY = args.warm_only
+        try:
+            result, again = workers[kind](**kw)  # the measurement, and a callable that runs its work once more
+        except Warmed:
+            return print('{"warmed": true}', flush=True)
         print(json.dumps(result), flush=True)  # first: a profile that fails or is killed does not lose it
         if PROFILE and again is not None:
             profiled(kw["device"], again)
@@ -731,6 +809,11 @@ def main():
     DEVICE_NAME = name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     REUSE = load_reuse(args.reuse) if args.reuse else {}
     if args.suite == "gpu":
+        if args.prewarm:
+            jobs = []
+            gpu_suite(device, dtype, args.quick, args.only,
+                      measure=lambda kind, side, **kw: jobs.append((kind, side, kw)) or {"failed": "planned"})
+            prewarm(jobs, args.prewarm, args.prewarm_for)
         train_rows, sample_rows, step_rows = gpu_suite(device, dtype, args.quick, args.only)
         api_rows = []
     else:

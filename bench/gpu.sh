@@ -3,13 +3,14 @@
 # rows with both tree kernels), sampling at N = 10 / 30, a Qwen2.5-1.5B-shaped teacher at N = 30, and the decode step
 # at 32 / 256 rows -- scotd and transformers measured in the same run, random inits from bench/assets
 # (python bench/bench.py --prepare-assets --teacher <the 1.5B teacher>, then carry it).
-#     bash bench/gpu.sh [--quick] [--only GROUP] [--deadline S] [--row-timeout S] [--reuse bench/results/gpu.jsonl]
+#     bash bench/gpu.sh [--quick] [--only GROUP] [--prewarm J] [--deadline S] [--row-timeout S] [--reuse bench/results/gpu.jsonl]
 # writes $OUT/gpu.md (the table), $OUT/gpu.jsonl (each measurement as it ends), $OUT/profiles/ (what bounds each
 # measurement: one more run of its work under torch.profiler, after its timing) and $OUT/inductor-cache.tgz.
 # Each measurement is a fresh process that compiles its model (on an H100, 2026-11-27: ~100 s each, start-up
 # included), so the whole suite takes more than one 10-minute call: --deadline starts no row after S seconds,
 # --reuse takes the rows an earlier call measured on the same device, and the compile cache of one call,
-# carried back as bench/assets/inductor-cache.tgz, spares the next call the compiles whose code is unchanged.
+# carried back as bench/assets/inductor-cache.tgz, spares the next call the compiles whose code is unchanged;
+# --prewarm J compiles every row's warm-up J at a time first, so the timed rows (one at a time) start on a warm cache.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"
@@ -22,7 +23,9 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.md"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)" | tee -a "$OUT/gpu.md"
 "$PY" bench/bench.py --suite gpu --results "$OUT/gpu.jsonl" --profile "$OUT/profiles" "$@" 2> >(tee "$OUT/gpu.log" >&2) | tee -a "$OUT/gpu.md"
-tar czf "$OUT/inductor-cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null
+if [ "$(du -sm "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | cut -f1)" -le 80 ]; then  # larger would not compress under 15 MB
+    tar czf "$OUT/inductor-cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null
+fi
 size=$(stat -c %s "$OUT/inductor-cache.tgz" 2>/dev/null || echo 0)
 if [ "$size" -gt 15000000 ]; then  # a file over 16 MiB does not come back from the device machine
     echo "inductor cache: $size bytes, too large to bring back; not kept" && rm -f "$OUT/inductor-cache.tgz"

@@ -76,3 +76,36 @@ def test_a_worker_that_dies_while_it_profiles_keeps_its_measurement(tiny, tmp_pa
 
     failed = bench.measure("sample", "ours", keep_going=True, **sample(tiny, name=str(tmp_path / "missing")))
     assert "failed" in failed and "missing" in failed["failed"]  # the error's last line
+
+
+def test_prewarm_runs_each_warm_up_and_measures_nothing(tiny, tmp_path, monkeypatch, capsys):
+    """--prewarm: every planned measurement's worker runs to the end of its warm-up, in parallel, and stops there
+    (nothing timed, nothing recorded); a warm-up that fails says why and the others go on."""
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "results.jsonl"))
+    out = bench.subprocess.run(bench.worker_command("sample", "ours", sample(tiny)) + ["--warm-only"],
+                               capture_output=True, text=True, cwd=bench.ROOT)
+    assert out.stdout.strip().splitlines()[-1] == '{"warmed": true}' and '"tok_s"' not in out.stdout, out.stderr[-2000:]
+    jobs = [("sample", "ours", sample(tiny, keep_going=True)), ("decode_step", "ours", dict(
+        name=str(tiny), rows=2, device="cpu", dtype="float32", steps=2, prompt=4, slots=16)),
+        ("sample", "ours", sample(tiny, name=str(tmp_path / "missing")))]
+    bench.prewarm(jobs, 3, 600)
+    err = capsys.readouterr().err.splitlines()
+    assert sorted(line.split(":")[0] for line in err) == ["warm-up decode_step " + str(tiny) + " ours",
+                                                          "warm-up sample " + str(tiny) + " ours",
+                                                          "warm-up sample " + str(tmp_path / "missing") + " ours"]
+    assert sum(": done (" in line for line in err) == 2
+    assert any("missing" in line.split(": ", 1)[1] for line in err if "missing ours" in line)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_the_gpu_suite_plans_the_targets_of_issue_32_first():
+    """The rows #32 sets targets for come first, so a call cut by --deadline keeps them; every row is planned once."""
+    jobs = []
+    bench.gpu_suite("cuda", "bfloat16", False, measure=lambda kind, side, **kw: jobs.append((kind, side, kw)) or {})
+    keys = [bench.measured_key(kind, side, {k: v for k, v in kw.items() if k != "keep_going"}) for kind, side, kw in jobs]
+    assert len(set(keys)) == len(keys) == 20
+    firsts = [(kind, side, kw.get("rows") or kw.get("n") or kw.get("batch_tokens"), kw["name"]) for kind, side, kw in jobs[:8]]
+    assert firsts == [("decode_step", "ours", 32, "smollm2-135m-random"), ("decode_step", "ours", 256, "smollm2-135m-random"),
+                      ("sample", "ours", 30, "smollm2-135m-random"), ("sample", "hf", 30, "smollm2-135m-random"),
+                      ("sample", "ours", 30, "qwen2.5-1.5b-random"), ("sample", "hf", 30, "qwen2.5-1.5b-random"),
+                      ("train", "ours", 16384, "opt-1.3b-random"), ("train", "hf", 16384, "opt-1.3b-random")]

@@ -270,6 +270,25 @@ def test_compiled_decode_step_is_one_graph_of_tensors(student, monkeypatch):
     assert graphs == [[]]
 
 
+def test_compiled_decode_step_writes_each_layer_into_its_own_cache_tensor(student, monkeypatch):
+    """Each layer's K/V write in the compiled step goes straight into a cache tensor of its own, an input of the
+    graph: a write into a slice of one (L, ...) tensor makes the compiled step rewrite the whole tensor, every
+    layer's cache, once for each layer (on an H100, 256 rows over 512 slots: 94 ms a step; 3 ms with one tensor a
+    layer, bench/README.md)."""
+    writes, compile = [], torch.compile
+
+    def backend(gm, example_inputs):
+        writes.extend(node.args[0] for node in gm.graph.nodes if node.target in ("index_copy_", torch.Tensor.index_copy_))
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=backend))
+    torch._dynamo.reset()
+    model, tok = from_pretrained(student), load_tokenizer(student)
+    generate(model, None, [tok.encode("Q: what?\nA:").ids], SampleConfig(n=2, max_new_tokens=4, stop=(), compile=True))
+    layers = model.cfg.num_hidden_layers
+    assert len(writes) == 2 * layers and len(set(writes)) == 2 * layers  # K and V of every layer, each its own
+    assert all(w.op == "placeholder" for w in writes), [w.format_node() for w in writes if w.op != "placeholder"]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_shared_prefix_prefilled_once_gives_the_same_tokens(student, temperature):
     """A few-shot header prefilled once and shared by each batch (by generate, or by the caller for many
