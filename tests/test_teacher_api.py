@@ -80,11 +80,32 @@ def run(url, out, *extra, limit=3, n=3):
                          "--shots", "2", "--max-new-tokens", "24", "--retry-wait", "0.01", "--timeout", "120", *extra])
 
 
+# teacher.py as a terminal starts it: Ctrl-C raises KeyboardInterrupt and no signal is blocked, whatever this test
+# process passes on (a suite started in the background of a script inherits SIGINT ignored, and so would its children)
+AS_IN_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "signal.pthread_sigmask(signal.SIG_SETMASK, []); sys.argv = sys.argv[1:]; "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def cli_run(url, out, *extra, env=None, limit=3, n=3):
-    cmd = [sys.executable, "teacher.py", "--api", url, "--model", "smol", "--out", str(out), "--limit", str(limit),
-           "--n", str(n), "--shots", "2", "--max-new-tokens", "24", "--retry-wait", "0.01", "--timeout", "120", *extra]
+    cmd = [sys.executable, "-c", AS_IN_A_TERMINAL, "teacher.py", "--api", url, "--model", "smol", "--out", str(out),
+           "--limit", str(limit), "--n", str(n), "--shots", "2", "--max-new-tokens", "24", "--retry-wait", "0.01",
+           "--timeout", "120", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | (env or {}))
+                            env=os.environ | {"PYTHONFAULTHANDLER": "1"} | (env or {}))
+
+
+def exit_code(proc, timeout):
+    """proc's exit code; if it has not exited within `timeout` s, fail with why: its signal state and the stack of
+    every thread (faulthandler, on SIGABRT)."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        state = [line.strip() for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                 if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+        proc.send_signal(signal.SIGABRT)
+        err = proc.communicate(timeout=30)[1]
+        pytest.fail(f"still running {timeout} s later; {state}; its stderr:\n{err[-6000:]}")
 
 
 def lines(path):
@@ -234,7 +255,7 @@ def test_ctrl_c_exits_130_with_every_line_valid_and_the_rerun_completes(faulty, 
         time.sleep(0.05)
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == 130 and time.time() - t0 < 10  # not waiting for the stalled request
+    assert exit_code(proc, 30) == 130 and time.time() - t0 < 10  # not waiting for the stalled request
     assert [r["id"] for r in lines(out)] == [r["id"] for r in data.read_corpus(out)] and len(lines(out)) == 2
     run(url, out, limit=4)
     assert len(data.read_corpus(out)) == 4
