@@ -238,8 +238,8 @@ class KVCache:
 
     def select_rows(self, keep):
         """Keep only the rows `keep` (ascending), e.g. drop finished chains from the running batch. The
-        kept rows move to the front in place, filled slots only: no new memory, and this cache is
-        consumed (use the returned one)."""
+        kept rows move to the front in place, filled slots only (through a temporary of one layer's moved
+        rows), and this cache is consumed (use the returned one)."""
         m = len(keep)
         moved = [dst for dst, src in enumerate(keep) if dst != src]  # dst < src: a row moves to the front
         if moved:

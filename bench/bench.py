@@ -598,7 +598,7 @@ def prewarm(jobs, parallel, seconds):
     CUDA-graph captures, nothing timed -- in J processes at once, so that each worker of the timed pass (one at a
     time, alone on the device) finds its compiles in the cache (TORCHINDUCTOR_CACHE_DIR) instead of spending ~100 s
     on them: compiling is mostly single-threaded Python, so J at once take about the time of one. jobs: (kind,
-    side, kw) as measure takes them; none starts after `seconds`; a warm-up that fails only leaves its compiles
+    side, kw) as measure's arguments; none starts after `seconds`; a warm-up that fails only leaves its compiles
     cold (the timed pass compiles them)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -607,7 +607,6 @@ def prewarm(jobs, parallel, seconds):
 
     def warm(job):
         kind, side, kw = job
-        kw = {k: v for k, v in kw.items() if k != "keep_going"}
         if measured_key(kind, side, kw) in REUSE or time.time() > end:
             return
         start, why = time.time(), None
@@ -681,8 +680,9 @@ def gpu_suite(device, dtype, quick, only=None, measure=measure):
     if run("teacher"):
         sample_rows.append((f"teacher.py: qwen2.5-1.5b-random, 4-shot, {kw['questions']} questions, N=30",
                             measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
-    for name, tokens in (("opt-1.3b-random", 16384), ("smollm2-135m-random", None), ("smollm2-135m-random", 16384)):
-        train(name, tokens) if run("train") else None
+    if run("train"):
+        for name, tokens in (("opt-1.3b-random", 16384), ("smollm2-135m-random", None), ("smollm2-135m-random", 16384)):
+            train(name, tokens)
     if run("sample"):
         sample(10)
     if run("train"):
@@ -812,7 +812,7 @@ def main():
         if args.prewarm:
             jobs = []
             gpu_suite(device, dtype, args.quick, args.only,
-                      measure=lambda kind, side, **kw: jobs.append((kind, side, kw)) or {"failed": "planned"})
+                      measure=lambda kind, side, keep_going=False, **kw: jobs.append((kind, side, kw)) or {"failed": "planned"})
             prewarm(jobs, args.prewarm, args.prewarm_for)
         train_rows, sample_rows, step_rows = gpu_suite(device, dtype, args.quick, args.only)
         api_rows = []

@@ -85,7 +85,7 @@ def test_prewarm_runs_each_warm_up_and_measures_nothing(tiny, tmp_path, monkeypa
     out = bench.subprocess.run(bench.worker_command("sample", "ours", sample(tiny)) + ["--warm-only"],
                                capture_output=True, text=True, cwd=bench.ROOT)
     assert out.stdout.strip().splitlines()[-1] == '{"warmed": true}' and '"tok_s"' not in out.stdout, out.stderr[-2000:]
-    jobs = [("sample", "ours", sample(tiny, keep_going=True)), ("decode_step", "ours", dict(
+    jobs = [("sample", "ours", sample(tiny)), ("decode_step", "ours", dict(
         name=str(tiny), rows=2, device="cpu", dtype="float32", steps=2, prompt=4, slots=16)),
         ("sample", "ours", sample(tiny, name=str(tmp_path / "missing")))]
     bench.prewarm(jobs, 3, 600)
@@ -101,8 +101,9 @@ def test_prewarm_runs_each_warm_up_and_measures_nothing(tiny, tmp_path, monkeypa
 def test_the_gpu_suite_plans_the_targets_of_issue_32_first():
     """The rows #32 sets targets for come first, so a call cut by --deadline keeps them; every row is planned once."""
     jobs = []
-    bench.gpu_suite("cuda", "bfloat16", False, measure=lambda kind, side, **kw: jobs.append((kind, side, kw)) or {})
-    keys = [bench.measured_key(kind, side, {k: v for k, v in kw.items() if k != "keep_going"}) for kind, side, kw in jobs]
+    bench.gpu_suite("cuda", "bfloat16", False,
+                    measure=lambda kind, side, keep_going=False, **kw: jobs.append((kind, side, kw)) or {})
+    keys = [bench.measured_key(kind, side, kw) for kind, side, kw in jobs]
     assert len(set(keys)) == len(keys) == 20
     firsts = [(kind, side, kw.get("rows") or kw.get("n") or kw.get("batch_tokens"), kw["name"]) for kind, side, kw in jobs[:8]]
     assert firsts == [("decode_step", "ours", 32, "smollm2-135m-random"), ("decode_step", "ours", 256, "smollm2-135m-random"),
