@@ -26,7 +26,11 @@
 
 Every measurement runs in a fresh subprocess so that peak memory (max RSS on CPU, max allocated on
 CUDA) belongs to that side alone. Prints a markdown table with both figures and the ratio. With --profile DIR,
-each worker then runs its work once more under torch.profiler and writes what bounds it to DIR (one file each).
+each of our workers then runs its work once more under torch.profiler and writes what bounds it to DIR (one file
+each; not transformers' side: a profile is for what we fix, and a second run of its generate costs as much GPU time
+as its timed run -- 48 s for N = 10 on 32 questions in the first H100 session).
+Each measurement's stderr line says where its wall time went: start-up, warm-up (and how much of that was
+compiling, how many graphs came from the compile cache), the timed part, and the rest (process, profile, exit).
 """
 
 import argparse
@@ -42,6 +46,7 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
+STARTED = time.time()  # a worker's phases start here, before torch is imported
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -186,8 +191,32 @@ class Warmed(Exception):
 def warmed():
     """Called by every worker right after its warm-up: a --warm-only worker stops there, having filled the compile
     cache for the timed run of the same measurement."""
+    phase("warm-up")
     if WARM_ONLY:
         raise Warmed
+
+
+PHASES = {}  # a worker's seconds so far, by phase: start-up (imports), warm-up (model build, compiles, captures)
+_LAST_PHASE = [STARTED]
+
+
+def phase(name):
+    """Close the worker's phase `name`: the seconds since the last one closed (or since the process began)."""
+    now = time.time()
+    PHASES[name], _LAST_PHASE[0] = round(now - _LAST_PHASE[0], 2), now
+
+
+def compile_stats():
+    """What torch.compile cost this process: seconds in dynamo's compiles, frames compiled, and how many of inductor's
+    graphs came from its cache (a carried compile cache, bench/assets/inductor-cache.tgz, or a --prewarm)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    compiles = compilation_time_metrics.get("_compile.compile_inner", [])
+    stats = {"seconds": round(sum(compiles), 2), "frames": len(compiles)}
+    hits, misses = counters["inductor"].get("fxgraph_cache_hit", 0), counters["inductor"].get("fxgraph_cache_miss", 0)
+    if hits or misses:
+        stats["fx_graphs"] = f"{hits} cached / {hits + misses}"
+    return stats
 
 
 def profiled(device, run):
@@ -557,7 +586,7 @@ def measure(kind, side, keep_going=False, **kw):
     {"failed": the end of its stderr} instead of stopping the run (the GPU suite: one row's failure is a finding)."""
     cmd = worker_command(kind, side, kw)
     key = measured_key(kind, side, kw)
-    if PROFILE_DIR:  # one file a measurement: its kind, model and side, and a digest of the rest of what it measures
+    if PROFILE_DIR and side == "ours":  # one file a measurement: kind, model, side, a digest of the rest it measures
         name = f"{kind}-{Path(str(kw.get('name'))).name}-{side}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.txt"
         cmd += ["--profile-to", str(Path(PROFILE_DIR) / name)]
     reused = REUSE.get(key)
@@ -582,11 +611,24 @@ def measure(kind, side, keep_going=False, **kw):
         if keep_going:  # the row says why: the timeout, or the error's last line
             return _failed(kind, side, kw, why if timed_out or not err.strip() else err.strip().splitlines()[-1][:300])
         raise SystemExit(f"worker {kind}/{side} failed ({why}):\n{err[-3000:]}")
-    result = {**measured, "wall_s": time.time() - start}  # wall: start-up, compile
+    result = {**measured, "wall_s": time.time() - start}  # wall: start-up, compile, and the profile when asked
     print(f"{kind} {kw.get('name')} {side}: {result['tok_s']:,.1f} tok/s in {result['seconds']:.1f} s "
-          f"({result['wall_s']:.0f} s with start-up and compiling)", file=sys.stderr, flush=True)  # one line a measurement
+          f"({result['wall_s']:.0f} s in all: {wall_parts(result)})", file=sys.stderr, flush=True)  # a line each
     record(kind, side, kw, result)
     return result
+
+
+def wall_parts(result):
+    """Where a measurement's wall time went, from its worker's phases: e.g. 'start-up 9 s, warm-up 61 s (compiling
+    48 s, 2 frames, FX graphs 0 cached / 2), timed 3 s, process, profile and exit 5 s'."""
+    phases = result.get("phases", {})
+    parts = [f"{name} {seconds:.0f} s" for name, seconds in phases.items()]
+    if "compile" in result and "warm-up" in phases:
+        c = result["compile"]
+        cached = f", FX graphs {c['fx_graphs']}" if "fx_graphs" in c else ""
+        parts[list(phases).index("warm-up")] += f" (compiling {c['seconds']:.0f} s, {c['frames']} frames{cached})"
+    rest = result["wall_s"] - sum(phases.values())
+    return ", ".join(parts + [f"process, profile and exit {rest:.0f} s"])
 
 
 def worker_command(kind, side, kw):
@@ -769,8 +811,8 @@ def main():
     p.add_argument("--row-timeout", type=float, default=None, help="--suite gpu: kill a measurement after this many seconds")
     p.add_argument("--reuse", default=None, help="--suite gpu: take the measurements this --results file holds for this "
                    "device instead of running them again (a suite split over several calls)")
-    p.add_argument("--profile", default=None, metavar="DIR", help="after each measurement, profile one more run of "
-                   "its work (torch.profiler; outside the timing) and write what bounds it to DIR (default: none)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="after each of our measurements, profile one more "
+                   "run of its work (torch.profiler; outside the timing) and write what bounds it to DIR (default: none)")
     p.add_argument("--prewarm", type=int, default=0, metavar="J", help="--suite gpu: first run every measurement's "
                    "warm-up (compiles, CUDA-graph captures; nothing timed) in J processes at once, so the timed pass "
                    "finds its compiles cached (default: 0, none)")
@@ -794,10 +836,15 @@ def main():
         workers = {"train": train_worker, "sample": sample_worker, "socratic": socratic_worker,
                    "teacher-api": teacher_api_worker, "decode_step": decode_step_worker}
         WARM_ONLY = args.warm_only
+        phase("start-up")
         try:
             result, again = workers[kind](**kw)  # the measurement, and a callable that runs its work once more
         except Warmed:
             return print('{"warmed": true}', flush=True)
+        phase("timed")  # the timed part and what the worker did after it
+        result["phases"] = dict(PHASES)
+        if (compiled := compile_stats())["frames"]:
+            result["compile"] = compiled
         print(json.dumps(result), flush=True)  # first: a profile that fails or is killed does not lose it
         if PROFILE and again is not None:
             profiled(kw["device"], again)

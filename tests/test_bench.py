@@ -80,8 +80,10 @@ def test_a_worker_that_dies_while_it_profiles_keeps_its_measurement(tiny, tmp_pa
 
 def test_prewarm_runs_each_warm_up_and_measures_nothing(tiny, tmp_path, monkeypatch, capsys):
     """--prewarm: every planned measurement's worker runs to the end of its warm-up, in parallel, and stops there
-    (nothing timed, nothing recorded); a warm-up that fails says why and the others go on."""
+    (nothing timed, nothing recorded); a warm-up that fails says why and the others go on. The timed run after it
+    finds its compiled graphs in the cache, and says where its wall time went."""
     monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "results.jsonl"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold, then shared by the workers
     out = bench.subprocess.run(bench.worker_command("sample", "ours", sample(tiny)) + ["--warm-only"],
                                capture_output=True, text=True, cwd=bench.ROOT)
     assert out.stdout.strip().splitlines()[-1] == '{"warmed": true}' and '"tok_s"' not in out.stdout, out.stderr[-2000:]
@@ -96,6 +98,14 @@ def test_prewarm_runs_each_warm_up_and_measures_nothing(tiny, tmp_path, monkeypa
     assert sum(": done (" in line for line in err) == 2
     assert any("missing" in line.split(": ", 1)[1] for line in err if "missing ours" in line)
     assert not (tmp_path / "results.jsonl").exists()
+
+    timed = bench.measure(jobs[1][0], jobs[1][1], **jobs[1][2])
+    assert timed["compile"]["frames"] == 1 and timed["compile"]["fx_graphs"] == "1 cached / 1", timed
+    assert list(timed["phases"]) == ["start-up", "warm-up", "timed"]
+    assert timed["compile"]["seconds"] < timed["phases"]["warm-up"] < timed["wall_s"]
+    assert sum(timed["phases"].values()) <= timed["wall_s"]
+    line = capsys.readouterr().err.strip()
+    assert "s in all: start-up " in line and ", FX graphs 1 cached / 1), timed " in line, line
 
 
 def test_the_gpu_suite_plans_the_targets_of_issue_32_first():
