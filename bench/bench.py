@@ -310,7 +310,7 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
         order = rng.permutation(len(tokens))
         batches = grouped or [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
-        forward = torch.compile(model) if compile else model
+        forward = torch.compile(model, dynamic=True) if compile else model  # as compile_blocks: one graph, every length
 
         def step(batch):
             T = max(len(ids) for ids, _ in batch)
@@ -330,7 +330,7 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
             return int((labels != -100).sum()), train_flops(cfg, len(batch) * T, attended_pairs(input_ids),
                                                             len(batch) * T)  # padded, head everywhere
 
-    warm = 3 if compile else 1  # compiled: the first shapes, then the recompile for dynamic ones, outside the timing
+    warm = 3 if compile else 1  # compiled: the compile and the first steps (allocator, autotuning) outside the timing
     for b in batches[:warm]:
         step([tokens[i] for i in b])
     sync(device)
