@@ -1,9 +1,10 @@
 """How long training waits for torch.compile: eager, the whole model compiled, or each block compiled
-(Transformer.compile_blocks, what train.py --compile does). A SmolLM2-135M-shaped random init (bench/assets),
-a few forward + backward steps at the given lengths; each step's seconds, the first of a new length included
-(a fresh compile cache: what a first run pays).
+(Transformer.compile_blocks, what train.py --compile does: dynamic shapes from the start; blocks-static: the
+default, a graph for the first shape and a dynamic one at the second). A SmolLM2-135M-shaped random init
+(bench/assets), a few forward + backward steps at the given lengths; each step's seconds, the first of a new
+length included (a fresh compile cache: what a first run pays).
 
-    python bench/compile_time.py [--lengths 128,128,96,128] [--batch 4] [--device cuda]
+    python bench/compile_time.py [--lengths 128,128,96,128] [--batch 4] [--device cuda] [--how blocks,blocks-static]
 """
 
 import argparse
@@ -27,6 +28,8 @@ def steps(how, lengths, batch, device):
     model = Transformer(Config.from_hf_json(ROOT / "bench" / "assets" / "smollm2-135m" / "config.json")).to(device)
     if how == "blocks":
         model.compile_blocks()
+    elif how == "blocks-static":
+        model.train_blocks = [torch.compile(block) for block in model.layers]
     forward = torch.compile(model) if how == "whole" else model
     seconds = []
     for T in lengths:
@@ -44,11 +47,15 @@ def main():
     p.add_argument("--lengths", default="128,128,96,128", help="one training step per length (default: 128,128,96,128)")
     p.add_argument("--batch", type=int, default=4, help="rows a step (default: 4)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--how", default="eager,blocks,whole", help="which to run, of eager, blocks, blocks-static and "
+                   "whole (default: eager,blocks,whole)")
     args = p.parse_args()
     lengths, device = [int(t) for t in args.lengths.split(",")], torch.device(args.device)
+    if unknown := set(args.how.split(",")) - {"eager", "blocks", "blocks-static", "whole"}:
+        p.error(f"argument --how: unknown {', '.join(sorted(unknown))} (choose from eager, blocks, blocks-static, whole)")
     print(f"| compile | {' | '.join(f'step {i + 1}, T={T}' for i, T in enumerate(lengths))} | total |")
     print("| --- |" + " --- |" * (len(lengths) + 1))
-    for how in ("eager", "blocks", "whole"):
+    for how in args.how.split(","):
         s = steps(how, lengths, args.batch, device)
         print(f"| {how} | {' | '.join(f'{x:.1f} s' for x in s)} | {sum(s):.1f} s |", flush=True)
 
