@@ -538,8 +538,8 @@ class Transformer(nn.Module):
         code, so one compiled graph serves all of them: SmolLM2-135M's first 4 steps (2 lengths) took 39 s on
         a CPU, against 205 s with the whole model compiled (bench/compile_time.py). dynamic=True: batches come
         in many lengths, and the default (a graph for the first shape, then a dynamic one at the second) compiled
-        twice for the same steady state (6 steps of SmolLM2-135M, 4 lengths, on a CPU: 54.5 s -> 38.8 s; step
-        times equal). Only forward() in training mode runs them; checkpoints, evaluation and decoding see the
+        twice for the same steady state (6 steps, 4 lengths, on a CPU: 42.4 s -> 36.7 s, the recompile's 11.8 s
+        gone, step times equal; `bench/compile_time.py --how blocks-static,blocks`). Only forward() in training mode runs them; checkpoints, evaluation and decoding see the
         plain modules."""
         self.train_blocks = [torch.compile(block, dynamic=True) for block in self.layers]  # a list: not submodules
 

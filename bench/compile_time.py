@@ -9,6 +9,7 @@ length included (a fresh compile cache: what a first run pays).
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,11 +54,15 @@ def main():
     lengths, device = [int(t) for t in args.lengths.split(",")], torch.device(args.device)
     if unknown := set(args.how.split(",")) - {"eager", "blocks", "blocks-static", "whole"}:
         p.error(f"argument --how: unknown {', '.join(sorted(unknown))} (choose from eager, blocks, blocks-static, whole)")
-    print(f"| compile | {' | '.join(f'step {i + 1}, T={T}' for i, T in enumerate(lengths))} | total |")
-    print("| --- |" + " --- |" * (len(lengths) + 1))
-    for how in args.how.split(","):
-        s = steps(how, lengths, args.batch, device)
-        print(f"| {how} | {' | '.join(f'{x:.1f} s' for x in s)} | {sum(s):.1f} s |", flush=True)
+    if "," in args.how:  # each in a process and compile cache of its own: one's graphs must not warm the next's
+        print(f"| compile | {' | '.join(f'step {i + 1}, T={T}' for i, T in enumerate(lengths))} | total |")
+        print("| --- |" + " --- |" * (len(lengths) + 1), flush=True)
+        for how in args.how.split(","):
+            subprocess.run([sys.executable, __file__, "--lengths", args.lengths, "--batch", str(args.batch),
+                            "--device", args.device, "--how", how], check=True)
+        return
+    s = steps(args.how, lengths, args.batch, device)
+    print(f"| {args.how} | {' | '.join(f'{x:.1f} s' for x in s)} | {sum(s):.1f} s |", flush=True)
 
 
 if __name__ == "__main__":
