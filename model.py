@@ -533,15 +533,15 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cache
         return cos[positions][:, None], sin[positions][:, None]
 
-    def compile_blocks(self):
+    def compile_blocks(self, dynamic=True):
         """torch.compile each block for training (torchtitan's per-block compile). The blocks share their
         code, so one compiled graph serves all of them: SmolLM2-135M's first 4 steps (2 lengths) took 39 s on
         a CPU, against 205 s with the whole model compiled (bench/compile_time.py). dynamic=True: batches come
-        in many lengths, and the default (a graph for the first shape, then a dynamic one at the second) compiled
-        twice for the same steady state (6 steps, 4 lengths, on a CPU: 42.4 s -> 36.7 s, the recompile's 11.8 s
-        gone, step times equal; `bench/compile_time.py --how blocks-static,blocks`). Only forward() in training mode runs them; checkpoints, evaluation and decoding see the
-        plain modules."""
-        self.train_blocks = [torch.compile(block, dynamic=True) for block in self.layers]  # a list: not submodules
+        in many lengths, and the default (None: a graph for the first shape, then a dynamic one at the second)
+        compiled twice for the same steady state (6 steps, 4 lengths, on a CPU: 42.4 s -> 36.7 s, the
+        recompile's 11.8 s gone, step times equal; `bench/compile_time.py --how blocks-static,blocks`). Only
+        forward() in training mode runs them; checkpoints, evaluation and decoding see the plain modules."""
+        self.train_blocks = [torch.compile(block, dynamic=dynamic) for block in self.layers]  # a list: not submodules
 
     def _hidden(self, idx, positions, attn, cache=None):
         """Embeddings -> blocks -> final norm: (B, T, d), each token at `positions` attending as `attn` says."""

@@ -197,13 +197,11 @@ def warmed():
 
 
 PHASES = {}  # a worker's seconds so far, by phase: start-up (imports), warm-up (model build, compiles, captures)
-_LAST_PHASE = [STARTED]
 
 
 def phase(name):
     """Close the worker's phase `name`: the seconds since the last one closed (or since the process began)."""
-    now = time.time()
-    PHASES[name], _LAST_PHASE[0] = round(now - _LAST_PHASE[0], 2), now
+    PHASES[name] = time.time() - STARTED - sum(PHASES.values())
 
 
 def compile_stats():
@@ -842,7 +840,7 @@ def main():
         except Warmed:
             return print('{"warmed": true}', flush=True)
         phase("timed")  # the timed part and what the worker did after it
-        result["phases"] = dict(PHASES)
+        result["phases"] = {name: round(seconds, 2) for name, seconds in PHASES.items()}
         if (compiled := compile_stats())["frames"]:
             result["compile"] = compiled
         print(json.dumps(result), flush=True)  # first: a profile that fails or is killed does not lose it

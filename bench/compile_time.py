@@ -27,10 +27,8 @@ def steps(how, lengths, batch, device):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Transformer(Config.from_hf_json(ROOT / "bench" / "assets" / "smollm2-135m" / "config.json")).to(device)
-    if how == "blocks":
-        model.compile_blocks()
-    elif how == "blocks-static":
-        model.train_blocks = [torch.compile(block) for block in model.layers]
+    if how in ("blocks", "blocks-static"):
+        model.compile_blocks(dynamic=True if how == "blocks" else None)
     forward = torch.compile(model) if how == "whole" else model
     seconds = []
     for T in lengths:

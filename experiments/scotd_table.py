@@ -41,7 +41,8 @@ between its markers.
 K = all, all for as many steps as one pass over K = all (the K curve); K = 3 chosen by the teacher's likelihood
 (likeliest, unlikeliest) or for diversity (train.py --select, on the --score'd corpus); and self-consistency on
 all 1,221 questions for `cot`, K = all and K = 5 (the best greedy at equal steps). It writes chains-results.md,
-chains.png (accuracy against K) and chains-vote-curves.png (the claims plan's files stay as they are); its record is <--results>/chains-table.
+chains.png (accuracy against K) and chains-vote-curves.png (the claims plan's files stay as they are); its record
+is <--results>/chains-table.
 """
 
 import argparse
