@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import cli
 from cli import InputError
-from model import Config, Transformer
+from model import OPT_POSITION_OFFSET, Config, Transformer
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -70,28 +70,36 @@ def recover_folder(folder):
 
 def write_folder(folder, tensors, config, files=None):
     """Write an HF-layout folder atomically: `tensors` -> model.safetensors, `config` -> config.json, and
-    `files` {name: str | bytes | callable(path)}. A kill leaves the old folder or the new one."""
+    `files` {name: str | bytes | callable(path)}. A kill leaves the old folder or the new one; a write that
+    fails (a full disk, a library's writer) ends as cli.WriteError naming the file, the old folder intact."""
     folder = Path(folder)
     tmp, old = _siblings(folder)
     recover_folder(folder)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name, content in (files or {}).items():
-        if callable(content):
-            content(tmp / name)
-        elif isinstance(content, bytes):
-            (tmp / name).write_bytes(content)
-        else:
-            (tmp / name).write_text(content)
-    for path in sorted(tmp.iterdir()):  # durable before it is swapped in: a crash of the machine, not only of
-        cli.fsync(path)                 # the process, leaves the old folder or the whole new one
-    cli.fsync(tmp)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    cli.fsync(folder.parent)  # the renames themselves
+    files = {WEIGHTS: lambda path: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+                                             metadata={"format": "pt"}),
+             "config.json": json.dumps(config, indent=2) + "\n", **(files or {})}
+    try:
+        with cli.writing(folder):
+            tmp.mkdir(parents=True)
+        for name, content in files.items():
+            with cli.writing(folder / name):
+                if callable(content):
+                    content(tmp / name)
+                else:
+                    (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+                os.chmod(tmp / name, cli.PLAIN_MODE)  # not a temporary file's 0600: the group reads it as any other
+                cli.fsync(tmp / name)  # durable before it is swapped in: a crash of the machine, not only of the
+        with cli.writing(folder):      # process, leaves the old folder or the whole new one
+            cli.fsync(tmp)
+            if folder.exists():
+                folder.rename(old)
+            tmp.rename(folder)
+            cli.fsync(folder.parent)  # the renames themselves
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a failed write left: never taken for a checkpoint
+        recover_folder(folder)  # a swap that failed between its renames: the old folder back in place
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return folder
 
@@ -166,6 +174,15 @@ def nonfinite_tensors(state):
     return sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
 
 
+def _why(key, tensor, cfg):
+    """What a mis-shaped tensor means, where it is not plain: OPT's learned positions."""
+    held = tensor.shape[0] - OPT_POSITION_OFFSET
+    if key == "embed_positions.weight" and held < cfg.max_position_embeddings:
+        return (f" (config.json's max_position_embeddings {cfg.max_position_embeddings:,} is more positions than the "
+                f"weights hold: {held:,})")
+    return ""
+
+
 def load_state(model, state, source):
     """Strict load of an HF state dict: errors list every missing, unexpected, mis-shaped and non-finite tensor."""
     cfg = model.cfg
@@ -179,7 +196,7 @@ def load_state(model, state, source):
     expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k])}"
+    shapes = sorted(f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k])}{_why(k, ours[k], cfg)}"
                     for k in set(ours) & set(expected) if ours[k].shape != expected[k])
     nonfinite = nonfinite_tensors(ours)
     if missing or unexpected or shapes or nonfinite:
@@ -264,8 +281,7 @@ def convert_bin(folder):
         ptr = v.untyped_storage().data_ptr()
         out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
         seen[ptr] = k
-    save_file(out, str(folder / WEIGHTS), metadata={"format": "pt"})
-    return folder / WEIGHTS
+    return cli.write_file(folder / WEIGHTS, lambda path: save_file(out, str(path), metadata={"format": "pt"}))
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import ctypes
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import field, fields, is_dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -69,6 +70,55 @@ positive_float = _number(float, 0.0, False, what="> 0")
 nonneg_float = _number(float, 0.0, True, what=">= 0")
 fraction = _number(float, 0.0, False, 1.0, what="in (0, 1]")
 unit_interval = _number(float, 0.0, True, 1.0, what="in [0, 1]")
+
+
+# -----------------------------------------------------------------------------
+# Settings declared once: a dataclass field that is also a flag (train.py's RunConfig), and the device flags
+# every command shares
+
+MATCH, MAY_CHANGE, NOT_SAVED = "must match", "may change", "not saved"  # what --resume does with a setting
+
+
+def flag(default=None, help="", resume=MAY_CHANGE, **argparse_kw):
+    """A setting declared once: a dataclass field that add_flags turns into the flag --name-with-dashes (help
+    text and argparse's keywords: type, choices, action, ...), and what a --resume may do with it: MATCH (a
+    resumed run must use the same value), MAY_CHANGE, or NOT_SAVED (not part of the saved settings)."""
+    return field(default=default, metadata={"help": help, "resume": resume, "argparse": argparse_kw})
+
+
+def add_flags(parser, settings):
+    """One flag for each field of `settings` (a dataclass, or a list of flag() fields with names) that flag()
+    made, in order."""
+    for f in fields(settings) if is_dataclass(settings) else settings:
+        if "help" in f.metadata:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, help=f.metadata["help"],
+                                **f.metadata["argparse"])
+
+
+def _named(name, f):
+    f.name = name
+    return f
+
+
+def device_flag():
+    return flag(None, "cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def dtype_flag():
+    from model import DTYPES
+
+    return flag(None, "default: bfloat16 on CUDA, float32 on CPU", choices=list(DTYPES))
+
+
+def compile_flag(what):
+    return flag(None, f"torch.compile {what} (default: on CUDA; off on a CPU, where it is slower)",
+                action=argparse.BooleanOptionalAction)
+
+
+def add_device_flags(parser, compile_what):
+    """--device, --dtype and --compile (what it compiles: compile_what), as every command has them."""
+    add_flags(parser, [_named("device", device_flag()), _named("dtype", dtype_flag()),
+                       _named("compile", compile_flag(compile_what))])
 
 
 def check_device(parser, device):
@@ -141,6 +191,16 @@ def _flatten(settings, prefix=""):
     return out
 
 
+def check_fits(model_cfg, needed, what, fix):
+    """The one check of "does this fit the model", made before any work wherever tokens are fed to a model: `what`
+    (the input: file and line, or the header) needs `needed` positions -> nothing, or InputError naming the
+    tokens needed, the model's max_position_embeddings and `fix` (what to change)."""
+    have = model_cfg.max_position_embeddings
+    if needed > have:
+        raise InputError(f"{what} needs {needed:,} positions; the model has {have:,} (max_position_embeddings in its "
+                         f"config.json): {fix}")
+
+
 def portable(path):
     """A path as a record should keep it: relative to the repository when inside it, "~/..." under the home
     folder, else absolute -- so a file written in one clone reads the same in another."""
@@ -188,6 +248,89 @@ def one_writer(path, folder=True, rank0=True):
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
+
+
+class WriteError(InputError):
+    """An output that could not be written (a full disk, a quota, a read-only folder, a library's writer
+    failing): the message names the file and the cause; the previous file or folder is left as it was."""
+
+
+def _plain_mode():
+    """The mode a plain open() gives a new file under this process's umask (read once, at import: os.umask
+    can only be read by setting it, and no thread is running yet)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+PLAIN_MODE = _plain_mode()
+
+
+def _cause(e):
+    """An exception as a short cause: an OSError's strerror, else the first line of its message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@contextmanager
+def writing(path):
+    """Any exception raised inside the block -- OSError, or a library's own error type (safetensors'
+    SafetensorError, torch.save's RuntimeError, matplotlib's, zlib's) -- becomes WriteError naming `path`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever the writer raises, the user needs the file and the cause
+        raise WriteError(f"{path}: cannot write it ({_cause(e)}); free some space or choose another output") from e
+
+
+def write_file(path, write, sync=True):
+    """Write `path` atomically through write(tmp), which fills a temporary file beside it: the temporary is
+    fsync'd, given the mode a plain open() gives (PLAIN_MODE), and renamed over `path`. Whatever fails while
+    writing ends as WriteError naming `path`, the temporary removed and the previous `path` untouched. Every
+    file the commands write goes through this (or write_folder, append_text)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.chmod(tmp, PLAIN_MODE)
+            if sync:
+                fsync(tmp)
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path, text, sync=True):
+    """write_file for a text (UTF-8)."""
+    return write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), sync)
+
+
+def append_text(path, text, sync=False):
+    """Append `text` to `path` (created with PLAIN_MODE if missing) in whole: a write that fails part-way (a full
+    disk) is cut off again, so no half line stays for a reader to take for whole, and ends as WriteError.
+    sync: fsync after (a crash of the machine then keeps it too)."""
+    payload = memoryview(text.encode("utf-8"))
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            with writing(path):
+                while payload:
+                    payload = payload[os.write(fd, payload):]
+                if sync:
+                    os.fsync(fd)
+        except BaseException:  # a failure or Ctrl-C mid-write: the file as it was
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def fsync(path):

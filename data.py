@@ -193,14 +193,44 @@ def train_corpus_of(records):
 
 
 def read_corpus(path):
-    """Canonical JSONL (optionally gzipped) -> list of records, validated; errors name file:line."""
-    records = []
+    """Canonical JSONL (optionally gzipped) -> list of records, validated; errors name file:line. Ids are
+    unique: the teacher's resume, the token cache and the evaluation journal key on them."""
+    records, lines = [], UniqueIds(path)
     for n, rec in _json_lines(path):
         check_record(rec, f"{path}:{n}")
+        lines.add(rec["id"], n)
         records.append(rec)
     if not records:
         raise CorpusError(f"{path}: no records")
     return records
+
+
+class UniqueIds:
+    """The ids of a file's records seen so far, and on which line: a repeated one is an error naming both lines."""
+
+    def __init__(self, path):
+        self.path, self.seen = path, {}
+
+    def add(self, id, line):
+        if id in self.seen:
+            raise CorpusError(f"{self.path}:{line}: id {id!r} repeats line {self.seen[id]}; every record needs an id "
+                              "of its own (the teacher's resume, the token cache and evaluation journals key on ids)")
+        self.seen[id] = line
+
+
+def line_of(path, id):
+    """The line of `path` that holds the record with this id (for a message: reads the file again)."""
+    return next((n for n, rec in _json_lines(path) if isinstance(rec, dict) and rec.get("id") == id), "?")
+
+
+def check_questions_fit(model_cfg, path, records, needed, parts, fix):
+    """Before any work: every question of `path` fits the model, needed[i] being the positions records[i] needs
+    (its prompt, the header, what may be generated) -> nothing, or cli.check_fits' error for the longest, named
+    by file and line; parts(i) says what its positions are made of."""
+    if records:
+        i = max(range(len(records)), key=needed.__getitem__)
+        cli.check_fits(model_cfg, needed[i], f"{path}:{line_of(path, records[i]['id'])}: question {records[i]['id']!r} "
+                       f"({parts(i)})", fix)
 
 
 def read_appended(path):
@@ -259,13 +289,13 @@ def run_totals(corpus):
 
 def write_corpus(records, path):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     opener = (lambda p: gzip.GzipFile(p, "wb", mtime=0)) if path.suffix == ".gz" else (lambda p: open(p, "wb"))
-    with opener(tmp) as f:
-        for rec in records:
-            f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-    tmp.replace(path)
+
+    def write(tmp):
+        with opener(tmp) as f:
+            for rec in records:
+                f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+    return cli.write_file(path, write)
 
 
 def make_rationale(text, prediction_text, answer):
@@ -300,7 +330,7 @@ def import_dsbs(folder, split, skips):
         if not f.exists():
             break
         outputs += json.loads(f.read_text())
-    records = []
+    records, ids = [], UniqueIds(qfile)
     questions = list(_json_lines(qfile))
     if len(outputs) != len(questions):
         raise CorpusError(f"{folder}/llm: {len(outputs)} teacher outputs for {len(questions)} questions in {qfile}")
@@ -309,6 +339,7 @@ def import_dsbs(folder, split, skips):
         for key in ("id", "question", "choices", "answer"):
             if key not in q:
                 raise CorpusError(f"{where}: missing field {key!r}")
+        ids.add(q["id"], n)
         if q["answer"] not in q["choices"]:
             skips.add("gold answer not among the choices", where)
             continue
@@ -327,10 +358,11 @@ def import_scotd(release_json, questions_jsonl, skips):
     """SCoTD release: a JSON list of {prompt, response, score, index, rationale}; `index` is the line
     (0-based) of the question in the official CommonsenseQA-style JSONL
     ({"id", "question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}); score >= 0.5 = teacher correct."""
-    questions = []
+    questions, ids = [], UniqueIds(questions_jsonl)
     for n, q in _json_lines(questions_jsonl):
         where = f"{questions_jsonl}:{n}"
         try:
+            ids.add(q["id"], n)
             choices = [c["text"] for c in sorted(q["question"]["choices"], key=lambda c: c["label"])]
             labels = sorted(c["label"] for c in q["question"]["choices"])
             answer = choices[labels.index(q["answerKey"])]
@@ -483,8 +515,9 @@ def select_rationales(rationales, k, how, rng, where=""):
 # Tokenisation (cached) and batching
 
 
-def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache_key=""):
-    """-> list of (ids, n_query) int32 arrays; examples longer than max_len are skipped and counted.
+def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache_key="", too_long=None):
+    """-> list of (ids, n_query) int32 arrays; examples longer than max_len are skipped and counted, as
+    `too_long` (default: "longer than --max-len N tokens").
 
     Cached on disk keyed by the examples, the tokenizer and max_len, so a second run starts at once.
     """
@@ -508,13 +541,13 @@ def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache
         offsets = np.cumsum([0] + [len(s) for s in kept]).astype(np.int64)
         ids = np.array([t for s in kept for t in s], dtype=np.int32)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez(tmp, ids=ids, offsets=offsets, n_query=n_query, keep=keep)
-            tmp.replace(path)
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez(f, ids=ids, offsets=offsets, n_query=n_query, keep=keep)
+            cli.write_file(path, write, sync=False)  # a cache: rebuilt if a crash loses it
     for e, k in zip(examples, keep):
         if not k:
-            skips.add(f"longer than --max-len {max_len} tokens", e["id"])
+            skips.add(too_long or f"longer than --max-len {max_len} tokens", e["id"])
     n_query = n_query[keep]
     return [(ids[offsets[i]:offsets[i + 1]], int(n_query[i])) for i in range(len(offsets) - 1)]
 

@@ -60,11 +60,8 @@ def parser():
     p.add_argument("--limit", type=cli.nonneg_int, default=None,
                    help=f"first N questions, 0 = all (default: all on GPU, {CPU_DEFAULT_LIMIT} on CPU)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="questions per prefill (x n rows while sampling; default 8)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    cli.add_device_flags(p, "the decode step, on CUDA replayed as CUDA graphs")
     p.add_argument("--seed", type=int, default=0, help="of the sampled chains (default 0)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode step, on CUDA replayed as CUDA graphs (default: on CUDA; off on a CPU)")
     p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models; default 0)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval)")
     return p
@@ -115,17 +112,13 @@ class Journal:
             return
         if rows:
             log(f"note      {path}: an interrupted run with other settings, discarded")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
+        cli.write_text(path, json.dumps({"settings": settings}) + "\n")
 
     def add(self, step, k, seconds, outs):
         row = {"step": step, "batch": k, "seconds": round(seconds, 3), "outs": outs}
         self.done[(step, k)] = row
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())  # a crash of the machine keeps the batch too
+        if self.path is not None:  # fsync'd: a crash of the machine keeps the batch too
+            cli.append_text(self.path, json.dumps(row, ensure_ascii=False) + "\n", sync=True)
 
     def run(self, step, label, n_prompts, batch_size, decode):
         """decode(k) -> the outputs of question batch k (batch_slices), for each of this rank's batches (every
@@ -244,13 +237,17 @@ def evaluation(args, out):
     log(f"data      {args.data}: {len(records):,} of {total:,} questions"
         f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
+    prompts = [tokenizer.encode(q).ids for q in queries]
+    fewshot = f" with {args.fewshot} worked examples" if args.fewshot else ""
+    data.check_questions_fit(model.cfg, args.data, records, [len(p) + args.max_new_tokens for p in prompts],
+                             lambda i: f"{len(prompts[i]):,} prompt tokens{fewshot} + --max-new-tokens {args.max_new_tokens}",
+                             f"{'use fewer --fewshot examples or ' if args.fewshot else ''}lower --max-new-tokens")
     stem = Path(args.data).name.split(".")[0]
     journal = Journal(out / f"partial-{stem}.jsonl" if dist.world == 1 else None, settings_of(args, device), dist, log)
     if mode in SOCRATIC_ROLES or args.decomposer:
         greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, queries, device, dtype, dist, journal)
         mode = "cot"  # the chains read as a unified model's: the answer after the last "answer is"
     else:
-        prompts = [tokenizer.encode(q).ids for q in queries]
         greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, journal)
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it
         shares = dist.gather((greedy_outs, chains))
@@ -306,7 +303,7 @@ def report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, 
                    "chains voted over (k)", "accuracy", f"self-consistency on {stem} ({len(records)} questions)")
     print(f"\n{len(records):,} questions from {args.data}, {device}, {dtype}\n" + "\n".join(table))
     print(f"\npredictions {preds_path}" + (f"\nplot        {out / f'vote-curve-{stem}.png'}" if chains else ""))
-    (out / f"summary-{stem}.json").write_text(json.dumps(
+    cli.write_text(out / f"summary-{stem}.json", json.dumps(
         {"checkpoint": str(args.checkpoint), "mode": mode, "questions": len(records), "greedy_acc": greedy_acc,
          "vote_curve": curve, "n": args.n, "fewshot": args.fewshot, "temperature": args.temperature, "device": str(device),
          "dtype": dtype}, indent=2))
@@ -314,21 +311,20 @@ def report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, 
 
 def write_predictions(path, records, golds, greedy_outs, greedy_answers, chains, answers):
     """One line a question: the gold answer, the greedy chain and its answer, every sampled chain with its answer,
-    the vote. Written to a .tmp file, then moved into place."""
-    with open(path.with_suffix(".tmp"), "w") as f:
-        for i, r in enumerate(records):
-            row = {"id": r["id"], "gold": _shown(golds[i])}
-            if greedy_outs:
-                row["greedy"] = {"text": greedy_outs[i][0]["text"], "answer": _shown(greedy_answers[i])}
-                row["greedy_correct"] = greedy_answers[i] == golds[i]
-            if chains:
-                row["chains"] = [{"text": c["text"], "answer": _shown(a), "tokens": len(c["tokens"])}
-                                 for c, a in zip(chains[i], answers[i])]
-                vote = majority_vote(answers[i])
-                row["vote"], row["vote_correct"] = _shown(vote), vote == golds[i]
-            f.write(json.dumps(row) + "\n")
-    path.with_suffix(".tmp").replace(path)
-    return path
+    the vote. Written atomically (cli.write_file)."""
+    lines = []
+    for i, r in enumerate(records):
+        row = {"id": r["id"], "gold": _shown(golds[i])}
+        if greedy_outs:
+            row["greedy"] = {"text": greedy_outs[i][0]["text"], "answer": _shown(greedy_answers[i])}
+            row["greedy_correct"] = greedy_answers[i] == golds[i]
+        if chains:
+            row["chains"] = [{"text": c["text"], "answer": _shown(a), "tokens": len(c["tokens"])}
+                             for c, a in zip(chains[i], answers[i])]
+            vote = majority_vote(answers[i])
+            row["vote"], row["vote_correct"] = _shown(vote), vote == golds[i]
+        lines.append(json.dumps(row) + "\n")
+    return cli.write_text(path, "".join(lines))
 
 
 def _shown(answer):

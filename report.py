@@ -4,17 +4,21 @@ statistics of the results tables live beside the scripts that write them: experi
 import json
 import sys
 import time
-from pathlib import Path
 
+import cli
 
 
 class Progress:
-    """A one-line progress bar on stderr: `label  37% |#######      | 370/1000 | <info> | ETA 1:23`."""
+    """A one-line progress bar on stderr: `label  37% |#######      | 370/1000 | <info> | ETA 1:23`, redrawn in
+    place on a terminal. Off a terminal (a log file, a pipe) it prints the same as a plain line every
+    `log_every` seconds and at the end instead: no carriage-return frames piling up into one huge line."""
 
-    def __init__(self, total, label="", start=0, width=24, stream=sys.stderr):
+    def __init__(self, total, label="", start=0, width=24, stream=sys.stderr, log_every=30.0):
         self.total, self.label, self.n, self.start = total, label, start, start
         self.width, self.stream, self.t0, self.info = width, stream, time.time(), ""
-        self.last_draw = 0.0
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.every = 0.2 if self.tty else log_every
+        self.last_draw = time.time() if not self.tty else 0.0  # off a terminal: the first line after `every`
         self.closed = False
 
     def update(self, k=1, info=None):
@@ -22,7 +26,7 @@ class Progress:
         if info is not None:
             self.info = info
         now = time.time()
-        if now - self.last_draw > 0.2 or self.n >= self.total:
+        if now - self.last_draw > self.every or (self.tty and self.n >= self.total):
             self.last_draw = now
             self.draw()
 
@@ -36,19 +40,20 @@ class Progress:
         if self.info:
             line += f" | {self.info}"
         line += f" | ETA {int(eta // 60)}:{int(eta % 60):02d}"
-        self.stream.write(line + " " * 4)
+        self.stream.write(line + " " * 4 if self.tty else line[1:] + "\n")
         self.stream.flush()
 
     def close(self):
         self.closed = True
         self.draw()
-        self.stream.write("\n")
+        if self.tty:
+            self.stream.write("\n")
         self.stream.flush()
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def append_jsonl(path, record, sync=False):
+    """One record as a line appended to a JSONL file, in whole or not at all (cli.append_text)."""
+    cli.append_text(path, json.dumps(record, ensure_ascii=False) + "\n", sync)
 
 
 def plot_lines(path, series, xlabel, ylabel, title, bands=None):
@@ -70,8 +75,7 @@ def plot_lines(path, series, xlabel, ylabel, title, bands=None):
     if len(series) > 1:
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        cli.write_file(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)

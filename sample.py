@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from cli import InputError
+from cli import check_fits
 from model import KVCache
 
 
@@ -99,6 +99,8 @@ def prefill(model, ids):
         return ids
     if not ids:
         return None
+    check_fits(model.cfg, len(ids) + 1, f"the shared header ({len(ids):,} tokens) and a token after it",
+               "a shorter header (fewer shots, a shorter --prompt file)")
     p = next(model.parameters())
     header = KVCache(model.cfg, 1, len(ids), device=p.device, dtype=p.dtype)
     model.prefill(torch.tensor([ids], device=p.device), header)
@@ -127,12 +129,9 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
     dtype = next(model.parameters()).dtype
     check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
     shared = isinstance(prefix, KVCache)
-    longest = (prefix.length if shared else len(prefix or [])) + max(map(len, prompts), default=0) + cfg.max_new_tokens
-    if longest > model.cfg.max_position_embeddings:
-        raise InputError(f"the longest prompt ({longest - cfg.max_new_tokens} tokens{' with the header' if prefix else ''}) "
-                         f"+ max_new_tokens {cfg.max_new_tokens} needs {longest} positions; the model has "
-                         f"{model.cfg.max_position_embeddings} (max_position_embeddings): shorten the prompt or "
-                         "lower max_new_tokens")
+    prompt = (prefix.length if shared else len(prefix or [])) + max(map(len, prompts), default=0)
+    check_fits(model.cfg, prompt + cfg.max_new_tokens, f"the longest prompt ({prompt:,} tokens{' with the header' if prefix else ''}) "
+               f"+ max_new_tokens {cfg.max_new_tokens}", "shorten the prompt or lower max_new_tokens")
     decode = decode_step(model, cfg, device)
     header = prefill(model, prefix)  # one prefill for the whole run
     results = [None] * len(prompts)
@@ -169,6 +168,9 @@ def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, 
     on_batch(indices, outs) as generate()'s."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     header = prefill(model, prefix)
+    longest = max((len(p) + max(map(len, c), default=0) for p, c in zip(prompts, chains)), default=0)
+    check_fits(model.cfg, (header.length if header else 0) + longest, "the longest prompt + chain to score",
+               "fewer shots, or leave the longest chains out")
     results, layout = [None] * len(prompts), batch_slices(len(prompts), batch_size)
     for k in range(len(layout)) if batches is None else batches:
         batch = list(layout[k])
@@ -289,6 +291,9 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None,
         cache, cached[m] = caches[m], rows
         unread = [text[i][read[m][i]:] for i in rows]
         assert all(unread), "a turn continues from at least one token the model has not read"
+        reach = max(pos + len(u) for pos, u in zip(cache.pos.tolist(), unread)) + cfg.max_new_tokens
+        check_fits(model.cfg, reach, f"a dialogue's turn {t} (its text so far + max_new_tokens {cfg.max_new_tokens})",
+                   "fewer rounds (--max-rounds) or a lower --max-new-tokens")
         ids, mask = left_pad(unread, pad_id, device)
         logits = model.prefill(ids, cache, mask)[:, -1]
         start = cache.length

@@ -129,11 +129,13 @@ def parser():
     local = p.add_argument_group("a local teacher (--teacher)")
     local.add_argument("--batch-size", type=cli.positive_int, default=4, help="questions per prefill (x n rows while "
                        "sampling; default 4)")
-    local.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    local.add_argument("--dtype", default=None, choices=list(DTYPES),
-                       help="default: bfloat16 on CUDA, float32 on CPU")
-    local.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the decode step, on CUDA replayed as CUDA graphs (default: on CUDA; off on a CPU)")
+    cli.add_device_flags(local, "the decode step, on CUDA replayed as CUDA graphs")
+    add_served_flags(p)
+    return p
+
+
+def add_served_flags(p):
+    """The flags of a served teacher (--api)."""
     served = p.add_argument_group("a served teacher (--api)")
     served.add_argument("--model", help="the model name the server knows (required with --api)")
     served.add_argument("--api-style", default="completions", choices=("completions", "chat"),
@@ -154,7 +156,6 @@ def parser():
                         "way worth retrying (refused, reset, timed out, 429, 5xx, malformed; default 8)")
     served.add_argument("--retry-wait", type=cli.nonneg_float, default=1.0, help="seconds before the first retry, "
                         "doubled for each next one, at most 60, with jitter; a Retry-After header wins (default 1)")
-    return p
 
 
 def check_args(p, args):
@@ -252,6 +253,18 @@ def socratic_header(records):
     return fewshot_prefix(socratic_shots(records))
 
 
+def read_prompt(path):
+    """A --prompt file's few-shot header: UTF-8 text that is not blank."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    if not text.strip():
+        raise InputError(f"{path}: the --prompt file has no text; write the few-shot header there, or leave --prompt "
+                         "out (--shots K takes K worked examples)")
+    return text
+
+
 def prompt_and_questions(args):
     """-> (the questions to sample for, the header's text, its worked examples as (prompt, answer) pairs --
     empty for a --prompt file --, the exemplars' ids)."""
@@ -266,7 +279,7 @@ def prompt_and_questions(args):
     else:
         chosen = [] if args.prompt else exemplars(args.shots, data.train_corpus_of(records))  # of the same task
         shot_ids, shots = [i for i, _, _ in chosen], [(query, target) for _, query, target in chosen]
-    header = Path(args.prompt).read_text() if args.prompt else fewshot_prefix(shots)
+    header = read_prompt(args.prompt) if args.prompt else fewshot_prefix(shots)
     records = [r for r in records if r["id"] not in shot_ids]
     return records[:args.limit] if args.limit else records, header, shots, shot_ids
 
@@ -369,8 +382,8 @@ class CorpusWriter:
     spends besides waiting for the server); else generated tokens are counted here."""
     counted = "generated_tokens"  # what the runs file's totals count
 
-    def __init__(self, f, runs, records, done, bar, socratic=False, client=None):
-        self.f, self.runs, self.records, self.done, self.bar, self.socratic = f, Path(runs), records, done, bar, socratic
+    def __init__(self, out, runs, records, done, bar, socratic=False, client=None):
+        self.out, self.runs, self.records, self.done, self.bar, self.socratic = out, Path(runs), records, done, bar, socratic
         self.client, self.tokens, self.questions, self.t0, self.cpu0 = client, 0, 0, time.time(), time.process_time()
         self.started = datetime.fromtimestamp(self.t0, timezone.utc).isoformat(timespec="microseconds")  # the run's key
         self.no_logprobs = False
@@ -393,18 +406,16 @@ class CorpusWriter:
         self.tokens += self.tokens_of(outs)  # the whole batch's, first
         tally = self.client.totals() | {"client_cpu_seconds": round(time.process_time() - self.cpu0, 3)} if self.client else {}
         counted = tally.get("completion_tokens", self.tokens)
-        for i, out in zip(indices, outs):
-            rec = self.records[i]
-            if rec["id"] in self.done:  # a batch redone after a kill mid-write: its first lines are there
-                continue
-            self.f.write(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n")
-            self.f.flush()  # a kill loses nothing written
-            self.questions += 1
-            self.bar.update(1, f"{counted / (time.time() - self.t0):,.0f} tok/s")
-        os.fsync(self.f.fileno())  # nor does a crash of the machine
-        with open(self.runs, "a") as runs:  # opened a batch at a time: an invocation with nothing to do writes nothing
-            runs.write(json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
-                                   "questions": self.questions, self.counted: counted} | tally) + "\n")
+        new = [(self.records[i], out) for i, out in zip(indices, outs)
+               if self.records[i]["id"] not in self.done]  # a batch redone after a kill mid-write: its first lines are there
+        # the batch's records in one append, fsync'd: a kill or a crash of the machine loses nothing written, and a
+        # write that fails (a full disk) leaves no half record
+        cli.append_text(self.out, "".join(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n" for rec, out in new),
+                        sync=True)
+        self.questions += len(new)
+        self.bar.update(len(new), f"{counted / (time.time() - self.t0):,.0f} tok/s")
+        cli.append_text(self.runs, json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
+                                               "questions": self.questions, self.counted: counted} | tally) + "\n")
 
 
 class ScoreWriter(CorpusWriter):
@@ -432,7 +443,12 @@ def load_local(args, header):
     cli.keep_freed_memory(device)
     model = from_pretrained(args.teacher, device=device, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.teacher)
-    prefix = prefill(model, tokenizer.encode(header).ids)  # one prefill of the header for the whole run
+    header_ids = tokenizer.encode(header).ids
+    source = f"--prompt {args.prompt}" if args.prompt else "the 4-shot sub-question header" if args.socratic \
+        else f"--shots {args.shots}"
+    cli.check_fits(model.cfg, len(header_ids) + 1, f"the few-shot header ({source}: {len(header_ids):,} tokens) and a "
+                   "token after it", "use fewer --shots or a shorter --prompt file, or a teacher with more positions")
+    prefix = prefill(model, header_ids)  # one prefill of the header for the whole run
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                        stop=("\n",), stop_after=(r"\?",) if args.socratic else (ANSWER_END,) if args.stop == "answer" else (),
                        batch_size=args.batch_size, seed=args.seed, logprobs=args.logprobs, compile=args.compile)
@@ -440,12 +456,33 @@ def load_local(args, header):
     return model, tokenizer, prefix, cfg
 
 
+def question_prompts(tokenizer, records):
+    return [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids for r in records]
+
+
+def check_local_fits(args, teacher, records):
+    """Before any sampling: the header + each question's prompt + what the teacher may write for it fit the local
+    teacher's positions (a Socratic chain: every step, its question and --max-new-tokens for it)."""
+    model, tokenizer, prefix, cfg = teacher
+    header = prefix.length if prefix else 0
+    if args.socratic:
+        encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+        own = [socratic_slots(encode, rec, cfg.max_new_tokens) for rec in records]
+        what = "its steps, and --max-new-tokens for each step's question"
+    else:
+        own = [len(p) + cfg.max_new_tokens for p in question_prompts(tokenizer, records)]
+        what = "its prompt + --max-new-tokens"
+    data.check_questions_fit(model.cfg, args.data, records, [header + n for n in own],
+                             lambda i: f"a header of {header:,} tokens + {own[i]:,} for {what}",
+                             "use fewer --shots, a shorter --prompt file or a lower --max-new-tokens")
+
+
 def sample_local(args, teacher, records, todo, writer):
     """Sample every batch in `todo` with the local teacher (load_local's), handing each finished batch to `writer`."""
     model, tokenizer, prefix, cfg = teacher
     if args.socratic:  # a question a step, turn by turn
         return socratic_generate(model, tokenizer, records, prefix, cfg, todo, writer)
-    prompts = [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids for r in records]
+    prompts = question_prompts(tokenizer, records)
     eos, pad = model.cfg.eos_token_id, model.cfg.pad_token_id
     if not args.min_correct:
         return generate(model, tokenizer, prompts, cfg, eos_id=eos, pad_id=pad, batches=todo, prefix=prefix, on_batch=writer)
@@ -463,6 +500,13 @@ def sample_local(args, teacher, records, todo, writer):
         writer(list(layout[k]), [chains[i] for i in layout[k]])
 
 
+def socratic_slots(encode, rec, max_new_tokens, prompt=None):
+    """The cache slots (at most) of a sub-question dialogue of `rec`: its first prompt (`prompt` tokens, else
+    encoded here), then for each step the step's text and a question of at most max_new_tokens."""
+    prompt = len(encode(socratic_round(rec, []))) if prompt is None else prompt
+    return prompt + sum(len(encode(f"\nStep: {s}\n{ASKS}")) + max_new_tokens for s in rec["rationales"][0]["steps"])
+
+
 def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch):
     """Asking's dialogues for each batch of problems (cfg.n chains each; decode.dialogues: all turns of a batch
     in one cache, a turn prefilling only the step it appends), after the header's one prefill (a KVCache); batch
@@ -470,8 +514,7 @@ def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
 
     def slots(asking, prompts):  # every turn's tokens
-        return max(len(p) + sum(len(encode(f"\nStep: {s}\n{ASKS}")) + cfg.max_new_tokens for s in rec["rationales"][0]["steps"])
-                   for p, rec in zip(prompts, asking.rows))
+        return max(socratic_slots(encode, rec, cfg.max_new_tokens, len(p)) for p, rec in zip(prompts, asking.rows))
     for batch, chains in dialogues([model], tokenizer, records, Asking, [cfg], cfg.n, cfg.batch_size, cfg.seed, encode,
                                    slots, batches, prefix=header):
         on_batch(batch, chains)
@@ -621,16 +664,17 @@ def write(args, records, header, shots, shot_ids):
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was sampled with other settings: {'; '.join(changes)}. Use the same "
                          "flags, or another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    cli.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     done = done_ids(out)
     engine = load_local(args, header) if args.teacher else api_client(args)
+    if args.teacher:
+        check_local_fits(args, engine, records)
     print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
           f"x {args.n} chains (T={args.temperature}); {len(shot_ids) or 'custom'}-shot "
           f"{'sub-question ' if args.socratic else ''}header")
     bar = Progress(len(records), "teacher", start=len(done))
-    with open(out, "a", encoding="utf-8") as f, stopping_cleanly(bar, out, len(records)):
-        writer = CorpusWriter(f, args.out + ".runs.jsonl", records, done, bar, args.socratic,
+    with stopping_cleanly(bar, out, len(records)):
+        writer = CorpusWriter(out, args.out + ".runs.jsonl", records, done, bar, args.socratic,
                               client=None if args.teacher else engine)
         if args.teacher:
             todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
@@ -666,21 +710,25 @@ def score(args, header, shot_ids):
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was scored with other settings: {'; '.join(changes)}")
     records = data.read_corpus(args.score)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    cli.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     done = done_ids(out)
     model, tokenizer, prefix, _ = load_local(args, header)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-    prompts = [encode(format_query(r["question"], r.get("choices"))) for r in records]
+    prompts = question_prompts(tokenizer, records)
     chains = [[encode(chain_text(rec, r)) for r in rec["rationales"]] for rec in records]
+    header = prefix.length if prefix else 0
+    own = [len(p) + max(map(len, c), default=0) for p, c in zip(prompts, chains)]
+    data.check_questions_fit(model.cfg, args.score, records, [header + n for n in own],
+                             lambda i: f"a header of {header:,} tokens + {own[i]:,} for its prompt and longest chain",
+                             "use fewer --shots or a shorter --prompt file")
     todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
             if any(records[i]["id"] not in done for i in batch)]
     print(f"scoring   {sum(map(len, chains)):,} chains of {len(records):,} questions in {args.score}: {len(done):,} "
           f"questions already in {out}")
     bar = Progress(len(records), "score", start=len(done))
-    with open(out, "a", encoding="utf-8") as f, stopping_cleanly(bar, out, len(records)):
+    with stopping_cleanly(bar, out, len(records)):
         chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size, pad_id=model.cfg.pad_token_id,
-                       batches=todo, on_batch=ScoreWriter(f, args.out + ".runs.jsonl", records, done, bar))
+                       batches=todo, on_batch=ScoreWriter(out, args.out + ".runs.jsonl", records, done, bar))
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions, every chain scored); settings in {meta_path}")
     return out

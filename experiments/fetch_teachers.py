@@ -90,7 +90,7 @@ def fetch(key):
         meta = gguf_metadata(gguf_path)
         if meta["architecture"] != "qwen2" or "qwen2.5" not in (meta["name"] or "").lower().replace(" ", ""):
             raise InputError(f"{gguf_path}: unexpected GGUF metadata {meta}")
-        record_path.write_text(json.dumps({**spec, "sha256": sha, "gguf": meta}, indent=2) + "\n")
+        cli.write_text(record_path, json.dumps({**spec, "sha256": sha, "gguf": meta}, indent=2) + "\n")
     record = json.loads(record_path.read_text())
     if gguf_path.stat().st_size != spec["size"]:
         raise InputError(f"{gguf_path}: {gguf_path.stat().st_size:,} bytes, expected {spec['size']:,}")

@@ -176,9 +176,7 @@ class StepLog:
     def write(self):
         steps = self.read()
         steps[self.step] = {"command": self.command, "seconds": round(self.before + time.time() - self.t0, 1)}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(steps, indent=1))
-        tmp.replace(self.path)
+        cli.write_text(self.path, json.dumps(steps, indent=1))
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +203,8 @@ def trained(rec):
 def record_training(run, rec):
     """A finished train step into the record: its metrics, and trained.json (the steps it took)."""
     rec.mkdir(parents=True, exist_ok=True)
-    (rec / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
-    (rec / "trained.json").write_text(json.dumps({"steps": trained_steps(run)}))
+    cli.write_text(rec / "metrics.jsonl", (run / "metrics.jsonl").read_text())
+    cli.write_text(rec / "trained.json", json.dumps({"steps": trained_steps(run)}))
 
 
 def skip_line(name, why):
@@ -435,7 +433,7 @@ def report(args, skipped, wall0):
             + f"\nThis invocation: {(time.time() - wall0) / 60:.0f} min.\n")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / args.page).write_text(text)
+    cli.write_text(results / args.page, text)
     if curves:
         ks = list(range(1, args.n + 1))
         series = {name: (ks, [float(np.mean(c)) for c in curve]) for name, curve in curves.items()}
@@ -469,7 +467,7 @@ def write_between(readme, begin, end, text):
     """Replace what lies between README's two marker lines with text (a README without them is left alone)."""
     if readme.exists() and begin in readme.read_text():
         head, rest = readme.read_text().split(begin)
-        readme.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+        cli.write_text(readme, f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv=None):

@@ -94,7 +94,7 @@ def hf_logits(hf, ids, mask=None):
         return hf(ids, **kwargs).logits
 
 
-def tiny_student(folder, model_type="llama", vocab_size=384, seed=0):
+def tiny_student(folder, model_type="llama", vocab_size=384, seed=0, positions=512):
     """A tiny random student with a real byte-level BPE tokenizer trained on the bundled corpus,
     written as an HF-layout folder by our own save_pretrained."""
     from tokenizers import ByteLevelBPETokenizer
@@ -116,12 +116,12 @@ def tiny_student(folder, model_type="llama", vocab_size=384, seed=0):
     bpe.save(str(src / "tokenizer.json"))
     if model_type == "llama":
         hf = dict(model_type="llama", vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions, rms_norm_eps=1e-5,
                   rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
                   architectures=["LlamaForCausalLM"])
     else:
         hf = dict(model_type="opt", vocab_size=vocab_size, hidden_size=48, ffn_dim=96, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=48,
+                  num_attention_heads=4, max_position_embeddings=positions, word_embed_proj_dim=48,
                   do_layer_norm_before=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
                   architectures=["OPTForCausalLM"])
     cfg = Config.from_dict(hf)

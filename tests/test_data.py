@@ -298,7 +298,8 @@ def test_every_mutated_line_is_accepted_or_named_by_file_and_line(tmp_path):
         for path in field_paths(base):
             for value in JSON_VALUES + ([DELETE] if path else []):
                 line = json.dumps(mutated(base, path, value))
-                corpus = write_lines(tmp_path / "m.jsonl", [json.dumps(base), line, json.dumps(base)])
+                corpus = write_lines(tmp_path / "m.jsonl", [json.dumps(base | {"id": "first"}), line,
+                                                            json.dumps(base | {"id": "third"})])
                 cases += 1
                 try:
                     records = data.read_corpus(corpus)

@@ -97,10 +97,15 @@ def write(path, text):
 GOOD = json.dumps(REC) + "\n"
 
 
+def goods(k):
+    """k good records, each with an id of its own."""
+    return "".join(json.dumps(REC | {"id": f"q{i}"}) + "\n" for i in range(k))
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("c.jsonl", GOOD + '{"id": "q2", "question": \n', r"c\.jsonl:2: invalid JSON \(Expecting value at column 26\)"),
-    ("c.jsonl", (GOOD * 2).encode() + b'{"id": "q\xff3"}\n', r"c\.jsonl:3: not UTF-8 text \(byte 0xff at column 10\)"),
-    ("c.jsonl", GOOD * 2 + json.dumps(REC | {"choices": "zoo"}) + "\n", r"c\.jsonl:3: field 'choices' should be a list"),
+    ("c.jsonl", goods(2).encode() + b'{"id": "q\xff3"}\n', r"c\.jsonl:3: not UTF-8 text \(byte 0xff at column 10\)"),
+    ("c.jsonl", goods(2) + json.dumps(REC | {"choices": "zoo"}) + "\n", r"c\.jsonl:3: field 'choices' should be a list"),
     ("c.jsonl", json.dumps(REC | {"choices": ["zoo", 3]}) + "\n", r"c\.jsonl:1: field 'choices' should be a list of strings"),
     ("c.jsonl", json.dumps(REC | {"rationales": [{"text": None}]}) + "\n", r"c\.jsonl:1: each rationale needs a 'text' string"),
     ("c.jsonl", "\n\n", r"c\.jsonl: no records"),
@@ -112,7 +117,7 @@ def test_corpus_structure_errors_name_file_and_line(tmp_path, name, content, mes
 
 
 def test_corrupt_and_truncated_gzip_name_the_file(tmp_path):
-    whole = gzip.compress((GOOD * 2000).encode())
+    whole = gzip.compress(goods(2000).encode())
     write(tmp_path / "t.jsonl.gz", whole[:len(whole) // 2])
     with pytest.raises(CorpusError, match=r"t\.jsonl\.gz: corrupt gzip after line \d+"):
         data.read_corpus(tmp_path / "t.jsonl.gz")

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import cli
 import evaluate
 import train
 from helpers import Crash, counting_forward, left_padded_batch, make_hf_model, save_hf, tiny_student
@@ -327,8 +328,8 @@ def test_prompt_longer_than_the_model_positions_is_a_clear_error(student, tmp_pa
     """Past max_position_embeddings the position table has no row: say so before decoding, with the numbers.
     Through evaluate.py it is one line and exit 1 (a 12-shot prompt is ~2,000 tokens; the tiny model has 512)."""
     model = from_pretrained(student)
-    with pytest.raises(sample.InputError, match=r"the longest prompt \(420 tokens\) \+ max_new_tokens 96 needs 516 "
-                                                r"positions; the model has 512 \(max_position_embeddings\)"):
+    with pytest.raises(cli.InputError, match=r"the longest prompt \(420 tokens\) \+ max_new_tokens 96 needs 516 "
+                                             r"positions; the model has 512 \(max_position_embeddings"):
         generate(model, None, [[5] * 420, [5] * 10], SampleConfig(max_new_tokens=96, stop=()))
     with pytest.raises(SystemExit) as e:
         evaluate.cli.run(lambda: evaluate.main(["--checkpoint", str(student), "--fewshot", "12", "--limit", "2",
