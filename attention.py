@@ -1,7 +1,10 @@
 """How a token attends: the attention kernels model.Attention calls, one interface for the three kinds of rows.
 
 Each kind is an object built once per forward pass (from the batch's mask or layout) and called by every
-layer with that layer's projected q (B, nh, T, hd) and k, v (B, n_kv, S, hd) -> y (B, T, nh, hd):
+layer with that layer's projected q (B, nh, T, hd) and k, v (B, n_kv, S, hd) -> y (B, T, nh, hd) (and the
+attention scale: None, head_dim ** -0.5; Gemma 3's is query_pre_attn_scalar ** -0.5). `windowed(w)` gives the same
+kind for a sliding-window layer: a query at position p sees only the keys at positions above p - w (as
+transformers' sliding_window_overlay), by position, so left padding and a shared header do not move the window.
 
 - `Dense`: PyTorch's scaled_dot_product_attention, causal (a training batch, no padding) or under a
   (B, 1, T, S) boolean mask (padded rows, and every prefill or decode step over a KVCache).
@@ -12,26 +15,44 @@ layer with that layer's projected q (B, nh, T, hd) and k, v (B, n_kv, S, hd) -> 
 Both tree kernels place their tokens with `tree_positions`.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
 
+def window_mask(q_pos, k_pos, w):
+    """(B, 1, T, S): key positions k_pos (B, S) less than w before query positions q_pos (B, T)."""
+    return ((q_pos[:, :, None] - k_pos[:, None, :]) < w)[:, None]
+
+
 class Dense:
-    """SDPA: causal when mask is None, else under mask (B, 1, T, S) (True = attend)."""
+    """SDPA: causal when mask is None, else under mask (B, 1, T, S) (True = attend). q_pos (B, T): the queries'
+    positions, and k_pos (B, S) the keys' (or a function giving them; default: q_pos), for windowed()."""
 
-    def __init__(self, mask=None):
-        self.mask = mask
+    def __init__(self, mask=None, q_pos=None, k_pos=None):
+        self.mask, self.q_pos, self.k_pos = mask, q_pos, k_pos
 
-    def attend(self, q, k, v, layer):
+    def windowed(self, w):
+        if self.mask is None and self.q_pos.shape[1] <= w:
+            return self  # a plain causal row no longer than the window: nothing is out of reach
+        k_pos = self.k_pos() if callable(self.k_pos) else self.q_pos if self.k_pos is None else self.k_pos
+        near = window_mask(self.q_pos, k_pos, w)
+        if self.mask is None:  # plain causal rows: positions are the slots, so the window is a band
+            T = self.q_pos.shape[1]
+            near = near & torch.ones(T, T, dtype=torch.bool, device=near.device).tril()
+        return Dense(near if self.mask is None else self.mask & near, self.q_pos, k_pos)
+
+    def attend(self, q, k, v, layer, scale=None):
         if q.shape[2] == 1 and self.mask is not None and q.shape[1] != k.shape[1]:  # a decode step, grouped heads
-            out, _ = grouped_attention(q, k, v, self.mask)  # SDPA would take its math path (below)
+            out, _ = grouped_attention(q, k, v, self.mask, scale)  # SDPA would take its math path (below)
             return out.reshape(q.shape).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+                                           enable_gqa=q.shape[1] != k.shape[1], scale=scale)
         return y.transpose(1, 2)
 
 
-def grouped_attention(q, k, v, mask):
+def grouped_attention(q, k, v, mask, scale=None):
     """Softmax attention of q (B, nh, T, hd) over k/v (B, n_kv, S, hd) under mask (B, 1, T, S), for grouped-query
     heads: each K/V head is read once, by one matrix product for its group of query heads. (SDPA has no CUDA kernel
     for a masked call with grouped heads: it falls back to its math path, which copies K/V once per query head
@@ -40,42 +61,54 @@ def grouped_attention(q, k, v, mask):
     B, nh, T, hd = q.shape
     n_kv = k.shape[1]
     g = nh // n_kv
-    s = (q.reshape(B, n_kv, g * T, hd) @ k.transpose(2, 3)).float() * hd ** -0.5
+    s = (q.reshape(B, n_kv, g * T, hd) @ k.transpose(2, 3)).float() * (scale or hd ** -0.5)
     s = s.view(B, n_kv, g, T, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, n_kv, g * T, -1)
     lse = s.logsumexp(-1, keepdim=True)  # finite: a query always sees itself
     return (s - lse).exp().to(v.dtype) @ v, lse
 
 
 class SharedPrefix:
-    """Rows of a KVCache with a shared prefix (KVCache(shared=...)): each query sees the prefix's keys, then its
-    own row's under mask (B, 1, T, S)."""
+    """Rows of a KVCache with a shared prefix (KVCache(shared=...)): each query sees the prefix's keys (those
+    shared_mask (B, 1, T, P) allows: all, but in a window), then its own row's under mask (B, 1, T, S). q_pos (B, T):
+    the queries' positions."""
 
-    def __init__(self, mask, cache):
-        self.mask, self.cache = mask, cache
+    def __init__(self, mask, cache, q_pos, shared_mask=None):
+        self.mask, self.cache, self.q_pos, self.shared_mask = mask, cache, q_pos, shared_mask
 
-    def attend(self, q, k, v, layer):
-        return shared_prefix_attention(q, k, v, self.mask, *self.cache.shared_kv(layer)).transpose(1, 2)
+    def windowed(self, w):
+        header = torch.arange(self.cache.shared.length, device=self.q_pos.device).expand(self.q_pos.shape[0], -1)
+        near = window_mask(self.q_pos, self.cache.key_positions(self.mask.shape[-1]), w)
+        return SharedPrefix(self.mask & near, self.cache, self.q_pos, window_mask(self.q_pos, header, w))
+
+    def attend(self, q, k, v, layer, scale=None):
+        return shared_prefix_attention(q, k, v, self.mask, *self.cache.shared_kv(layer), self.shared_mask,
+                                       scale).transpose(1, 2)
 
 
-def shared_prefix_attention(q, k, v, mask, k_shared, v_shared):
+def shared_prefix_attention(q, k, v, mask, k_shared, v_shared, shared_mask=None, scale=None):
     """Attention of q (B, nh, T, hd) over a prefix all B rows share (k/v_shared (n_kv, P, hd), seen by
     every query) followed by each row's own keys (k/v (B, n_kv, S, hd) under mask (B, 1, T, S)).
 
     This is softmax attention over the concatenation [shared; own], computed in two parts and merged by
     their log-sum-exps (as flash attention merges blocks), so the prefix is stored once, not per row.
     The shared part is one matrix product for all rows' queries against the same keys (Hydragen,
-    Juravsky et al. 2024), instead of B matrix-vector products over B copies of the prefix.
+    Juravsky et al. 2024), instead of B matrix-vector products over B copies of the prefix. shared_mask
+    (B, 1, T, P): the prefix keys each query sees (a sliding window), or None: all of them.
     """
     B, nh, T, hd = q.shape
     n_kv, P, _ = k_shared.shape
     g = nh // n_kv  # query heads per K/V head (grouped-query attention)
     qg = q.reshape(B, n_kv, g * T, hd)  # query head h = kv * g + j uses K/V head kv
     # shared prefix: (n_kv, B*g*T, hd) @ (n_kv, hd, P), every query sees every prefix key
-    s1 = (qg.transpose(0, 1).reshape(n_kv, B * g * T, hd) @ k_shared.transpose(1, 2)).float() * hd ** -0.5
+    s1 = (qg.transpose(0, 1).reshape(n_kv, B * g * T, hd) @ k_shared.transpose(1, 2)).float() * (scale or hd ** -0.5)
+    if shared_mask is not None:  # (B, 1, T, P) over (n_kv, B, g, T, P)
+        s1 = s1.view(n_kv, B, g, T, P).masked_fill(~shared_mask[None], float("-inf")).view(n_kv, B * g * T, P)
     lse1 = s1.logsumexp(-1, keepdim=True)
-    o1 = ((s1 - lse1).exp().to(v_shared.dtype) @ v_shared).view(n_kv, B, g * T, hd).transpose(0, 1)
+    # a query that sees no prefix key (all of it out of its window): lse1 = -inf, its part weighs 0 below
+    o1 = ((s1 - lse1.clamp(min=torch.finfo(s1.dtype).min)).exp().to(v_shared.dtype) @ v_shared)
+    o1 = o1.view(n_kv, B, g * T, hd).transpose(0, 1)
     lse1 = lse1.view(n_kv, B, g * T, 1).transpose(0, 1)
-    o2, lse2 = grouped_attention(q, k, v, mask)  # each row's own keys, masked
+    o2, lse2 = grouped_attention(q, k, v, mask, scale)  # each row's own keys, masked
     lse = torch.logaddexp(lse1, lse2)
     y = o1 * (lse1 - lse).exp().to(o1.dtype) + o2 * (lse2 - lse).exp().to(o2.dtype)
     return y.reshape(B, nh, T, hd)
@@ -133,6 +166,18 @@ class TreeAttention:
         source[self.branch_idx[self.branch_valid]] = torch.arange(len(where[0]), n_out, device=device)
         self.valid_at, self.source, self.shape = where, source, (B, T)
 
+    def windowed(self, w):
+        """The same rows for a sliding-window layer: prefix tokens sit at their index in the prefix, a branch's
+        at its prefix's length + its index."""
+        new = copy.copy(self)
+        P, R = self.prefix_idx.shape[1], self.branch_idx.shape[1]
+        at = torch.arange(max(P, R), device=self.prefix_idx.device)
+        new.prefix_mask = self.prefix_mask & window_mask(at[:P][None], at[:P][None], w)
+        length = self.prefix_valid.sum(1)[self.branch_group][:, None]  # (NB, 1) each branch's prefix length
+        keys = torch.cat((at[:P].expand(len(length), P), length + at[:R]), 1)  # (NB, P + R)
+        new.branch_mask = self.branch_mask & window_mask(length + at[:R], keys, w)
+        return new
+
     @staticmethod
     def _segments(d, br):
         """docs and branches on the host -> (each prefix's flat token indices, each branch's, each branch's
@@ -170,7 +215,7 @@ class TreeAttention:
             valid[i, :len(r)] = True
         return idx.to(device), valid.to(device)
 
-    def attend(self, q, k, v, layer=None):
+    def attend(self, q, k, v, layer=None, scale=None):
         """q (B, nh, T, hd), k/v (B, n_kv, T, hd) -> (B, T, nh, hd). Gathers are index_select (their
         backward an index_add, not a sorting index_put), of q, k and v together."""
         B, T = self.shape
@@ -186,14 +231,14 @@ class TreeAttention:
 
         gqa = nh != n_kv
         qp, kp, vp = gather(self.prefix_idx)
-        out = [valid_rows(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.prefix_mask, enable_gqa=gqa),
-                          self.valid_at[0])]
+        out = [valid_rows(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.prefix_mask, enable_gqa=gqa,
+                                                         scale=scale), self.valid_at[0])]
         if self.branch_idx.shape[0]:
             qb, kb, vb = gather(self.branch_idx)
             kb = torch.cat((kp.index_select(0, self.branch_group), kb), 2)  # its prefix's keys, then its own
             vb = torch.cat((vp.index_select(0, self.branch_group), vb), 2)
             out.append(valid_rows(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.branch_mask,
-                                                                 enable_gqa=gqa), self.valid_at[1]))
+                                                                 enable_gqa=gqa, scale=scale), self.valid_at[1]))
         out.append(q.new_zeros(1, nh, hd))  # padding's output
         return torch.cat(out).index_select(0, self.source).view(B, T, nh, hd)
 
@@ -207,21 +252,28 @@ class FlexTree:
     Positions are computed on the device (no host copy). On CUDA flex_attention is compiled into a fused
     kernel; on a CPU it runs unfused (fine for the tests, slow for training)."""
 
-    def __init__(self, docs, branches=None):
+    def __init__(self, docs, branches=None, window=None):
         from torch.nn.attention.flex_attention import create_block_mask
 
         B, T = docs.shape
         branches = torch.zeros_like(docs) if branches is None else branches
+        self.docs, self.branches = docs, branches
+        self.positions = positions = tree_positions(docs, branches)
 
         def mask_mod(b, h, q, kv):
             own = (docs[b, q] == docs[b, kv]) & (docs[b, q] >= 0) & (kv <= q)
+            if window is not None:
+                own = own & (positions[b, q] - positions[b, kv] < window)
             return (own & ((branches[b, kv] == 0) | (branches[b, kv] == branches[b, q]))) | (q == kv)
 
         self.block_mask = create_block_mask(mask_mod, B, None, T, T, device=docs.device)
-        self.positions = tree_positions(docs, branches)
 
-    def attend(self, q, k, v, layer=None):
-        y = _flex_attention(q.device)(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    def windowed(self, w):
+        return FlexTree(self.docs, self.branches, w)
+
+    def attend(self, q, k, v, layer=None, scale=None):
+        y = _flex_attention(q.device)(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                                      scale=scale)
         return y.transpose(1, 2)
 
 

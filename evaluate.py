@@ -43,7 +43,8 @@ def get_args(argv=None):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="HF-layout folder (default: the newest runs/*/best)")
+    p.add_argument("--checkpoint", default=None, help="HF-layout folder, or a hub id in the local Hugging Face "
+                   "cache (default: the newest runs/*/best)")
     p.add_argument("--data", default=str(data.DEFAULT_DEV), help="canonical corpus JSONL(.gz) (default: CSQA validation)")
     p.add_argument("--mode", default=None, choices=MODES, help="target mode (default: the one it was trained with)")
     p.add_argument("--decomposer", default=None, help="Socratic CoT: this model writes the sub-questions, --checkpoint "
@@ -63,7 +64,8 @@ def parser():
     cli.add_device_flags(p, "the decode step, on CUDA replayed as CUDA graphs")
     p.add_argument("--seed", type=int, default=0, help="of the sampled chains (default 0)")
     p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models; default 0)")
-    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval; for a hub id, "
+                   "runs/eval-OWNER--NAME)")
     return p
 
 
@@ -79,9 +81,10 @@ def check_args(p, args):
         if not found:
             p.error("no checkpoint found under runs/*/best: run `python train.py` first, or pass --checkpoint")
         args.checkpoint = found[-1].parent
-    args.checkpoint = recover_folder(args.checkpoint)
-    cli.check_model_folder(p, "--checkpoint", args.checkpoint)
-    cli.check_model_folder(p, "--decomposer", args.decomposer)
+    if cli.is_hub_id(args.checkpoint) and not Path(args.checkpoint).exists():  # not into the hub cache's folder
+        args.out = args.out or f"runs/eval-{str(args.checkpoint).split('@')[0].replace('/', '--')}"
+    args.checkpoint = Path(cli.check_model_folder(p, "--checkpoint", recover_folder(args.checkpoint)))
+    args.decomposer = cli.check_model_folder(p, "--decomposer", args.decomposer)
     return args
 
 

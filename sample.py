@@ -10,13 +10,14 @@ device->host sync; stops are checked every `check_every` steps (1 on CPU, where 
 """
 
 import re
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
+from attention import Dense, SharedPrefix
 from cli import check_fits
-from model import KVCache
 
 
 @dataclass
@@ -36,6 +37,133 @@ class SampleConfig:
     bucket_rows: bool | None = None  # running rows padded to a power of two (None: when compiled), so that
     # finished rows leaving the batch give a few shapes, each compiled (and captured) once
     logprobs: bool = False  # also return each chain's summed log-probability under the model (at T = 1)
+
+
+class KVCache:
+    """Static cache: K/V for every layer preallocated to `max_seq_len` slots and written in place.
+
+    Rows of a batch share slot indices (left padding keeps them aligned); `valid[b, s]` says whether
+    slot s of row b holds a real token, so padding is masked out and positions skip it. A prefill writes
+    its T tokens into slots [length, length + T) and attends to the filled slots. A one-token decode step
+    writes at `slot`, a device tensor, with index_copy_, and takes positions from `pos`. With
+    `static=True` (gpt-fast; what sample.py sets for a compiled step) it attends over all `max_seq_len`
+    slots under the validity mask, so its shapes never change and the step can be captured once (CUDA
+    graphs); unwritten slots are then zeros, masked out, adding exactly nothing. Eager steps attend over
+    the filled slots only: the same tokens, and 3-4 % faster on CPU, where attention work is not free.
+
+    `shared`: a one-row cache (a few-shot header, prefilled once) that every row continues from. Its K/V
+    are attended to by all rows but stored once, not copied per row (see `shared_prefix_attention`);
+    this cache's slots hold only what follows it, and positions start at its length.
+
+    K and V are one tensor per layer, not one (L, ...) tensor: a compiled step that writes into a slice of one
+    big input rewrites the whole of it (every layer's cache) for each layer's write -- on an H100, 256 rows
+    over 512 slots, 94 ms a step instead of a few (bench/README.md, "The GPU rows").
+    """
+
+    def __init__(self, cfg, batch_size, max_seq_len, device=None, dtype=torch.float32, static=False, shared=None):
+        shape = (batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        alloc = torch.zeros if static else torch.empty  # eager steps never read a slot before writing it
+        self.k = [alloc(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]  # L x (B, n_kv, S, hd)
+        self.v = [alloc(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # (B, S)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the next slot, on the device (== length)
+        self.length = 0  # slots filled so far, the same for every row
+        self.static = static  # decode steps attend over all slots (fixed shapes) rather than the filled ones
+        assert shared is None or (shared.batch_size == 1 and shared.shared is None), "shared: a one-row cache"
+        self.shared = shared  # the prefix every row continues from (all real tokens), or None
+        self.offset = shared.length if shared is not None else 0  # positions of this cache's tokens start here
+        self.pos = torch.full((batch_size,), self.offset, dtype=torch.long, device=device)  # (B,) each row's next position
+        self._mark_static()
+
+    def _mark_static(self):
+        """A static cache on CUDA: its tensors keep their addresses, so a CUDA graph of the decode step (sample.py,
+        mode="reduce-overhead") may write into them in place instead of being skipped for mutating its inputs."""
+        if self.static and self.valid.is_cuda:
+            for t in (*self.k, *self.v, self.valid, self.slot, self.pos):
+                torch._dynamo.mark_static_address(t)
+
+    @property
+    def batch_size(self):
+        return self.valid.shape[0]
+
+    @property
+    def max_seq_len(self):
+        return self.valid.shape[1]
+
+    def write(self, layer, k, v):
+        """Store this step's K/V (B, n_kv, T, hd) for `layer`; return the K/V to attend over."""
+        K, V = self.k[layer], self.v[layer]
+        if k.shape[2] == 1:  # decode
+            K.index_copy_(2, self.slot, k.to(K.dtype))  # autocast may compute K/V in 16 bits
+            V.index_copy_(2, self.slot, v.to(V.dtype))
+            n = self.attended()
+            return K[:, :, :n], V[:, :, :n]  # (B, n_kv, S, hd)
+        end = self.length + k.shape[2]
+        K[:, :, self.length:end] = k
+        V[:, :, self.length:end] = v
+        return K[:, :, :end], V[:, :, :end]
+
+    def attention(self, mask, positions):
+        """How a prefill or decode step over this cache attends (attention.py), under mask (B, 1, T, S), its
+        queries at `positions` (B, T) (a sliding window needs them, and the keys' positions: key_positions)."""
+        if self.shared is None:
+            return Dense(mask, positions, lambda: self.key_positions(mask.shape[-1]))
+        return SharedPrefix(mask, self, positions)
+
+    def key_positions(self, n):
+        """The positions of the first n slots' tokens (B, n): counted over the real slots, from the offset (a
+        slot not yet written, or padding, gets a position too; the mask leaves it out)."""
+        return self.offset + self.valid[:, :n].long().cumsum(1) - 1
+
+    def shared_kv(self, layer):
+        """The shared prefix's K/V for `layer`: (n_kv, P, hd) each."""
+        P = self.shared.length
+        return self.shared.k[layer][0, :, :P], self.shared.v[layer][0, :, :P]
+
+    def attended(self):
+        """Slots a decode step attends over: all of them when static, else the filled ones and the new one."""
+        return self.max_seq_len if self.static else self.length + 1
+
+    def _view(self, k, v, valid, pos):
+        new = object.__new__(KVCache)
+        new.k, new.v, new.valid, new.pos, new.slot, new.length, new.static = k, v, valid, pos, self.slot, self.length, self.static
+        new.shared, new.offset = self.shared, self.offset
+        new._mark_static()
+        return new
+
+    def repeat_rows(self, n):
+        """Each row repeated n times in place order (row b -> rows b*n .. b*n+n-1): one prefill, n chains.
+        Only the filled slots are copied (the rest are zeroed if static); a shared prefix is not copied.
+        n = 1 (greedy) returns this cache itself: nothing to repeat."""
+        if n == 1:
+            return self
+        B, n_kv, S, hd = self.k[0].shape
+        filled, empty = slice(0, self.length), slice(self.length, S)
+
+        def repeated(t):
+            new = t.new_empty(B * n, n_kv, S, hd)
+            new[:, :, filled] = t[:, :, filled].repeat_interleave(n, 0)
+            if self.static:
+                new[:, :, empty] = 0
+            return new
+        return self._view([repeated(t) for t in self.k], [repeated(t) for t in self.v],
+                          self.valid.repeat_interleave(n, 0), self.pos.repeat_interleave(n, 0))
+
+    def select_rows(self, keep):
+        """Keep only the rows `keep` (ascending), e.g. drop finished chains from the running batch. The
+        kept rows move to the front in place, filled slots only (through a temporary of one layer's moved
+        rows), and this cache is consumed (use the returned one)."""
+        m = len(keep)
+        moved = [dst for dst, src in enumerate(keep) if dst != src]  # dst < src: a row moves to the front
+        if moved:
+            dst = torch.tensor(moved, device=self.valid.device)
+            src = torch.tensor([keep[i] for i in moved], device=self.valid.device)
+            filled = slice(0, self.length)
+            for t in (*self.k, *self.v):  # one layer at a time: a temporary of the moved rows of one layer
+                t[dst, :, filled] = t[src, :, filled]
+            self.valid[dst] = self.valid[src]
+            self.pos[dst] = self.pos[src]
+        return self._view([t[:m] for t in self.k], [t[:m] for t in self.v], self.valid[:m], self.pos[:m])
 
 
 def batch_seed(seed, k):
@@ -208,11 +336,14 @@ def decode_step(model, cfg, device):
     bucket and cache), its launches no longer paid per step. Compiled once a model and kept on it."""
     if not cfg.compile:
         return model.decode_step
-    if getattr(model, "compiled_step", None) is None:  # once a model: evaluate.py calls generate() a batch at a time
+    if model not in COMPILED:  # once a model: evaluate.py calls generate() a batch at a time
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # a graph a shape
-        model.compiled_step = torch.compile(model.step_tensors, mode="reduce-overhead") if device.type == "cuda" \
+        COMPILED[model] = torch.compile(model.step_tensors, mode="reduce-overhead") if device.type == "cuda" \
             else torch.compile(model.step_tensors, dynamic=True)
-    return partial(model.decode_step, step=model.compiled_step)
+    return partial(model.decode_step, step=COMPILED[model])
+
+
+COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled decode step (decode_step)
 
 
 def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every, compact=True):

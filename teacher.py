@@ -89,7 +89,8 @@ def get_args(argv=None):
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--teacher", help="a local teacher: an HF-layout model folder (--teacher or --api is required)")
+    source.add_argument("--teacher", help="a local teacher: an HF-layout model folder, or a hub id in the local "
+                        "Hugging Face cache (--teacher or --api is required)")
     source.add_argument("--api", metavar="URL", help="a served teacher: an OpenAI-compatible server's base URL, e.g. "
                         "http://127.0.0.1:8080/v1 (\"/v1\" is added to a bare host; --teacher or --api is required); needs "
                         "`pip install httpx`")
@@ -178,7 +179,7 @@ def check_args(p, args):
         p.error("argument --out: write plain .jsonl (it is appended to as questions finish); gzip it afterwards")
     if args.teacher:
         cli.check_device(p, args.device)
-        cli.check_model_folder(p, "--teacher", args.teacher)
+        args.teacher = cli.check_model_folder(p, "--teacher", args.teacher)
         args.seed = 0 if args.seed is None else args.seed
         device = cli.device_type(args.device)
         args.dtype, args.compile = cli.default_dtype(device, args.dtype), cli.default_compile(device, args.compile)

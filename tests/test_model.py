@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from helpers import Opaque, hf_logits, left_padded_batch, make_hf_model, rewrite_weights, save_hf
 from checkpoint import CheckpointError, convert_bin, from_pretrained, load_tokenizer, save_pretrained
-from model import KVCache
+from sample import KVCache
 
 torch.set_num_threads(2)
 ATOL = 1e-4  # fp32 logits vs transformers
@@ -389,10 +389,10 @@ def test_keep_freed_memory_stops_refaulting_each_step():
 
 @pytest.mark.parametrize("chunk_rows", [1000, 7, 1])
 def test_chunked_head_and_cross_entropy_equal_the_plain_ones(chunk_rows, monkeypatch):
-    """model.linear_cross_entropy (the head + loss in row chunks, gradients taken chunk by chunk) against
+    """losses.linear_cross_entropy (the head + loss in row chunks, gradients taken chunk by chunk) against
     F.cross_entropy(F.linear(x, w)): the same loss and gradients for x and w (fp32, 1e-5), in one chunk or many;
     the same loss without autograd; zero rows give a zero loss whose gradients are zero."""
-    import model as model_py
+    import losses as model_py
 
     V = 50
     monkeypatch.setattr(model_py, "CE_CHUNK_ELEMENTS", chunk_rows * V)

@@ -32,10 +32,11 @@ def examples(seed=0):
     return out
 
 
-def loss_and_grads(model, rows):
+def loss_and_grads(model, rows, kernel="gather"):
     model.zero_grad()
     idx, targets, *layout = rows
-    _, loss = model(idx, targets, docs=layout[0] if layout else None, branches=layout[1] if layout else None)
+    _, loss = model(idx, targets, docs=layout[0] if layout else None, branches=layout[1] if layout else None,
+                    tree_kernel=kernel)
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -55,7 +56,6 @@ def test_shared_rows_give_the_loss_and_gradients_of_separate_examples(kind, how,
     (fp32, 1e-5) through attention.TreeAttention; the same loss through FlexTree (FlexAttention has no backward
     on a CPU: its gradients are compared on a GPU, bench/gpu.sh)."""
     model = from_pretrained(save_hf(make_hf_model(kind), tmp_path))
-    model.tree_kernel = kernel
     batch = examples()
     separate = loss_and_grads(model, data.collate(batch, pad_id=0))
     # spilled: a row budget of 15 tokens fits question 1's prefix (8) and one or two branches, not all three
@@ -72,7 +72,8 @@ def test_shared_rows_give_the_loss_and_gradients_of_separate_examples(kind, how,
     assert int((targets != -100).sum()) == sum(len(t) - n for t, n in batch)  # the same target tokens
     if kernel == "flex":
         with torch.no_grad():
-            torch.testing.assert_close(model(idx, targets, docs=docs, branches=branches)[1], separate[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(model(idx, targets, docs=docs, branches=branches, tree_kernel=kernel)[1],
+                                       separate[0], atol=1e-5, rtol=0)
         return
     assert_same(loss_and_grads(model, rows), separate)
 
@@ -114,7 +115,7 @@ def test_training_steps_give_the_same_weights_both_ways(tmp_path):
     weights = []
     for shared in (False, True):
         model = from_pretrained(save_hf(make_hf_model("qwen2-untied"), tmp_path / str(shared)))
-        args = Namespace(pack=False, shared=shared, row_len=512)
+        args = Namespace(pack=False, shared=shared, row_len=512, tree_kernel="gather")
         optimizer = train.make_optimizer(model, 1e-2, 0.1, "cpu")
         for group in optimizer.param_groups:
             group["eps"] = 1e-4

@@ -8,7 +8,8 @@ from tokenizers import pre_tokenizers
 from checkpoint import convert_gguf, from_pretrained, load_tokenizer
 from convert_gguf import shipped_gguf
 from data import DEFAULT_DEV, read_corpus
-from model import KVCache
+from helpers import assert_loads_in_transformers
+from sample import KVCache
 from scotd import format_query
 
 pytestmark = pytest.mark.real
@@ -78,13 +79,5 @@ def test_tokenizer_ids_equal_transformers_on_corpus_questions(converted, referen
 
 
 def test_converted_folder_loads_in_transformers(converted, reference):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf, _ = reference
-    back = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
-    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345]])
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
-    tok = AutoTokenizer.from_pretrained(converted)
-    text = "Q: How many legs do 12 spiders have?\nA:"
-    assert tok(text)["input_ids"] == load_tokenizer(converted).encode(text).ids
+    assert_loads_in_transformers(converted, reference[0], torch.tensor([[1, 504, 3458, 314, 260, 1345]]),
+                                 "Q: How many legs do 12 spiders have?\nA:")
