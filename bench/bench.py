@@ -87,6 +87,45 @@ def opt_random_folder(name, cache):
     return folder
 
 
+# random inits of 2026 students' shapes (FAMILIES: their rows) and of a 0.5B one (the LoRA rows), built from these
+# config.json fields alone (SmolLM2's tokenizer: ids < 49152)
+RANDOM_SHAPES = {
+    "qwen2.5-0.5b-random": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151936,
+                                hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                                rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu"),
+    "qwen3-0.6b-random": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936,
+                              hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                              num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                              rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu"),
+    "gemma3-270m-random": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=262144,
+                               hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                               num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                               rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=512,
+                               layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(18)],
+                               query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+}
+
+
+FAMILIES = ("qwen3-0.6b-random", "gemma3-270m-random")
+LORA_RANK = 16  # the LoRA rows: rank 16, alpha 32, every linear layer of the blocks, on both sides
+
+
+def family_random_folder(name, cache):
+    """A random init of a RANDOM_SHAPES shape, saved once under the cache."""
+    folder = cache / name
+    if not (folder / "config.json").exists():
+        hf = dict(RANDOM_SHAPES[name], pad_token_id=0, bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+        torch.manual_seed(0)
+        model = Transformer(Config.from_dict(hf))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02) if p.dim() >= 2 else None
+        smollm2 = ASSETS / "smollm2-135m" if (ASSETS / "smollm2-135m" / "tokenizer.json").exists() else default_student()
+        save_pretrained(model, folder, tokenizer_from=smollm2)
+    return folder
+
+
 ASSETS = ROOT / "bench" / "assets"  # configs + tokenizers of the random-init shapes (gitignored; --prepare-assets)
 ASSET_SOURCES = {"smollm2-135m": "the default student", "qwen2.5-1.5b": "--teacher (Qwen2.5-Coder-1.5B-Instruct)"}
 
@@ -127,6 +166,8 @@ def model_folder(name):
     cache = Path(os.environ.get("SCOTD_CACHE", Path.home() / ".cache" / "scotd"))
     if name == "smollm2-135m":
         return default_student()
+    if name in RANDOM_SHAPES:
+        return family_random_folder(name, cache)
     return random_folder(name, cache) if name in ("smollm2-135m-random", "qwen2.5-1.5b-random") else \
         opt_random_folder(name, cache)
 
@@ -264,14 +305,15 @@ def covered(spans):
 
 
 def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False, compile=False, batch_tokens=None,
-                 kernel="gather"):
+                 kernel="gather", lora_rank=0):
     """k = 1: the bundled corpus (one rationale per question); ours batches by length, transformers in random
     order. k > 1: a SCoTD-shaped stand-in -- each example repeated k times as k rationales of its question
     -- with the same question-grouped batches on every side; ours in plain or shared-prefix rows (share).
     Both sides: train.make_optimizer's AdamW (fused kernel, betas (0.9, 0.95), eps 1e-8, decay 0.1 on
     matrices), grad clip 1.0. compile: torch.compile on both sides (the GPU suite: each side's best settings);
     batch_tokens: micro-batches of as many examples as fit that many padded tokens, length-bucketed on both sides;
-    kernel: ours, the shared-prefix rows' attention (gather or flex)."""
+    kernel: ours, the shared-prefix rows' attention (gather or flex); lora_rank: LoRA adapters of that rank (alpha
+    2r) on every linear layer of the blocks -- ours lora.py, transformers' side peft with the same rank and targets."""
     import train
 
     folder = model_folder(name)
@@ -288,6 +330,9 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
     if side == "ours":
         keep_freed_memory(device)  # as train.py does
         model = from_pretrained(folder, device=device).train()
+        if lora_rank:
+            import lora
+            lora.add_adapters(model, lora_rank)
         batches = grouped or data.length_bucketed_batches(lengths, batch_size, rng)
         optimizer = train.make_optimizer(model, 1e-5, 0.1, device.type)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -303,6 +348,10 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        if lora_rank:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
         model = model.to(device).train()
         order = rng.permutation(len(tokens))
         batches = grouped or [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -726,6 +775,17 @@ def gpu_suite(device, dtype, quick, only=None, measure=measure):
         sample(10)
     if run("train"):
         train("opt-1.3b-random", None)
+    for name in FAMILIES if run("families") else ():  # the 2026 students' shapes (#45)
+        train(name, 16384)
+        kw = dict(name=name, n=10, questions=questions, batch_size=8, compile=True, **go)
+        sample_rows.append((f"{name}, {questions} questions, N=10, compiled / static cache",
+                            measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
+    for name in ("smollm2-135m-random", "qwen2.5-1.5b-random") if run("lora") else ():  # LoRA vs every weight (#46)
+        for rank in (0, LORA_RANK):
+            kw = dict(name=name, steps=steps, batch_size=8, compile=True, batch_tokens=16384, lora_rank=rank, **go)
+            train_rows.append((f"{name}, <= 16,384 tokens a batch, {steps} steps, compiled, "
+                               f"{f'LoRA r={rank} (transformers: peft)' if rank else 'every weight'}",
+                               measure("train", "ours", **kw), measure("train", "hf", **kw)))
     kw = dict(name="smollm2-135m-random", steps=steps, batch_size=30, k=30, compile=True, **go)
     hf = measure("train", "hf", **kw) if run("k30") else None
     for share, kernel in ((True, "gather"), (True, "flex"), (False, "gather")) if run("k30") else ():
@@ -774,6 +834,21 @@ def default_suite(args, device, dtype):
                       shots=4)
             sample_rows.append((f"teacher.py: {Path(name).name}, 4-shot, {kw['questions']} questions, N=30",
                                 measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
+    if args.only in (None, "families"):  # the 2026 students' shapes: a training and a sampling row each
+        for name in FAMILIES:
+            kw = dict(name=name, steps=2 if q else 6, batch_size=8, device=device, dtype=dtype)
+            train_rows.append((f"{name}, batch 8, {kw['steps']} steps", measure("train", "ours", **kw),
+                               measure("train", "hf", **kw)))
+            kw = dict(name=name, n=10, questions=4 if q else 8, batch_size=4 if q else 8, device=device, dtype=dtype)
+            sample_rows.append((f"{name}, {kw['questions']} questions, N=10", measure("sample", "ours", **kw),
+                                measure("sample", "hf", **kw)))
+    if args.only in (None, "lora"):  # LoRA vs every weight, on the same student and batches
+        for name in ("smollm2-135m", "qwen2.5-0.5b-random"):
+            for rank in (0, LORA_RANK):
+                kw = dict(name=name, steps=2 if q else 6, batch_size=8, device=device, dtype=dtype, lora_rank=rank)
+                train_rows.append((f"{name}, batch 8, {kw['steps']} steps, "
+                                   f"{f'LoRA r={rank} (transformers: peft)' if rank else 'every weight'}",
+                                   measure("train", "ours", **kw), measure("train", "hf", **kw)))
     if args.only in (None, "socratic"):
         kw = dict(name="smollm2-135m", questions=8 if q else 32, rounds=4, device=device, dtype=dtype)
         hf = measure("socratic", "hf", **kw)
@@ -796,7 +871,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer steps and questions (a few minutes on 2 cores)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "teacher", "socratic", "teacher-api", "decode"),
+    p.add_argument("--only", default=None, choices=("train", "k30", "sample", "families", "lora", "teacher", "socratic",
+                                                    "teacher-api", "decode"),
                    help="one group of rows (k30: the K = 30 training workload only; decode: --suite gpu's decode step)")
     p.add_argument("--teacher", default=None, help="a fetched teacher folder for the teacher rows (besides SmolLM2)")
     p.add_argument("--suite", default="default", choices=("default", "gpu"),

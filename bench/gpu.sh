@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue #32's GPU rows: training (SmolLM2-135M- and OPT-1.3b-shaped, batch 8 and token-filled, K = 30 shared-prefix
 # rows with both tree kernels), sampling at N = 10 / 30, a Qwen2.5-1.5B-shaped teacher at N = 30, and the decode step
-# at 32 / 256 rows -- scotd and transformers measured in the same run, random inits from bench/assets
+# at 32 / 256 rows, #45's Qwen3-0.6B- and Gemma-3-270M-shaped students (training and N = 10; --only families), and
+# #46's LoRA (r = 16) against every weight, ours vs peft (--only lora)
+# -- scotd and transformers measured in the same run, random inits from bench/assets
 # (python bench/bench.py --prepare-assets --teacher <the 1.5B teacher>, then carry it).
 #     bash bench/gpu.sh [--quick] [--only GROUP] [--prewarm J] [--deadline S] [--row-timeout S] [--reuse bench/results/gpu.jsonl]
 # writes $OUT/gpu.md (the table), $OUT/gpu.jsonl (each measurement as it ends), $OUT/profiles/ (what bounds each

@@ -115,6 +115,19 @@ def test_shared_prefix_rows_under_ddp_equal_one_process(student, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=3e-5)
 
 
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_lora_under_ddp_and_fsdp_equals_one_process(student, tmp_path, how):
+    """--lora 4 on shared-prefix rows with micro-batches: two ranks (DDP, FSDP2 with frozen and trainable parameters
+    in one layer) give one process's losses, adapters and merged weights."""
+    corpus = many_rationale_corpus(tmp_path / "many.jsonl")
+    args = ["--init", str(student), "--data", str(corpus), "--max-steps", "3", "--lora", "4", *COMMON]
+    launch("train.py", *args, "--out", str(tmp_path / "one"))
+    launch("train.py", *args, "--out", str(tmp_path / "two"), *(["--fsdp"] if how == "fsdp" else []), nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=3e-5)  # as shared-prefix rows under DDP, above
+    a, b = (load_file(str(tmp_path / x / "last" / "adapter" / "adapter_model.safetensors")) for x in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=3e-5, rtol=0) for k in a)
+
+
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     """Two ranks on a one-GPU machine: an error naming the fix, not CUDA's "invalid device ordinal"."""
     from cli import InputError

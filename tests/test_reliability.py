@@ -298,7 +298,7 @@ def test_every_train_flag_has_a_resume_policy_and_a_changed_must_match_flag_is_r
     for action in train.parser()._actions:
         if action.dest != "help":
             assert settings[action.dest].metadata["resume"] in (cli.MATCH, cli.MAY_CHANGE, cli.NOT_SAVED), action.dest
-    base = ["--init", str(student), "--out", str(tmp_path / "o"), "--rationales-per-question", "2"]
+    base = ["--init", str(student), "--out", str(tmp_path / "o"), "--rationales-per-question", "2", "--lora", "2"]
     last = tmp_path / "o" / "last"
     last.mkdir(parents=True)
     (last / train.STATE_FILE).write_bytes(b"")
@@ -315,7 +315,9 @@ def test_every_train_flag_has_a_resume_policy_and_a_changed_must_match_flag_is_r
             return [next(c for c in kw["choices"] if c != f.default)]
         if kw.get("action") == "store_true":
             return []
-        default = f.default or (2 if f.name == "rationales_per_question" else 1)
+        if "type" not in kw:  # a string
+            return ["q_proj"]
+        default = f.default or (2 if f.name in ("rationales_per_question", "lora") else 1)
         return [str(default + 1 if kw["type"] in (int, cli.positive_int, cli.nonneg_int) else default / 2)]
     assert train.get_args(base + ["--resume"]).changed == ()
     for name in train.MUST_MATCH:
