@@ -233,6 +233,27 @@ def check_questions_fit(model_cfg, path, records, needed, parts, fix):
                        f"({parts(i)})", fix)
 
 
+DEV_QUESTIONS = 200  # train.py's dev slice of a corpus: this many questions, or 5 % of a small corpus
+
+
+def dev_split(records, size=None):
+    """The corpus -> (training records, dev records): the dev questions are the `size` (default: 200, or 5 % of
+    a corpus of fewer than 4,000; none of one under 20) whose ids hash lowest (sha256), so the choice depends on ids
+    alone, not on the order of the file; appending records never moves a training question into dev (a new id
+    that hashes lower than the last dev one moves that one to training)."""
+    size = min(DEV_QUESTIONS, len(records) // 20) if size is None else size
+    rank = sorted(r["id"] for r in records)
+    dev = set(sorted(rank, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:size])
+    return [r for r in records if r["id"] not in dev], [r for r in records if r["id"] in dev]
+
+
+def overlap(records, others):
+    """How many of `records` share an id or their question's text with `others` -> (by id, by text only)."""
+    ids, texts = {r["id"] for r in others}, {" ".join(r["question"].split()) for r in others}
+    by_id = sum(r["id"] in ids for r in records)
+    return by_id, sum(r["id"] not in ids and " ".join(r["question"].split()) in texts for r in records)
+
+
 def read_appended(path):
     """(line number, object) of each complete line of a JSONL file a run may still be appending to, or was
     killed while appending to: a cut last line is left out (not an error), a missing file is empty."""
@@ -536,7 +557,7 @@ def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache
         targets = tokenizer.encode_batch([e["target"] for e in examples], add_special_tokens=False)
         seqs = [q.ids + t.ids for q, t in zip(queries, targets)]
         n_query = np.array([len(q.ids) for q in queries], dtype=np.int32)
-        keep = np.array([len(s) <= max_len for s in seqs])
+        keep = np.array([len(s) <= max_len for s in seqs], dtype=bool)
         kept = [s for s, k in zip(seqs, keep) if k]
         offsets = np.cumsum([0] + [len(s) for s in kept]).astype(np.int64)
         ids = np.array([t for s in kept for t in s], dtype=np.int32)

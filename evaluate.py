@@ -15,6 +15,7 @@ goes on where it stopped: run the same command again (finished batches wait in <
 
 import argparse
 import json
+from collections import Counter
 import os
 import time
 from pathlib import Path
@@ -28,10 +29,10 @@ from cli import InputError
 from checkpoint import PACKAGED, from_pretrained, load_tokenizer, read_run_info, recover_folder
 from distributed import Dist
 from model import DTYPES
-from report import Progress, plot_lines
+from report import Progress, bootstrap_ci, calibration, plot_lines
 from decode import answers_of, greedy, socratic_chains
 from sample import SampleConfig, batch_slices, generate
-from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, majority_vote,
+from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, maj_at_k, majority_vote, pass_at_k,
                    vote_curve)
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
@@ -64,6 +65,8 @@ def parser():
     cli.add_device_flags(p, "the decode step, on CUDA replayed as CUDA graphs")
     p.add_argument("--seed", type=int, default=0, help="of the sampled chains (default 0)")
     p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models; default 0)")
+    p.add_argument("--report", default=None, metavar="PREDICTIONS", help="recompute the report (table, plots, summary) "
+                   "from a predictions file an evaluation wrote, without a model; --out: where (default: beside it)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval; for a hub id or a "
                    "packaged student, runs/eval-NAME)")
     return p
@@ -71,6 +74,9 @@ def parser():
 
 def check_args(p, args):
     """Everything that can be checked before anything loads (argparse's message, exit 2)."""
+    if args.report:
+        cli.check_file(p, "--report", args.report)
+        return args
     if not args.greedy and args.n == 0:
         p.error("--no-greedy with --n 0 leaves nothing to decode")
     cli.check_file(p, "--data", args.data)
@@ -174,7 +180,7 @@ def decode(args, mode, model, tokenizer, prompts, journal):
     if args.n > 0:
         cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                           compile=args.compile)
+                           compile=args.compile, logprobs=True)  # each chain's likelihood under the student, too
         chains, sc_s = journal.run("chains", f"sample N={args.n}", len(prompts), args.batch_size, lambda k: only(
             k, args.batch_size, generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id,
                                          pad_id=model.cfg.pad_token_id, batches=[k])))
@@ -216,6 +222,8 @@ def settings_of(args, device):
 
 def main(argv=None):
     args = get_args(argv)  # every flag checked before anything loads
+    if args.report:
+        return recompute(Path(args.report), Path(args.out) if args.out else Path(args.report).parent)
     out = Path(args.out) if args.out else args.checkpoint.parent / "eval"
     with cli.one_writer(out, rank0=os.environ.get("RANK", "0") == "0"):  # one evaluation writes an --out
         return evaluation(args, out)
@@ -240,6 +248,7 @@ def evaluation(args, out):
     log(f"data      {args.data}: {len(records):,} of {total:,} questions"
         f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
+    overlap = training_overlap(args.checkpoint, records, log)
     prompts = [tokenizer.encode(q).ids for q in queries]
     fewshot = f" with {args.fewshot} worked examples" if args.fewshot else ""
     data.check_questions_fit(model.cfg, args.data, records, [len(p) + args.max_new_tokens for p in prompts],
@@ -258,9 +267,48 @@ def evaluation(args, out):
         chains = merge([c for _, c in shares]) if chains is not None else None
         log(f"gathered  {len(records):,} questions' outputs from {dist.world} ranks (one all-gather)")
     if dist.main:
-        report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, device, dtype)
+        report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, device, dtype, overlap)
         journal.close()  # everything it held is in the predictions
     dist.close()
+    return out
+
+
+def training_overlap(checkpoint, records, log):
+    """How many evaluated questions the checkpoint was trained on, or chose its best step on (its scotd.json says
+    both) -> {"training": n, "dev": n} when any, after a one-line warning; None when none or unknown."""
+    info = read_run_info(checkpoint)
+    if not info:
+        return None
+    if "dev" not in info:
+        if Path(checkpoint).name == "best":
+            log(f"note      {checkpoint} was trained before dev questions were held out of --data: it may have been "
+                "chosen on validation questions")
+        return None
+    trained = Path(info["args"]["data"])
+    if not trained.is_file():
+        log(f"note      {trained} (its training data) is not here: overlap with it not checked")
+        return None
+    by_id, by_text = data.overlap(records, data.read_corpus(trained))
+    dev = len({r["id"] for r in records} & set(info["dev"]["ids"]))
+    if not by_id + by_text:
+        return None
+    log(f"warning   {by_id + by_text:,} of the {len(records):,} evaluated questions are in {checkpoint}'s training data "
+        f"{trained} ({by_id} by id, {by_text} by text; {dev} of them its dev questions): not a held-out result")
+    return {"training": by_id + by_text, "dev": dev}
+
+
+def recompute(predictions, out):
+    """--report: the report of a predictions file, recomputed from it alone (the run's settings and speeds from the
+    summary beside it, when there is one)."""
+    rows = [row for _, row in data.read_appended(predictions)]
+    if not rows or not all(isinstance(r, dict) and "gold" in r for r in rows):
+        raise InputError(f"{predictions}: not a predictions file evaluate.py wrote (no 'gold' in its rows)")
+    stem = predictions.name.removeprefix("predictions-").split(".")[0]
+    beside = predictions.with_name(f"summary-{stem}.json")
+    derived = set(summarize(rows)) | {"vote_curve"}
+    meta = {k: v for k, v in json.loads(beside.read_text()).items() if k not in derived} if beside.exists() else {}
+    with cli.one_writer(out):
+        write_report(rows, meta, out, stem)
     return out
 
 
@@ -276,46 +324,125 @@ def questions(args, mode, device):
     return (records[:limit] if limit else records), len(records), prefix
 
 
-def report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, device, dtype):
-    """The predictions file, the accuracy table (printed), the vote-curve plot and the summary JSON."""
+def report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, device, dtype, overlap=None):
+    """The predictions file, then everything else computed from it alone (`summarize`: what --report recomputes):
+    the table (printed), the plots and the summary JSON."""
     golds = [data.gold(r) for r in records]
     greedy_answers = [a[0] for a in answers_of(mode, greedy_outs, records)] if greedy_outs else None
     answers = answers_of(mode, chains, records) if chains else None
-    out.mkdir(parents=True, exist_ok=True)
-    preds_path = write_predictions(out / f"predictions-{stem}.jsonl", records, golds, greedy_outs, greedy_answers,
-                                   chains, answers)
-    table, greedy_acc, curve = ["| metric | value |", "| --- | --- |"], None, []
+    rows = prediction_rows(records, golds, greedy_outs, greedy_answers, chains, answers)
+    preds_path = cli.write_text(out / f"predictions-{stem}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    speed = {}
     if greedy_outs:
-        greedy_tokens = sum(len(o[0]["tokens"]) for o in greedy_outs)
-        greedy_acc = float(np.mean([a == g for a, g in zip(greedy_answers, golds)]))
-        table += [f"| greedy accuracy{' (answer only, fast path)' if mode in LABEL_FIRST else ''} | {greedy_acc:.1%} |",
-                  f"| greedy abstentions | {np.mean([a is None for a in greedy_answers]):.1%} |",
-                  f"| greedy tokens/s | {greedy_tokens / max(greedy_s, 1e-9):,.0f} |"]
+        speed["greedy_tok_s"] = sum(len(o[0]["tokens"]) for o in greedy_outs) / max(greedy_s, 1e-9)
     if chains:
-        curve, flat = vote_curve(answers, golds), [a for q in answers for a in q]
-        sc_tokens = sum(len(c["tokens"]) for o in chains for c in o)
-        table += [f"| self-consistency accuracy, N={args.n} (T={args.temperature}) | {curve[-1]:.1%} |",
-                  f"| accuracy of a single sampled chain | {curve[0]:.1%} |",
-                  f"| abstention rate (chains with no answer) | {np.mean([a is None for a in flat]):.1%} |",
-                  f"| mean chain length (tokens) | {sc_tokens / len(flat):.1f} |",
-                  f"| sampling tokens/s | {sc_tokens / max(sc_s, 1e-9):,.0f} ({sc_s:.0f} s) |"]
-        lines = {"majority vote over k chains": (list(range(1, args.n + 1)), curve)}
-        if greedy_acc is not None:
-            lines["greedy"] = ([1, args.n], [greedy_acc, greedy_acc])
-        plot_lines(out / f"vote-curve-{stem}.png", lines,
-                   "chains voted over (k)", "accuracy", f"self-consistency on {stem} ({len(records)} questions)")
-    print(f"\n{len(records):,} questions from {args.data}, {device}, {dtype}\n" + "\n".join(table))
-    print(f"\npredictions {preds_path}" + (f"\nplot        {out / f'vote-curve-{stem}.png'}" if chains else ""))
-    cli.write_text(out / f"summary-{stem}.json", json.dumps(
-        {"checkpoint": str(args.checkpoint), "mode": mode, "questions": len(records), "greedy_acc": greedy_acc,
-         "vote_curve": curve, "n": args.n, "fewshot": args.fewshot, "temperature": args.temperature, "device": str(device),
-         "dtype": dtype}, indent=2))
+        speed |= {"sampling_tok_s": sum(len(c["tokens"]) for o in chains for c in o) / max(sc_s, 1e-9),
+                  "sampling_seconds": sc_s}
+    meta = {"checkpoint": str(args.checkpoint), "mode": mode, "data": str(args.data), "n": args.n,
+            "fewshot": args.fewshot, "temperature": args.temperature, "device": str(device), "dtype": dtype,
+            **speed, **({"overlap": overlap} if overlap else {})}
+    write_report(rows, meta, out, stem)
+    print(f"\npredictions {preds_path}")
 
 
-def write_predictions(path, records, golds, greedy_outs, greedy_answers, chains, answers):
-    """One line a question: the gold answer, the greedy chain and its answer, every sampled chain with its answer,
-    the vote. Written atomically (cli.write_file)."""
-    lines = []
+def write_report(rows, meta, out, stem):
+    """summarize(rows) -> the printed table, the plots (maj@k and pass@k; reliability) and summary-<stem>.json."""
+    summary = meta | summarize(rows)
+    print(f"\n{summary['questions']:,} questions from {meta.get('data', stem)}, {meta.get('device', '?')}, "
+          f"{meta.get('dtype', '?')}\n" + "\n".join(table(summary)))
+    if "maj_at_k" in summary:
+        ks, n = list(range(1, len(summary["maj_at_k"]) + 1)), summary["questions"]
+        band = lambda p: ([100 * max(0.0, x - 1.96 * (x * (1 - x) / n) ** 0.5) for x in p],  # noqa: E731
+                          [100 * min(1.0, x + 1.96 * (x * (1 - x) / n) ** 0.5) for x in p])
+        lines = {"majority of k (maj@k)": (ks, [100 * x for x in summary["maj_at_k"]]),
+                 "any of k right (pass@k)": (ks, [100 * x for x in summary["pass_at_k"]])}
+        if summary.get("greedy_acc") is not None:
+            lines["greedy"] = ([1, ks[-1]], [100 * summary["greedy_acc"]] * 2)
+        plot_lines(out / f"vote-curve-{stem}.png", lines, "chains (k), drawn from the N sampled", "accuracy (%)",
+                   f"self-consistency on {stem} ({n} questions), 95 % bands",
+                   bands={k: band(summary[k2]) for k, k2 in (("majority of k (maj@k)", "maj_at_k"),
+                                                              ("any of k right (pass@k)", "pass_at_k"))}, ylim=(0, 100))
+        bins = [b for b in summary["calibration"]["bins"] if b["n"]]
+        plot_lines(out / f"reliability-{stem}.png", {"the vote": ([100 * b["share"] for b in bins],
+                                                              [100 * b["accuracy"] for b in bins]),
+                                                 "calibrated": ([0, 100], [0, 100])},
+                   "the winning answer's share of the N votes (%)", "accuracy (%)",
+                   f"calibration of the vote, ECE {summary['calibration']['ece']:.3f}", ylim=(0, 100))
+    cli.write_text(out / f"summary-{stem}.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarize(rows):
+    """Every number of the report, from the predictions rows alone (answers as shown: letters or numbers)."""
+    out = {"questions": len(rows), "greedy_acc": None}
+    if rows and "greedy" in rows[0]:
+        right = [float(r["greedy_correct"]) for r in rows]
+        out |= {"greedy_acc": float(np.mean(right)), "greedy_acc_ci": bootstrap_ci(right),
+                "greedy_abstentions": float(np.mean([r["greedy"]["answer"] is None for r in rows]))}
+    if not rows or "chains" not in rows[0]:
+        return out
+    answers = [[c["answer"] for c in r["chains"]] for r in rows]
+    golds = [r["gold"] for r in rows]
+    n = min(map(len, answers))
+    maj = np.mean([maj_at_k(a[:n], g) for a, g in zip(answers, golds)], axis=0)
+    passes = np.mean([pass_at_k(a[:n], g) for a, g in zip(answers, golds)], axis=0)
+    vote = [float(r["vote_correct"]) for r in rows]
+    single = [float(np.mean([x == g for x in a])) for a, g in zip(answers, golds)]
+    out |= {"vote_acc": float(np.mean(vote)), "vote_acc_ci": bootstrap_ci(vote), "maj_at_k": maj.tolist(),
+            "pass_at_k": passes.tolist(), "vote_curve": vote_curve(answers, golds),
+            "single_chain_acc": float(np.mean(single)), "single_chain_acc_ci": bootstrap_ci(single),
+            "abstention_rate": float(np.mean([x is None for a in answers for x in a])),
+            "mean_chain_tokens": float(np.mean([c["tokens"] for r in rows for c in r["chains"]])),
+            "calibration": calibration([max(Counter(x for x in a if x is not None).values(), default=0) / len(a)
+                                        for a in answers], vote)}
+    if all("logprob" in c for r in rows for c in r["chains"]):  # the student's likelihood of its own chains
+        mean_lp = [[c["logprob"] / max(c["tokens"], 1) for c in r["chains"]] for r in rows]
+        best = [float(a[int(np.argmax(lp))] == g) for a, lp, g in zip(answers, mean_lp, golds)]
+        weighted = [float(weighted_vote(a, lp) == g) for a, lp, g in zip(answers, mean_lp, golds)]
+        out |= {"likeliest_chain_acc": float(np.mean(best)), "likeliest_chain_acc_ci": bootstrap_ci(best),
+                "likelihood_vote_acc": float(np.mean(weighted)), "likelihood_vote_acc_ci": bootstrap_ci(weighted)}
+    return out
+
+
+def weighted_vote(answers, mean_logprobs):
+    """The answer with the most weight, each chain weighing exp(its mean token log-probability); abstentions none."""
+    weight = Counter()
+    for a, lp in zip(answers, mean_logprobs):
+        if a is not None:
+            weight[a] += float(np.exp(lp))
+    return max(weight, key=weight.get) if weight else None
+
+
+def table(s):
+    """The printed table of a summary (summarize's keys, and the run's speeds where it has them)."""
+    ci = lambda key: f"{s[key]:.1%} [{s[key + '_ci'][0]:.1%}, {s[key + '_ci'][1]:.1%}]"  # noqa: E731
+    rows = ["| metric | value |", "| --- | --- |"]
+    if s.get("greedy_acc") is not None:
+        rows += [f"| greedy accuracy{' (answer only, fast path)' if s.get('mode') in LABEL_FIRST else ''} | "
+                 f"{ci('greedy_acc')} |", f"| greedy abstentions | {s['greedy_abstentions']:.1%} |"]
+        rows += [f"| greedy tokens/s | {s['greedy_tok_s']:,.0f} |"] if "greedy_tok_s" in s else []
+    if "maj_at_k" in s:
+        n, maj = len(s["maj_at_k"]), s["maj_at_k"]
+        rows += [f"| self-consistency: majority of the N={n} chains (T={s.get('temperature', '?')}) | {ci('vote_acc')} |",
+                 f"| maj@k, expected over k-subsets, k = 1 / {(n + 1) // 2} / {n} | "
+                 f"{maj[0]:.1%} / {maj[(n + 1) // 2 - 1]:.1%} / {maj[-1]:.1%} |",
+                 f"| pass@k (any of k right), k = 1 / {n} | {s['pass_at_k'][0]:.1%} / {s['pass_at_k'][-1]:.1%} |",
+                 f"| accuracy of a single sampled chain | {ci('single_chain_acc')} |"]
+        if "likeliest_chain_acc" in s:
+            rows += [f"| the likeliest chain (mean token log-prob) / likelihood-weighted vote | "
+                     f"{s['likeliest_chain_acc']:.1%} / {s['likelihood_vote_acc']:.1%} |"]
+        rows += [f"| calibration of the vote (ECE over 5 bins of vote share) | {s['calibration']['ece']:.3f} |",
+                 f"| abstention rate (chains with no answer) | {s['abstention_rate']:.1%} |",
+                 f"| mean chain length (tokens) | {s['mean_chain_tokens']:.1f} |"]
+        rows += [f"| sampling tokens/s | {s['sampling_tok_s']:,.0f} ({s['sampling_seconds']:.0f} s) |"] \
+            if "sampling_tok_s" in s else []
+    return rows
+
+
+def prediction_rows(records, golds, greedy_outs, greedy_answers, chains, answers):
+    """One row a question: the gold answer, the greedy chain and its answer, every sampled chain with its answer
+    (and its log-probability under the student, where sampled with it), the vote."""
+    rows = []
     for i, r in enumerate(records):
         row = {"id": r["id"], "gold": _shown(golds[i])}
         if greedy_outs:
@@ -323,11 +450,12 @@ def write_predictions(path, records, golds, greedy_outs, greedy_answers, chains,
             row["greedy_correct"] = greedy_answers[i] == golds[i]
         if chains:
             row["chains"] = [{"text": c["text"], "answer": _shown(a), "tokens": len(c["tokens"])}
+                             | ({"logprob": c["logprob"]} if c.get("logprob") is not None else {})
                              for c, a in zip(chains[i], answers[i])]
             vote = majority_vote(answers[i])
             row["vote"], row["vote_correct"] = _shown(vote), vote == golds[i]
-        lines.append(json.dumps(row) + "\n")
-    return cli.write_text(path, "".join(lines))
+        rows.append(row)
+    return rows
 
 
 def _shown(answer):

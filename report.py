@@ -56,9 +56,10 @@ def append_jsonl(path, record, sync=False):
     cli.append_text(path, json.dumps(record, ensure_ascii=False) + "\n", sync)
 
 
-def plot_lines(path, series, xlabel, ylabel, title, bands=None):
+def plot_lines(path, series, xlabel, ylabel, title, bands=None, ylim=None):
     """series: {name: (xs, ys)} -> a PNG line chart; bands: {name: (lows, highs)} shaded around a line (an
-    interval). Written to a temporary name, then renamed."""
+    interval); ylim: the y axis's range (e.g. (0, 100) for percentages: a small wobble does not look like a cliff).
+    Written atomically (cli.write_file)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,6 +69,8 @@ def plot_lines(path, series, xlabel, ylabel, title, bands=None):
         line, = ax.plot(xs, ys, label=name, marker="o" if len(xs) <= 40 else None)
         if bands and name in bands:
             ax.fill_between(xs, *bands[name], color=line.get_color(), alpha=0.15, linewidth=0)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -79,3 +82,29 @@ def plot_lines(path, series, xlabel, ylabel, title, bands=None):
         cli.write_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
+
+
+def bootstrap_ci(values, reps=1000, seed=0):
+    """A 95 % percentile-bootstrap interval of the mean of per-question values (resampling questions) -> [lo, hi]."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return [float("nan"), float("nan")]
+    means = v[np.random.default_rng(seed).integers(0, len(v), (reps, len(v)))].mean(1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def calibration(shares, correct, bins=5):
+    """How well the vote's confidence (the winning answer's share of the votes) predicts that it is right: per
+    equal-width bin of share, the mean share, the accuracy and the count, and the expected calibration error
+    (sum over bins of n_b / n * |accuracy_b - share_b|)."""
+    out, n = [], len(shares)
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = [(s, c) for s, c in zip(shares, correct) if lo < s <= hi or (b == 0 and s == 0)]
+        share = sum(s for s, _ in inside) / len(inside) if inside else (lo + hi) / 2
+        accuracy = sum(c for _, c in inside) / len(inside) if inside else 0.0
+        out.append({"lo": lo, "hi": hi, "share": share, "accuracy": accuracy, "n": len(inside)})
+    ece = sum(b["n"] / max(n, 1) * abs(b["accuracy"] - b["share"]) for b in out)
+    return {"bins": out, "ece": ece}

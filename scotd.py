@@ -28,6 +28,7 @@ import hashlib
 import random
 import re
 from collections import Counter
+from math import comb
 from decimal import Decimal, InvalidOperation
 
 ANSWER_END = r"answer is [^\n]*?[.!?](?=\s)"  # the end of an answer sentence ("So the answer is (d) bridge." + space)
@@ -225,3 +226,34 @@ def vote_curve(chains_answers, golds):
     n = min(len(a) for a in chains_answers)
     return [sum(majority_vote(a[:k]) == g for a, g in zip(chains_answers, golds)) / len(golds)
             for k in range(1, n + 1)]
+
+
+def maj_at_k(answers, gold):
+    """Self-consistency as an expectation: for k = 1..N, the expected accuracy of the majority vote over k of these
+    N chains drawn without replacement (every k-subset equally likely). Abstentions (None) do not vote; a subset
+    where all abstain is wrong; a tie among m answers that includes the gold one counts 1/m. Exact, by counting:
+    for each number g of gold votes, a dynamic programme over the other answers' counts (each at most g) counts
+    the subsets and how many answers tie with gold -- N = 30 in microseconds for a multiple-choice question."""
+    N = len(answers)
+    counts = Counter(a for a in answers if a is not None)
+    abstain, c_gold = N - sum(counts.values()), counts.pop(gold, 0)
+    wins = [0.0] * (N + 1)  # wins[k]: the k-subsets' scores, summed
+    for g in range(1, c_gold + 1):
+        ways = {(0, 0): 1}  # (others chosen, others with exactly g votes) -> number of ways
+        for c in counts.values():
+            grown = Counter()
+            for (t, m), w in ways.items():
+                for x in range(min(c, g) + 1):
+                    grown[(t + x, m + (x == g))] += w * comb(c, x)
+            ways = grown
+        for (t, m), w in ways.items():
+            for z in range(abstain + 1):
+                wins[g + t + z] += comb(c_gold, g) * w * comb(abstain, z) / (m + 1)
+    return [wins[k] / comb(N, k) for k in range(1, N + 1)]
+
+
+def pass_at_k(answers, gold):
+    """For k = 1..N, the chance that some one of k chains drawn without replacement is right: 1 - C(N - c, k) / C(N, k)
+    with c right chains among N (Chen et al. 2021's unbiased estimator)."""
+    N, c = len(answers), sum(a == gold for a in answers)
+    return [1 - comb(N - c, k) / comb(N, k) for k in range(1, N + 1)]

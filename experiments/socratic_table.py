@@ -5,8 +5,8 @@
 
 1. Sub-questions: the teacher (Qwen2.5-Coder-1.5B, `teacher.py --socratic`: one question a gold step, greedy)
    for the first --problems GSM8K *train* problems after the prompt's four. Problems with a question for
-   every step are kept, and every student below trains on exactly those problems (the last 64 held out by
-   train.py for its dev loss), so the rows differ in the target only.
+   every step are kept, and every student below trains on exactly those problems (5 %, at most 200, held out by
+   train.py for its dev loss: data.dev_split), so the rows differ in the target only.
 2. Students (SmolLM2-135M-Instruct, seed 1337, --epochs passes over those problems, batch 8, --max-len 512):
    `cot`        the human solution, then the answer (the Socratic paper's CoT baseline, on the same problems);
    `unified`    one model writes "sub-question ** step" lines, then the answer;
@@ -193,7 +193,7 @@ def report(args, waits, wall0):
     note = (f"GSM8K test (1,319 problems; self-consistency on the first {args.sc_limit}, T = 0.7). Students: "
             f"SmolLM2-135M-Instruct, seed {args.seed}, {args.epochs} epochs over the {kept:,} train problems whose "
             f"sub-questions the teacher wrote for every step ({rejected:,} of the first {kept + rejected:,} rejected), "
-            f"less the 64 train.py holds out; verdict margin {100 * MARGIN:.0f} points; `@sc`: majority of {args.n} "
+            f"less the dev questions train.py holds out (5 %, at most 200); verdict margin {100 * MARGIN:.0f} points; `@sc`: majority of {args.n} "
             "chains. Wall time: minutes of each step (train, greedy, self-consistency), as run.")
     table = "\n".join(rows) + "\n\n" + "\n".join(claims)
     text = (f"# Socratic CoT on GSM8K, measured\n\n{note}\n\n{table}\n\nMachine: {args.machine}; {total / 3600:.1f} h "

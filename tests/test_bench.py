@@ -114,7 +114,7 @@ def test_the_gpu_suite_plans_the_targets_of_issue_32_first():
     bench.gpu_suite("cuda", "bfloat16", False,
                     measure=lambda kind, side, keep_going=False, **kw: jobs.append((kind, side, kw)) or {})
     keys = [bench.measured_key(kind, side, kw) for kind, side, kw in jobs]
-    assert len(set(keys)) == len(keys) == 20
+    assert len(set(keys)) == len(keys) == 20 + 8 + 8  # #32's rows, #45's families (2 x train and sample), #46's LoRA (2 x 2)
     firsts = [(kind, side, kw.get("rows") or kw.get("n") or kw.get("batch_tokens"), kw["name"]) for kind, side, kw in jobs[:8]]
     assert firsts == [("decode_step", "ours", 32, "smollm2-135m-random"), ("decode_step", "ours", 256, "smollm2-135m-random"),
                       ("sample", "ours", 30, "smollm2-135m-random"), ("sample", "hf", 30, "smollm2-135m-random"),

@@ -70,7 +70,8 @@ def test_train_flags_are_checked_up_front(argv, message, capsys, tmp_path):
     (["--n", "-2"], "argument --n/--chains: must be >= 0, got -2"),
     (["--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
-    (["--checkpoint", "no/such"], "argument --checkpoint: no/such is not a model folder"),
+    (["--checkpoint", "no/such/ckpt"], "argument --checkpoint: no/such/ckpt is not a model folder"),
+    (["--checkpoint", "no/such"], "argument --checkpoint: no/such is not a folder here, nor in the Hugging Face cache"),
 ])
 def test_evaluate_flags_are_checked_up_front(argv, message, capsys, student):
     with pytest.raises(SystemExit) as e:

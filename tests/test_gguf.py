@@ -35,7 +35,9 @@ def write_qwen2_gguf(path, hf, tokenizer_json):
     w.add_token_types([gguf.TokenType.CONTROL if t == "<|endoftext|>" else gguf.TokenType.NORMAL for t in tokens])
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
     w.add_eos_token_id(vocab["vocab"]["<|endoftext|>"])
-    to_gguf = {hf_name: gguf_name for gguf_name, hf_name in GGUF_TO_HF.items()}
+    to_gguf = {}  # Qwen2's names: the norm before the MLP is llama.cpp's ffn_norm (Gemma 3's names come later)
+    for gguf_name, hf_name in GGUF_TO_HF.items():
+        to_gguf.setdefault(hf_name.replace("{ffn_norm}", "post_attention_layernorm"), gguf_name)
     for name, tensor in hf.state_dict().items():
         layer = name.split(".")[2] if name.startswith("model.layers.") else None
         template = name.replace(f".{layer}.", ".{}.", 1) if layer is not None else name

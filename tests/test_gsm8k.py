@@ -95,17 +95,19 @@ def test_bundled_gsm8k_and_its_examples():
 
 
 def test_train_and_evaluate_on_gsm8k(tmp_path, capsys):
-    """train.py on the numeric corpus (dev: its last 64 problems, held out), then evaluate.py on the test
+    """train.py on the numeric corpus (dev: 200 of its problems, chosen by id and held out), then evaluate.py on the test
     split with self-consistency: predictions carry numbers, the summary an accuracy."""
     student = tiny_student(tmp_path / "tiny")
     ckpt = train.main(["--init", str(student), "--data", str(data.GSM8K_TRAIN), "--out", str(tmp_path / "run"),
                        "--limit", "32", "--max-steps", "3", "--batch-size", "4", "--eval-every", "0",
                        "--eval-questions", "2", "--max-len", "512"])
-    assert "the last 64 questions of --data, held out of training" in capsys.readouterr().out
+    assert "200 questions of --data (those whose ids hash lowest), held out of training" in capsys.readouterr().out
+    info = json.loads((ckpt / "best" / "scotd.json").read_text())
+    assert len(info["dev"]["ids"]) == 200 and info["selected"]["on"].startswith("2 questions of 200 questions of --data")
     out = evaluate.main(["--checkpoint", str(ckpt / "best"), "--data", str(data.GSM8K_TEST), "--limit", "3",
                          "--n", "2", "--max-new-tokens", "16", "--out", str(tmp_path / "eval"), "--fewshot", "1"])
     rows = [json.loads(ln) for ln in (out / "predictions-gsm8k_test.jsonl").read_text().splitlines()]
     assert [r["gold"] for r in rows] == [r["answer"] for r in data.read_corpus(data.GSM8K_TEST)[:3]]
     assert all(len(r["chains"]) == 2 for r in rows)
     summary = json.loads((out / "summary-gsm8k_test.json").read_text())
-    assert 0.0 <= summary["greedy_acc"] <= 1.0 and len(summary["vote_curve"]) == 2
+    assert 0.0 <= summary["greedy_acc"] <= 1.0 and len(summary["vote_curve"]) == len(summary["maj_at_k"]) == 2

@@ -105,7 +105,7 @@ def test_training_rows_longer_than_the_model_are_counted_skips_and_dev_questions
     assert "x longer than the model's 170 positions (max_position_embeddings; --max-len is 256)" in capsys.readouterr().out
     code, line = one_line_error(lambda: train.main(["--init", str(tiny), "--out", str(tmp_path / "p"), "--max-steps", "1",
                                                     *TRAIN_FLAGS]), capsys)
-    assert code == 1 and f"{data.DEFAULT_DEV}:" in line and "a dev question: " in line and "has 170" in line
+    assert code == 1 and f"{data.DEFAULT_TRAIN}:" in line and "a dev question: " in line and "has 170" in line
 
 
 def test_an_opt_config_with_more_positions_than_its_weights_is_named(tmp_path):

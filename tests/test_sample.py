@@ -167,7 +167,12 @@ def test_evaluate_end_to_end_writes_predictions_and_plot(student, tmp_path):
     assert all(len(r["chains"]) == 4 and "vote" in r and r["gold"] in "abcde" for r in rows)
     assert (out / "vote-curve-csqa_palm_validation.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary-csqa_palm_validation.json").read_text())
-    assert summary["mode"] == "cot" and len(summary["vote_curve"]) == 4
+    assert summary["mode"] == "cot" and len(summary["vote_curve"]) == len(summary["maj_at_k"]) == 4
+    assert all("logprob" in c for r in rows for c in r["chains"]) and "likelihood_vote_acc" in summary
+    assert (out / "reliability-csqa_palm_validation.png").read_bytes()[:4] == b"\x89PNG"
+    # --report: the whole report again, from the predictions file alone, number for number
+    again = evaluate.main(["--report", str(out / "predictions-csqa_palm_validation.jsonl"), "--out", str(tmp_path / "re")])
+    assert json.loads((again / "summary-csqa_palm_validation.json").read_text()) == summary
     # --no-greedy: the same sampled chains (each batch has its own seed), without the greedy decode
     alone = evaluate.main(["--checkpoint", str(ckpt / "best"), "--limit", "6", "--n", "4", "--max-new-tokens", "24",
                            "--no-greedy", "--out", str(tmp_path / "sc")])

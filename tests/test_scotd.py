@@ -1,5 +1,7 @@
 """scotd.py: the templates, answer extraction and voting, as the paper defines them."""
 
+import pytest
+
 from scotd import (extract_answer, fewshot_prefix, format_query, format_target, majority_vote, parse_choice,
                    vote_curve)
 
@@ -72,3 +74,41 @@ def test_post_shuffled_target_is_the_label_then_the_rationale_words_in_a_fixed_o
     assert sorted(words) == sorted(rationale.split()) and words != rationale.split()
     assert format_target("post-shuffled", CHOICES, 2, rationale) == target  # the same every time
     assert extract_answer("post-shuffled", target, CHOICES) == 2
+
+
+def brute_force(answers, gold, k):
+    """maj@k by enumerating every k-subset: abstentions do not vote, all-abstain is wrong, a tie of m counts 1/m."""
+    from collections import Counter
+    from fractions import Fraction
+    from itertools import combinations
+
+    total, subsets = Fraction(0), 0
+    for subset in combinations(answers, k):
+        subsets += 1
+        votes = Counter(a for a in subset if a is not None)
+        if votes.get(gold):
+            best = max(votes.values())
+            total += Fraction(votes[gold] == best, sum(v == best for v in votes.values()))
+    return float(total / subsets)
+
+
+def test_maj_at_k_and_pass_at_k_equal_enumerating_every_subset():
+    import random
+    import time
+    from itertools import combinations
+
+    from scotd import maj_at_k, pass_at_k
+
+    rng = random.Random(0)
+    for _ in range(400):  # ties and abstentions included
+        n = rng.randint(1, 8)
+        answers = [rng.choice([None, "a", "b", "c", "d", 1, 2]) for _ in range(n)]
+        gold = rng.choice(["a", "b", 1])
+        for k, (maj, passed) in enumerate(zip(maj_at_k(answers, gold), pass_at_k(answers, gold)), 1):
+            assert maj == pytest.approx(brute_force(answers, gold, k), abs=1e-12)
+            assert passed == pytest.approx(sum(gold in s for s in combinations(answers, k)) /
+                                           len(list(combinations(answers, k))), abs=1e-12)
+    t0 = time.time()
+    for _ in range(100):
+        maj_at_k([rng.choice([None, "a", "b", "c", "d", "e"]) for _ in range(30)], "a")
+    assert time.time() - t0 < 1.0  # N = 30, 100 questions: well under a second

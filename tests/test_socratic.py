@@ -116,13 +116,14 @@ def test_teacher_socratic_keeps_rejections_and_never_prompts_on_test(tmp_path, c
 def test_decomposer_and_solver_answer_end_to_end(tmp_path, monkeypatch, capsys):
     """Tiny decomposer and solver trained to memorise two problems' Socratic chains: evaluate.py's loop asks
     each sub-question, solves it, stops at the answer sentence and reads the answer, greedy and sampled."""
-    recs = data.read_corpus(data.GSM8K_TRAIN)[:2]
-    corpus = tmp_path / "c.jsonl"
+    recs = data.read_corpus(data.GSM8K_TRAIN)[:3]
+    corpus, held_out = tmp_path / "c.jsonl", tmp_path / "dev.jsonl"
     data.write_corpus([socratic_record(recs[0], SUBQ), socratic_record(recs[1], ["How much a minute?", "How much in all?"])],
                       corpus)
+    data.write_corpus([socratic_record(recs[2], ["What?"] * len(recs[2]["rationales"][0]["steps"]))], held_out)
     init = tiny_student(tmp_path / "m")
     for role in ("decompose", "solve"):
-        train.main(["--init", str(init), "--data", str(corpus), "--dev-data", str(corpus), "--mode", role, "--out",
+        train.main(["--init", str(init), "--data", str(corpus), "--dev-data", str(held_out), "--mode", role, "--out",
                     str(tmp_path / role), "--max-steps", "200", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "0",
                     "--weight-decay", "0", "--eval-every", "0", "--max-len", "512"])
         dev = json.loads((tmp_path / role / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=pytest.fail)
