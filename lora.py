@@ -89,6 +89,14 @@ def add_adapters(model, r, alpha=None, dropout=0.0, targets=None):
     return wrapped
 
 
+def hold_base_in(model, dtype):
+    """The frozen base's weights in `dtype` (bfloat16: half of fp32's memory, as peft users load a base); the
+    adapters stay fp32, the optimizer's."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
 def adapters(model):
     """{module name: LoRALinear} of a model with adapters."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}

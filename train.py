@@ -726,6 +726,8 @@ def load_student(run, device):
         config = lora.load_adapter(model, adapter)
         if run.lora and run.lora != config["r"]:
             raise InputError(f"--lora {run.lora}: {adapter} holds an adapter of rank {config['r']}")
+    if run.dtype == "bfloat16":  # the frozen base held in bf16 (the default on CUDA), the adapters fp32
+        lora.hold_base_in(model, torch.bfloat16)
     return init, model
 
 

@@ -115,3 +115,21 @@ def test_init_from_an_adapter_folder_continues_it(student, straight, tmp_path):
     merged = run(student, tmp_path / "m", "--init", str(straight / "last"), "--max-steps", "1", "--lr", "1e-9")
     assert losses(out)[0] == pytest.approx(losses(merged)[0], abs=1e-5)
     assert json.loads((out / "last" / "adapter" / lora.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(student)
+
+
+def test_a_bf16_base_trains_fp32_adapters_and_saves_a_bf16_checkpoint(student, tmp_path, monkeypatch):
+    """--dtype bfloat16 (the default on CUDA; here on a CPU): the frozen base is held in bf16, the adapters and their
+    optimizer state in fp32; the loss goes down; the merged checkpoint is bf16 and loads."""
+    held = {}
+    real = train.Trainer.__init__
+
+    def spy(self, run, model, *a):
+        held.update({n: p.dtype for n, p in model.named_parameters()})
+        real(self, run, model, *a)
+    monkeypatch.setattr(train.Trainer, "__init__", spy)
+    out = run(student, tmp_path / "bf16", "--lora", "4", "--max-steps", "6", "--dtype", "bfloat16", "--eval-questions", "0")
+    assert {d for n, d in held.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in held.items() if "lora_" not in n} == {torch.bfloat16}
+    assert losses(out)[-1] < losses(out)[0]
+    assert {t.dtype for t in load_file(str(out / "last" / "model.safetensors")).values()} == {torch.bfloat16}
+    from_pretrained(out / "last")
