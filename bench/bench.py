@@ -77,14 +77,19 @@ def opt_random_folder(name, cache):
                   word_embed_proj_dim=shape["hidden_size"], do_layer_norm_before=True, activation_function="relu",
                   enable_bias=True, pad_token_id=1, bos_token_id=2, eos_token_id=2, architectures=["OPTForCausalLM"],
                   torch_dtype="float32", **shape)
-        torch.manual_seed(0)
-        model = Transformer(Config.from_dict(hf))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02) if p.dim() >= 2 else None
-        smollm2 = ASSETS / "smollm2-135m" if (ASSETS / "smollm2-135m" / "tokenizer.json").exists() else default_student()
-        save_pretrained(model, folder, tokenizer_from=smollm2)  # SmolLM2's tokenizer: ids < 49152
+        save_random_init(hf, folder)
     return folder
+
+
+def save_random_init(hf, folder):
+    """A random init (matrices N(0, 0.02)) of the config dict `hf`, saved with SmolLM2's tokenizer (ids < 49152)."""
+    torch.manual_seed(0)
+    model = Transformer(Config.from_dict(hf))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() >= 2 else None
+    smollm2 = ASSETS / "smollm2-135m" if (ASSETS / "smollm2-135m" / "tokenizer.json").exists() else default_student()
+    save_pretrained(model, folder, tokenizer_from=smollm2)
 
 
 # random inits of 2026 students' shapes (FAMILIES: their rows) and of a 0.5B one (the LoRA rows), built from these
@@ -115,14 +120,8 @@ def family_random_folder(name, cache):
     """A random init of a RANDOM_SHAPES shape, saved once under the cache."""
     folder = cache / name
     if not (folder / "config.json").exists():
-        hf = dict(RANDOM_SHAPES[name], pad_token_id=0, bos_token_id=1, eos_token_id=2, torch_dtype="float32")
-        torch.manual_seed(0)
-        model = Transformer(Config.from_dict(hf))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02) if p.dim() >= 2 else None
-        smollm2 = ASSETS / "smollm2-135m" if (ASSETS / "smollm2-135m" / "tokenizer.json").exists() else default_student()
-        save_pretrained(model, folder, tokenizer_from=smollm2)
+        save_random_init(dict(RANDOM_SHAPES[name], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              torch_dtype="float32"), folder)
     return folder
 
 
