@@ -6,11 +6,15 @@
     torchrun --nproc_per_node 4 evaluate.py ...          # questions sharded over ranks, same result
     python evaluate.py --checkpoint runs/solve/last --decomposer runs/decompose/last --data data/gsm8k_test.jsonl.gz
                                                          # Socratic CoT, two models (socratic_chains)
+    python evaluate.py --report runs/cot/eval/predictions-csqa_palm_validation.jsonl   # the report again, no model
 
-Prints a table (greedy accuracy, self-consistency accuracy at N, abstention rate, mean chain length,
-tokens/s) and writes, next to the checkpoint, predictions JSONL (every chain, its parsed answer, the
-vote, the gold answer) and a PNG of accuracy against the number of chains voted over. An interrupted run
-goes on where it stopped: run the same command again (finished batches wait in <out>/partial-<data>.jsonl).
+Writes, next to the checkpoint, predictions JSONL (every chain, its parsed answer and log-probability, the vote,
+the gold answer), then everything else from that file alone (`summarize`): a table (greedy and voted accuracy
+with bootstrap intervals, exact maj@k and pass@k, one chain, the likeliest chain and a likelihood-weighted vote,
+the vote's calibration, abstentions, tokens/s), summary-<data>.json, a plot of maj@k and pass@k and a reliability
+plot. A warning comes first when the questions overlap the checkpoint's training data (its scotd.json says which).
+An interrupted run goes on where it stopped: run the same command again (finished batches wait in
+<out>/partial-<data>.jsonl).
 """
 
 import argparse
