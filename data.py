@@ -242,8 +242,7 @@ def dev_split(records, size=None):
     alone, not on the order of the file; appending records never moves a training question into dev (a new id
     that hashes lower than the last dev one moves that one to training)."""
     size = min(DEV_QUESTIONS, len(records) // 20) if size is None else size
-    rank = sorted(r["id"] for r in records)
-    dev = set(sorted(rank, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:size])
+    dev = set(sorted((r["id"] for r in records), key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:size])
     return [r for r in records if r["id"] not in dev], [r for r in records if r["id"] in dev]
 
 

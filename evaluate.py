@@ -19,9 +19,9 @@ An interrupted run goes on where it stopped: run the same command again (finishe
 
 import argparse
 import json
-from collections import Counter
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -309,10 +309,11 @@ def recompute(predictions, out):
         raise InputError(f"{predictions}: not a predictions file evaluate.py wrote (no 'gold' in its rows)")
     stem = predictions.name.removeprefix("predictions-").split(".")[0]
     beside = predictions.with_name(f"summary-{stem}.json")
-    derived = set(summarize(rows)) | {"vote_curve"}
-    meta = {k: v for k, v in json.loads(beside.read_text()).items() if k not in derived} if beside.exists() else {}
+    derived = summarize(rows)
+    meta = {k: v for k, v in json.loads(beside.read_text()).items() if k not in derived and k != "vote_curve"} \
+        if beside.exists() else {}
     with cli.one_writer(out):
-        write_report(rows, meta, out, stem)
+        write_report(rows, meta, out, stem, derived)
     return out
 
 
@@ -349,9 +350,10 @@ def report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, 
     print(f"\npredictions {preds_path}")
 
 
-def write_report(rows, meta, out, stem):
-    """summarize(rows) -> the printed table, the plots (maj@k and pass@k; reliability) and summary-<stem>.json."""
-    summary = meta | summarize(rows)
+def write_report(rows, meta, out, stem, derived=None):
+    """summarize(rows) (or `derived`, already computed from them) -> the printed table, the plots (maj@k and pass@k;
+    reliability) and summary-<stem>.json."""
+    summary = meta | (derived or summarize(rows))
     print(f"\n{summary['questions']:,} questions from {meta.get('data', stem)}, {meta.get('device', '?')}, "
           f"{meta.get('dtype', '?')}\n" + "\n".join(table(summary)))
     if "maj_at_k" in summary:
@@ -388,10 +390,11 @@ def summarize(rows):
     answers = [[c["answer"] for c in r["chains"]] for r in rows]
     golds = [r["gold"] for r in rows]
     n = min(map(len, answers))
-    maj = np.mean([maj_at_k(a[:n], g) for a, g in zip(answers, golds)], axis=0)
+    per_question = np.array([maj_at_k(a[:n], g) for a, g in zip(answers, golds)])
+    maj = per_question.mean(0)
     passes = np.mean([pass_at_k(a[:n], g) for a, g in zip(answers, golds)], axis=0)
     vote = [float(r["vote_correct"]) for r in rows]
-    single = [float(np.mean([x == g for x in a])) for a, g in zip(answers, golds)]
+    single = per_question[:, 0].tolist()  # maj@1 of a question: the share of its chains that are right
     out |= {"vote_acc": float(np.mean(vote)), "vote_acc_ci": bootstrap_ci(vote), "maj_at_k": maj.tolist(),
             "pass_at_k": passes.tolist(), "vote_curve": vote_curve(answers, golds),
             "single_chain_acc": float(np.mean(single)), "single_chain_acc_ci": bootstrap_ci(single),

@@ -50,9 +50,6 @@ class LoRALinear(nn.Linear):
         update = (update @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T
         return F.linear(x, self.weight, self.bias) + self.scale * update
 
-    def merged_weight(self):
-        return self.weight + (self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
-
 
 def names(cfg):
     """{HF name: ours} of the linear layers a family names otherwise (OPT's fc1 is our mlp.up_proj)."""
@@ -126,8 +123,7 @@ def save_adapter(model, folder, base, state=None):
     tensors = {}
     for key, value in adapter_state(model, state).items():
         module, _, which = key.rpartition(".")
-        tensors[PEFT_PREFIX + hf_key(f"{module}.weight", cfg).removesuffix(".weight") + f".{which}.weight"] = \
-            value.detach().float().contiguous().cpu()
+        tensors[peft_key(module, which, cfg)] = value.detach().float().contiguous().cpu()
     theirs = {v: k for k, v in names(cfg).items()}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
               "lora_dropout": lora.dropout,
@@ -136,6 +132,16 @@ def save_adapter(model, folder, base, state=None):
               "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
     return {f"{folder}/{ADAPTER_WEIGHTS}": lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
             f"{folder}/{ADAPTER_CONFIG}": json.dumps(config, indent=2) + "\n"}
+
+
+def peft_key(module, which, cfg):
+    """The key peft saves adapter tensor `which` ("lora_A" or "lora_B") of our module `module` under."""
+    return PEFT_PREFIX + hf_key(f"{module}.weight", cfg).removesuffix(".weight") + f".{which}.weight"
+
+
+def is_adapter_folder(folder):
+    """A peft adapter folder (adapter_config.json, no config.json of its own): --init trains it on, on its base."""
+    return folder is not None and (Path(folder) / ADAPTER_CONFIG).is_file() and not (Path(folder) / "config.json").exists()
 
 
 def read_adapter_config(folder):
@@ -162,7 +168,7 @@ def load_adapter(model, folder):
     ours = {}
     for name in adapters(model):
         for which in ("lora_A", "lora_B"):
-            key = PEFT_PREFIX + hf_key(f"{name}.weight", model.cfg).removesuffix(".weight") + f".{which}.weight"
+            key = peft_key(name, which, model.cfg)
             if key not in saved:
                 raise InputError(f"{Path(folder) / ADAPTER_WEIGHTS}: missing tensor {key}")
             ours[f"{name}.{which}"] = saved[key]

@@ -42,7 +42,6 @@ from cli import InputError
 from distributed import Dist
 from decode import answers_of, greedy
 from data import DEFAULT_TRAIN, FILTERS, SELECT  # (a field named `data` hides the module in RunConfig)
-from lora import ADAPTER_CONFIG
 from model import DTYPES
 from report import Progress, append_jsonl, plot_lines
 from scotd import MODES, SOCRATIC_ROLES
@@ -182,7 +181,7 @@ def check_args(p, args):
     cli.check_file(p, "--data", args.data)
     cli.check_file(p, "--dev-data", args.dev_data)
     cli.check_device(p, args.device)
-    if not (args.init and (Path(args.init) / ADAPTER_CONFIG).is_file() and not (Path(args.init) / "config.json").exists()):
+    if not lora.is_adapter_folder(args.init):
         args.init = cli.check_model_folder(p, "--init", args.init)  # (an adapter folder's base is checked at load)
     if args.select != "random" and not args.rationales_per_question:
         p.error("argument --select: choose K with --rationales-per-question")
@@ -711,7 +710,7 @@ def load_student(run, device):
     resumes from the checkpoint's weights; LoRA adds adapters to the base (--init) -- fresh ones, or those of
     --init when it is an adapter folder (peft's layout), or of the resumed checkpoint's adapter/."""
     init = Path(run.init) if run.init else default_student()
-    adapter = init if (init / ADAPTER_CONFIG).exists() and not (init / "config.json").exists() else None
+    adapter = init if lora.is_adapter_folder(init) else None
     if adapter is not None:  # --init: an adapter; its base is the model
         init = Path(cli.check_model_folder(cli.Refuse(f"--init {adapter}"), "its base_model_name_or_path",
                                            lora.read_adapter_config(adapter)["base_model_name_or_path"]))
