@@ -369,7 +369,12 @@ def append_text(path, text, sync=False):
     """Append `text` to `path` (created with PLAIN_MODE if missing) in whole: a write that fails part-way (a full
     disk) is cut off again, so no half line stays for a reader to take for whole, and ends as WriteError.
     sync: fsync after (a crash of the machine then keeps it too)."""
-    payload = memoryview(text.encode("utf-8"))
+    append_bytes(path, text.encode("utf-8"), sync)
+
+
+def append_bytes(path, payload, sync=False):
+    """append_text for bytes (distill.SidecarWriter's records)."""
+    payload = memoryview(payload)
     with writing(path):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:

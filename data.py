@@ -54,6 +54,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -445,7 +446,8 @@ A solution without such a number, or without steps, is a counted skip."""
 
 
 def build_examples(records, mode, filter="correct", rationales_per_question=None, seed=0, skips=None, select="random"):
-    """Records -> list of dicts {id, query, target, answer (data.gold)}. The paper trains on every sampled
+    """Records -> list of dicts {id, query, target, answer (data.gold)}, and `chain`: the rationale's index in its
+    record (modes with a rationale; distill.TeacherTargets finds its top-k by it). The paper trains on every sampled
     rationale (§2); `filter="correct"` keeps only rationales whose teacher answer is gold;
     `rationales_per_question` K keeps K of those, chosen by `select` (select_rationales)."""
     if mode not in MODES + SOCRATIC_ROLES:
@@ -488,10 +490,11 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
                 examples += [{"id": rec["id"], "query": context, "target": target, "answer": answer} for context, target
                              in socratic_turns(query, r["subquestions"], r["steps"], r["prediction"])[mode]]
             continue
+        index = {id(r): c for c, r in enumerate(rec["rationales"])}
         for r in kept:
             # the student learns the teacher's answer with its rationale (with filter=all it may be wrong)
             said = choices.index(r["prediction"]) if choices is not None else r["prediction"]
-            examples.append({"id": rec["id"], "query": query, "answer": answer,
+            examples.append({"id": rec["id"], "query": query, "answer": answer, "chain": index[id(r)],
                              "target": format_target(mode, choices, said, r["text"])})
     return examples
 
@@ -535,9 +538,10 @@ def select_rationales(rationales, k, how, rng, where=""):
 # Tokenisation (cached) and batching
 
 
-def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache_key="", too_long=None):
+def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache_key="", too_long=None, attach=None):
     """-> list of (ids, n_query) int32 arrays; examples longer than max_len are skipped and counted, as
-    `too_long` (default: "longer than --max-len N tokens").
+    `too_long` (default: "longer than --max-len N tokens"). attach(example, ids, n_query): a third element for
+    each example kept (train.py --kd: its teacher top-k, distill.TeacherTargets).
 
     Cached on disk keyed by the examples, the tokenizer and max_len, so a second run starts at once.
     """
@@ -569,7 +573,10 @@ def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache
         if not k:
             skips.add(too_long or f"longer than --max-len {max_len} tokens", e["id"])
     n_query = n_query[keep]
-    return [(ids[offsets[i]:offsets[i + 1]], int(n_query[i])) for i in range(len(offsets) - 1)]
+    out = [(ids[offsets[i]:offsets[i + 1]], int(n_query[i])) for i in range(len(offsets) - 1)]
+    if attach is not None:
+        out = [(t, n, attach(e, t, n)) for e, (t, n) in zip((e for e, k in zip(examples, keep) if k), out)]
+    return out
 
 
 def _read_token_cache(path, n_examples):
@@ -586,17 +593,41 @@ def _read_token_cache(path, n_examples):
 
 
 def collate(batch, pad_id):
-    """Right-padded (idx, targets) with targets -100 on the query and on padding: only the rationale and
-    answer carry loss. targets[t] is the token that position t should predict (idx shifted by one)."""
-    T = max(len(ids) for ids, _ in batch) - 1
+    """Right-padded (idx, targets, teacher) with targets -100 on the query and on padding: only the rationale and
+    answer carry loss. targets[t] is the token that position t should predict (idx shifted by one).
+    teacher: None, or where the examples are (ids, n_query, top-k) -- train.py --kd -- the top-k placed as the
+    targets are (Teacher)."""
+    T = max(len(ex[0]) for ex in batch) - 1
     idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
     targets = torch.full((len(batch), T), -100, dtype=torch.long)
-    for b, (ids, n_query) in enumerate(batch):
+    teacher = Teacher.empty(batch, idx.shape)
+    for b, (ids, n_query, *topk) in enumerate(batch):
         ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         n = len(ids) - 1
         idx[b, :n] = ids[:-1]
         targets[b, n_query - 1:n] = ids[n_query:]
-    return idx, targets
+        if teacher:
+            teacher.place(b, n_query - 1, topk[0])
+    return idx, targets, teacher
+
+
+class Teacher(NamedTuple):
+    """The teacher's top-k at each position of a micro-batch's rows: ids (B, T, K) and log-probabilities (B, T, K),
+    filled where targets are (train.py --kd; distill.py stores them)."""
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch, shape):
+        """None unless the examples carry top-k (a third element)."""
+        if len(batch[0]) < 3:
+            return None
+        k = batch[0][2]["ids"].shape[1]
+        return cls(torch.zeros(*shape, k, dtype=torch.long), torch.zeros(*shape, k, dtype=torch.float32))
+
+    def place(self, b, pos, topk):
+        self.ids[b, pos:pos + len(topk)] = torch.from_numpy(np.asarray(topk["ids"], dtype=np.int64))
+        self.logprobs[b, pos:pos + len(topk)] = torch.from_numpy(np.asarray(topk["logprobs"], dtype=np.float32))
 
 
 def cut_batches(order, lengths, batch_size, tokens=None):
@@ -630,7 +661,7 @@ def length_bucketed_batches(lengths, batch_size, rng, tokens=None):
 def query_keys(tokens):
     """One hashable key per tokenised example (ids, n_query): its query's tokens, the same for all of a
     question's rationales."""
-    return [ids[:n].tobytes() for ids, n in tokens]
+    return [ids[:n].tobytes() for ids, n, *_ in tokens]
 
 
 def question_batches(queries, lengths, batch_size, rng, tokens=None):
@@ -655,7 +686,7 @@ def question_batches(queries, lengths, batch_size, rng, tokens=None):
 
 
 def layout(batch, pad_id, row_len, share=False, pack=False):
-    """A micro-batch of (ids, n_query) -> rows (idx, targets, docs, branches), each (B, T), for
+    """A micro-batch of (ids, n_query) -> rows (idx, targets, docs, branches, teacher), each (B, T), for
     Transformer.forward(docs=..., branches=...) and attention.TreeAttention.
 
     An example is a prefix (its query less the last token: no loss) and a branch (the query's last token,
@@ -665,9 +696,10 @@ def layout(batch, pad_id, row_len, share=False, pack=False):
     So the loss and the gradients are those of the K examples, for q + K*r tokens instead of K*(q + r).
     A group over row_len tokens spills into another (prefix repeated). share=False: a group per example.
     pack=True: groups end to end in rows of up to row_len tokens (docs = group id), else one group a row.
-    Padding: docs -1, targets -100."""
-    groups, where = [], {}  # [prefix, [branch, ...], tokens]; where: prefix -> index of its open group
-    for ids, n_query in batch:
+    Padding: docs -1, targets -100. Examples (ids, n_query, top-k) -- train.py --kd -- also give the top-k placed
+    as the targets are (Teacher; else None)."""
+    groups, where = [], {}  # [prefix, [(branch, top-k), ...], tokens]; where: prefix -> index of its open group
+    for ids, n_query, *topk in batch:
         ids = np.asarray(ids, dtype=np.int64)
         prefix, branch = ids[:n_query - 1], ids[n_query - 1:]
         g = where.get(prefix.tobytes()) if share else None
@@ -675,7 +707,7 @@ def layout(batch, pad_id, row_len, share=False, pack=False):
             groups.append([prefix, [], len(prefix)])
             g = len(groups) - 1
             where[prefix.tobytes()] = g
-        groups[g][1].append(branch)
+        groups[g][1].append((branch, topk[0] if topk else None))
         groups[g][2] += len(branch) - 1
     rows, row, used = [], [], 0
     for group in groups:
@@ -690,19 +722,22 @@ def layout(batch, pad_id, row_len, share=False, pack=False):
     targets = torch.full((len(rows), T), -100, dtype=torch.long)
     docs = torch.full((len(rows), T), -1, dtype=torch.long)
     branches = torch.zeros((len(rows), T), dtype=torch.long)
+    teacher = Teacher.empty(batch, idx.shape)
     for b, r in enumerate(rows):
         pos = 0
         for d, (prefix, group_branches, n) in enumerate(r):
             docs[b, pos:pos + n] = d
             idx[b, pos:pos + len(prefix)] = torch.from_numpy(prefix)
             pos += len(prefix)
-            for k, branch in enumerate(group_branches, 1):
+            for k, (branch, topk) in enumerate(group_branches, 1):
                 m = len(branch) - 1
                 idx[b, pos:pos + m] = torch.from_numpy(branch[:-1])
                 targets[b, pos:pos + m] = torch.from_numpy(branch[1:])
                 branches[b, pos:pos + m] = k
+                if teacher:
+                    teacher.place(b, pos, topk)
                 pos += m
-    return idx, targets, docs, branches
+    return idx, targets, docs, branches, teacher
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from attention import Dense, FlexTree, TreeAttention
 from families import Config, yarn_attention_factor  # noqa: F401 -- Config: model.Config, as callers know it
-from losses import linear_cross_entropy
+from losses import kd_loss, linear_cross_entropy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -210,9 +210,10 @@ class Transformer(nn.Module):
     # Three entry points: forward (whole rows: training, scoring), prefill and decode_step (a sample.KVCache).
 
     def forward(self, idx, targets=None, attention_mask=None, docs=None, branches=None, target_idx=None,
-                tree_kernel="gather"):
+                tree_kernel="gather", teacher=None):
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (None, the mean cross-entropy over
-        the target positions).
+        the target positions), or with targets and a losses.Teacher (its top-k at the target positions, in
+        order: train.py --kd) ((the cross-entropy, the KD term), detached; the mixed loss).
 
         targets (B, T): the token each position should predict (already shifted), -100 = no loss; target_idx
         (N,): optionally, the flat indices of its positions that are not -100 (see _head).
@@ -225,15 +226,15 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if docs is not None:
             tree = (FlexTree if tree_kernel == "flex" else TreeAttention)(docs, branches)
-            return self._head(self._hidden(idx, tree.positions, tree), targets, target_idx)
+            return self._head(self._hidden(idx, tree.positions, tree), targets, target_idx, teacher)
         if attention_mask is None:  # training batches: causal attention, no mask, no host sync
             positions = torch.arange(T, device=idx.device).expand(B, T)
-            return self._head(self._hidden(idx, positions, Dense(None, positions)), targets, target_idx)
+            return self._head(self._hidden(idx, positions, Dense(None, positions)), targets, target_idx, teacher)
         valid = attention_mask.bool()
         # a token's position counts only the real tokens before it in its row, so left padding is harmless
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         attn = Dense(None if valid.all() else causal_mask(valid, 0, T), positions)
-        return self._head(self._hidden(idx, positions, attn), targets, target_idx)
+        return self._head(self._hidden(idx, positions, attn), targets, target_idx, teacher)
 
     def prefill(self, idx, cache, attention_mask=None, last_only=True):
         """Write idx (B, T) into the cache's next T slots, attending to everything before -> the logits of
@@ -320,7 +321,7 @@ class Transformer(nn.Module):
         cap = self.cfg.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def _head(self, x, targets, target_idx=None):
+    def _head(self, x, targets, target_idx=None, teacher=None):
         """The logits (B, T, V); or with targets (None, the mean cross-entropy over the target positions). The
         head (49k x d for SmolLM2) runs only where there is a target (the query has none), in row chunks
         (losses.linear_cross_entropy: never the whole (N, V) logits). target_idx: the flat indices of the positions
@@ -332,8 +333,16 @@ class Transformer(nn.Module):
         hidden = x.flatten(0, 1).index_select(0, target_idx)  # (N_targets, d)
         labels = targets.flatten().index_select(0, target_idx)
         if self.cfg.logit_softcap is not None:  # soft-capped logits: the plain loss (the chunked one has no cap)
-            return None, F.cross_entropy(self._logits(hidden).float(), labels)
-        return None, linear_cross_entropy(hidden, self.lm_head.weight, labels)
+            logits = self._logits(hidden).float()
+            ce = F.cross_entropy(logits, labels)
+            if teacher is None:
+                return None, ce
+            kd = kd_loss(logits.gather(1, teacher.ids), teacher).mean()
+            return (ce.detach(), kd.detach()), (1 - teacher.alpha) * ce + teacher.alpha * kd
+        if teacher is None:
+            return None, linear_cross_entropy(hidden, self.lm_head.weight, labels)
+        loss, ce, kd = linear_cross_entropy(hidden, self.lm_head.weight, labels, teacher)
+        return (ce, kd), loss
 
     def num_params(self):
         """Parameters, the tied embedding counted once."""

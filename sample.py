@@ -284,7 +284,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
 
 
 @torch.no_grad()
-def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, batches=None, on_batch=None):
+def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, batches=None, on_batch=None, top_k=0):
     """How likely the model finds chains it did not necessarily write (scoring a teacher's corpus):
     prompts, one token-id list a question; chains, per question a list of token-id lists -> per question, per
     chain (its summed log-probability, its token count); the first token is scored from the prompt's last
@@ -293,7 +293,10 @@ def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, 
 
     The work is generate()'s prefill: the header (`prefix`) once for the run, a batch of questions' prompts
     once, each prompt's cache copied to its chains' rows, which are then run in one forward pass. batches and
-    on_batch(indices, outs) as generate()'s."""
+    on_batch(indices, outs) as generate()'s.
+
+    top_k K: each chain's tuple also has, for each of its tokens' positions, the model's K likeliest tokens there
+    and their log-probabilities (numpy (n, K) int32 and float32; what teacher.py --top-logprobs stores)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     header = prefill(model, prefix)
     longest = max((len(p) + max(map(len, c), default=0) for p, c in zip(prompts, chains)), default=0)
@@ -314,12 +317,18 @@ def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, 
         for r, chain in enumerate(rows):
             tokens[r, :len(chain)], real[r, :len(chain)] = torch.tensor(chain, dtype=torch.long), True
         logp = model.prefill(tokens.to(device), cache, real.to(device), last_only=False).float().log_softmax(-1)
+        if top_k:  # (rows, longest, K): the first token's from the prompt's last position, then the chain's own
+            head, rest = first.topk(top_k, -1), logp[:, :-1].topk(top_k, -1)
+            top_ids = torch.cat((head.indices.repeat_interleave(n, 0)[:, None], rest.indices), 1).int().cpu().numpy()
+            top_logp = torch.cat((head.values.repeat_interleave(n, 0)[:, None], rest.values), 1).cpu().numpy()
         for j, q in enumerate(batch):
             results[q] = []
             for c, chain in enumerate(chains[q]):
                 r = j * n + c
                 rest = logp[r, torch.arange(len(chain) - 1, device=device), torch.tensor(chain[1:], dtype=torch.long, device=device)].sum() if chain else 0
                 results[q].append((float(first[j, chain[0]] + rest) if chain else 0.0, len(chain)))
+                if top_k:
+                    results[q][-1] += (top_ids[r, :len(chain)], top_logp[r, :len(chain)])
         if on_batch:
             on_batch(batch, [results[q] for q in batch])
     return results

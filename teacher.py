@@ -47,6 +47,7 @@ its server honours `seed`. Ctrl-C and SIGTERM stop it cleanly (exit 130 / 143).
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -61,6 +62,7 @@ from pathlib import Path
 import api
 import cli
 import data
+import distill
 from checkpoint import default_student, from_pretrained, load_tokenizer
 from cli import InputError
 from distributed import Dist
@@ -104,8 +106,8 @@ def parser():
                    "(--n is the cap; default: off, --n chains for every question)")
     p.add_argument("--temperature", type=cli.nonneg_float, default=None, help="default 1.0; 0 (greedy) with --socratic")
     p.add_argument("--top-p", type=cli.fraction, default=1.0, help="default 1.0 (off)")
-    p.add_argument("--shots", type=cli.nonneg_int, default=4, help="worked examples in the prompt (bundled PaLM "
-                   "rationales; default 4)")
+    p.add_argument("--shots", type=cli.nonneg_int, default=None, help="worked examples in the prompt (bundled PaLM "
+                   "rationales; default 4, 0 with --top-logprobs)")
     p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots (default: none)")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars; "
                    "default: all)")
@@ -123,6 +125,11 @@ def parser():
                    "under a local --teacher instead of sampling: --out gets its records with each rationale's "
                    "teacher_logprob and teacher_tokens, the chain as the corpus keeps it (rationale, then the answer "
                    "sentence), under the same few-shot prompt (default: none, sample)")
+    p.add_argument("--top-logprobs", type=cli.positive_int, default=None, metavar="K",
+                   help="with --score: store the teacher's K likeliest tokens and their log-probabilities at each "
+                   "target position of each chain, read as train.py trains on it (the training prompt, then the "
+                   "target: rationale, answer sentence, blank line), in <out>.topk for train.py --kd (distill.py; "
+                   "default: off)")
     p.add_argument("--dry-run", action="store_true", help="print how many requests and about how many prompt and "
                    "completion tokens the run will cost, then stop: nothing is sent or written")
     p.add_argument("--tokenizer", default=None, help="--dry-run counts tokens with this model folder's tokenizer "
@@ -171,6 +178,9 @@ def check_args(p, args):
     if args.score and (args.api or args.socratic or args.min_correct or args.dry_run):
         p.error("argument --score: scores with a local --teacher, on its own (no --api, --socratic, --min-correct, --dry-run)")
     cli.check_file(p, "--score", args.score)
+    if args.top_logprobs and not args.score:
+        p.error("argument --top-logprobs: only with --score CORPUS (the chains whose distributions to store)")
+    args.shots = (0 if args.top_logprobs else 4) if args.shots is None else args.shots
     args.data = args.score or args.data  # scoring: the prompt's worked examples come from the corpus's own task
     if args.socratic and args.min_correct:
         p.error("argument --min-correct: a Socratic chain has no answer of its own to check")
@@ -420,18 +430,30 @@ class CorpusWriter:
 
 
 class ScoreWriter(CorpusWriter):
-    """--score's writer: each record as the corpus has it, its rationales with teacher_logprob and
-    teacher_tokens added (outs: per question, (summed log-probability, tokens) a chain)."""
+    """--score's writer: each record as the corpus has it, its scored rationales with teacher_logprob and
+    teacher_tokens added (outs: per question, (summed log-probability, tokens, ...) a chain). `which`: per
+    question, the indices of the rationales its chains are; `sidecar` (--top-logprobs, with the chains' tokens in
+    `chains`): each chain's top-k appended there first, its span in the rationale's `topk`."""
     counted = "scored_tokens"
 
+    def __init__(self, *args, which, chains=None, sidecar=None):
+        super().__init__(*args)
+        self.which, self.chains, self.sidecar = which, chains, sidecar
+        self.index = {rec["id"]: q for q, rec in enumerate(self.records)}
+
     def row(self, rec, scores):
+        q = self.index[rec["id"]]
         rec = json.loads(json.dumps(rec))
-        for r, (logprob, n) in zip(rec["rationales"], scores):
-            r |= {"teacher_logprob": logprob, "teacher_tokens": n}
+        spans = self.sidecar.append([(tokens, ids, logp) for tokens, (_, _, ids, logp) in zip(self.chains[q], scores)]) \
+            if self.sidecar else [None] * len(scores)
+        for c, (logprob, n, *_), span in zip(self.which[q], scores, spans):
+            rec["rationales"][c] |= {"teacher_logprob": logprob, "teacher_tokens": n} | ({"topk": span} if span else {})
+        if self.sidecar:
+            rec["topk_file"] = self.sidecar.path.name
         return rec
 
     def tokens_of(self, outs):
-        return sum(n for scores in outs for _, n in scores)
+        return sum(n for scores in outs for _, n, *_ in scores)
 
 
 # -----------------------------------------------------------------------------
@@ -703,11 +725,13 @@ def chain_text(rec, r):
 def score(args, header, shot_ids):
     """--score: every chain of the corpus scored under the local teacher (sample.chain_logprobs: the header
     prefilled once, each question once, its chains as rows of its cache), written to --out as the records
-    with teacher_logprob and teacher_tokens added, a batch of questions at a time (resumable)."""
+    with teacher_logprob and teacher_tokens added, a batch of questions at a time (resumable). With
+    --top-logprobs the chains are the student's training targets, and their top-k go to <out>.topk (distill.py)."""
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
     meta = {"scored": cli.portable(args.score), "teacher": cli.portable(args.teacher), "exemplar_ids": shot_ids,
-            "prompt": header, "chain": "the rationale, then ' So the answer is (x) choice.' (none without an answer)",
-            "batch_size": args.batch_size, "dtype": args.dtype}
+            "prompt": header, "chain": TRAINING_TARGET if args.top_logprobs else
+            "the rationale, then ' So the answer is (x) choice.' (none without an answer)",
+            "batch_size": args.batch_size, "dtype": args.dtype} | ({"top_logprobs": args.top_logprobs} if args.top_logprobs else {})
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was scored with other settings: {'; '.join(changes)}")
     records = data.read_corpus(args.score)
@@ -716,7 +740,19 @@ def score(args, header, shot_ids):
     model, tokenizer, prefix, _ = load_local(args, header)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     prompts = question_prompts(tokenizer, records)
-    chains = [[encode(chain_text(rec, r)) for r in rec["rationales"]] for rec in records]
+    if args.top_logprobs:  # each chain a student could train on (mode cot, any answer), as train.py tokenises it
+        skips = data.Skips()
+        examples = data.build_examples(records, "cot", "all", skips=skips)
+        which = {r["id"]: [] for r in records}
+        for e in examples:
+            which[e["id"]].append((e["chain"], e["target"]))
+        which = [which[r["id"]] for r in records]
+        chains = [[encode(target) for _, target in w] for w in which]
+        if skips.counts:
+            print(f"note      chains without a target a student trains on are not scored; {skips.summary()}")
+    else:
+        which = [list(enumerate(rec["rationales"])) for rec in records]
+        chains = [[encode(chain_text(rec, r)) for r in rec["rationales"]] for rec in records]
     header = prefix.length if prefix else 0
     own = [len(p) + max(map(len, c), default=0) for p, c in zip(prompts, chains)]
     data.check_questions_fit(model.cfg, args.score, records, [header + n for n in own],
@@ -727,12 +763,29 @@ def score(args, header, shot_ids):
     print(f"scoring   {sum(map(len, chains)):,} chains of {len(records):,} questions in {args.score}: {len(done):,} "
           f"questions already in {out}")
     bar = Progress(len(records), "score", start=len(done))
+    sidecar = sidecar_writer(args, out, tokenizer, meta["prompt"], len(shot_ids)) if args.top_logprobs else None
+    writer = ScoreWriter(out, args.out + ".runs.jsonl", records, done, bar, which=[[c for c, _ in w] for w in which],
+                         chains=chains, sidecar=sidecar)
     with stopping_cleanly(bar, out, len(records)):
         chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size, pad_id=model.cfg.pad_token_id,
-                       batches=todo, on_batch=ScoreWriter(out, args.out + ".runs.jsonl", records, done, bar))
+                       batches=todo, on_batch=writer, top_k=args.top_logprobs or 0)
     bar.close()
-    print(f"wrote     {out} ({len(records):,} questions, every chain scored); settings in {meta_path}")
+    print(f"wrote     {out} ({len(records):,} questions, every chain scored); settings in {meta_path}"
+          + (f"; top-{args.top_logprobs} in {sidecar.path} ({sidecar.path.stat().st_size / 2**20:,.1f} MiB)"
+             if args.top_logprobs else ""))
     return out
+
+
+TRAINING_TARGET = "the training target (train.py --mode cot): the rationale, ' So the answer is (x) choice.', a blank line"
+
+
+def sidecar_writer(args, out, tokenizer, header_text, shots):
+    """<out>.topk, continued where the corpus lines already written end."""
+    spans = [r["topk"] for _, rec in data.read_appended(out) for r in rec.get("rationales", []) if "topk" in r]
+    header = {"k": args.top_logprobs, "tokenizer": distill.tokenizer_fingerprint(tokenizer),
+              "teacher": cli.portable(args.teacher), "mode": "cot", "shots": shots,
+              "prompt_sha256": hashlib.sha256(header_text.encode()).hexdigest()}
+    return distill.SidecarWriter(Path(args.out + ".topk"), header, max((a + n for a, n in spans), default=0))
 
 
 def settings(args, header, shot_ids):

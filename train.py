@@ -35,7 +35,9 @@ import torch
 
 import cli
 import data
+import distill
 import lora
+import losses
 from checkpoint import (RUN_INFO, cache_dir, default_student, from_pretrained, load_tokenizer, nonfinite_tensors,
                         read_run_info, recover_folder, save_pretrained)
 from cli import InputError
@@ -121,6 +123,13 @@ class RunConfig:
     lora_targets: str | None = flag(None, "the linear layers that get an adapter, by their HF names, comma-separated "
                                     "(q_proj,v_proj; default: every one in the blocks: attention's q, k, v, o and the "
                                     "MLP's projections)", MATCH)
+    kd: float | None = flag(None, "distil the teacher's token distributions too: loss = (1 - ALPHA) * cross-entropy + "
+                            "ALPHA * KL(teacher's top-k || student's, both over the top-k ids), on target tokens; "
+                            "--data must be scored by `teacher.py --score --top-logprobs K` with a teacher that shares "
+                            "the student's tokenizer (distill.py; default: off, the targets' cross-entropy only)", MATCH,
+                            type=cli.fraction, metavar="ALPHA")
+    kd_temperature: float = flag(1.0, "with --kd: both distributions at this temperature, the KL scaled by its square "
+                                 "(default 1)", MATCH, type=cli.positive_float)
     device: str | None = cli.device_flag()
     dtype: str = cli.dtype_flag()  # default: the device's
     compile: bool = cli.compile_flag("each block for training")  # default: on CUDA
@@ -154,7 +163,7 @@ class RunConfig:
         shared = self.share_prefix == "on" or (self.share_prefix == "auto" and len(set(queries)) < len(queries))
         per_epoch = math.ceil(len(tokens) / self.batch_size)
         if self.tokens_per_step:  # as many micro-batches as the first epoch's token budget cuts
-            per_epoch = len(epoch_batches([len(t) for t, _ in tokens], queries if shared else None, self, 0))
+            per_epoch = len(epoch_batches([len(t[0]) for t in tokens], queries if shared else None, self, 0))
         total = self.max_steps or math.ceil(self.epochs * per_epoch / self.grad_accum)
         warmup = self.warmup_steps if self.warmup_steps is not None else max(1, total // 20)
         return replace(self, shared=shared, batches_per_epoch=per_epoch, total_steps=total, warmup=warmup)
@@ -189,6 +198,11 @@ def check_args(p, args):
                                  ("targets", args.lora_targets, None)):
         if value != default and not args.lora:
             p.error(f"argument --lora-{flag}: only with --lora R")
+    if args.kd_temperature != 1.0 and not args.kd:
+        p.error("argument --kd-temperature: only with --kd ALPHA")
+    if args.kd and args.mode != "cot":
+        p.error(f"argument --kd: a sidecar holds the teacher's distributions over cot targets (teacher.py "
+                f"--top-logprobs); --mode {args.mode} trains on other tokens")
     if args.overwrite and args.resume is not None:
         p.error("--overwrite and --resume exclude each other")
     device = cli.device_type(args.device)
@@ -246,7 +260,7 @@ def epoch_batches(lengths, queries, run, epoch):
 def micro_batches(tokens, run, start_epoch, start_index):
     """Endless (epoch, index, batch) from a data position on; index counts the batches of epoch consumed."""
     epoch, index = start_epoch, start_index
-    lengths, queries = [len(t) for t, _ in tokens], data.query_keys(tokens) if run.shared else None
+    lengths, queries = [len(t[0]) for t in tokens], data.query_keys(tokens) if run.shared else None
     while True:
         batches = epoch_batches(lengths, queries, run, epoch)
         for i in range(index, len(batches)):
@@ -273,6 +287,7 @@ class Rows(NamedTuple):
     target_idx: torch.Tensor  # (N,) flat indices of the target positions (the head runs there only)
     n_targets: int  # N, on the host: normalising the loss needs no device->host copy
     tree_kernel: str = "gather"  # how packed and shared-prefix rows attend (--tree-kernel)
+    teacher: "losses.Teacher | None" = None  # --kd: the teacher's top-k at each target (N, K), and the loss's mix
 
 
 def to_tensors(batch, run, pad_id, device):
@@ -282,12 +297,15 @@ def to_tensors(batch, run, pad_id, device):
     loss and zero gradients, but the rank still joins the gradient all-reduce."""
     batch = batch or [(np.array([pad_id, pad_id]), 2)]
     if run.pack or run.shared:
-        idx, targets, docs, branches = data.layout(batch, pad_id, run.row_len, share=run.shared, pack=run.pack)
+        idx, targets, docs, branches, teacher = data.layout(batch, pad_id, run.row_len, share=run.shared, pack=run.pack)
     else:
-        (idx, targets), docs, branches = data.collate(batch, pad_id), None, None
+        (idx, targets, teacher), docs, branches = data.collate(batch, pad_id), None, None
     target_idx = (targets.flatten() != -100).nonzero()[:, 0]  # on the host
     move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
-    return Rows(move(idx), move(targets), move(docs), move(branches), move(target_idx), len(target_idx), run.tree_kernel)
+    if teacher is not None:  # --kd: the top-k of the target positions only, in the head's order, and the mix
+        teacher = losses.Teacher(*(move(t.flatten(0, 1)[target_idx]) for t in teacher), run.kd, run.kd_temperature)
+    return Rows(move(idx), move(targets), move(docs), move(branches), move(target_idx), len(target_idx), run.tree_kernel,
+                teacher)
 
 
 def next_window(stream, run, dist, pad_id, device):
@@ -308,29 +326,31 @@ def train_step(model, optimizer, scaler, window, ctx, grad_clip, dist=Dist()):
 
     The loss is normalised by the target tokens of the whole window on all ranks, not per micro-batch
     (torchtune), so accumulation over micro-batches and ranks gives the gradient of one big batch.
-    DDP averages gradients over ranks, hence the factor dist.world. Returns (mean loss, grad norm, tokens).
+    DDP averages gradients over ranks, hence the factor dist.world. Returns (mean loss, grad norm, tokens, and
+    with --kd the loss's parts: {ce, kd_loss}, each a mean over the window's targets).
     A non-finite loss, or a non-finite gradient norm outside fp16 (where the GradScaler skips the step
     and lowers its scale), raises Diverged before the optimizer touches the weights."""
     n_window = dist.sum(sum(rows.n_targets for rows in window))  # known on the host
-    loss_sum = torch.zeros((), dtype=torch.float64, device=window[0].idx.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=window[0].idx.device)  # loss, and with --kd its two parts
     for i, rows in enumerate(window):
         with no_sync(model, last=i == len(window) - 1), ctx:
-            _, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches, target_idx=rows.target_idx,
-                            tree_kernel=rows.tree_kernel)
+            parts, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches,
+                                target_idx=rows.target_idx, tree_kernel=rows.tree_kernel, teacher=rows.teacher)
             scaler.scale(loss * (rows.n_targets * dist.world / n_window)).backward()
-        loss_sum += loss.detach().double() * rows.n_targets  # float64: what summing Python floats gives
+        # float64: what summing Python floats gives
+        sums += torch.stack((loss.detach(), *(parts or (loss.detach(), loss.detach())))).double() * rows.n_targets
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    loss_sum, grad_norm = torch.stack((loss_sum, grad_norm.double())).tolist()  # the step's one device->host copy
-    mean_loss = dist.sum(loss_sum) / n_window
+    *sums, grad_norm = torch.cat((sums, grad_norm.double()[None])).tolist()  # the step's one device->host copy
+    mean_loss, ce, kd = (dist.sum(x) / n_window for x in sums)
     if not math.isfinite(mean_loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
         optimizer.zero_grad(set_to_none=True)
         raise Diverged(f"loss {mean_loss:.4g}, gradient norm {grad_norm:.4g}")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, grad_norm, n_window
+    return mean_loss, grad_norm, n_window, {"ce": ce, "kd_loss": kd} if window[0].teacher is not None else {}
 
 
 @contextmanager
@@ -405,7 +425,7 @@ class Trainer:
 
     def step(self, window, position, ctx, lr):
         """One optimizer step at learning rate lr over the window that ends at data position (epoch, index)
-        -> (mean loss, grad norm, target tokens). A divergence is reported with the step and the last good
+        -> train_step's (mean loss, grad norm, target tokens, parts). A divergence is reported with the step and the last good
         checkpoint."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -629,8 +649,9 @@ def load_data(run, tokenizer, init, dist, model_cfg):
         (positions, f"longer than the model's {positions:,} positions (max_position_embeddings; --max-len is {run.max_len})")
     if not dist.main:
         dist.barrier()  # rank 0 tokenises and writes the cache first; the others then read it
+    teacher = distill.TeacherTargets(run.data, records, tokenizer, init) if run.kd else None
     tokens = data.tokenize_examples(examples, tokenizer, max_len, skips, cache_dir() / "tokens", cache_key=str(init),
-                                    too_long=too_long)
+                                    too_long=too_long, attach=teacher)
     if dist.main:
         dist.barrier()
     if not tokens:
@@ -675,7 +696,7 @@ def describe(run, records, tokens, skips, dev, dist):
     coverage = f"a subset: {seen:,} of {len(tokens):,}" if seen < len(tokens) else f"{seen / len(tokens):.2f} epochs"
     ranks = f", {dist.world} ranks x {run.batch_size // dist.world} ({'FSDP' if run.fsdp else 'DDP'})" if dist.world > 1 else ""
     return [f"data      {run.data}: {len(records):,} questions -> {len(tokens):,} {run.mode} examples "
-            f"(filter={run.filter}), {sum(len(t) - n for t, n in tokens):,} target tokens"
+            f"(filter={run.filter}), {sum(len(t) - n for t, n, *_ in tokens):,} target tokens"
             f"{'; shared-prefix rows (a question once, its rationales as branches)' if run.shared else ''}",
             f"          {skips.summary()}",
             f"dev       {dev.source}",
@@ -786,9 +807,9 @@ def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log):
             with clock("steps"):  # the steps' own throughput: dev evaluations, saves and logging are timed apart
                 lr = get_lr(state.step, run)
                 window, epoch, index = next_window(stream, run, dist, pad_id, device)
-                loss, grad_norm, n_window = trainer.step(window, (epoch, index), ctx, lr)
+                loss, grad_norm, n_window, parts = trainer.step(window, (epoch, index), ctx, lr)
             tokens_seen += n_window
-            log_step(metrics, bar, state, run, loss, lr, grad_norm, tokens_seen / clock.seconds["steps"], dist)
+            log_step(metrics, bar, state, run, loss, lr, grad_norm, tokens_seen / clock.seconds["steps"], dist, parts)
             done = state.step == run.total_steps
             if (run.eval_every and state.step % run.eval_every == 0) or done:
                 with clock("dev evaluation"):
@@ -816,12 +837,13 @@ def closing(bar):
             bar.close()
 
 
-def log_step(metrics, bar, state, run, loss, lr, grad_norm, tok_s, dist):
+def log_step(metrics, bar, state, run, loss, lr, grad_norm, tok_s, dist, parts):
     if dist.main and (state.step % run.log_every == 0 or state.step == run.total_steps):
-        append_jsonl(metrics, {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                               "target_tok_s": tok_s, "epoch": state.epoch})
+        append_jsonl(metrics, {"step": state.step, "loss": loss} | parts | {
+            "lr": lr, "grad_norm": grad_norm, "target_tok_s": tok_s, "epoch": state.epoch})
     if bar:
-        bar.update(1, f"loss {loss:.4f} | lr {lr:.1e} | {tok_s:,.0f} tok/s")
+        kd = f" (ce {parts['ce']:.4f}, kd {parts['kd_loss']:.4f})" if parts else ""
+        bar.update(1, f"loss {loss:.4f}{kd} | lr {lr:.1e} | {tok_s:,.0f} tok/s")
 
 
 def dev_evaluation(trainer, dev, tokenizer, ctx, metrics, log):

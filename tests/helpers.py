@@ -94,9 +94,11 @@ def hf_logits(hf, ids, mask=None):
         return hf(ids, **kwargs).logits
 
 
-def tiny_student(folder, model_type="llama", vocab_size=384, seed=0, positions=512):
+def tiny_student(folder, model_type="llama", vocab_size=384, seed=0, positions=512, soft=False):
     """A tiny random student with a real byte-level BPE tokenizer trained on the bundled corpus,
-    written as an HF-layout folder by our own save_pretrained."""
+    written as an HF-layout folder by our own save_pretrained. soft: its final norm scaled by 0.1, so that its
+    next-token distributions spread over many tokens (at random init, with tied embeddings, it puts all but
+    1e-17 on the token it reads): a teacher worth distilling."""
     from tokenizers import ByteLevelBPETokenizer
 
     from data import DEFAULT_TRAIN, read_corpus
@@ -126,7 +128,11 @@ def tiny_student(folder, model_type="llama", vocab_size=384, seed=0, positions=5
                   architectures=["OPTForCausalLM"])
     cfg = Config.from_dict(hf)
     torch.manual_seed(seed)
-    save_pretrained(Transformer(cfg), folder, tokenizer_from=src)
+    model = Transformer(cfg)
+    if soft:
+        with torch.no_grad():
+            model.norm.weight.mul_(0.1)
+    save_pretrained(model, folder, tokenizer_from=src)
     return folder
 
 

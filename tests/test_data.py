@@ -156,7 +156,7 @@ def test_labels_are_minus_100_exactly_on_query_tokens(student):
     examples = data.build_examples([REC, REC | {"question": "A much longer question about where beavers live?"}], "cot")
     skips = Skips()
     tokens = data.tokenize_examples(examples, tok, 256, skips)
-    idx, targets = data.collate(tokens, pad_id=0)
+    idx, targets, _ = data.collate(tokens, pad_id=0)
     for b, (e, (ids, n_query)) in enumerate(zip(examples, tokens)):
         assert n_query == len(tok.encode(e["query"]).ids)
         n = len(ids)
@@ -184,10 +184,10 @@ def test_packed_loss_equals_unpacked_loss(student):
     tok = load_tokenizer(student)
     records = data.read_corpus(data.DEFAULT_DEV)[:6]
     tokens = data.tokenize_examples(data.build_examples(records, "cot", "all"), tok, 256, Skips())
-    idx, targets = data.collate(tokens, pad_id=0)
+    idx, targets, _ = data.collate(tokens, pad_id=0)
     with torch.no_grad():
         _, unpacked = model(idx, targets)
-        pidx, ptargets, docs, _ = data.layout(tokens, pad_id=0, row_len=400, pack=True)
+        pidx, ptargets, docs, _, _ = data.layout(tokens, pad_id=0, row_len=400, pack=True)
         assert pidx.shape[0] < len(tokens)  # really packed several examples per row
         _, packed = model(pidx, ptargets, docs=docs)
     torch.testing.assert_close(packed, unpacked, atol=1e-5, rtol=0)

@@ -122,7 +122,7 @@ def test_a_training_step_has_the_loss_and_gradients_of_transformers(pair, rows):
     kind, hf, folder = pair
     model = from_pretrained(folder).train()
     hf.train()
-    idx, targets = data.collate(examples(), pad_id=0)
+    idx, targets, _ = data.collate(examples(), pad_id=0)
     hf.zero_grad()
     ref = F.cross_entropy(hf(idx).logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     ref.backward()
@@ -130,7 +130,7 @@ def test_a_training_step_has_the_loss_and_gradients_of_transformers(pair, rows):
     if rows == "plain":
         _, loss = model(idx, targets)
     else:
-        idx, targets, docs, branches = data.layout(examples(), 0, 512, share=True, pack=rows == "packed")
+        idx, targets, docs, branches, _ = data.layout(examples(), 0, 512, share=True, pack=rows == "packed")
         assert idx.shape[0] == (1 if rows == "packed" else 2)  # question 1's two rationales share one row
         _, loss = model(idx, targets, docs=docs, branches=branches)
     loss.backward()
@@ -146,7 +146,7 @@ def test_flex_attention_rows_give_the_same_loss_in_a_window(pair):
     gradients need a GPU: FlexAttention has no backward pass on a CPU)."""
     kind, _, folder = pair
     model = from_pretrained(folder)
-    idx, targets, docs, branches = data.layout(examples(), 0, 512, share=True, pack=True)
+    idx, targets, docs, branches, _ = data.layout(examples(), 0, 512, share=True, pack=True)
     with torch.no_grad():
         gather = model(idx, targets, docs=docs, branches=branches)[1]
         flex = model(idx, targets, docs=docs, branches=branches, tree_kernel="flex")[1]

@@ -34,7 +34,7 @@ def examples(seed=0):
 
 def loss_and_grads(model, rows, kernel="gather"):
     model.zero_grad()
-    idx, targets, *layout = rows
+    idx, targets, *layout, _ = rows  # collate: no docs and branches
     _, loss = model(idx, targets, docs=layout[0] if layout else None, branches=layout[1] if layout else None,
                     tree_kernel=kernel)
     loss.backward()
@@ -61,7 +61,7 @@ def test_shared_rows_give_the_loss_and_gradients_of_separate_examples(kind, how,
     # spilled: a row budget of 15 tokens fits question 1's prefix (8) and one or two branches, not all three
     row_len = {"shared": 512, "shared+packed": 512, "spilled": 15}[how]
     rows = data.layout(batch, 0, row_len, share=True, pack=how == "shared+packed")
-    idx, targets, docs, branches = rows
+    idx, targets, docs, branches, _ = rows
     if how == "shared":
         assert idx.shape[0] == 3 and int(branches.max()) == 3  # three questions, the first with three branches
         assert idx.numel() < sum(len(t) - 1 for t, _ in batch)  # fewer tokens than the examples
@@ -87,7 +87,7 @@ def test_a_branch_does_not_see_another(tmp_path):
     changed = batch[:2] + [(np.concatenate([ids[:n], (ids[n:] + 1) % 99]).astype(np.int32), n)] + batch[3:]
     logits = []
     for b in (batch, changed):
-        idx, _, docs, branches = data.layout(b, 0, 512, share=True)
+        idx, _, docs, branches, _ = data.layout(b, 0, 512, share=True)
         with torch.no_grad():
             logits.append(model(idx, docs=docs, branches=branches)[0])
     own = torch.zeros_like(branches, dtype=torch.bool)

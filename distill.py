@@ -1,0 +1,163 @@
+"""The teacher's token distributions, stored once and trained on many times (train.py --kd).
+
+`teacher.py --score CORPUS --top-logprobs K` runs the teacher once over each chain of a corpus -- the student's
+training prompt, then the target it learns (scotd.format_target), the very tokens train.py trains on -- and keeps,
+at each target position, the teacher's K likeliest next tokens and their log-probabilities. They go to a sidecar
+file beside the scored corpus; each corpus line names it, and each scored rationale says where its positions are:
+
+    {"id": ..., "rationales": [{"text": ..., "topk": [start, n], ...}, ...], "topk_file": "x.jsonl.topk"}
+
+The sidecar (`<out>.topk`): 8 bytes, the little-endian length H of a JSON header (its settings: K, the
+teacher's tokenizer fingerprint, the teacher, the prompt), the header padded with spaces so that the records
+start on a 64-byte boundary, then one record a position, appended as questions finish:
+
+    token     int32       the target token at this position (train.py checks it against its own tokenisation)
+    ids       int32 x K   the teacher's K likeliest tokens, likeliest first
+    logprobs  float16 x K their log-probabilities (log-softmax over the whole vocabulary, T = 1)
+
+124 bytes a position at K = 20: numpy reads it as a memory map (`read_sidecar`), no pickle anywhere.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+import cli
+import data
+from cli import InputError
+
+MAGIC = "scotd top-k 1"  # the header's "format"
+ALIGN = 64
+
+
+def record_dtype(k):
+    """One position of a sidecar."""
+    return np.dtype([("token", "<i4"), ("ids", "<i4", (k,)), ("logprobs", "<f2", (k,))])
+
+
+def tokenizer_fingerprint(tokenizer):
+    """sha256 (16 hex digits) of a tokenizer's vocabulary, merges and added tokens: what decides which id names
+    which text. Two tokenizers with the same fingerprint give the same ids (chat templates and post-processors
+    aside: train.py also checks every stored target token)."""
+    spec = json.loads(tokenizer.to_str())
+    model = spec["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    vocab = model.get("vocab")
+    vocab = sorted(vocab.items()) if isinstance(vocab, dict) else vocab  # BPE: a dict; Unigram: [piece, score] rows
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    text = json.dumps({"type": model.get("type"), "vocab": vocab, "merges": merges, "added": added}, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _header_bytes(header):
+    body = json.dumps(header, ensure_ascii=False).encode()
+    pad = -(8 + len(body)) % ALIGN
+    return len(body + b" " * pad).to_bytes(8, "little") + body + b" " * pad
+
+
+def read_header(path):
+    """-> (the header dict, the byte offset of the first record); a clear error for a file that is no sidecar."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 1 << 24:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        if header.get("format") != MAGIC or not isinstance(header.get("k"), int):
+            raise ValueError(f"format {header.get('format')!r}")
+    except FileNotFoundError:
+        raise InputError(f"{path}: the top-k sidecar this corpus names is missing") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise InputError(f"{path}: not a top-k sidecar written by teacher.py --top-logprobs ({e})") from None
+    return header, 8 + n
+
+
+def read_sidecar(path):
+    """-> (header, records: a read-only memory map of record_dtype(k)); a half-written last record (a kill
+    mid-append) is left out."""
+    header, offset = read_header(path)
+    dtype = record_dtype(header["k"])
+    count = (Path(path).stat().st_size - offset) // dtype.itemsize
+    if count == 0:
+        return header, np.zeros(0, dtype)
+    return header, np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
+class SidecarWriter:
+    """Appends positions to a sidecar, resumably: `positions` (the first free one) is what the corpus lines
+    already written account for; anything past it (a kill between a sidecar append and its corpus line) is cut
+    off. A sidecar written with another header is refused."""
+
+    def __init__(self, path, header, positions):
+        self.path, self.header = Path(path), {"format": MAGIC} | header
+        self.dtype = record_dtype(header["k"])
+        if not self.path.exists() or (positions == 0 and self.path.stat().st_size == 0):
+            cli.write_file(self.path, lambda tmp: Path(tmp).write_bytes(_header_bytes(self.header)))
+        old, offset = read_header(self.path)
+        if old != self.header:
+            changed = sorted(k for k in old.keys() | self.header.keys() if old.get(k) != self.header.get(k))
+            raise InputError(f"{self.path}: written with other settings ({', '.join(changed)}); use the same flags, or "
+                             "another --out")
+        have = (self.path.stat().st_size - offset) // self.dtype.itemsize
+        if have < positions:
+            raise InputError(f"{self.path}: holds {have:,} positions, the corpus lines already written name {positions:,}; "
+                             "the sidecar was cut short or replaced: move both away and score again")
+        self.offset, self.positions = offset, positions
+        with open(self.path, "r+b") as f:  # cut a tail no corpus line names
+            f.truncate(offset + positions * self.dtype.itemsize)
+
+    def append(self, chains):
+        """chains: [(tokens (n,), ids (n, k), logprobs (n, k))] -> their [start, n] in the sidecar, written and
+        fsync'd before the caller writes the corpus lines that name them."""
+        spans, blocks = [], []
+        for tokens, ids, logprobs in chains:
+            block = np.zeros(len(tokens), self.dtype)
+            block["token"], block["ids"] = tokens, ids
+            block["logprobs"] = np.clip(logprobs, np.finfo(np.float16).min, 0)  # fp16 holds no -inf here
+            spans.append([self.positions, len(tokens)])
+            blocks.append(block)
+            self.positions += len(tokens)
+        cli.append_bytes(self.path, b"".join(b.tobytes() for b in blocks), sync=True)
+        return spans
+
+
+class TeacherTargets:
+    """train.py --kd: data.tokenize_examples' `attach` -- an example's stored top-k (a slice of its sidecar's
+    records, found through its record's topk_file and its rationale's topk span), checked against the student's
+    tokens. The first sidecar opened is checked against the student's tokenizer (`student`: its folder)."""
+
+    def __init__(self, corpus, records, tokenizer, student):
+        self.corpus, self.sidecars, self.student = Path(corpus), {}, student
+        self.records, self.fingerprint = {r["id"]: r for r in records}, tokenizer_fingerprint(tokenizer)
+
+    def sidecar(self, name):
+        if name not in self.sidecars:
+            path = self.corpus.parent / name
+            header, rows = read_sidecar(path)
+            if header.get("tokenizer") != self.fingerprint:
+                raise InputError(f"--kd: the student's tokenizer ({self.student}, fingerprint {self.fingerprint}) is not "
+                                 f"the teacher's ({header.get('teacher')}, fingerprint {header.get('tokenizer')}; {path}): "
+                                 "its top-k ids name other tokens; distil into a student that shares the teacher's tokenizer")
+            self.sidecars[name] = rows
+        return self.sidecars[name]
+
+    def __call__(self, example, ids, n_query):
+        """-> the example's records (n, one a target token); a clear error where none are stored or they do not
+        line up with the student's target tokens ids[n_query:]."""
+        rec = self.records[example["id"]]
+        span = rec["rationales"][example["chain"]].get("topk")
+        where = lambda: f"{self.corpus}:{data.line_of(self.corpus, rec['id'])}: rationale {example['chain']}"  # noqa: E731
+        if span is None or "topk_file" not in rec:
+            raise InputError(f"{where()} has no stored top-k; --kd needs a corpus scored with `python teacher.py "
+                             "--teacher DIR --score CORPUS --top-logprobs K --out SCORED`")
+        rows = self.sidecar(rec["topk_file"])
+        start, n = span
+        target = ids[n_query:]
+        if start + n > len(rows) or n != len(target) or not np.array_equal(rows["token"][start:start + n], target):
+            raise InputError(f"{where()}: its {n} stored target tokens (positions {start:,}.. of "
+                             f"{self.corpus.parent / rec['topk_file']}, {len(rows):,} in all) are not the student's "
+                             f"{len(target)}: score the corpus again for this --mode and tokenizer")
+        return rows[start:start + n]
