@@ -112,6 +112,38 @@ def parse_response(raw, style):
     return out, usage if isinstance(usage, dict) else {}
 
 
+def parse_prompt_logprobs(raw, n):
+    """A response to Client.prompt_logprobs -> (rows, usage): rows None when the server sent no prompt_logprobs,
+    else per prompt position None (the first) or {token id: (log-probability, decoded text or None)}. vLLM puts
+    them on the choice ({"123": {"logprob", "rank", "decoded_token"}, ...} a position); a bare log-probability is
+    read too."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Malformed(f"the body is not JSON ({e})") from None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise Malformed("the body has no 'choices'")
+    found = choices[0].get("prompt_logprobs", body.get("prompt_logprobs"))
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    if found is None:
+        return None, usage
+    if not isinstance(found, list) or len(found) != n:
+        raise Malformed(f"prompt_logprobs for {len(found) if isinstance(found, list) else 'no'} positions, the prompt has {n}")
+    rows = [None]
+    for entry in found[1:]:
+        if not isinstance(entry, dict) or not entry:
+            raise Malformed("a prompt position without its log-probabilities")
+        row = {}
+        for token, v in entry.items():
+            lp, text = (v.get("logprob"), v.get("decoded_token")) if isinstance(v, dict) else (v, None)
+            if not str(token).lstrip("-").isdigit() or not isinstance(lp, (int, float)):
+                raise Malformed(f"a prompt_logprobs entry that is not token id -> log-probability: {token!r}")
+            row[int(token)] = (float(lp), text)
+        rows.append(row)
+    return rows, usage
+
+
 def chain(choice, stop_after=()):
     """A choice -> a chain {"text", "tokens", "logprob"}: the text cut just after the first match of a
     stop_after pattern; its tokens (their bytes) and the sum of their log-probabilities (None when the server
@@ -176,6 +208,27 @@ class Client:
         fewer). Retries as the module docstring says; ApiError names `what` when it gives up."""
         body = {"model": self.model, ("prompt" if self.style == "completions" else "messages"): prompt, "n": n}
         body |= self.params | ({"seed": seed} if seed is not None else {})
+        choices, usage = self.post(body, lambda raw: parse_response(raw, self.style), what)
+        self.account(choices, usage)
+        return choices
+
+    def prompt_logprobs(self, ids, k, what="a request"):
+        """How the served model reads a prompt of token ids: for each position after the first, the log-probability
+        of the token there and of the model's k likeliest there -> [None, {token id: (log-probability, decoded
+        text)}, ...] (vLLM's `prompt_logprobs`, asked of its completions endpoint with one token to generate).
+        A server that returns none (llama.cpp, OpenAI) cannot score given tokens: ApiError saying so."""
+        body = {"model": self.model, "prompt": list(map(int, ids)), "max_tokens": 1, "temperature": 0.0, "n": 1,
+                "prompt_logprobs": k}
+        rows, usage = self.post(body, lambda raw: parse_prompt_logprobs(raw, len(ids)), what)
+        if rows is None:
+            raise ApiError(f"{what}: {self.url} returned no prompt log-probabilities: the server lacks vLLM's "
+                           "`prompt_logprobs` (its completions endpoint has it; llama.cpp's and OpenAI's do not), so it "
+                           "cannot grade tokens it did not write; use a local teacher or a vLLM server")
+        self.count(prompt_tokens=int(usage.get("prompt_tokens") or len(ids)))
+        return rows
+
+    def post(self, body, parse, what):
+        """POST body -> parse(the 200 response's bytes); Malformed bodies, transport faults, 429 and 5xx retried."""
         for attempt in range(self.max_retries + 1):
             wait, why = None, None
             self.count(requests=1, retries=int(attempt > 0))
@@ -186,13 +239,10 @@ class Client:
             else:
                 if r.status_code == 200:
                     try:
-                        choices, usage = parse_response(r.content, self.style)
+                        return parse(r.content)
                     except Malformed as e:
                         self.count(malformed=1)
                         why = f"a malformed response: {e}"
-                    else:
-                        self.account(choices, usage)
-                        return choices
                 elif r.status_code in RETRYABLE or r.status_code >= 500:
                     why, wait = f"HTTP {r.status_code}: {server_message(r)}", retry_after(r.headers.get("retry-after"))
                 else:

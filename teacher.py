@@ -58,6 +58,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 
 import api
 import cli
@@ -133,7 +134,8 @@ def parser():
     p.add_argument("--dry-run", action="store_true", help="print how many requests and about how many prompt and "
                    "completion tokens the run will cost, then stop: nothing is sent or written")
     p.add_argument("--tokenizer", default=None, help="--dry-run counts tokens with this model folder's tokenizer "
-                   "(default: the local teacher's, else the default student's)")
+                   "(default: the local teacher's, else the default student's); --score with --api: the served "
+                   "teacher's tokenizer (required)")
     local = p.add_argument_group("a local teacher (--teacher)")
     local.add_argument("--batch-size", type=cli.positive_int, default=4, help="questions per prefill (x n rows while "
                        "sampling; default 4)")
@@ -175,8 +177,11 @@ def check_args(p, args):
     cli.check_file(p, "--data", args.data)
     if args.socratic and Path(args.data).resolve() == data.GSM8K_TEST.resolve():
         p.error("argument --data: --socratic never prompts on test problems; use GSM8K train")
-    if args.score and (args.api or args.socratic or args.min_correct or args.dry_run):
-        p.error("argument --score: scores with a local --teacher, on its own (no --api, --socratic, --min-correct, --dry-run)")
+    if args.score and (args.socratic or args.min_correct or args.dry_run):
+        p.error("argument --score: scores a corpus, on its own (no --socratic, --min-correct, --dry-run)")
+    if args.score and args.api and (not args.tokenizer or args.api_style != "completions"):
+        p.error("argument --score: with --api, give the teacher's tokenizer (--tokenizer FOLDER: the token ids sent "
+                "and the sidecar's fingerprint) and use --api-style completions (vLLM's prompt_logprobs)")
     cli.check_file(p, "--score", args.score)
     if args.top_logprobs and not args.score:
         p.error("argument --top-logprobs: only with --score CORPUS (the chains whose distributions to store)")
@@ -413,10 +418,14 @@ class CorpusWriter:
     def tokens_of(self, outs):
         return sum(len(c["tokens"] or []) for chains in outs for c in chains)
 
+    def counted_tokens(self, tally):
+        """What the runs file counts: the server's completion tokens (an API teacher), else those counted here."""
+        return tally.get("completion_tokens", self.tokens)
+
     def __call__(self, indices, outs):
         self.tokens += self.tokens_of(outs)  # the whole batch's, first
         tally = self.client.totals() | {"client_cpu_seconds": round(time.process_time() - self.cpu0, 3)} if self.client else {}
-        counted = tally.get("completion_tokens", self.tokens)
+        counted = self.counted_tokens(tally)
         new = [(self.records[i], out) for i, out in zip(indices, outs)
                if self.records[i]["id"] not in self.done]  # a batch redone after a kill mid-write: its first lines are there
         # the batch's records in one append, fsync'd: a kill or a crash of the machine loses nothing written, and a
@@ -436,8 +445,8 @@ class ScoreWriter(CorpusWriter):
     `chains`): each chain's top-k appended there first, its span in the rationale's `topk`."""
     counted = "scored_tokens"
 
-    def __init__(self, *args, which, chains=None, sidecar=None):
-        super().__init__(*args)
+    def __init__(self, *args, which, chains=None, sidecar=None, client=None):
+        super().__init__(*args, client=client)
         self.which, self.chains, self.sidecar = which, chains, sidecar
         self.index = {rec["id"]: q for q, rec in enumerate(self.records)}
 
@@ -454,6 +463,9 @@ class ScoreWriter(CorpusWriter):
 
     def tokens_of(self, outs):
         return sum(n for scores in outs for _, n, *_ in scores)
+
+    def counted_tokens(self, tally):
+        return self.tokens
 
 
 # -----------------------------------------------------------------------------
@@ -723,21 +735,27 @@ def chain_text(rec, r):
 
 
 def score(args, header, shot_ids):
-    """--score: every chain of the corpus scored under the local teacher (sample.chain_logprobs: the header
-    prefilled once, each question once, its chains as rows of its cache), written to --out as the records
-    with teacher_logprob and teacher_tokens added, a batch of questions at a time (resumable). With
-    --top-logprobs the chains are the student's training targets, and their top-k go to <out>.topk (distill.py)."""
+    """--score: every chain of the corpus scored under the teacher, written to --out as the records with
+    teacher_logprob and teacher_tokens added, a batch of questions at a time (resumable). A local teacher:
+    sample.chain_logprobs (the header prefilled once, each question once, its chains as rows of its cache); a
+    served one: the prompt log-probabilities of each chain's token ids (score_served). With --top-logprobs the
+    chains are the student's training targets, and their top-k go to <out>.topk (distill.py)."""
     out, meta_path = Path(args.out), Path(args.out + ".meta.json")
-    meta = {"scored": cli.portable(args.score), "teacher": cli.portable(args.teacher), "exemplar_ids": shot_ids,
+    meta = {"scored": cli.portable(args.score), "teacher": cli.portable(args.teacher) if args.teacher else
+            {"api": args.api, "model": args.model, "tokenizer": cli.portable(args.tokenizer)}, "exemplar_ids": shot_ids,
             "prompt": header, "chain": TRAINING_TARGET if args.top_logprobs else
-            "the rationale, then ' So the answer is (x) choice.' (none without an answer)",
-            "batch_size": args.batch_size, "dtype": args.dtype} | ({"top_logprobs": args.top_logprobs} if args.top_logprobs else {})
+            "the rationale, then ' So the answer is (x) choice.' (none without an answer)"}
+    meta |= {"batch_size": args.batch_size, "dtype": args.dtype} if args.teacher else {}
+    meta |= {"top_logprobs": args.top_logprobs} if args.top_logprobs else {}
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was scored with other settings: {'; '.join(changes)}")
     records = data.read_corpus(args.score)
     cli.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     done = done_ids(out)
-    model, tokenizer, prefix, _ = load_local(args, header)
+    if args.teacher:
+        model, tokenizer, prefix, _ = load_local(args, header)
+    else:
+        tokenizer, client = load_tokenizer(args.tokenizer), api_client(args)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     prompts = question_prompts(tokenizer, records)
     if args.top_logprobs:  # each chain a student could train on (mode cot, any answer), as train.py tokenises it
@@ -753,27 +771,75 @@ def score(args, header, shot_ids):
     else:
         which = [list(enumerate(rec["rationales"])) for rec in records]
         chains = [[encode(chain_text(rec, r)) for r in rec["rationales"]] for rec in records]
-    header = prefix.length if prefix else 0
-    own = [len(p) + max(map(len, c), default=0) for p, c in zip(prompts, chains)]
-    data.check_questions_fit(model.cfg, args.score, records, [header + n for n in own],
-                             lambda i: f"a header of {header:,} tokens + {own[i]:,} for its prompt and longest chain",
-                             "use fewer --shots or a shorter --prompt file")
-    todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
-            if any(records[i]["id"] not in done for i in batch)]
+    if args.teacher:
+        head = prefix.length if prefix else 0
+        own = [len(p) + max(map(len, c), default=0) for p, c in zip(prompts, chains)]
+        data.check_questions_fit(model.cfg, args.score, records, [head + n for n in own],
+                                 lambda i: f"a header of {head:,} tokens + {own[i]:,} for its prompt and longest chain",
+                                 "use fewer --shots or a shorter --prompt file")
     print(f"scoring   {sum(map(len, chains)):,} chains of {len(records):,} questions in {args.score}: {len(done):,} "
           f"questions already in {out}")
     bar = Progress(len(records), "score", start=len(done))
     sidecar = sidecar_writer(args, out, tokenizer, meta["prompt"], len(shot_ids)) if args.top_logprobs else None
     writer = ScoreWriter(out, args.out + ".runs.jsonl", records, done, bar, which=[[c for c, _ in w] for w in which],
-                         chains=chains, sidecar=sidecar)
+                         chains=chains, sidecar=sidecar, client=None if args.teacher else client)
     with stopping_cleanly(bar, out, len(records)):
-        chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size, pad_id=model.cfg.pad_token_id,
-                       batches=todo, on_batch=writer, top_k=args.top_logprobs or 0)
+        if args.teacher:
+            todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
+                    if any(records[i]["id"] not in done for i in batch)]
+            chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size,
+                           pad_id=model.cfg.pad_token_id, batches=todo, on_batch=writer, top_k=args.top_logprobs or 0)
+        else:
+            todo = [i for i, r in enumerate(records) if r["id"] not in done]
+            score_served(args, client, tokenizer, tokenizer.encode(header).ids if header else [], records, prompts,
+                         chains, todo, writer)
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions, every chain scored); settings in {meta_path}"
           + (f"; top-{args.top_logprobs} in {sidecar.path} ({sidecar.path.stat().st_size / 2**20:,.1f} MiB)"
              if args.top_logprobs else ""))
     return out
+
+
+def score_served(args, client, tokenizer, head, records, prompts, chains, todo, writer):
+    """--score --api: each chain's ids (header + prompt + chain) sent to the server, its prompt log-probabilities
+    read at the chain's positions (api.Client.prompt_logprobs; the tokens' texts checked against --tokenizer),
+    --concurrency questions at a time, handed to `writer` in question order as chain_logprobs' would be."""
+    k = args.top_logprobs or 0
+
+    def question(q):
+        outs = []
+        for c, chain in enumerate(chains[q]):
+            ids, start = head + prompts[q] + chain, len(head) + len(prompts[q])
+            what = f"question {records[q]['id']} chain {c + 1}"
+            rows = client.prompt_logprobs(ids, max(k, 1), what)
+            outs.append(served_chain(rows[start:start + len(chain)], chain, k, tokenizer, what))
+        return outs
+    try:
+        for q, outs in api.in_order(question, todo, args.concurrency):
+            writer([q], [outs])
+    finally:
+        client.close()
+
+
+def served_chain(rows, chain, k, tokenizer, what):
+    """A chain's prompt log-probabilities -> chain_logprobs' tuple: (summed log-probability, tokens), and with k
+    its top-k ids (n, k) and log-probabilities (n, k), likeliest first."""
+    total, ids, logps = 0.0, np.zeros((len(chain), k), np.int32), np.zeros((len(chain), k), np.float32)
+    for j, (row, token) in enumerate(zip(rows, chain)):
+        if token not in row:
+            raise api.ApiError(f"{what}: the server's prompt_logprobs at position {j} lack the token sent there ({token})")
+        served, ours = row[token][1], tokenizer.decode([token], skip_special_tokens=False)
+        if served is not None and served != ours and "\ufffd" not in served + ours:
+            raise InputError(f"{what}: the server's model reads token {token} as {served!r}, --tokenizer as {ours!r}: "
+                             "give the served teacher's own tokenizer")
+        total += row[token][0]
+        if k:
+            top = sorted(row.items(), key=lambda kv: -kv[1][0])[:k]
+            if len(top) < k:
+                raise api.ApiError(f"{what}: the server returned {len(row)} log-probabilities a position, "
+                                   f"--top-logprobs asks for {k} (vLLM caps them at --max-logprobs)")
+            ids[j], logps[j] = [t for t, _ in top], [lp for _, (lp, _) in top]
+    return (total, len(chain)) + ((ids, logps) if k else ())
 
 
 TRAINING_TARGET = "the training target (train.py --mode cot): the rationale, ' So the answer is (x) choice.', a blank line"
@@ -783,7 +849,7 @@ def sidecar_writer(args, out, tokenizer, header_text, shots):
     """<out>.topk, continued where the corpus lines already written end."""
     spans = [r["topk"] for _, rec in data.read_appended(out) for r in rec.get("rationales", []) if "topk" in r]
     header = {"k": args.top_logprobs, "tokenizer": distill.tokenizer_fingerprint(tokenizer),
-              "teacher": cli.portable(args.teacher), "mode": "cot", "shots": shots,
+              "teacher": cli.portable(args.teacher) if args.teacher else f"{args.model} at {args.api}", "mode": "cot", "shots": shots,
               "prompt_sha256": hashlib.sha256(header_text.encode()).hexdigest()}
     return distill.SidecarWriter(Path(args.out + ".topk"), header, max((a + n for a, n in spans), default=0))
 

@@ -13,8 +13,11 @@ Each request takes the next action of --script (comma-separated; once it runs ou
     nochoices     200, JSON without "choices"
     401           401 whose message echoes the Authorization header (what careless servers do)
     404           404 "model not found"
-Every request is logged to --log as a JSON line {"t", "action", "body", "auth"}. Prints one line,
-`listening URL (pid PID)`, when it is ready.
+A request with `prompt_logprobs` (token ids as its prompt) is answered as vLLM's completions endpoint answers
+it when --model names a model folder (scotd's model run on the ids: for each position after the first, the
+prompt token and the k likeliest, {"<id>": {"logprob", "rank", "decoded_token"}}), and without them otherwise,
+as llama.cpp does. Every request is logged to --log as a JSON line {"t", "action", "body", "auth"}. Prints one
+line, `listening URL (pid PID)`, when it is ready.
 """
 
 import argparse
@@ -33,8 +36,10 @@ def main():
     p.add_argument("--script", default="")
     p.add_argument("--log", required=True)
     p.add_argument("--text", default=" Because it is. So the answer is (a) alpha. Alpha is first.")
+    p.add_argument("--model", default=None, help="a model folder: answer prompt_logprobs as vLLM does")
     args = p.parse_args()
     script, lock = [a for a in args.script.split(",") if a], threading.Lock()
+    graded = vllm_prompt_logprobs(args.model) if args.model else None
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -69,7 +74,17 @@ def main():
                     f.write(json.dumps({"t": time.time(), "action": action, "body": body,
                                         "auth": self.headers.get("Authorization")}) + "\n")
             name, _, arg = action.partition(":")
-            if name == "ok":
+            if name == "ok" and "prompt_logprobs" in body:
+                choice = {"index": 0, "text": " x", "finish_reason": "length"}
+                if graded:
+                    try:
+                        with lock:
+                            choice["prompt_logprobs"] = graded(body["prompt"], body["prompt_logprobs"])
+                    except IndexError:  # as vLLM refuses a prompt with an id past its vocabulary
+                        return self.reply(400, {"error": {"message": "Token id out of vocabulary"}})
+                self.reply(200, {"object": "text_completion", "choices": [choice],
+                                 "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 1}})
+            elif name == "ok":
                 self.reply(200, self.completion(body, body.get("n", 1)))
             elif name == "slow":
                 time.sleep(float(arg))
@@ -103,6 +118,32 @@ def main():
     server.daemon_threads = True
     print(f"listening http://127.0.0.1:{server.server_address[1]}/v1 (pid {os.getpid()})", flush=True)
     server.serve_forever()
+
+
+def vllm_prompt_logprobs(folder):
+    """ids, k -> vLLM's prompt_logprobs for them under the model in `folder` (fp32, one forward pass)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from checkpoint import from_pretrained, load_tokenizer
+
+    model, tokenizer = from_pretrained(folder), load_tokenizer(folder)
+
+    def graded(ids, k):
+        with torch.no_grad():
+            logp = model(torch.tensor([ids]))[0][0].log_softmax(-1)
+        rows = [None]
+        for i in range(1, len(ids)):
+            order = logp[i - 1].argsort(descending=True)
+            rank = {int(t): r + 1 for r, t in enumerate(order[:k])}
+            rank.setdefault(ids[i], int((logp[i - 1] > logp[i - 1, ids[i]]).sum()) + 1)
+            rows.append({str(t): {"logprob": float(logp[i - 1, t]), "rank": r,
+                                  "decoded_token": tokenizer.decode([t], skip_special_tokens=False)} for t, r in rank.items()})
+        return rows
+    return graded
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ import pytest
 import api
 import cli
 import data
+import distill
 import teacher
 from checkpoint import default_student, load_tokenizer
-from helpers import tiny_student
+from helpers import many_rationale_corpus, tiny_student
 from scotd import format_query
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,11 +63,11 @@ def faulty(tmp_path):
     """start(script) -> (the fault server's URL, a function returning the requests it has seen)."""
     procs = []
 
-    def start_script(script="", text=None):
+    def start_script(script="", text=None, model=None):
         log = tmp_path / f"requests-{len(procs)}.jsonl"
         log.touch()
         cmd = [sys.executable, str(ROOT / "tests" / "fault_server.py"), "--script", script, "--log", str(log)]
-        proc, url = start(cmd + (["--text", text] if text else []), timeout=30)
+        proc, url = start(cmd + (["--text", text] if text else []) + (["--model", str(model)] if model else []), timeout=60)
         procs.append(proc)
         return url, lambda: [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -138,6 +139,61 @@ def test_real_server_writes_n_chains_with_logprobs_and_usage(llama, tmp_path):
     meta = json.loads(Path(str(out) + ".meta.json").read_text())
     assert meta["api"] == llama and meta["model"] == "smol" and meta["sampling"]["seed"] == 1
     assert "api requests      4 (0 retries" in data.stats(out)
+
+
+def test_real_server_that_cannot_grade_given_tokens_is_refused_in_one_line(llama, tmp_path, capsys):
+    """llama.cpp returns no prompt log-probabilities: scoring a corpus through it (--score --api) ends at the first
+    request with one line naming what the server lacks, and writes no record."""
+    corpus = many_rationale_corpus(tmp_path / "many.jsonl")
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: teacher.main(["--api", llama, "--model", "smol", "--score", str(corpus), "--top-logprobs", "5",
+                                      "--tokenizer", str(default_student()), "--out", str(tmp_path / "s.jsonl")]))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("error: question ") and "chain 1: " in err
+    assert "returned no prompt log-probabilities: the server lacks vLLM's `prompt_logprobs`" in err
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_served_scoring_in_vllms_format_equals_the_local_teachers(faulty, tmp_path):
+    """--score --top-logprobs 5 through a server that answers in vLLM's prompt_logprobs format (the same tiny model
+    behind it) writes the local teacher's records and sidecar: the same top-k ids and spans, log-probabilities
+    and teacher_logprob equal to 1e-4; the request sends token ids; a 500 on the way is retried."""
+    model = tiny_student(tmp_path / "teacher", soft=True)
+    corpus = many_rationale_corpus(tmp_path / "many.jsonl")
+    local = teacher.main(["--teacher", str(model), "--score", str(corpus), "--top-logprobs", "5",
+                          "--out", str(tmp_path / "local" / "s.jsonl")])
+    url, requests = faulty("ok,ok,500", model=model)
+    served = teacher.main(["--api", url, "--model", "smol", "--score", str(corpus), "--top-logprobs", "5", "--tokenizer",
+                           str(model), "--concurrency", "2", "--retry-wait", "0.01", "--out", str(tmp_path / "s.jsonl")])
+    a, b = data.read_corpus(local), data.read_corpus(served)
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra["rationales"], rb["rationales"]):
+            assert x["topk"] == y["topk"] and x["teacher_tokens"] == y["teacher_tokens"]
+            assert x["teacher_logprob"] == pytest.approx(y["teacher_logprob"], abs=1e-4)
+    (ha, sa), (hb, sb) = distill.read_sidecar(str(local) + ".topk"), distill.read_sidecar(str(served) + ".topk")
+    assert ha["tokenizer"] == hb["tokenizer"] and ha["k"] == hb["k"] == 5
+    assert (sa["token"] == sb["token"]).all() and (sa["ids"] == sb["ids"]).all()
+    assert abs(sa["logprobs"].astype("f4") - sb["logprobs"].astype("f4")).max() <= 1e-3
+    sent = requests()
+    assert len(sent) == 60 + 1 and all(isinstance(r["body"]["prompt"], list) and r["body"]["prompt_logprobs"] == 5
+                                       for r in sent)
+    assert totals(served)["retries"] == 1
+
+
+def test_a_server_with_another_tokenizer_is_refused(faulty, tmp_path):
+    """The served model reads the ids with its own vocabulary: a --tokenizer that names them otherwise is refused."""
+    served = tiny_student(tmp_path / "served")
+    spec = json.loads((served / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]  # the same tokens and merges, ids 1.. in reverse: another vocabulary, same size
+    spec["model"]["vocab"] = {t: (len(vocab) - i if i else 0) for t, i in vocab.items()}
+    (served / "tokenizer.json").write_text(json.dumps(spec))
+    url, _ = faulty(model=served)
+    other = tiny_student(tmp_path / "ours")
+    corpus = many_rationale_corpus(tmp_path / "many.jsonl")
+    with pytest.raises(cli.InputError, match=r"chain 1: the server's model reads token \d+ as '.*', --tokenizer as "):
+        teacher.main(["--api", url, "--model", "smol", "--score", str(corpus), "--top-logprobs", "5",
+                      "--tokenizer", str(other), "--retry-wait", "0.01", "--out", str(tmp_path / "s.jsonl")])
 
 
 def test_real_server_chat_style_and_socratic_dialogues(llama, tmp_path):
