@@ -2,6 +2,7 @@
 --kd) the distillation term beside it, with the head and the loss computed in row chunks so that the (N, V)
 logits never exist at once (model.Transformer._head calls it)."""
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -112,6 +113,107 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _ce, _kd):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return grad_x * scale.to(grad_x.dtype), grad_w * scale.to(grad_w.dtype), None, None
+
+
+# -----------------------------------------------------------------------------
+# On-policy distillation (train.py --on-policy): the student's own chains, graded by the teacher token by token
+
+
+class Grader(NamedTuple):
+    """A local teacher's view of the student's chains: its final hidden states at the N graded positions (N, d_t),
+    its head (V_t, d_t) and soft-cap, and the divergence: the generalised Jensen-Shannon divergence of GKD
+    (Agarwal et al. 2024) at `beta`, as TRL defines it -- 1 (the default): the reverse KL(student || teacher),
+    0: the forward KL(teacher || student), between: beta * KL(teacher || m) + (1 - beta) * KL(student || m), m =
+    beta * teacher + (1 - beta) * student -- exact over the vocabulary (the first min(V, V_t) tokens)."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    softcap: float | None = None
+    beta: float = 1.0
+
+
+class SampledTokens(NamedTuple):
+    """A served teacher's view: its log-probability of each of the N tokens the student sampled (N,). The loss
+    is the sampled-token estimator of the reverse KL's gradient: sg(log q - log p) * log q at each token (the
+    per-token advantage of the on-policy distillation write-ups), its value reported as their mean."""
+    logprobs: torch.Tensor
+
+
+def generalized_jsd(student_logits, teacher_logits, beta):
+    """Per-row divergence (fp32) between the student's and the teacher's next-token distributions (Grader)."""
+    q, p = student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1)
+    if beta == 1:
+        return (q.exp() * (q - p)).sum(-1)
+    if beta == 0:
+        return (p.exp() * (p - q)).sum(-1)
+    m = torch.logsumexp(torch.stack((p + math.log(beta), q + math.log(1 - beta))), 0)
+    return beta * (p.exp() * (p - m)).sum(-1) + (1 - beta) * (q.exp() * (q - m)).sum(-1)
+
+
+def capped(logits, cap):
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def linear_divergence(x, weight, grader, softcap=None):
+    """Mean divergence (generalized_jsd) over the N rows between the student's logits x @ weight.T (soft-capped
+    as its config says) and the teacher's from grader.hidden @ grader.weight.T -> (the loss, and detached, the
+    same value), in chunks of rows: neither model's (N, V) logits exist whole (chunked_head). Equal to the dense
+    loss and its gradients (tested to 1e-5)."""
+    vocab = min(weight.shape[0], grader.weight.shape[0])
+
+    def rows(s, logits):
+        with torch.no_grad():
+            teacher = capped(F.linear(grader.hidden[s], grader.weight)[:, :vocab].float(), grader.softcap)
+        loss = generalized_jsd(capped(logits[:, :vocab], softcap), teacher, grader.beta).sum()
+        return loss, loss.detach()
+    return chunked_head(x, weight, rows, vocab * 3)  # three (rows, V) tensors at once: two logits, a mixture
+
+
+def linear_sampled_kl(x, weight, labels, teacher, softcap=None):
+    """SampledTokens' loss over the N sampled tokens `labels` -> (the loss to differentiate, and detached, the
+    estimate of the reverse KL a token: mean(log q - log p)), in chunks of rows (chunked_head)."""
+    def rows(s, logits):
+        logq = capped(logits, softcap).float().log_softmax(-1).gather(1, labels[s, None])[:, 0]
+        advantage = (logq - teacher.logprobs[s].float()).detach()
+        return (advantage * logq).sum(), advantage.sum()
+    return chunked_head(x, weight, rows, weight.shape[0])
+
+
+def chunked_head(x, weight, rows_loss, width):
+    """The mean over N rows of a loss of the student's logits x @ weight.T, a chunk of rows at a time:
+    rows_loss(rows, their logits) -> (the chunk's summed loss, a summed value to report). Each chunk's gradient is
+    taken as it is computed (autograd on the chunk, whose logits are then freed) and summed; the backward pass
+    only scales it. -> (the mean loss, the mean reported value, detached)."""
+    if x.shape[0] == 0:
+        zero = (x.sum() * weight.sum()).float() * 0
+        return zero, zero.detach()
+    return _ChunkedHead.apply(x, weight, rows_loss, width)
+
+
+class _ChunkedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, rows_loss, width):
+        total, shown = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
+        grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(weight)
+        for s in _chunks(x.shape[0], width):
+            with torch.enable_grad():
+                xs, w = x[s].detach().requires_grad_(), weight.detach().requires_grad_()
+                loss, value = rows_loss(s, F.linear(xs, w))
+                gx, gw = torch.autograd.grad(loss, (xs, w))
+            total += loss.detach().float()
+            shown += value.float()
+            grad_x[s] += gx
+            grad_w += gw
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.n = x.shape[0]
+        shown = shown / x.shape[0]
+        ctx.mark_non_differentiable(shown)
+        return total / x.shape[0], shown
+
+    @staticmethod
+    def backward(ctx, grad_out, _shown):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_out / ctx.n
         return grad_x * scale.to(grad_x.dtype), grad_w * scale.to(grad_w.dtype), None, None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from attention import Dense, FlexTree, TreeAttention
 from families import Config, yarn_attention_factor  # noqa: F401 -- Config: model.Config, as callers know it
-from losses import kd_loss, linear_cross_entropy
+import losses
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -212,8 +212,9 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, attention_mask=None, docs=None, branches=None, target_idx=None,
                 tree_kernel="gather", teacher=None):
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (None, the mean cross-entropy over
-        the target positions), or with targets and a losses.Teacher (its top-k at the target positions, in
-        order: train.py --kd) ((the cross-entropy, the KD term), detached; the mixed loss).
+        the target positions), or with targets and a teacher at the target positions, in order -- losses.Teacher
+        (its top-k: train.py --kd), losses.Grader or losses.SampledTokens (on-policy) -- ({the loss's parts,
+        detached, by name}, the loss to train on).
 
         targets (B, T): the token each position should predict (already shifted), -100 = no loss; target_idx
         (N,): optionally, the flat indices of its positions that are not -100 (see _head).
@@ -332,17 +333,32 @@ class Transformer(nn.Module):
             target_idx = (targets.flatten() != -100).nonzero()[:, 0]
         hidden = x.flatten(0, 1).index_select(0, target_idx)  # (N_targets, d)
         labels = targets.flatten().index_select(0, target_idx)
-        if self.cfg.logit_softcap is not None:  # soft-capped logits: the plain loss (the chunked one has no cap)
+        weight, cap = self.lm_head.weight, self.cfg.logit_softcap
+        if isinstance(teacher, losses.Grader):  # on-policy, a local teacher: the divergence over the vocabulary
+            loss, shown = losses.linear_divergence(hidden, weight, teacher, cap)
+            return {"divergence": shown}, loss
+        if isinstance(teacher, losses.SampledTokens):  # on-policy, a served teacher: the sampled-token estimator
+            loss, shown = losses.linear_sampled_kl(hidden, weight, labels, teacher, cap)
+            return {"divergence": shown}, loss
+        if cap is not None:  # soft-capped logits: the plain loss (the chunked one has no cap)
             logits = self._logits(hidden).float()
             ce = F.cross_entropy(logits, labels)
             if teacher is None:
                 return None, ce
-            kd = kd_loss(logits.gather(1, teacher.ids), teacher).mean()
-            return (ce.detach(), kd.detach()), (1 - teacher.alpha) * ce + teacher.alpha * kd
+            kd = losses.kd_loss(logits.gather(1, teacher.ids), teacher).mean()
+            return {"ce": ce.detach(), "kd_loss": kd.detach()}, (1 - teacher.alpha) * ce + teacher.alpha * kd
         if teacher is None:
-            return None, linear_cross_entropy(hidden, self.lm_head.weight, labels)
-        loss, ce, kd = linear_cross_entropy(hidden, self.lm_head.weight, labels, teacher)
-        return (ce, kd), loss
+            return None, losses.linear_cross_entropy(hidden, weight, labels)
+        loss, ce, kd = losses.linear_cross_entropy(hidden, weight, labels, teacher)
+        return {"ce": ce, "kd_loss": kd}, loss
+
+    @torch.no_grad()
+    def hidden_at(self, idx, target_idx):
+        """The final hidden states (N, d) of right-padded causal rows idx (B, T) at the flat positions target_idx
+        (N,): what a teacher's head reads to grade a student's tokens (train.py --on-policy)."""
+        B, T = idx.shape
+        positions = torch.arange(T, device=idx.device).expand(B, T)
+        return self._hidden(idx, positions, Dense(None, positions)).flatten(0, 1).index_select(0, target_idx)
 
     def num_params(self):
         """Parameters, the tied embedding counted once."""

@@ -295,7 +295,7 @@ def to_tensors(batch, run, pad_id, device):
     attention), or data.layout's packed and/or shared-prefix rows (run: pack, shared, row_len). An empty share
     (a last global batch with fewer examples than ranks) becomes one padding token without targets: zero
     loss and zero gradients, but the rank still joins the gradient all-reduce."""
-    batch = batch or [(np.array([pad_id, pad_id]), 2)]
+    batch = batch or [(np.array([pad_id, pad_id]), 2) + ((np.zeros(0, distill.record_dtype(1)),) if run.kd else ())]
     if run.pack or run.shared:
         idx, targets, docs, branches, teacher = data.layout(batch, pad_id, run.row_len, share=run.shared, pack=run.pack)
     else:
@@ -331,26 +331,30 @@ def train_step(model, optimizer, scaler, window, ctx, grad_clip, dist=Dist()):
     A non-finite loss, or a non-finite gradient norm outside fp16 (where the GradScaler skips the step
     and lowers its scale), raises Diverged before the optimizer touches the weights."""
     n_window = dist.sum(sum(rows.n_targets for rows in window))  # known on the host
-    sums = torch.zeros(3, dtype=torch.float64, device=window[0].idx.device)  # loss, and with --kd its two parts
+    names = PARTS.get(type(window[0].teacher), ())  # the loss's parts, logged beside it
+    sums = torch.zeros(1 + len(names), dtype=torch.float64, device=window[0].idx.device)
     for i, rows in enumerate(window):
         with no_sync(model, last=i == len(window) - 1), ctx:
             parts, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches,
                                 target_idx=rows.target_idx, tree_kernel=rows.tree_kernel, teacher=rows.teacher)
             scaler.scale(loss * (rows.n_targets * dist.world / n_window)).backward()
-        # float64: what summing Python floats gives
-        sums += torch.stack((loss.detach(), *(parts or (loss.detach(), loss.detach())))).double() * rows.n_targets
+        values = [loss.detach()] + [parts[k] if parts else loss.detach() * 0 for k in names]  # an empty share: none
+        sums += torch.stack(values).double() * rows.n_targets  # float64: what summing Python floats gives
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     *sums, grad_norm = torch.cat((sums, grad_norm.double()[None])).tolist()  # the step's one device->host copy
-    mean_loss, ce, kd = (dist.sum(x) / n_window for x in sums)
+    mean_loss, *means = (dist.sum(x) / n_window for x in sums)
     if not math.isfinite(mean_loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
         optimizer.zero_grad(set_to_none=True)
         raise Diverged(f"loss {mean_loss:.4g}, gradient norm {grad_norm:.4g}")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, grad_norm, n_window, {"ce": ce, "kd_loss": kd} if window[0].teacher is not None else {}
+    return mean_loss, grad_norm, n_window, dict(zip(names, means))
+
+
+PARTS = {losses.Teacher: ("ce", "kd_loss"), losses.Grader: ("divergence",), losses.SampledTokens: ("divergence",)}
 
 
 @contextmanager

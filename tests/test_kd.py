@@ -144,7 +144,8 @@ def test_kd_loss_and_gradients_equal_a_dense_reference(pair, alpha, temperature,
     target_idx = (targets.flatten() != -100).nonzero()[:, 0]
     top = torch.randn(len(target_idx), 384, generator=g).mul(3).log_softmax(-1).topk(K, -1)
     t = losses.Teacher(top.indices, top.values, alpha, temperature)
-    (ce, kd), loss = model(idx, targets, target_idx=target_idx, teacher=t)
+    parts, loss = model(idx, targets, target_idx=target_idx, teacher=t)
+    ce, kd = parts["ce"], parts["kd_loss"]
     grads = torch.autograd.grad(loss, list(model.parameters()))
     logits = model(idx)[0].flatten(0, 1)[target_idx]
     p = (top.values / temperature).softmax(-1)
@@ -198,7 +199,7 @@ def test_kd_on_shared_prefix_and_packed_rows_gives_the_gradients_of_plain_rows(p
         parts, loss = model(r.idx, r.targets, docs=r.docs, branches=r.branches, target_idx=r.target_idx,
                             teacher=r.teacher)
         loss.backward()
-        return [loss.detach(), *parts], [p.grad.clone() for p in model.parameters()]
+        return [loss.detach(), *parts.values()], [p.grad.clone() for p in model.parameters()]
 
     plain = loss_and_grads(base)
     other = loss_and_grads(dataclasses.replace(base, shared=rows == "shared", pack=rows == "packed", row_len=400))
