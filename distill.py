@@ -23,9 +23,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import cli
 import data
+from api import ApiError
 from cli import InputError
 
 MAGIC = "scotd top-k 1"  # the header's "format"
@@ -161,3 +163,88 @@ class TeacherTargets:
                              f"{self.corpus.parent / rec['topk_file']}, {len(rows):,} in all) are not the student's "
                              f"{len(target)}: score the corpus again for this --mode and tokenizer")
         return rows[start:start + n]
+
+
+def served_chain(rows, chain, k, tokenizer, what, ours="--tokenizer"):
+    """A chain's prompt log-probabilities from a server (api.Client.prompt_logprobs, at the chain's positions) ->
+    chain_logprobs' tuple: (summed log-probability, tokens), and with k its top-k ids (n, k) and log-probabilities
+    (n, k), likeliest first."""
+    logps = served_logprobs(rows, chain, tokenizer, what, ours)
+    top_ids, top_logps = np.zeros((len(chain), k), np.int32), np.zeros((len(chain), k), np.float32)
+    for j, row in enumerate(rows[:len(chain)] if k else ()):
+        top = sorted(row.items(), key=lambda kv: -kv[1][0])[:k]
+        if len(top) < k:
+            raise ApiError(f"{what}: the server returned {len(row)} log-probabilities a position, --top-logprobs asks "
+                           f"for {k} (vLLM caps them at --max-logprobs)")
+        top_ids[j], top_logps[j] = [t for t, _ in top], [lp for _, (lp, _) in top]
+    return (float(logps.sum()), len(chain)) + ((top_ids, top_logps) if k else ())
+
+
+def served_logprobs(rows, chain, tokenizer, what, ours):
+    """The served model's log-probability of each token of `chain` (n,), float32; the text it gives each token
+    checked against our tokenizer's (`ours` names it): another vocabulary would grade other tokens."""
+    out = np.zeros(len(chain), np.float32)
+    for j, (row, token) in enumerate(zip(rows, chain)):
+        if token not in row:
+            raise ApiError(f"{what}: the server's prompt_logprobs at position {j} lack the token sent there ({token})")
+        served, text = row[token][1], tokenizer.decode([token], skip_special_tokens=False)
+        if served is not None and served != text and "\ufffd" not in served + text:
+            raise InputError(f"{what}: the server's model reads token {token} as {served!r}, {ours} as {text!r}: "
+                             "serve a teacher with the same tokenizer")
+        out[j] = row[token][0]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# On-policy distillation (train.py --on-policy): the student writes the chains, the teacher grades every token
+
+
+class OnPolicy:
+    """The two halves of an on-policy step besides the update. `sample`: the current student writes n chains for
+    each of a micro-batch's questions (sample.generate, at `temperature`, stopping as evaluate.py's chains do);
+    the prompt is the question's training query, so each chain is an example (query + chain, n_query) whose chain
+    tokens carry the loss. `grade`: the teacher's view of those tokens -- a local teacher's hidden states at
+    them (losses.Grader: the divergence is exact over the vocabulary), or a served teacher's log-probability
+    of each (losses.SampledTokens; api.Client.prompt_logprobs, `concurrency` requests in flight)."""
+
+    def __init__(self, tokenizer, mode, n, temperature, max_new_tokens, beta, teacher=None, client=None, concurrency=4):
+        self.tokenizer, self.mode, self.n, self.temperature, self.max_new_tokens = tokenizer, mode, n, temperature, max_new_tokens
+        self.beta, self.teacher, self.client, self.concurrency = beta, teacher, client, concurrency
+
+    def sample(self, model, records, seed):
+        """-> (examples [(ids, n_query)] of the chains with at least one token, stats: sampled tokens a chain and the
+        share of chains whose answer is the gold one)."""
+        from decode import answers_of
+        from sample import SampleConfig, generate
+        from scotd import format_query
+
+        prompts = [self.tokenizer.encode(format_query(r["question"], r.get("choices"))).ids for r in records]
+        cfg = SampleConfig(n=self.n, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                           batch_size=max(1, len(prompts)), seed=seed)
+        was_training = model.training
+        model.eval()
+        outs = generate(model, self.tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
+        model.train(was_training)
+        right = [a == data.gold(r) for answers, r in zip(answers_of(self.mode, outs, records), records) for a in answers]
+        chains = [(p, c["tokens"]) for p, o in zip(prompts, outs) for c in o]
+        examples = [(np.array(p + c, dtype=np.int32), len(p)) for p, c in chains if c]
+        stats = {"sampled_tokens": float(np.mean([len(c) for _, c in chains])) if chains else 0.0,
+                 "right": float(np.mean(right)) if right else 0.0}
+        return examples, stats
+
+    def grade(self, idx, target_idx, examples, device):
+        """The teacher at the target positions of rows built from `examples` (idx (B, T) on the device)."""
+        import losses
+
+        if self.teacher is not None:
+            hidden = self.teacher.hidden_at(idx, target_idx)
+            return losses.Grader(hidden, self.teacher.lm_head.weight, self.teacher.cfg.logit_softcap, self.beta)
+        import api
+
+        def chain(job):
+            e, (ids, n_query) = job
+            rows = self.client.prompt_logprobs(ids.tolist(), 1, f"on-policy chain {e + 1} of the step")
+            return served_logprobs(rows[n_query:], ids[n_query:].tolist(), self.tokenizer, f"on-policy chain {e + 1}",
+                                   "the student's tokenizer")
+        logps = [lp for _, lp in api.in_order(chain, list(enumerate(examples)), self.concurrency)]
+        return losses.SampledTokens(torch.from_numpy(np.concatenate(logps) if logps else np.zeros(0, np.float32)).to(device))

@@ -58,8 +58,6 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 import api
 import cli
 import data
@@ -812,34 +810,13 @@ def score_served(args, client, tokenizer, head, records, prompts, chains, todo, 
             ids, start = head + prompts[q] + chain, len(head) + len(prompts[q])
             what = f"question {records[q]['id']} chain {c + 1}"
             rows = client.prompt_logprobs(ids, max(k, 1), what)
-            outs.append(served_chain(rows[start:start + len(chain)], chain, k, tokenizer, what))
+            outs.append(distill.served_chain(rows[start:start + len(chain)], chain, k, tokenizer, what))
         return outs
     try:
         for q, outs in api.in_order(question, todo, args.concurrency):
             writer([q], [outs])
     finally:
         client.close()
-
-
-def served_chain(rows, chain, k, tokenizer, what):
-    """A chain's prompt log-probabilities -> chain_logprobs' tuple: (summed log-probability, tokens), and with k
-    its top-k ids (n, k) and log-probabilities (n, k), likeliest first."""
-    total, ids, logps = 0.0, np.zeros((len(chain), k), np.int32), np.zeros((len(chain), k), np.float32)
-    for j, (row, token) in enumerate(zip(rows, chain)):
-        if token not in row:
-            raise api.ApiError(f"{what}: the server's prompt_logprobs at position {j} lack the token sent there ({token})")
-        served, ours = row[token][1], tokenizer.decode([token], skip_special_tokens=False)
-        if served is not None and served != ours and "\ufffd" not in served + ours:
-            raise InputError(f"{what}: the server's model reads token {token} as {served!r}, --tokenizer as {ours!r}: "
-                             "give the served teacher's own tokenizer")
-        total += row[token][0]
-        if k:
-            top = sorted(row.items(), key=lambda kv: -kv[1][0])[:k]
-            if len(top) < k:
-                raise api.ApiError(f"{what}: the server returned {len(row)} log-probabilities a position, "
-                                   f"--top-logprobs asks for {k} (vLLM caps them at --max-logprobs)")
-            ids[j], logps[j] = [t for t, _ in top], [lp for _, (lp, _) in top]
-    return (total, len(chain)) + ((ids, logps) if k else ())
 
 
 TRAINING_TARGET = "the training target (train.py --mode cot): the rationale, ' So the answer is (x) choice.', a blank line"

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+import api
 import cli
 import data
 import distill
@@ -130,6 +131,28 @@ class RunConfig:
                             type=cli.fraction, metavar="ALPHA")
     kd_temperature: float = flag(1.0, "with --kd: both distributions at this temperature, the KL scaled by its square "
                                  "(default 1)", MATCH, type=cli.positive_float)
+    on_policy: bool = flag(False, "on-policy distillation: each step the student samples --on-policy-n chains for "
+                           "each of its questions and is trained on its own tokens, graded by --teacher (or "
+                           "--teacher-api) token by token (distill.OnPolicy; default: off)", MATCH, action="store_true")
+    teacher: str | None = flag(None, "with --on-policy: the local teacher, which must share the student's tokenizer "
+                               "(an HF-layout folder or a cached hub id)", MATCH)
+    teacher_api: str | None = flag(None, "with --on-policy: a served teacher instead, an OpenAI-compatible server that "
+                                   "returns prompt log-probabilities (vLLM's prompt_logprobs); needs httpx", MATCH,
+                                   metavar="URL")
+    teacher_model: str | None = flag(None, "the served teacher's model name (with --teacher-api)", MATCH, metavar="NAME")
+    api_key_env: str | None = flag(None, "the environment variable holding the served teacher's key (default: "
+                                   "OPENAI_API_KEY, none when unset); never pass a key on the command line")
+    on_policy_n: int = flag(4, "chains the student samples a question in an on-policy step; a micro-batch holds "
+                            "--batch-size / N questions (default 4)", MATCH, type=cli.positive_int, metavar="N")
+    on_policy_mix: float = flag(0.0, "the share of steps that train on corpus batches (the SCoTD loss) instead: GKD's "
+                                "lambda, from imitation to on-policy in one run (default 0)", MATCH, type=cli.unit_interval,
+                                metavar="LAMBDA")
+    beta: float = flag(1.0, "the divergence a local teacher's grades are: GKD's generalised JSD, 1 the reverse KL "
+                       "(student || teacher, the default), 0 the forward KL; a served teacher: reverse KL only", MATCH,
+                       type=cli.unit_interval)
+    temperature: float | None = flag(None, "on-policy sampling temperature (default 1)", MATCH, type=cli.positive_float)
+    max_new_tokens: int | None = flag(None, "on-policy: tokens a sampled chain at most (default 96)", MATCH,
+                                      type=cli.positive_int)
     device: str | None = cli.device_flag()
     dtype: str = cli.dtype_flag()  # default: the device's
     compile: bool = cli.compile_flag("each block for training")  # default: on CUDA
@@ -157,12 +180,15 @@ class RunConfig:
         return {"mode": self.mode, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
                                             if k not in NOT_SAVED}}
 
-    def with_budget(self, tokens):
-        """The settings that depend on the examples: shared-prefix rows, total and warmup steps."""
+    def with_budget(self, tokens, questions=0):
+        """The settings that depend on the examples: shared-prefix rows, total and warmup steps (--on-policy: an epoch
+        is a pass over the `questions`)."""
         queries = data.query_keys(tokens)
         shared = self.share_prefix == "on" or (self.share_prefix == "auto" and len(set(queries)) < len(queries))
         per_epoch = math.ceil(len(tokens) / self.batch_size)
-        if self.tokens_per_step:  # as many micro-batches as the first epoch's token budget cuts
+        if self.on_policy:
+            per_epoch = math.ceil(questions / max(1, self.batch_size // self.on_policy_n))
+        if self.tokens_per_step and not self.on_policy:  # as many micro-batches as the first epoch's token budget cuts
             per_epoch = len(epoch_batches([len(t[0]) for t in tokens], queries if shared else None, self, 0))
         total = self.max_steps or math.ceil(self.epochs * per_epoch / self.grad_accum)
         warmup = self.warmup_steps if self.warmup_steps is not None else max(1, total // 20)
@@ -198,6 +224,7 @@ def check_args(p, args):
                                  ("targets", args.lora_targets, None)):
         if value != default and not args.lora:
             p.error(f"argument --lora-{flag}: only with --lora R")
+    check_on_policy_args(p, args)
     if args.kd_temperature != 1.0 and not args.kd:
         p.error("argument --kd-temperature: only with --kd ALPHA")
     if args.kd and args.mode != "cot":
@@ -234,6 +261,42 @@ def check_args(p, args):
     return run
 
 
+def check_on_policy_args(p, args):
+    """--on-policy's flags: a teacher (one), and nothing it cannot do; its defaults filled in."""
+    given = [f"--{k.replace('_', '-')}" for k in ("teacher", "teacher_api", "teacher_model", "api_key_env", "temperature",
+                                                   "max_new_tokens") if getattr(args, k) is not None]
+    given += [f"--{k.replace('_', '-')}" for k, default in (("on_policy_n", 4), ("on_policy_mix", 0.0), ("beta", 1.0))
+              if getattr(args, k) != default]
+    if not args.on_policy:
+        if given:
+            p.error(f"argument {given[0]}: only with --on-policy")
+        return
+    if bool(args.teacher) == bool(args.teacher_api):
+        p.error("argument --on-policy: give the teacher that grades the student's chains: --teacher DIR or "
+                "--teacher-api URL --teacher-model NAME")
+    if args.on_policy_mix >= 1:
+        p.error("argument --on-policy-mix: below 1 (1 would be plain SCoTD: drop --on-policy)")
+    for bad, why in ((args.kd, "--kd"), (args.fsdp, "--fsdp (the student samples with its whole weights)"),
+                     (args.mode in SOCRATIC_ROLES, f"--mode {args.mode}")):
+        if bad:
+            p.error(f"argument --on-policy: not with {why}")
+    if args.teacher:
+        args.teacher = cli.check_model_folder(p, "--teacher", args.teacher)
+    else:
+        if not args.teacher_model:
+            p.error("argument --teacher-model: required with --teacher-api (the name the server serves the teacher under)")
+        if args.beta != 1.0:
+            p.error("argument --beta: a served teacher grades the sampled tokens only (the reverse KL's estimator)")
+        try:
+            args.teacher_api = api.base_url(args.teacher_api)
+        except ValueError as e:
+            p.error(f"argument --teacher-api: {e}")
+        if args.api_key_env and not os.environ.get(args.api_key_env):
+            p.error(f"argument --api-key-env: the environment variable {args.api_key_env} is not set")
+    args.temperature = 1.0 if args.temperature is None else args.temperature
+    args.max_new_tokens = 96 if args.max_new_tokens is None else args.max_new_tokens
+
+
 # -----------------------------------------------------------------------------
 # Schedule and data order
 
@@ -266,6 +329,23 @@ def micro_batches(tokens, run, start_epoch, start_index):
         for i in range(index, len(batches)):
             yield epoch, i + 1, [tokens[j] for j in batches[i]]
         epoch, index = epoch + 1, 0
+
+
+def question_batches(records, run, start_epoch, start_index):
+    """On-policy micro-batches: endless (epoch, index, questions), --batch-size / --on-policy-n questions each, from a
+    permutation of the training questions per (seed, epoch) -- a pure function of them, so a resumed run sees the
+    same; a batch may run on into the next epoch. index counts the questions of epoch consumed."""
+    per, epoch, index = max(1, run.batch_size // run.on_policy_n), start_epoch, start_index
+    order = np.random.default_rng([run.seed, epoch, 1]).permutation(len(records))
+    while True:
+        batch = []
+        while len(batch) < per:
+            if index == len(order):
+                epoch, index = epoch + 1, 0
+                order = np.random.default_rng([run.seed, epoch, 1]).permutation(len(records))
+            batch.append(records[order[index]])
+            index += 1
+        yield epoch, index, batch
 
 
 def rank_share(batch, dist, contiguous):
@@ -315,6 +395,28 @@ def next_window(stream, run, dist, pad_id, device):
         epoch, index, batch = next(stream)
         window.append(to_tensors(rank_share(batch, dist, run.shared), run, pad_id, device))
     return window, epoch, index
+
+
+def on_policy_window(onp, stream, trainer, step):
+    """The micro-batches of one on-policy step: each rank's share of the questions, the student's chains for them
+    (sampled with a seed of the step, the micro-batch and the rank: a resumed run samples the same), the teacher's
+    grades -> (window, the stream's position after it, the step's stats and the seconds sampling and grading took)."""
+    run, dist, model, device = trainer.run, trainer.dist, trainer.raw_model, trainer.device
+    plain = replace(run, shared=False, pack=False, kd=None)  # causal rows: the teacher reads them as they are
+    window, stats, seconds = [], [], {"sample_s": 0.0, "teacher_s": 0.0}
+    for micro in range(run.grad_accum):
+        epoch, index, questions = next(stream)
+        t0 = time.perf_counter()
+        seed = int(np.random.SeedSequence([run.seed, step, micro, dist.rank]).generate_state(1)[0])
+        examples, sampled = onp.sample(model, rank_share(questions, dist, True), seed)
+        t1 = time.perf_counter()
+        rows = to_tensors(examples, plain, model.cfg.pad_token_id, device)
+        window.append(rows._replace(teacher=onp.grade(rows.idx, rows.target_idx, examples, device)))
+        seconds["sample_s"] += t1 - t0
+        seconds["teacher_s"] += time.perf_counter() - t1
+        stats.append(sampled)
+    means = {k: dist.sum(sum(s[k] for s in stats)) / (len(stats) * dist.world) for k in stats[0]}
+    return window, {"on_epoch": epoch, "on_index": index}, means | seconds
 
 
 # -----------------------------------------------------------------------------
@@ -392,6 +494,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # data position: the epoch and how many of its micro-batches are consumed
     index: int = 0
+    on_epoch: int = 0  # --on-policy's question position: the epoch and how many of its questions are consumed
+    on_index: int = 0
     best: dict = field(default_factory=dict)  # {"step", "acc", "loss"} of the best dev evaluation so far
 
 
@@ -428,14 +532,16 @@ class Trainer:
         self.clock = Clock()  # this invocation's wall time by phase
 
     def step(self, window, position, ctx, lr):
-        """One optimizer step at learning rate lr over the window that ends at data position (epoch, index)
+        """One optimizer step at learning rate lr over the window that ends at data position `position` (TrainState fields)
         -> train_step's (mean loss, grad norm, target tokens, parts). A divergence is reported with the step and the last good
         checkpoint."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         try:
             out = train_step(self.model, self.optimizer, self.scaler, window, ctx, self.run.grad_clip, self.dist)
-            self.state.step, (self.state.epoch, self.state.index) = self.state.step + 1, position
+            self.state.step += 1
+            for k, v in position.items():
+                setattr(self.state, k, v)
             return out
         except Diverged as e:
             kept = (f"the last good checkpoint is {self.run.out / 'last'} (step {self.saved_at})" if self.saved_at
@@ -487,7 +593,8 @@ class Trainer:
         torch.set_rng_state(trainer_state["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in trainer_state:
             torch.cuda.set_rng_state(trainer_state["rng_cuda"])
-        self.state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "index", "best")})
+        self.state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "index", "best")},
+                                **{k: trainer_state.get(k, 0) for k in ("on_epoch", "on_index")})
         self.saved_at = self.state.step
 
 
@@ -658,7 +765,7 @@ def load_data(run, tokenizer, init, dist, model_cfg):
                                     too_long=too_long, attach=teacher)
     if dist.main:
         dist.barrier()
-    if not tokens:
+    if not tokens and not (run.on_policy and run.on_policy_mix == 0):  # on-policy alone needs questions only
         raise InputError(f"{run.data}: no training examples left ({skips.summary()})")
     dev_examples = data.build_examples(dev_records[:64], run.mode, run.filter, 1, run.seed, data.Skips())
     dev_tokens = data.tokenize_examples(dev_examples, tokenizer, max_len, data.Skips())
@@ -699,13 +806,22 @@ def describe(run, records, tokens, skips, dev, dist):
         seen = run.total_steps * run.grad_accum * len(tokens) // run.batches_per_epoch
     coverage = f"a subset: {seen:,} of {len(tokens):,}" if seen < len(tokens) else f"{seen / len(tokens):.2f} epochs"
     ranks = f", {dist.world} ranks x {run.batch_size // dist.world} ({'FSDP' if run.fsdp else 'DDP'})" if dist.world > 1 else ""
+    if run.on_policy:
+        per = max(1, run.batch_size // run.on_policy_n)
+        on = [f"on-policy {run.total_steps:,} steps x {run.grad_accum} x {per} questions x {run.on_policy_n} chains the "
+              f"student samples (T={run.temperature}, <= {run.max_new_tokens} tokens), graded token by token by "
+              f"{run.teacher or f'{run.teacher_model} at {run.teacher_api}'} ("
+              f"{'reverse KL' if run.beta == 1 else 'forward KL' if run.beta == 0 else f'generalised JSD, beta {run.beta}'}"
+              f"{', sampled tokens' if run.teacher_api else ''}); {run.on_policy_mix:.0%} of the steps on corpus batches"]
+        if run.on_policy_mix == 0:
+            return [f"data      {run.data}: {len(records):,} questions", f"dev       {dev.source}"] + on
     return [f"data      {run.data}: {len(records):,} questions -> {len(tokens):,} {run.mode} examples "
             f"(filter={run.filter}), {sum(len(t) - n for t, n, *_ in tokens):,} target tokens"
             f"{'; shared-prefix rows (a question once, its rationales as branches)' if run.shared else ''}",
             f"          {skips.summary()}",
             f"dev       {dev.source}",
             f"budget    {run.total_steps:,} steps x {run.grad_accum} x {micro} = {seen:,} examples "
-            f"({coverage}){ranks}"]
+            f"({coverage}){ranks}"] + (on if run.on_policy else [])
 
 
 def data_parallel(model, run, dist, device):
@@ -770,7 +886,8 @@ def train(run):
     init, model = load_student(run, device)
     tokenizer = load_tokenizer(init)
     records, tokens, skips, dev = load_data(run, tokenizer, init, dist, model.cfg)
-    run = run.with_budget(tokens)  # every setting resolved: from here on the run's settings are fixed
+    run = run.with_budget(tokens, len(records))  # every setting resolved: from here on the run's settings are fixed
+    onp = load_grader(run, tokenizer, init, device, dist) if run.on_policy else None
     log(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {run.dtype}")
     for line in describe(run, records, tokens, skips, dev, dist):
         log(line)
@@ -785,7 +902,7 @@ def train(run):
         state = trainer.state
         log(f"resumed   {run.resume} at step {state.step} (epoch {state.epoch}, batch {state.index})")
     metrics = prepare_out(run, trainer.state, dist)
-    loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log)
+    loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log, (onp, records))
 
     if dist.main:
         plot_metrics(metrics, run.out / "loss.png")
@@ -799,10 +916,13 @@ def train(run):
     return run.out
 
 
-def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log):
-    """The training loop: lr -> window -> step -> log -> maybe evaluate -> maybe save -> maybe stop."""
+def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log, on_policy=(None, ())):
+    """The training loop: lr -> window -> step -> log -> maybe evaluate -> maybe save -> maybe stop. on_policy:
+    (distill.OnPolicy, the training questions) with --on-policy."""
     state, dist, pad_id, device = trainer.state, trainer.dist, trainer.raw_model.cfg.pad_token_id, trainer.device
-    stream = micro_batches(tokens, run, state.epoch, state.index)
+    stream = micro_batches(tokens, run, state.epoch, state.index) if tokens else None
+    onp, records = on_policy
+    questions = question_batches(records, run, state.on_epoch, state.on_index) if onp else None
     bar = Progress(run.total_steps, "train", start=state.step) if dist.main else None
     trainer.raw_model.train()
     clock, tokens_seen = trainer.clock, 0
@@ -810,10 +930,17 @@ def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log):
         while state.step < run.total_steps:
             with clock("steps"):  # the steps' own throughput: dev evaluations, saves and logging are timed apart
                 lr = get_lr(state.step, run)
-                window, epoch, index = next_window(stream, run, dist, pad_id, device)
-                loss, grad_norm, n_window, parts = trainer.step(window, (epoch, index), ctx, lr)
+                if onp and on_policy_step(run, state.step):
+                    window, position, extra = on_policy_window(onp, questions, trainer, state.step)
+                else:
+                    window, epoch, index = next_window(stream, run, dist, pad_id, device)
+                    position, extra = {"epoch": epoch, "index": index}, {}
+                t0 = time.perf_counter()
+                loss, grad_norm, n_window, parts = trainer.step(window, position, ctx, lr)
+                extra |= {"update_s": time.perf_counter() - t0} if extra else {}
             tokens_seen += n_window
-            log_step(metrics, bar, state, run, loss, lr, grad_norm, tokens_seen / clock.seconds["steps"], dist, parts)
+            log_step(metrics, bar, state, run, loss, lr, grad_norm, tokens_seen / clock.seconds["steps"], dist,
+                     parts | extra)
             done = state.step == run.total_steps
             if (run.eval_every and state.step % run.eval_every == 0) or done:
                 with clock("dev evaluation"):
@@ -831,6 +958,34 @@ def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log):
                 raise SystemExit(stop.exit_code)
 
 
+def on_policy_step(run, step):
+    """Does optimizer step `step` (0-based) sample from the student? All but a --on-policy-mix share, drawn from a
+    generator of (seed, step): a resumed run decides the same."""
+    return np.random.default_rng([run.seed, step, 2]).random() >= run.on_policy_mix
+
+
+def load_grader(run, tokenizer, init, device, dist):
+    """--on-policy's distill.OnPolicy: the local teacher, loaded for inference (bf16 on CUDA, else fp32) once its
+    tokenizer is checked against the student's; or the served teacher's client."""
+    teacher, client = None, None
+    if run.teacher:
+        theirs, ours = distill.tokenizer_fingerprint(load_tokenizer(run.teacher)), distill.tokenizer_fingerprint(tokenizer)
+        if theirs != ours:
+            raise InputError(f"--teacher {run.teacher}: its tokenizer (fingerprint {theirs}) is not the student's ({init}, "
+                             f"fingerprint {ours}): the teacher would grade other tokens than the student writes")
+        teacher = from_pretrained(run.teacher, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        teacher.eval().requires_grad_(False)
+    else:
+        key = os.environ.get(run.api_key_env or "OPENAI_API_KEY") or None
+        client = api.Client(run.teacher_api, run.teacher_model, key=key)
+    per = max(1, run.batch_size // run.on_policy_n)
+    if per % dist.world:
+        raise InputError(f"--on-policy: {per} questions a micro-batch (--batch-size {run.batch_size} / --on-policy-n "
+                         f"{run.on_policy_n}) do not split over {dist.world} ranks")
+    return distill.OnPolicy(tokenizer, run.mode, run.on_policy_n, run.temperature, run.max_new_tokens, run.beta,
+                            teacher=teacher, client=client)
+
+
 @contextmanager
 def closing(bar):
     """Close the progress bar however the loop ends (done, a divergence), once."""
@@ -842,12 +997,15 @@ def closing(bar):
 
 
 def log_step(metrics, bar, state, run, loss, lr, grad_norm, tok_s, dist, parts):
+    """metrics.jsonl's line and the bar's; parts: the loss's parts (--kd) or an on-policy step's divergence and
+    stats (train_step, on_policy_window)."""
     if dist.main and (state.step % run.log_every == 0 or state.step == run.total_steps):
         append_jsonl(metrics, {"step": state.step, "loss": loss} | parts | {
             "lr": lr, "grad_norm": grad_norm, "target_tok_s": tok_s, "epoch": state.epoch})
     if bar:
-        kd = f" (ce {parts['ce']:.4f}, kd {parts['kd_loss']:.4f})" if parts else ""
-        bar.update(1, f"loss {loss:.4f}{kd} | lr {lr:.1e} | {tok_s:,.0f} tok/s")
+        shown = f" (ce {parts['ce']:.4f}, kd {parts['kd_loss']:.4f})" if "kd_loss" in parts else \
+            f" (on-policy: divergence {parts['divergence']:.4f}, {parts['right']:.0%} right)" if "right" in parts else ""
+        bar.update(1, f"loss {loss:.4f}{shown} | lr {lr:.1e} | {tok_s:,.0f} tok/s")
 
 
 def dev_evaluation(trainer, dev, tokenizer, ctx, metrics, log):
