@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import api
 import cli
@@ -194,6 +195,53 @@ def test_a_server_with_another_tokenizer_is_refused(faulty, tmp_path):
     with pytest.raises(cli.InputError, match=r"chain 1: the server's model reads token \d+ as '.*', --tokenizer as .*same"):
         teacher.main(["--api", url, "--model", "smol", "--score", str(corpus), "--top-logprobs", "5",
                       "--tokenizer", str(other), "--retry-wait", "0.01", "--out", str(tmp_path / "s.jsonl")])
+
+
+def test_on_policy_with_a_served_teacher_grades_the_students_tokens_as_the_local_teacher(faulty, tmp_path):
+    """train.py --on-policy --teacher-api: each chain the student samples is sent as token ids; the log-probability
+    the server gives each sampled token is the local teacher's (1e-5); a run of 3 steps through a server that fails
+    once completes and logs the estimator's divergence; a run against the local teacher samples the same chains."""
+    import distill
+    import losses
+    import train
+    from checkpoint import from_pretrained
+
+    student, graded = tiny_student(tmp_path / "student", soft=True), tiny_student(tmp_path / "teacher", seed=1, soft=True)
+    corpus = many_rationale_corpus(tmp_path / "many.jsonl")
+    url, requests = faulty("ok,500", model=graded)
+    tok = load_tokenizer(student)
+    onp = distill.OnPolicy(tok, "cot", 2, 1.0, 12, 1.0, client=api.Client(url, "smol", retry_wait=0.01), concurrency=2)
+    examples, _ = onp.sample(from_pretrained(student), data.read_corpus(corpus)[:2], seed=3)
+    rows = train.to_tensors(examples, train.RunConfig(batch_size=4), 0, torch.device("cpu"))
+    served = onp.grade(rows.idx, rows.target_idx, examples, torch.device("cpu"))
+    teacher_model = from_pretrained(graded)
+    with torch.no_grad():
+        logp = teacher_model(rows.idx)[0].log_softmax(-1).flatten(0, 1)[rows.target_idx]
+    want = logp.gather(1, rows.targets.flatten()[rows.target_idx][:, None])[:, 0]
+    assert isinstance(served, losses.SampledTokens) and len(served.logprobs) == rows.n_targets
+    torch.testing.assert_close(served.logprobs, want, atol=1e-5, rtol=0)
+    assert [r["body"]["prompt"] for r in requests()][-1] in [e[0].tolist() for e in examples]
+    args = ["--init", str(student), "--data", str(corpus), "--on-policy", "--max-steps", "3", "--batch-size", "4",
+            "--on-policy-n", "2", "--max-new-tokens", "12", "--eval-every", "0", "--eval-questions", "2"]
+    train.main(args + ["--teacher-api", url, "--teacher-model", "smol", "--out", str(tmp_path / "served")])
+    train.main(args + ["--teacher", str(graded), "--out", str(tmp_path / "local")])
+    metrics = [[json.loads(line) for line in (tmp_path / x / "metrics.jsonl").read_text().splitlines()][:3]
+               for x in ("served", "local")]
+    assert [r["sampled_tokens"] for r in metrics[0]] == [r["sampled_tokens"] for r in metrics[1]]
+    assert all(r["divergence"] == r["divergence"] and r["loss"] != r["divergence"] for r in metrics[0])
+
+
+def test_on_policy_with_a_server_that_cannot_grade_is_refused_in_one_line(llama, tmp_path, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: train.main(["--init", str(default_student()), "--data", str(many_rationale_corpus(tmp_path / "m.jsonl")),
+                                    "--on-policy", "--teacher-api", llama, "--teacher-model", "smol", "--max-steps", "1",
+                                    "--batch-size", "2", "--on-policy-n", "2", "--max-new-tokens", "8",
+                                    "--out", str(tmp_path / "r")]))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("error: on-policy chain 1 of the step: ")
+    assert "returned no prompt log-probabilities: the server lacks vLLM's `prompt_logprobs`" in err
 
 
 def test_real_server_chat_style_and_socratic_dialogues(llama, tmp_path):
