@@ -10,7 +10,9 @@ A request asks for `n` chains of one prompt, on /v1/completions (the few-shot te
 {"text", "tokens", "logprob"}: its text cut after the first match of a `stop_after` pattern (the answer
 sentence; the server has already cut at the `stop` strings), and, when the server returned log-probabilities,
 the tokens kept and the sum of their log-probabilities. llama.cpp returns them under `logprobs.content[]`,
-OpenAI's legacy completions under `logprobs.tokens` / `token_logprobs`: both are read.
+OpenAI's legacy completions under `logprobs.tokens` / `token_logprobs`: both are read. `Client.prompt_logprobs`
+asks instead how the model reads given token ids (vLLM's `prompt_logprobs`: scoring a corpus, grading a student's
+chains on-policy); a server that returns none is refused, naming what it lacks.
 
 Faults, and how each ends (`Client.complete`):
     the connection refused or reset, a timeout, HTTP 429 or 5xx, a 200 whose body is not a completion:

@@ -135,11 +135,12 @@ class RunConfig:
                            "each of its questions and is trained on its own tokens, graded by --teacher (or "
                            "--teacher-api) token by token (distill.OnPolicy; default: off)", MATCH, action="store_true")
     teacher: str | None = flag(None, "with --on-policy: the local teacher, which must share the student's tokenizer "
-                               "(an HF-layout folder or a cached hub id)", MATCH)
+                               "(an HF-layout folder or a cached hub id; default: none)", MATCH)
     teacher_api: str | None = flag(None, "with --on-policy: a served teacher instead, an OpenAI-compatible server that "
-                                   "returns prompt log-probabilities (vLLM's prompt_logprobs); needs httpx", MATCH,
+                                   "returns prompt log-probabilities (vLLM's prompt_logprobs); needs httpx (default: none)", MATCH,
                                    metavar="URL")
-    teacher_model: str | None = flag(None, "the served teacher's model name (with --teacher-api)", MATCH, metavar="NAME")
+    teacher_model: str | None = flag(None, "the served teacher's model name (required with --teacher-api)", MATCH,
+                                     metavar="NAME")
     api_key_env: str | None = flag(None, "the environment variable holding the served teacher's key (default: "
                                    "OPENAI_API_KEY, none when unset); never pass a key on the command line")
     on_policy_n: int = flag(4, "chains the student samples a question in an on-policy step; a micro-batch holds "

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# SCoTD alone vs SCoTD + on-policy distillation vs on-policy from the untuned student (#48), on the questions of
+# experiments/kd_runs.sh (run it first: its `sft` run is SCoTD alone and the warm start): the student
+# (Qwen2.5-Coder-0.5B-Instruct) samples 4 chains for each of 2 questions a step, the teacher
+# (Qwen2.5-Coder-1.5B-Instruct) grades every token (reverse KL over the vocabulary); 30 steps. Resumable.
+#
+#   nice -n 19 bash experiments/onpolicy_runs.sh  # outputs under runs/kd/ (not committed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${SCOTD_TEACHERS:-$HOME/.cache/scotd/teachers}
+OUT=runs/kd
+on_policy() {  # name, the student to start from
+    local name=$1 init=$2
+    if [ ! -f $OUT/$name/.done ]; then
+        local resume=(); [ -d $OUT/$name/last ] && resume=(--resume)
+        python train.py --init "$init" --data $OUT/slice.scored.jsonl --out $OUT/$name --on-policy \
+            --teacher "$T/Qwen2.5-Coder-1.5B-Instruct" --on-policy-n 4 --batch-size 8 --max-steps 30 --lr 5e-5 \
+            --eval-every 10 "${resume[@]}"
+        touch $OUT/$name/.done
+    fi
+}
+evaluate() {
+    [ -f $OUT/$1/eval/summary-csqa_palm_validation.json ] || python evaluate.py --checkpoint $OUT/$1/best --limit 100
+}
+on_policy op-sft $OUT/sft/best
+evaluate op-sft
+on_policy op-untuned "$T/Qwen2.5-Coder-0.5B-Instruct"
+evaluate op-untuned
