@@ -181,3 +181,22 @@ def assert_loads_in_transformers(folder, reference, ids, text):
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
     assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == load_tokenizer(folder).encode(text).ids
+
+
+def tiny_pair(folder):
+    """A tiny student and a teacher with the same tokenizer (trained on the same text) and other weights, both soft
+    (tiny_student): the distillation tests' pair."""
+    return tiny_student(Path(folder) / "student", soft=True), tiny_student(Path(folder) / "teacher", seed=1, soft=True)
+
+
+def stop_after_first_batch(monkeypatch, module, name):
+    """module.name (a function taking on_batch=): its first batch handed on, then Ctrl-C (KeyboardInterrupt)."""
+    real = getattr(module, name)
+
+    def stopping(*a, on_batch, **k):
+        def once(*b):
+            on_batch(*b)
+            raise KeyboardInterrupt
+        return real(*a, on_batch=once, **k)
+    monkeypatch.setattr(module, name, stopping)
+    return real

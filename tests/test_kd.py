@@ -12,26 +12,13 @@ import cli
 import data
 import distill
 import losses
-import sample
 import teacher
 import train
 from checkpoint import from_pretrained, load_tokenizer
 from cli import InputError
-from helpers import Crash, many_rationale_corpus, tiny_student
+from helpers import Crash, stop_after_first_batch, tiny_student
 
 K = 5
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """A tiny student and a teacher with the same tokenizer (trained on the same text) and other weights."""
-    root = tmp_path_factory.mktemp("pair")
-    return tiny_student(root / "student", soft=True), tiny_student(root / "teacher", seed=1, soft=True)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return many_rationale_corpus(tmp_path_factory.mktemp("corpus") / "many.jsonl")
 
 
 def score(model, corpus, out, *extra):
@@ -84,14 +71,8 @@ def test_a_run_stopped_or_failing_between_the_sidecar_and_its_lines_resumes_to_t
     """Stopped after its first batch (Ctrl-C), then failing to write the second batch's corpus lines after its
     top-k were appended: each rerun cuts the sidecar back to what the lines name and ends with the uninterrupted
     run's files, byte for byte."""
-    out, real = tmp_path / "scored.jsonl", sample.chain_logprobs  # the name the lines give the sidecar: the same
-
-    def stop_after_first_batch(*a, on_batch, **k):
-        def once(*b):
-            on_batch(*b)
-            raise KeyboardInterrupt
-        return real(*a, on_batch=once, **k)
-    monkeypatch.setattr(teacher, "chain_logprobs", stop_after_first_batch)
+    out = tmp_path / "scored.jsonl"  # the name the lines give the sidecar: the same
+    real = stop_after_first_batch(monkeypatch, teacher, "chain_logprobs")
     with pytest.raises(SystemExit) as e:
         score(pair[1], corpus, out)
     assert e.value.code == 130 and len(out.read_text().splitlines()) == 3

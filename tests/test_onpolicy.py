@@ -12,18 +12,7 @@ import data
 import losses
 import train
 from checkpoint import from_pretrained, load_tokenizer
-from helpers import many_rationale_corpus, tiny_student
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    return tiny_student(root / "student", soft=True), tiny_student(root / "teacher", seed=1, soft=True)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return many_rationale_corpus(tmp_path_factory.mktemp("corpus") / "many.jsonl")
+from helpers import tiny_student
 
 
 def rows(seed=0):

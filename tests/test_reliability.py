@@ -298,19 +298,27 @@ def test_every_train_flag_has_a_resume_policy_and_a_changed_must_match_flag_is_r
     for action in train.parser()._actions:
         if action.dest != "help":
             assert settings[action.dest].metadata["resume"] in (cli.MATCH, cli.MAY_CHANGE, cli.NOT_SAVED), action.dest
-    base = ["--init", str(student), "--out", str(tmp_path / "o"), "--rationales-per-question", "2", "--lora", "2"]
+    plain = ["--init", str(student), "--out", str(tmp_path / "o"), "--rationales-per-question", "2", "--lora", "2"]
     last = tmp_path / "o" / "last"
     last.mkdir(parents=True)
     (last / train.STATE_FILE).write_bytes(b"")
-    (last / "scotd.json").write_text(json.dumps(train.get_args(base + ["--overwrite"]).info()))
-    other_model = tmp_path / "other"
-    other_model.mkdir()
-    (other_model / "config.json").write_text("{}")
+    other_model, third_model = tmp_path / "other", tmp_path / "third"
+    for folder in (other_model, third_model):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    local, served = ["--on-policy", "--teacher", str(other_model)], ["--on-policy", "--teacher-api", "http://127.0.0.1:1",
+                                                                     "--teacher-model", "t"]
+    # a flag that needs another (--kd-temperature: --kd) is changed in a run that has it
+    needs = {"kd_temperature": ["--kd", "0.5"], "teacher_api": served, "teacher_model": served} | {
+        name: local for name in ("teacher", "on_policy_n", "on_policy_mix", "beta", "temperature", "max_new_tokens")}
 
     def another(f):
         kw = f.metadata["argparse"]
-        if f.name in ("init", "data"):
-            return [str(other_model) if f.name == "init" else str(data.DEFAULT_DEV)]
+        if f.name in ("init", "data", "teacher", "teacher_api"):
+            return [{"init": str(other_model), "data": str(data.DEFAULT_DEV), "teacher": str(third_model),
+                     "teacher_api": "http://127.0.0.1:2"}[f.name]]
+        if f.name == "on_policy":
+            return ["--teacher", str(other_model)]
         if "choices" in kw:
             return [next(c for c in kw["choices"] if c != f.default)]
         if kw.get("action") == "store_true":
@@ -319,9 +327,11 @@ def test_every_train_flag_has_a_resume_policy_and_a_changed_must_match_flag_is_r
             return ["q_proj"]
         default = f.default or (2 if f.name in ("rationales_per_question", "lora") else 1)
         return [str(default + 1 if kw["type"] in (int, cli.positive_int, cli.nonneg_int) else default / 2)]
-    assert train.get_args(base + ["--resume"]).changed == ()
     for name in train.MUST_MATCH:
         flag = f"--{name.replace('_', '-')}"
+        base = plain + needs.get(name, [])
+        (last / "scotd.json").write_text(json.dumps(train.get_args(base + ["--overwrite"]).info()))
+        assert train.get_args(base + ["--resume"]).changed == ()
         argv = [a for i, a in enumerate(base) if flag not in (a, base[i - 1])]
         with pytest.raises(SystemExit) as e:
             train.get_args(argv + [flag, *another(settings[name]), "--resume"])

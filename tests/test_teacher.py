@@ -14,7 +14,7 @@ import data
 import sample
 import teacher
 from checkpoint import from_pretrained, load_tokenizer
-from helpers import tiny_student
+from helpers import stop_after_first_batch, tiny_student
 from scotd import format_query
 
 N_QUESTIONS, N_CHAINS = 7, 3
@@ -165,14 +165,8 @@ def test_score_adds_the_teachers_logprob_of_each_chain_and_resumes(student, stra
                 logp = model(torch.tensor([prompt + chain]))[0][0].float().log_softmax(-1)
             want = sum(logp[t - 1, (prompt + chain)[t]].item() for t in range(len(prompt), len(prompt) + len(chain)))
             assert r["teacher_tokens"] == len(chain) and r["teacher_logprob"] == pytest.approx(want, abs=1e-4)
-    out, real = tmp_path / "cut.jsonl", sample.chain_logprobs
-
-    def stop_after_first_batch(*a, on_batch, **k):
-        def once(*b):
-            on_batch(*b)
-            raise KeyboardInterrupt
-        return real(*a, on_batch=once, **k)
-    monkeypatch.setattr(teacher, "chain_logprobs", stop_after_first_batch)
+    out = tmp_path / "cut.jsonl"
+    real = stop_after_first_batch(monkeypatch, teacher, "chain_logprobs")
     with pytest.raises(SystemExit) as e:
         score(out)
     assert e.value.code == 130 and len(out.read_text().splitlines()) == 3

@@ -19,7 +19,7 @@ import data
 import distill
 import teacher
 from checkpoint import default_student, load_tokenizer
-from helpers import many_rationale_corpus, tiny_student
+from helpers import many_rationale_corpus, tiny_pair, tiny_student
 from scotd import format_query
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,7 +206,7 @@ def test_on_policy_with_a_served_teacher_grades_the_students_tokens_as_the_local
     import train
     from checkpoint import from_pretrained
 
-    student, graded = tiny_student(tmp_path / "student", soft=True), tiny_student(tmp_path / "teacher", seed=1, soft=True)
+    student, graded = tiny_pair(tmp_path)
     corpus = many_rationale_corpus(tmp_path / "many.jsonl")
     url, requests = faulty("ok,500", model=graded)
     tok = load_tokenizer(student)
