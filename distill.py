@@ -201,15 +201,17 @@ def served_logprobs(rows, chain, tokenizer, what, ours):
 
 class OnPolicy:
     """The two halves of an on-policy step besides the update. `sample`: the current student writes n chains for
-    each of a micro-batch's questions (sample.generate, at `temperature`, stopping as evaluate.py's chains do);
+    each of a micro-batch's questions (sample.generate, at `temperature`, stopping as evaluate.py's chains do; with
+    `compile`, its compiled decode step, replayed as CUDA graphs on CUDA, the weights updated in place between steps);
     the prompt is the question's training query, so each chain is an example (query + chain, n_query) whose chain
     tokens carry the loss. `grade`: the teacher's view of those tokens -- a local teacher's hidden states at
     them (losses.Grader: the divergence is exact over the vocabulary), or a served teacher's log-probability
     of each (losses.SampledTokens; api.Client.prompt_logprobs, `concurrency` requests in flight)."""
 
-    def __init__(self, tokenizer, mode, n, temperature, max_new_tokens, beta, teacher=None, client=None, concurrency=4):
+    def __init__(self, tokenizer, mode, n, temperature, max_new_tokens, beta, teacher=None, client=None, concurrency=4,
+                 compile=False):
         self.tokenizer, self.mode, self.n, self.temperature, self.max_new_tokens = tokenizer, mode, n, temperature, max_new_tokens
-        self.beta, self.teacher, self.client, self.concurrency = beta, teacher, client, concurrency
+        self.beta, self.teacher, self.client, self.concurrency, self.compile = beta, teacher, client, concurrency, compile
 
     def sample(self, model, records, seed):
         """-> (examples [(ids, n_query)] of the chains with at least one token, stats: sampled tokens a chain and the
@@ -220,7 +222,7 @@ class OnPolicy:
 
         prompts = [self.tokenizer.encode(format_query(r["question"], r.get("choices"))).ids for r in records]
         cfg = SampleConfig(n=self.n, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                           batch_size=max(1, len(prompts)), seed=seed)
+                           batch_size=max(1, len(prompts)), seed=seed, compile=self.compile)  # on CUDA: CUDA graphs
         was_training = model.training
         model.eval()
         outs = generate(model, self.tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)

@@ -984,7 +984,7 @@ def load_grader(run, tokenizer, init, device, dist):
         raise InputError(f"--on-policy: {per} questions a micro-batch (--batch-size {run.batch_size} / --on-policy-n "
                          f"{run.on_policy_n}) do not split over {dist.world} ranks")
     return distill.OnPolicy(tokenizer, run.mode, run.on_policy_n, run.temperature, run.max_new_tokens, run.beta,
-                            teacher=teacher, client=client)
+                            teacher=teacher, client=client, compile=run.compile and device.type == "cuda")
 
 
 @contextmanager

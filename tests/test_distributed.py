@@ -128,9 +128,10 @@ def test_lora_under_ddp_and_fsdp_equals_one_process(student, tmp_path, how):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=3e-5, rtol=0) for k in a)
 
 
-def test_kd_under_ddp_equals_one_process(student, tmp_path):
-    """--kd 0.5 on shared-prefix rows with micro-batches: each rank's examples carry their top-k; two ranks give one
-    process's losses, KD terms and weights."""
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_kd_under_ddp_and_fsdp_equals_one_process(student, tmp_path, how):
+    """--kd 0.5 on shared-prefix rows with micro-batches: each rank's examples carry their top-k; two ranks (DDP, or
+    FSDP2: the head's weight gathered for the chunked KD loss) give one process's losses, KD terms and weights."""
     import teacher
 
     corpus = many_rationale_corpus(tmp_path / "many.jsonl")
@@ -138,7 +139,7 @@ def test_kd_under_ddp_equals_one_process(student, tmp_path):
                            str(corpus), "--top-logprobs", "4", "--out", str(tmp_path / "scored.jsonl")])
     args = ["--init", str(student), "--data", str(scored), "--max-steps", "3", "--kd", "0.5", *COMMON]
     launch("train.py", *args, "--out", str(tmp_path / "one"))
-    launch("train.py", *args, "--out", str(tmp_path / "two"), nproc=2)
+    launch("train.py", *args, "--out", str(tmp_path / "two"), *(["--fsdp"] if how == "fsdp" else []), nproc=2)
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=3e-5)  # as shared-prefix rows under DDP, above
     kd = [[r["kd_loss"] for r in map(json.loads, (tmp_path / x / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
           for x in ("one", "two")]
