@@ -89,7 +89,8 @@ def trl(args, student, teacher, work):
     config = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=8, max_steps=args.warmup + args.steps,
                                 max_completion_length=64, temperature=1.0, beta=1.0, learning_rate=1e-5, bf16=False,
                                 gradient_checkpointing=False, optim="adamw_torch_fused", use_cpu=True, report_to="none",
-                                logging_steps=1, save_strategy="no", shuffle_dataset=False, disable_dropout=True)
+                                logging_steps=args.warmup + args.steps, save_strategy="no", shuffle_dataset=False,
+                                disable_dropout=True)  # one log line, at the end
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     trainer = DistillationTrainer(model=str(student), teacher_model=teacher_model, args=config, train_dataset=dataset,
                                   processing_class=tok)
@@ -129,7 +130,7 @@ def trl(args, student, teacher, work):
     lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
     return {"sample_s": mean("sample"), "teacher_s": mean("teacher"),
             "update_s": mean("step_s") - mean("sample") - mean("teacher"),
-            "sampled_tokens": sum(lengths[args.warmup:]) / max(1, len(lengths[args.warmup:]))}
+            "sampled_tokens": lengths[-1] if lengths else float("nan")}  # every step's, warm-up included
 
 
 def worker(args):
