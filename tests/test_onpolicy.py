@@ -152,3 +152,18 @@ def test_the_chains_are_sampled_from_the_training_prompt(pair, corpus):
     assert len(examples) == 6 and 0 < stats["sampled_tokens"] <= 12
     for k, (ids, n_query) in enumerate(examples):
         assert list(ids[:n_query]) == queries[k // 3] and 0 < len(ids) - n_query <= 12
+
+
+def test_on_policy_trains_a_lora_adapter_only(pair, corpus, tmp_path):
+    """--on-policy --lora 4: the student samples through its adapters; only they change, and the run's adapter/
+    loads back (lora.py)."""
+    import safetensors.torch
+
+    steps = on_policy(pair, corpus, tmp_path / "run", "--max-steps", "2", "--lora", "4")
+    assert len(steps) == 2 and all(r["divergence"] > 0 for r in steps)
+    merged = safetensors.torch.load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    base = safetensors.torch.load_file(str(pair[0] / "model.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                                       "gate_proj.weight", "up_proj.weight", "down_proj.weight")) for k in changed)
+    assert (tmp_path / "run" / "last" / "adapter" / "adapter_model.safetensors").exists()
