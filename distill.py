@@ -1,4 +1,6 @@
-"""The teacher's token distributions, stored once and trained on many times (train.py --kd).
+"""Distillation beyond the teacher's chains: its token distributions, stored once and trained on many times
+(train.py --kd), and on-policy distillation, where the student writes the chains and the teacher grades every token
+(train.py --on-policy: OnPolicy, at the end).
 
 `teacher.py --score CORPUS --top-logprobs K` runs the teacher once over each chain of a corpus -- the student's
 training prompt, then the target it learns (scotd.format_target), the very tokens train.py trains on -- and keeps,
@@ -68,8 +70,8 @@ def read_header(path):
             if not 0 < n < 1 << 24:
                 raise ValueError(f"header length {n}")
             header = json.loads(f.read(n))
-        if header.get("format") != MAGIC or not isinstance(header.get("k"), int):
-            raise ValueError(f"format {header.get('format')!r}")
+        if not isinstance(header, dict) or header.get("format") != MAGIC or not isinstance(header.get("k"), int):
+            raise ValueError(f"format {header.get('format') if isinstance(header, dict) else header!r}")
     except FileNotFoundError:
         raise InputError(f"{path}: the top-k sidecar this corpus names is missing") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
@@ -114,22 +116,23 @@ class SidecarWriter:
     def append(self, chains):
         """chains: [(tokens (n,), ids (n, k), logprobs (n, k))] -> their [start, n] in the sidecar, written and
         fsync'd before the caller writes the corpus lines that name them."""
-        spans, blocks = [], []
+        spans, blocks, at = [], [], self.positions
         for tokens, ids, logprobs in chains:
             block = np.zeros(len(tokens), self.dtype)
             block["token"], block["ids"] = tokens, ids
             block["logprobs"] = np.clip(logprobs, np.finfo(np.float16).min, 0)  # fp16 holds no -inf here
-            spans.append([self.positions, len(tokens)])
+            spans.append([at, len(tokens)])
             blocks.append(block)
-            self.positions += len(tokens)
-        cli.append_bytes(self.path, b"".join(b.tobytes() for b in blocks), sync=True)
+            at += len(tokens)
+        cli.append_bytes(self.path, b"".join(b.tobytes() for b in blocks), sync=True)  # whole, or not at all
+        self.positions = at
         return spans
 
 
 class TeacherTargets:
     """train.py --kd: data.tokenize_examples' `attach` -- an example's stored top-k (a slice of its sidecar's
     records, found through its record's topk_file and its rationale's topk span), checked against the student's
-    tokens. The first sidecar opened is checked against the student's tokenizer (`student`: its folder)."""
+    tokens. Each sidecar is checked against the student's tokenizer when first opened (`student`: its folder)."""
 
     def __init__(self, corpus, records, tokenizer, student):
         self.corpus, self.sidecars, self.student = Path(corpus), {}, student
