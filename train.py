@@ -332,7 +332,7 @@ def micro_batches(tokens, run, start_epoch, start_index):
         epoch, index = epoch + 1, 0
 
 
-def question_batches(records, run, start_epoch, start_index):
+def on_policy_questions(records, run, start_epoch, start_index):
     """On-policy micro-batches: endless (epoch, index, questions), --batch-size / --on-policy-n questions each, from a
     permutation of the training questions per (seed, epoch) -- a pure function of them, so a resumed run sees the
     same; a batch may run on into the next epoch. index counts the questions of epoch consumed."""
@@ -923,7 +923,7 @@ def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log, on_policy=(Non
     state, dist, pad_id, device = trainer.state, trainer.dist, trainer.raw_model.cfg.pad_token_id, trainer.device
     stream = micro_batches(tokens, run, state.epoch, state.index) if tokens else None
     onp, records = on_policy
-    questions = question_batches(records, run, state.on_epoch, state.on_index) if onp else None
+    questions = on_policy_questions(records, run, state.on_epoch, state.on_index) if onp else None
     bar = Progress(run.total_steps, "train", start=state.step) if dist.main else None
     trainer.raw_model.train()
     clock, tokens_seen = trainer.clock, 0
