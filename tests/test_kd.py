@@ -46,6 +46,7 @@ def test_stored_topk_equal_a_plain_forward_over_the_training_tokens(pair, corpus
     out = score(pair[1], corpus, tmp_path / "s.jsonl", "--shots", str(shots))
     header, rows = distill.read_sidecar(str(out) + ".topk")
     assert header["k"] == K and header["shots"] == shots and header["mode"] == "cot"
+    assert distill.record_dtype(20).itemsize == 124  # README's "124 bytes a position" at K = 20
     records = {r["id"]: r for r in data.read_corpus(out)}
     model, tok = from_pretrained(pair[1]), load_tokenizer(pair[1])
     prompt = json.loads((tmp_path / "s.jsonl.meta.json").read_text())["prompt"]
