@@ -197,10 +197,12 @@ def test_a_server_with_another_tokenizer_is_refused(faulty, tmp_path):
                       "--tokenizer", str(other), "--retry-wait", "0.01", "--out", str(tmp_path / "s.jsonl")])
 
 
-def test_on_policy_with_a_served_teacher_grades_the_students_tokens_as_the_local_teacher(faulty, tmp_path):
+def test_on_policy_with_a_served_teacher_grades_the_students_tokens_as_the_local_teacher(faulty, tmp_path, monkeypatch,
+                                                                                       capsys):
     """train.py --on-policy --teacher-api: each chain the student samples is sent as token ids; the log-probability
     the server gives each sampled token is the local teacher's (1e-5); a run of 3 steps through a server that fails
-    once completes and logs the estimator's divergence; a run against the local teacher samples the same chains."""
+    once completes and logs the estimator's divergence; a run against the local teacher samples the same chains.
+    The key ($OPENAI_API_KEY) is sent, and is in no file the run writes nor in what it prints."""
     import distill
     import losses
     import train
@@ -223,7 +225,10 @@ def test_on_policy_with_a_served_teacher_grades_the_students_tokens_as_the_local
     assert [r["body"]["prompt"] for r in requests()][-1] in [e[0].tolist() for e in examples]
     args = ["--init", str(student), "--data", str(corpus), "--on-policy", "--max-steps", "3", "--batch-size", "4",
             "--on-policy-n", "2", "--max-new-tokens", "12", "--eval-every", "0", "--eval-questions", "2"]
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     train.main(args + ["--teacher-api", url, "--teacher-model", "smol", "--out", str(tmp_path / "served")])
+    assert requests()[-1]["auth"] == f"Bearer {SECRET}" and SECRET not in "".join(capsys.readouterr())
+    assert not [p for p in (tmp_path / "served").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     train.main(args + ["--teacher", str(graded), "--out", str(tmp_path / "local")])
     metrics = [[json.loads(line) for line in (tmp_path / x / "metrics.jsonl").read_text().splitlines()][:3]
                for x in ("served", "local")]
