@@ -5,16 +5,22 @@
 # again after an interruption and it continues where it stopped. Needs the teachers:
 # python experiments/fetch_teachers.py
 #
-#   nice -n 19 bash experiments/kd_runs.sh       # outputs under runs/kd/ (not committed); ~6 h on 2 cores
+#   nice -n 19 bash experiments/kd_runs.sh       # outputs under runs/kd/ (not committed); ~3 h on 2 cores
+#   FULL=1 bash experiments/kd_runs.sh           # the full size, for a GPU: all 1,000 questions x 10 chains, the
+#                                                # device's default budget (3 epochs), all 1,221 validation questions
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${SCOTD_TEACHERS:-$HOME/.cache/scotd/teachers}
-OUT=runs/kd
 S="$T/Qwen2.5-Coder-0.5B-Instruct"
+if [ -n "${FULL:-}" ]; then
+    OUT=runs/kd-full QUESTIONS=1000 CHAINS=10 BUDGET=() LIMIT=0
+else
+    OUT=runs/kd QUESTIONS=300 CHAINS=4 BUDGET=(--max-steps 100 --batch-size 8) LIMIT=100
+fi
 mkdir -p $OUT
-if [ ! -f $OUT/slice.jsonl ]; then  # 300 questions x their first 4 chains
-    python -c "import data; rs = data.read_corpus('data/csqa_qwen_train.jsonl')[:300]
-for r in rs: r['rationales'] = r['rationales'][:4]
+if [ ! -f $OUT/slice.jsonl ]; then  # the first QUESTIONS questions x their first CHAINS chains
+    python -c "import data; rs = data.read_corpus('data/csqa_qwen_train.jsonl')[:$QUESTIONS]
+for r in rs: r['rationales'] = r['rationales'][:$CHAINS]
 data.write_corpus(rs, '$OUT/slice.jsonl')"
 fi
 # the teacher reads each chain as the student will train on it and keeps its top-20 at every target position
@@ -25,13 +31,13 @@ train() {  # name, extra flags: the same student, questions (285; 15 held out as
     local name=$1; shift
     if [ ! -f $OUT/$name/.done ]; then
         local resume=(); [ -d $OUT/$name/last ] && resume=(--resume)
-        python train.py --init "$S" --data $OUT/slice.scored.jsonl --out $OUT/$name --max-steps 100 --batch-size 8 \
+        python train.py --init "$S" --data $OUT/slice.scored.jsonl --out $OUT/$name "${BUDGET[@]}" \
             --eval-every 25 "$@" "${resume[@]}"
         touch $OUT/$name/.done
     fi
 }
-evaluate() {  # the first 100 validation questions: greedy and 10 chains at T = 0.7 (resumes its predictions)
-    [ -f $OUT/$1/eval/summary-csqa_palm_validation.json ] || python evaluate.py --checkpoint $OUT/$1/best --limit 100
+evaluate() {  # the first LIMIT validation questions (0: all): greedy and 10 chains at T = 0.7 (resumes)
+    [ -f $OUT/$1/eval/summary-csqa_palm_validation.json ] || python evaluate.py --checkpoint $OUT/$1/best --limit $LIMIT
 }
 train sft
 train kd0.5 --kd 0.5
