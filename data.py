@@ -596,11 +596,11 @@ def collate(batch, pad_id):
     """Right-padded (idx, targets, teacher) with targets -100 on the query and on padding: only the rationale and
     answer carry loss. targets[t] is the token that position t should predict (idx shifted by one).
     teacher: None, or where the examples are (ids, n_query, top-k) -- train.py --kd -- the top-k placed as the
-    targets are (Teacher)."""
+    targets are (TopKRows)."""
     T = max(len(ex[0]) for ex in batch) - 1
     idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
     targets = torch.full((len(batch), T), -100, dtype=torch.long)
-    teacher = Teacher.empty(batch, idx.shape)
+    teacher = TopKRows.empty(batch, idx.shape)
     for b, (ids, n_query, *topk) in enumerate(batch):
         ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         n = len(ids) - 1
@@ -611,7 +611,7 @@ def collate(batch, pad_id):
     return idx, targets, teacher
 
 
-class Teacher(NamedTuple):
+class TopKRows(NamedTuple):
     """The teacher's top-k at each position of a micro-batch's rows: ids (B, T, K) and log-probabilities (B, T, K),
     filled where targets are (train.py --kd; distill.py stores them)."""
     ids: torch.Tensor
@@ -697,7 +697,7 @@ def layout(batch, pad_id, row_len, share=False, pack=False):
     A group over row_len tokens spills into another (prefix repeated). share=False: a group per example.
     pack=True: groups end to end in rows of up to row_len tokens (docs = group id), else one group a row.
     Padding: docs -1, targets -100. Examples (ids, n_query, top-k) -- train.py --kd -- also give the top-k placed
-    as the targets are (Teacher; else None)."""
+    as the targets are (TopKRows; else None)."""
     groups, where = [], {}  # [prefix, [(branch, top-k), ...], tokens]; where: prefix -> index of its open group
     for ids, n_query, *topk in batch:
         ids = np.asarray(ids, dtype=np.int64)
@@ -722,7 +722,7 @@ def layout(batch, pad_id, row_len, share=False, pack=False):
     targets = torch.full((len(rows), T), -100, dtype=torch.long)
     docs = torch.full((len(rows), T), -1, dtype=torch.long)
     branches = torch.zeros((len(rows), T), dtype=torch.long)
-    teacher = Teacher.empty(batch, idx.shape)
+    teacher = TopKRows.empty(batch, idx.shape)
     for b, r in enumerate(rows):
         pos = 0
         for d, (prefix, group_branches, n) in enumerate(r):

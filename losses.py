@@ -21,13 +21,22 @@ class Teacher(NamedTuple):
     temperature: float = 1.0
 
 
-def kd_loss(logits_k, teacher):
-    """Per-row KD term from the student's logits at the teacher's K ids (N, K), fp32 -> (N,) (plain autograd: the
-    chunked loss computes the same, with its gradient, by hand)."""
+def kl(p, q):
+    """Per-row KL(p || q) from log-probabilities, fp32 -> (N,)."""
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def kd_logprobs(logits_k, teacher):
+    """The KD term's two distributions over the teacher's K ids, as log-probabilities at its temperature: the
+    teacher's p (renormalised over the K) and the student's q (from its logits at the K ids, (N, K))."""
     t = teacher.temperature
-    p = (teacher.logprobs.float() / t).log_softmax(-1)
-    q = (logits_k.float() / t).log_softmax(-1)
-    return t * t * (p.exp() * (p - q)).sum(-1)
+    return (teacher.logprobs.float() / t).log_softmax(-1), (logits_k.float() / t).log_softmax(-1)
+
+
+def kd_loss(logits_k, teacher):
+    """Per-row KD term T^2 KL(p || q), fp32 -> (N,) (plain autograd: the chunked loss computes the same, with its
+    gradient, by hand)."""
+    return teacher.temperature ** 2 * kl(*kd_logprobs(logits_k, teacher))
 
 CE_CHUNK_ELEMENTS = 2 ** 25  # logits a chunk of the head + cross-entropy holds at once (128 MiB in fp32)
 
@@ -74,9 +83,8 @@ def _chunk_loss(x, weight, labels, teacher=None, grad=True):
     kd = loss.new_zeros(())
     if teacher is not None:
         t = teacher.temperature
-        p = (teacher.logprobs.float() / t).log_softmax(-1)
-        q = (logits.gather(1, teacher.ids) / t).log_softmax(-1)
-        kd = (t * t * (p.exp() * (p - q))).sum()
+        p, q = kd_logprobs(logits.gather(1, teacher.ids), teacher)
+        kd = t * t * kl(p, q).sum()
     if not grad:
         return loss, kd, None
     grad = (logits - lse[:, None]).exp_()
@@ -145,11 +153,11 @@ def generalized_jsd(student_logits, teacher_logits, beta):
     """Per-row divergence (fp32) between the student's and the teacher's next-token distributions (Grader)."""
     q, p = student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1)
     if beta == 1:
-        return (q.exp() * (q - p)).sum(-1)
+        return kl(q, p)
     if beta == 0:
-        return (p.exp() * (p - q)).sum(-1)
+        return kl(p, q)
     m = torch.logsumexp(torch.stack((p + math.log(beta), q + math.log(1 - beta))), 0)
-    return beta * (p.exp() * (p - m)).sum(-1) + (1 - beta) * (q.exp() * (q - m)).sum(-1)
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
 
 
 def capped(logits, cap):

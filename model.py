@@ -318,9 +318,7 @@ class Transformer(nn.Module):
 
     def _logits(self, x):
         """The head, soft-capped where the config says (cap * tanh(logits / cap))."""
-        logits = self.lm_head(x)
-        cap = self.cfg.logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return losses.capped(self.lm_head(x), self.cfg.logit_softcap)
 
     def _head(self, x, targets, target_idx=None, teacher=None):
         """The logits (B, T, V); or with targets (None, the mean cross-entropy over the target positions). The

@@ -756,19 +756,7 @@ def score(args, header, shot_ids):
         tokenizer, client = load_tokenizer(args.tokenizer), api_client(args)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     prompts = question_prompts(tokenizer, records)
-    if args.top_logprobs:  # each chain a student could train on (mode cot, any answer), as train.py tokenises it
-        skips = data.Skips()
-        examples = data.build_examples(records, "cot", "all", skips=skips)
-        which = {r["id"]: [] for r in records}
-        for e in examples:
-            which[e["id"]].append((e["chain"], e["target"]))
-        which = [which[r["id"]] for r in records]
-        chains = [[encode(target) for _, target in w] for w in which]
-        if skips.counts:
-            print(f"note      chains without a target a student trains on are not scored; {skips.summary()}")
-    else:
-        which = [list(enumerate(rec["rationales"])) for rec in records]
-        chains = [[encode(chain_text(rec, r)) for r in rec["rationales"]] for rec in records]
+    which, chains = chains_to_score(records, encode, args.top_logprobs)
     if args.teacher:
         head = prefix.length if prefix else 0
         own = [len(p) + max(map(len, c), default=0) for p, c in zip(prompts, chains)]
@@ -779,8 +767,8 @@ def score(args, header, shot_ids):
           f"questions already in {out}")
     bar = Progress(len(records), "score", start=len(done))
     sidecar = sidecar_writer(args, out, tokenizer, meta["prompt"], len(shot_ids)) if args.top_logprobs else None
-    writer = ScoreWriter(out, args.out + ".runs.jsonl", records, done, bar, which=[[c for c, _ in w] for w in which],
-                         chains=chains, sidecar=sidecar, client=None if args.teacher else client)
+    writer = ScoreWriter(out, args.out + ".runs.jsonl", records, done, bar, which=which, chains=chains, sidecar=sidecar,
+                         client=None if args.teacher else client)
     with stopping_cleanly(bar, out, len(records)):
         if args.teacher:
             todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
@@ -796,6 +784,23 @@ def score(args, header, shot_ids):
           + (f"; top-{args.top_logprobs} in {sidecar.path} ({sidecar.path.stat().st_size / 2**20:,.1f} MiB)"
              if args.top_logprobs else ""))
     return out
+
+
+def chains_to_score(records, encode, training_targets):
+    """-> (per question, the indices of the rationales scored; per question, their chains' token ids). Every
+    rationale as the corpus keeps it (chain_text); or with training_targets (--top-logprobs) each one a student could
+    train on (mode cot, any answer), as its target, tokenised as train.py does -- the others counted and named."""
+    if not training_targets:
+        return ([list(range(len(rec["rationales"]))) for rec in records],
+                [[encode(chain_text(rec, r)) for r in rec["rationales"]] for rec in records])
+    skips = data.Skips()
+    by_id = {r["id"]: ([], []) for r in records}
+    for e in data.build_examples(records, "cot", "all", skips=skips):
+        by_id[e["id"]][0].append(e["chain"])
+        by_id[e["id"]][1].append(encode(e["target"]))
+    if skips.counts:
+        print(f"note      chains without a target a student trains on are not scored; {skips.summary()}")
+    return [by_id[r["id"]][0] for r in records], [by_id[r["id"]][1] for r in records]
 
 
 def score_served(args, client, tokenizer, head, records, prompts, chains, todo, writer):
