@@ -129,9 +129,14 @@ ASSETS = ROOT / "bench" / "assets"  # configs + tokenizers of the random-init sh
 ASSET_SOURCES = {"smollm2-135m": "the default student", "qwen2.5-1.5b": "--teacher (Qwen2.5-Coder-1.5B-Instruct)"}
 
 
+GPU_PYTHON = "3.12"  # the GPU machine's Python (/work/.library/device/KINDS.md)
+TRL_WHEELS = ("trl==1.16.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19")  # what its image lacks
+
+
 def prepare_assets(teacher):
     """bench/assets/<shape>/: config.json and the tokenizer files of SmolLM2-135M and of the 1.5B teacher, what a GPU
-    machine needs to build random inits of their shapes (a few MB, where the weights are GBs)."""
+    machine needs to build random inits of their shapes (a few MB, where the weights are GBs), and wheels/: TRL for
+    bench/onpolicy.py (bash bench/gpu.sh --only onpolicy)."""
     from checkpoint import TOKENIZER_FILES
 
     for shape, source in (("smollm2-135m", default_student()), ("qwen2.5-1.5b", teacher)):
@@ -141,6 +146,9 @@ def prepare_assets(teacher):
         for name in ("config.json",) + TOKENIZER_FILES:
             if (Path(source) / name).exists():
                 (ASSETS / shape / name).write_bytes((Path(source) / name).read_bytes())
+    # TRL and what it needs beyond the GPU machine's image, for bench/onpolicy.py's peer there (no network there)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+                    GPU_PYTHON, "-d", str(ASSETS / "wheels"), *TRL_WHEELS], check=True)
     print(f"wrote {ASSETS}: carry it to a GPU machine with the repository (run: carry=['bench/assets'])")
 
 

@@ -2,7 +2,8 @@
 # Issue #32's GPU rows: training (SmolLM2-135M- and OPT-1.3b-shaped, batch 8 and token-filled, K = 30 shared-prefix
 # rows with both tree kernels), sampling at N = 10 / 30, a Qwen2.5-1.5B-shaped teacher at N = 30, and the decode step
 # at 32 / 256 rows, #45's Qwen3-0.6B- and Gemma-3-270M-shaped students (training and N = 10; --only families), and
-# #46's LoRA (r = 16) against every weight, ours vs peft (--only lora)
+# #46's LoRA (r = 16) against every weight, ours vs peft (--only lora), and #48's on-policy step, scotd vs TRL's
+# DistillationTrainer on a SmolLM2-135M / 1.7B-shaped pair (--only onpolicy: bench/onpolicy.py, ~6 min)
 # -- scotd and transformers measured in the same run, random inits from bench/assets
 # (python bench/bench.py --prepare-assets --teacher <the 1.5B teacher>, then carry it).
 #     bash bench/gpu.sh [--quick] [--only GROUP] [--prewarm J] [--deadline S] [--row-timeout S] [--reuse bench/results/gpu.jsonl]
@@ -24,7 +25,12 @@ if [ -f bench/assets/inductor-cache.tgz ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.md"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)" | tee -a "$OUT/gpu.md"
-"$PY" bench/bench.py --suite gpu --results "$OUT/gpu.jsonl" --profile "$OUT/profiles" "$@" 2> >(tee "$OUT/gpu.log" >&2) | tee -a "$OUT/gpu.md"
+if [[ " $* " == *" --only onpolicy "* ]]; then  # #48: one on-policy step, scotd vs TRL (carried: bench/assets/wheels)
+    ls bench/assets/wheels/*.whl >/dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps bench/assets/wheels/*.whl
+    "$PY" bench/onpolicy.py --work /tmp/onpolicy-bench 2> >(tee "$OUT/onpolicy.log" >&2) | tee -a "$OUT/gpu.md"
+else
+    "$PY" bench/bench.py --suite gpu --results "$OUT/gpu.jsonl" --profile "$OUT/profiles" "$@" 2> >(tee "$OUT/gpu.log" >&2) | tee -a "$OUT/gpu.md"
+fi
 if [ "$(du -sm "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | cut -f1)" -le 80 ]; then  # larger would not compress under 15 MB
     tar czf "$OUT/inductor-cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null
 fi

@@ -1,24 +1,29 @@
 """One on-policy distillation step, split into its three parts -- the student samples, the teacher grades, the
-student is updated -- for scotd (train.py --on-policy) and TRL's DistillationTrainer, on the same tiny pair, prompts
+student is updated -- for scotd (train.py --on-policy) and TRL's DistillationTrainer, on the same pair, prompts
 and batch, measured in the same run (each side in its own process: its peak memory is its own).
 
     pip install trl==1.16.0            # the peer (and its dependencies: accelerate, datasets)
     python bench/onpolicy.py            # ~5 min on 2 CPU cores
+    bash bench/gpu.sh --only onpolicy   # on a GPU: the SmolLM2 pair (TRL from bench/assets/wheels)
 
-The pair: random Llama-layout models with SmolLM2's tokenizer (49,152 tokens): a student of 4 layers x 256 and a
-teacher of 6 layers x 512, fp32. The batch: 2 CSQA training questions x 4 chains (TRL takes each prompt 4 times:
-it samples one completion a prompt), at most 64 new tokens at T = 1, reverse KL (beta 1) over the whole vocabulary
-on both sides, AdamW. TRL at its best CPU settings: fp32 (bf16 is ~25x slower on this CPU), no gradient
-checkpointing (its default recomputes the forward), fused AdamW. Its parts are timed by wrapping its generation
-(`_generate`) and the teacher's backbone (`_get_last_hidden_state`); the update is the rest of its training step
-(both sides compute the teacher's head inside the loss, a chunk of rows at a time). Ours come from metrics.jsonl.
-The first `--warmup` steps are left out of both.
+--pair tiny (the CPU default): random Llama-layout models with SmolLM2's tokenizer (49,152 tokens), a student of
+4 layers x 256 and a teacher of 6 layers x 512, fp32; 2 CSQA training questions x 4 chains, at most 64 new tokens.
+--pair smollm2 (the CUDA default): random inits of SmolLM2-135M's and SmolLM2-1.7B's shapes (a real same-tokenizer
+pair), bf16; 8 questions x 4 chains, at most 128 new tokens. Both sides: T = 1, reverse KL (beta 1) over the whole
+vocabulary, AdamW (TRL takes each prompt 4 times: it samples one completion a prompt). TRL at its best settings
+without vLLM (not installable where the benchmark runs): no gradient checkpointing (its default recomputes the
+forward), fused AdamW, fp32 on a CPU (bf16 is ~25x slower there) and bf16 on CUDA; ours at train.py's defaults
+(on CUDA: bf16, compiled, CUDA-graph sampling). TRL's parts are timed by wrapping its generation (`_generate`) and
+the teacher's backbone (`_get_last_hidden_state`), synchronised on CUDA; the update is the rest of its training
+step (both sides compute the teacher's head inside the loss, a chunk of rows at a time). Ours come from
+metrics.jsonl. The first `--warmup` steps (compiles among them) are left out of both.
 """
 
 import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,21 +34,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def make_pair(folder):
-    """The tiny pair as transformers writes them (both sides load these folders), SmolLM2's tokenizer beside each."""
+PAIRS = {  # name -> {side: (layers, width, heads, kv heads, mlp width, seed)}
+    "tiny": {"student": (4, 256, 4, 2, 768, 0), "teacher": (6, 512, 8, 4, 1536, 1)},
+    "smollm2": {"student": (30, 576, 9, 3, 1536, 0), "teacher": (24, 2048, 32, 32, 8192, 1)},  # 135M, 1.7B
+}
+
+
+def smollm2_tokenizer():
+    """A folder with SmolLM2's tokenizer: bench/assets (carried to a GPU machine) or the default student."""
+    from checkpoint import default_student
+
+    assets = ROOT / "bench" / "assets" / "smollm2-135m"
+    return assets if (assets / "tokenizer.json").exists() else Path(default_student())
+
+
+def make_pair(folder, pair="tiny"):
+    """The pair as transformers writes them (both sides load these folders), SmolLM2's tokenizer beside each."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from checkpoint import default_student
-
-    tok = Path(default_student())
-    for name, (layers, width, seed) in {"student": (4, 256, 0), "teacher": (6, 512, 1)}.items():
+    tok = smollm2_tokenizer()
+    for name, (layers, width, heads, kv, mlp, seed) in PAIRS[pair].items():
         out = Path(folder) / name
         if (out / "config.json").exists():
             continue
         torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=width, intermediate_size=width * 3, num_hidden_layers=layers,
-                          num_attention_heads=width // 64, num_key_value_heads=width // 128, max_position_embeddings=1024,
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -67,7 +84,8 @@ def ours(args, student, teacher, work):
     records = data.read_corpus(data.DEFAULT_TRAIN)[:64]
     data.write_corpus(records, work / "q.jsonl")
     train.main(["--init", str(student), "--data", str(work / "q.jsonl"), "--out", str(work / "ours"), "--on-policy",
-                "--teacher", str(teacher), "--on-policy-n", "4", "--batch-size", "8", "--max-new-tokens", "64",
+                "--teacher", str(teacher), "--on-policy-n", "4", "--batch-size", str(4 * args.questions),
+                "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
                 "--max-steps", str(args.warmup + args.steps), "--eval-every", "0", "--eval-questions", "0",
                 "--save-every", "0", "--dev-data", str(data.DEFAULT_DEV), "--lr", "1e-5"])
     rows = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
@@ -86,12 +104,14 @@ def trl(args, student, teacher, work):
     tok.padding_side, tok.pad_token = "left", tok.pad_token or tok.eos_token
     qs = prompts(64)
     dataset = Dataset.from_dict({"prompt": [q for q in qs for _ in range(4)]})  # 4 chains a question
-    config = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=8, max_steps=args.warmup + args.steps,
-                                max_completion_length=64, temperature=1.0, beta=1.0, learning_rate=1e-5, bf16=False,
-                                gradient_checkpointing=False, optim="adamw_torch_fused", use_cpu=True, report_to="none",
+    cuda = args.device == "cuda"
+    config = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=4 * args.questions,
+                                max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens,
+                                temperature=1.0, beta=1.0, learning_rate=1e-5, bf16=cuda, gradient_checkpointing=False,
+                                optim="adamw_torch_fused", use_cpu=not cuda, report_to="none",
                                 logging_steps=args.warmup + args.steps, save_strategy="no", shuffle_dataset=False,
                                 disable_dropout=True)  # one log line, at the end
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16 if cuda else torch.float32)
     trainer = DistillationTrainer(model=str(student), teacher_model=teacher_model, args=config, train_dataset=dataset,
                                   processing_class=tok)
     clock = {"sample_s": 0.0, "teacher_s": 0.0, "step_s": 0.0, "tokens": 0, "chains": 0}
@@ -100,6 +120,7 @@ def trl(args, student, teacher, work):
     def timed_generate(*a, **k):
         t0 = time.perf_counter()
         out = generate(*a, **k)
+        sync()
         clock["sample_s"] += time.perf_counter() - t0
         return out
     trainer._generate = timed_generate
@@ -108,6 +129,7 @@ def trl(args, student, teacher, work):
     def timed_hidden(model, *a, **k):  # TRL runs the teacher's backbone through this (its head in the loss's chunks)
         t0 = time.perf_counter()
         out = hidden(model, *a, **k)
+        sync()
         if model is the_teacher:
             clock["teacher_s"] += time.perf_counter() - t0
         return out
@@ -119,6 +141,7 @@ def trl(args, student, teacher, work):
             marks.append({"t": time.perf_counter(), **{k: clock[k] for k in ("sample_s", "teacher_s")}})
 
         def on_step_end(self, *a, **k):
+            sync()
             m = marks[-1]
             m.update(step_s=time.perf_counter() - m["t"], sample=clock["sample_s"] - m["sample_s"],
                      teacher=clock["teacher_s"] - m["teacher_s"])
@@ -141,7 +164,8 @@ def worker(args):
     student, teacher = work / "student", work / "teacher"
     t0 = time.perf_counter()
     result = (ours if args.side == "scotd" else trl)(args, student, teacher, work)
-    result |= {"wall_s": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result |= {"wall_s": time.perf_counter() - t0, "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if
+               args.device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -150,32 +174,78 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps (default 4)")
     p.add_argument("--warmup", type=int, default=1, help="steps left out first (default 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda where there is one")
+    p.add_argument("--pair", default=None, choices=tuple(PAIRS), help="default: smollm2 on CUDA, tiny on a CPU")
+    p.add_argument("--questions", type=int, default=None, help="questions a step, 4 chains each (default: 8 on "
+                   "CUDA, 2 on a CPU)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 on CUDA, 64 on a CPU")
+    p.add_argument("--work", help="where the pair and the runs go (default: a new temporary folder)")
     p.add_argument("--side", choices=("scotd", "trl"), help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         return worker(args)
-    work = Path(tempfile.mkdtemp(prefix="onpolicy-bench-"))
-    make_pair(work)
+    import torch
+
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    args.device, args.pair = ("cuda" if cuda else "cpu"), args.pair or ("smollm2" if cuda else "tiny")
+    args.questions, args.max_new_tokens = args.questions or (8 if cuda else 2), args.max_new_tokens or (128 if cuda else 64)
+    work = Path(args.work or tempfile.mkdtemp(prefix="onpolicy-bench-"))
+    make_pair(work, args.pair)
     results = {}
     for side in ("scotd", "trl"):
-        cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--steps", str(args.steps), "--warmup",
-               str(args.warmup), "--threads", str(args.threads)]
+        shutil.rmtree(work / ("ours" if side == "scotd" else "trl"), ignore_errors=True)
+        cmd = [sys.executable, __file__, "--side", side, "--work", str(work)] + \
+            [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("steps", "warmup", "threads", "device", "pair",
+                                                                      "questions", "max_new_tokens")]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if r.returncode or not line:
-            raise SystemExit(f"{side} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        if r.returncode or not line:  # a failed side is a finding: its row says so, the other side still stands
+            why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1][:300]
+            print(f"{side} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
+            results[side] = {"failed": why}
+            continue
         results[side] = json.loads(line[0][7:])
         print(f"{side}: {results[side]}", file=sys.stderr)
-    print("| part of one step (2 questions x 4 chains, <= 64 tokens) | scotd | TRL DistillationTrainer | ratio |")
+    table(args, results)
+
+
+def table(args, results):
+    device = torch_device_name(args.device)
+    print(f"\non-policy step | {device} | pair {args.pair} | {'bf16' if args.device == 'cuda' else 'fp32'} | "
+          f"{args.steps} timed steps after {args.warmup}")
+    for side, r in results.items():
+        if "failed" in r:
+            print(f"\n{side} failed: {r['failed']}")
+    if any("failed" in r for r in results.values()):
+        results = {s: ({} if "failed" in r else r) for s, r in results.items()}
+    cell = lambda side, k, f="{:.2f}": f.format(results[side][k]) if k in results[side] else "-"  # noqa: E731
+    ratio = lambda k: f"{results['trl'][k] / results['scotd'][k]:.1f}x" if all(  # noqa: E731
+        k in r for r in results.values()) else ""
+    print(f"\n| part of one step ({args.questions} questions x 4 chains, <= {args.max_new_tokens} tokens) | scotd | "
+          "TRL DistillationTrainer | ratio |")
     print("| --- | --- | --- | --- |")
-    for k, label in (("sample_s", "student samples"), ("teacher_s", "teacher grades"), ("update_s", "student update")):
-        a, b = results["scotd"][k], results["trl"][k]
-        print(f"| {label} (s) | {a:.2f} | {b:.2f} | {b / a:.1f}x |")
-    a, b = (sum(results[s][k] for k in ("sample_s", "teacher_s", "update_s")) for s in ("scotd", "trl"))
-    print(f"| the step (s) | {a:.2f} | {b:.2f} | {b / a:.1f}x |")
-    print(f"| peak memory (MB) | {results['scotd']['peak_rss_mb']:,.0f} | {results['trl']['peak_rss_mb']:,.0f} | |")
-    print(f"| tokens a chain | {results['scotd']['sampled_tokens']:.1f} | {results['trl']['sampled_tokens']:.1f} | |")
+    for side in results.values():
+        if side:
+            side["step_s"] = sum(side[k] for k in ("sample_s", "teacher_s", "update_s"))
+    for k, label in (("sample_s", "student samples"), ("teacher_s", "teacher grades"), ("update_s", "student update"),
+                     ("step_s", "the step")):
+        print(f"| {label} (s) | {cell('scotd', k)} | {cell('trl', k)} | {ratio(k)} |")
+    memory = "peak GPU memory allocated" if args.device == "cuda" else "peak RSS"
+    print(f"| {memory} (MB) | {cell('scotd', 'peak_mb', '{:,.0f}')} | {cell('trl', 'peak_mb', '{:,.0f}')} | |")
+    print(f"| tokens a chain | {cell('scotd', 'sampled_tokens', '{:.1f}')} | {cell('trl', 'sampled_tokens', '{:.1f}')} | |")
+
+
+def torch_device_name(device):
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
