@@ -193,6 +193,21 @@ def train_corpus_of(records):
     return DEFAULT_TRAIN if "choices" in records[0] else GSM8K_TRAIN
 
 
+def exemplars(k, source=DEFAULT_TRAIN):
+    """K fixed worked examples: the first K questions of a bundled train corpus whose rationale is correct
+    (CSQA's PaLM rationales; GSM8K's human solutions for numeric questions)."""
+    chosen = []
+    for rec in read_corpus(source):
+        r = rec["rationales"][0] if rec["rationales"] else None
+        if len(chosen) == k:
+            break
+        if r and r.get("correct") and r["text"].strip():
+            choices = rec.get("choices")
+            chosen.append((rec["id"], format_query(rec["question"], choices),
+                           format_target("cot", choices, gold(rec), r["text"])))
+    return chosen
+
+
 def read_corpus(path):
     """Canonical JSONL (optionally gzipped) -> list of records, validated; errors name file:line. Ids are
     unique: the teacher's resume, the token cache and the evaluation journal key on them."""

@@ -209,12 +209,15 @@ class OnPolicy:
     the prompt is the question's training query, so each chain is an example (query + chain, n_query) whose chain
     tokens carry the loss. `grade`: the teacher's view of those tokens -- a local teacher's hidden states at
     them (losses.Grader: the divergence is exact over the vocabulary), or a served teacher's log-probability
-    of each (losses.SampledTokens; api.Client.prompt_logprobs, `concurrency` requests in flight)."""
+    of each (losses.SampledTokens; api.Client.prompt_logprobs, `concurrency` requests in flight). `header`: token
+    ids the teacher reads before every row (train.py --teacher-shots: worked examples in the chains' format), the
+    student never."""
 
     def __init__(self, tokenizer, mode, n, temperature, max_new_tokens, beta, teacher=None, client=None, concurrency=4,
-                 compile=False):
+                 compile=False, header=()):
         self.tokenizer, self.mode, self.n, self.temperature, self.max_new_tokens = tokenizer, mode, n, temperature, max_new_tokens
         self.beta, self.teacher, self.client, self.concurrency, self.compile = beta, teacher, client, concurrency, compile
+        self.header = list(header)
 
     def sample(self, model, records, seed):
         """-> (examples [(ids, n_query)] of the chains with at least one token, stats: sampled tokens a chain and the
@@ -242,14 +245,18 @@ class OnPolicy:
         import losses
 
         if self.teacher is not None:
+            if self.header:  # the rows shifted right by the header; the flat target positions with them
+                (B, T), H = idx.shape, len(self.header)
+                idx = torch.cat([torch.tensor(self.header, dtype=idx.dtype, device=idx.device).expand(B, H), idx], 1)
+                target_idx = target_idx // T * (T + H) + H + target_idx % T
             hidden = self.teacher.hidden_at(idx, target_idx)
             return losses.Grader(hidden, self.teacher.lm_head.weight, self.teacher.cfg.logit_softcap, self.beta)
         import api
 
         def chain(job):
             e, (ids, n_query) = job
-            rows = self.client.prompt_logprobs(ids.tolist(), 1, f"on-policy chain {e + 1} of the step")
-            return served_logprobs(rows[n_query:], ids[n_query:].tolist(), self.tokenizer, f"on-policy chain {e + 1}",
-                                   "the student's tokenizer")
+            rows = self.client.prompt_logprobs(self.header + ids.tolist(), 1, f"on-policy chain {e + 1} of the step")
+            return served_logprobs(rows[len(self.header) + n_query:], ids[n_query:].tolist(), self.tokenizer,
+                                   f"on-policy chain {e + 1}", "the student's tokenizer")
         logps = [lp for _, lp in api.in_order(chain, list(enumerate(examples)), self.concurrency)]
         return losses.SampledTokens(torch.from_numpy(np.concatenate(logps) if logps else np.zeros(0, np.float32)).to(device))

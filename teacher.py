@@ -224,21 +224,6 @@ def check_api_args(p, args):
 # The prompt
 
 
-def exemplars(k, source=data.DEFAULT_TRAIN):
-    """K fixed worked examples: the first K questions of a bundled train corpus whose rationale is correct
-    (CSQA's PaLM rationales; GSM8K's human solutions for numeric questions)."""
-    chosen = []
-    for rec in data.read_corpus(source):
-        r = rec["rationales"][0] if rec["rationales"] else None
-        if len(chosen) == k:
-            break
-        if r and r.get("correct") and r["text"].strip():
-            choices = rec.get("choices")
-            chosen.append((rec["id"], format_query(rec["question"], choices),
-                           format_target("cot", choices, data.gold(rec), r["text"])))
-    return chosen
-
-
 def fewshot_header(shots):
     """The K-shot prompt every question follows: exemplars' (id, query, target) as worked examples."""
     return fewshot_prefix([(query, target) for _, query, target in shots])
@@ -291,7 +276,7 @@ def prompt_and_questions(args):
         shot_ids = [] if args.prompt else list(SOCRATIC_SHOTS)
         shots = [] if args.prompt else socratic_shots(data.read_corpus(data.GSM8K_TRAIN))
     else:
-        chosen = [] if args.prompt else exemplars(args.shots, data.train_corpus_of(records))  # of the same task
+        chosen = [] if args.prompt else data.exemplars(args.shots, data.train_corpus_of(records))  # of the same task
         shot_ids, shots = [i for i, _, _ in chosen], [(query, target) for _, query, target in chosen]
     header = read_prompt(args.prompt) if args.prompt else fewshot_prefix(shots)
     records = [r for r in records if r["id"] not in shot_ids]

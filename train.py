@@ -47,7 +47,7 @@ from decode import answers_of, greedy
 from data import DEFAULT_TRAIN, FILTERS, SELECT  # (a field named `data` hides the module in RunConfig)
 from model import DTYPES
 from report import Progress, append_jsonl, plot_lines
-from scotd import MODES, SOCRATIC_ROLES
+from scotd import MODES, SOCRATIC_ROLES, fewshot_prefix
 
 STATE_FILE = "trainer_state.pt"
 DEV_NEW_TOKENS = 96  # dev accuracy: greedy answers of at most this many tokens (decode.greedy's default)
@@ -143,6 +143,10 @@ class RunConfig:
                                      metavar="NAME")
     api_key_env: str | None = flag(None, "the environment variable holding the served teacher's key (default: "
                                    "OPENAI_API_KEY, none when unset); never pass a key on the command line")
+    teacher_shots: int | None = flag(None, "with --on-policy: worked examples the teacher reads before each question "
+                                     "(the task's bundled train corpus, as teacher.py --shots), so that it grades in "
+                                     "the chains' format, where they end included; the student never sees them "
+                                     "(default 0)", MATCH, type=cli.nonneg_int, metavar="K")
     on_policy_n: int = flag(4, "chains the student samples a question in an on-policy step; a micro-batch holds "
                             "--batch-size / N questions (default 4)", MATCH, type=cli.positive_int, metavar="N")
     on_policy_mix: float = flag(0.0, "the share of steps that train on corpus batches (the SCoTD loss) instead: GKD's "
@@ -265,7 +269,7 @@ def check_args(p, args):
 def check_on_policy_args(p, args):
     """--on-policy's flags: a teacher (one), and nothing it cannot do; its defaults filled in."""
     given = [f"--{k.replace('_', '-')}" for k in ("teacher", "teacher_api", "teacher_model", "api_key_env", "temperature",
-                                                   "max_new_tokens") if getattr(args, k) is not None]
+                                                   "max_new_tokens", "teacher_shots") if getattr(args, k) is not None]
     given += [f"--{k.replace('_', '-')}" for k, default in (("on_policy_n", 4), ("on_policy_mix", 0.0), ("beta", 1.0))
               if getattr(args, k) != default]
     if not args.on_policy:
@@ -296,6 +300,7 @@ def check_on_policy_args(p, args):
             p.error(f"argument --api-key-env: the environment variable {args.api_key_env} is not set")
     args.temperature = 1.0 if args.temperature is None else args.temperature
     args.max_new_tokens = 96 if args.max_new_tokens is None else args.max_new_tokens
+    args.teacher_shots = 0 if args.teacher_shots is None else args.teacher_shots
 
 
 # -----------------------------------------------------------------------------
@@ -819,7 +824,9 @@ def describe(run, records, tokens, skips, dev, dist):
               f"student samples (T={run.temperature}, <= {run.max_new_tokens} tokens), graded token by token by "
               f"{run.teacher or f'{run.teacher_model} at {run.teacher_api}'} ("
               f"{'reverse KL' if run.beta == 1 else 'forward KL' if run.beta == 0 else f'generalised JSD, beta {run.beta}'}"
-              f"{', sampled tokens' if run.teacher_api else ''}); {run.on_policy_mix:.0%} of the steps on corpus batches"]
+              f"{', sampled tokens' if run.teacher_api else ''}"
+              f"{f', {run.teacher_shots} worked examples before each question' if run.teacher_shots else ''}); "
+              f"{run.on_policy_mix:.0%} of the steps on corpus batches"]
         if run.on_policy_mix == 0:
             return [f"data      {run.data}: {len(records):,} questions", f"dev       {dev.source}"] + on
     return [f"data      {run.data}: {len(records):,} questions -> {len(tokens):,} {run.mode} examples "
@@ -894,7 +901,7 @@ def train(run):
     tokenizer = load_tokenizer(init)
     records, tokens, skips, dev = load_data(run, tokenizer, init, dist, model.cfg)
     run = run.with_budget(tokens, len(records))  # every setting resolved: from here on the run's settings are fixed
-    onp = load_grader(run, tokenizer, init, device, dist) if run.on_policy else None
+    onp = load_grader(run, tokenizer, init, device, dist, records) if run.on_policy else None
     log(f"model     {init} ({model.num_params() / 1e6:.1f}M params) on {device}, {run.dtype}")
     for line in describe(run, records, tokens, skips, dev, dist):
         log(line)
@@ -973,9 +980,10 @@ def on_policy_step(run, step):
     return np.random.default_rng([run.seed, step, 2]).random() >= run.on_policy_mix
 
 
-def load_grader(run, tokenizer, init, device, dist):
+def load_grader(run, tokenizer, init, device, dist, records):
     """--on-policy's distill.OnPolicy: the local teacher, loaded for inference (bf16 on CUDA, else fp32) once its
-    tokenizer is checked against the student's; or the served teacher's client."""
+    tokenizer is checked against the student's; or the served teacher's client. With --teacher-shots, the worked
+    examples the teacher reads before each question (of the task of `records`, the on-policy questions)."""
     teacher, client = None, None
     if run.teacher:
         theirs, ours = distill.tokenizer_fingerprint(load_tokenizer(run.teacher)), distill.tokenizer_fingerprint(tokenizer)
@@ -991,8 +999,11 @@ def load_grader(run, tokenizer, init, device, dist):
     if per % dist.world:
         raise InputError(f"--on-policy: {per} questions a micro-batch (--batch-size {run.batch_size} / --on-policy-n "
                          f"{run.on_policy_n}) do not split over {dist.world} ranks")
+    shots = data.exemplars(run.teacher_shots, data.train_corpus_of(records)) if run.teacher_shots else []
+    header = tokenizer.encode(fewshot_prefix([(query, target) for _, query, target in shots]),
+                              add_special_tokens=False).ids
     return distill.OnPolicy(tokenizer, run.mode, run.on_policy_n, run.temperature, run.max_new_tokens, run.beta,
-                            teacher=teacher, client=client, compile=run.compile and device.type == "cuda")
+                            header=header, teacher=teacher, client=client, compile=run.compile and device.type == "cuda")
 
 
 @contextmanager

@@ -127,6 +127,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(pair, corpus, tmp_path, cap
 def test_on_policy_flags_are_checked_before_anything_loads(corpus, capsys):
     for argv, message in ((["--teacher", "x"], "--teacher: only with --on-policy"),
                           (["--beta", "0.5"], "--beta: only with --on-policy"),
+                          (["--teacher-shots", "2"], "--teacher-shots: only with --on-policy"),
                           (["--on-policy"], "give the teacher that grades the student's chains"),
                           (["--on-policy", "--teacher-api", "http://127.0.0.1:1"], "--teacher-model: required"),
                           (["--on-policy", "--teacher-api", "http://127.0.0.1:1", "--teacher-model", "t", "--beta", "0"],
@@ -152,6 +153,32 @@ def test_the_chains_are_sampled_from_the_training_prompt(pair, corpus):
     assert len(examples) == 6 and 0 < stats["sampled_tokens"] <= 12
     for k, (ids, n_query) in enumerate(examples):
         assert list(ids[:n_query]) == queries[k // 3] and 0 < len(ids) - n_query <= 12
+
+
+def test_the_teacher_reads_its_worked_examples_before_each_chain(pair, corpus, tmp_path):
+    """--teacher-shots K: the teacher's hidden states at the chain tokens are those of header + query + chain, each
+    chain run alone and unpadded (1e-5), while the student's examples stay query + chain; a run with it trains and
+    says so; K = 0 is no header."""
+    import distill
+    from scotd import fewshot_prefix
+
+    tok, teacher = load_tokenizer(pair[0]), from_pretrained(pair[1])
+    shots = data.exemplars(2)
+    header = tok.encode(fewshot_prefix([(q, t) for _, q, t in shots]), add_special_tokens=False).ids
+    onp = distill.OnPolicy(tok, "cot", 2, 1.0, 12, 1.0, teacher=teacher, header=header)
+    examples, _ = onp.sample(from_pretrained(pair[0]), data.read_corpus(corpus)[:2], seed=3)
+    assert len(header) > 50 and all(list(ids[:len(header)]) != header for ids, _ in examples)
+    rows = train.to_tensors(examples, train.RunConfig(batch_size=4), 0, torch.device("cpu"))
+    assert len({len(ids) for ids, _ in examples}) > 1  # padded rows: the shift must skip the padding
+    with torch.no_grad():
+        graded = onp.grade(rows.idx, rows.target_idx, examples, torch.device("cpu")).hidden
+        want = torch.cat([teacher.hidden_at(torch.tensor([header + ids.tolist()]),
+                                            torch.arange(len(header) + n_query - 1, len(header) + len(ids) - 1))
+                          for ids, n_query in examples])
+    torch.testing.assert_close(graded, want, atol=1e-5, rtol=0)
+    steps = on_policy(pair, corpus, tmp_path / "run", "--max-steps", "2", "--teacher-shots", "2")
+    assert len(steps) == 2 and all(r["divergence"] > 0 for r in steps)
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["teacher_shots"] == 2
 
 
 def test_on_policy_trains_a_lora_adapter_only(pair, corpus, tmp_path):

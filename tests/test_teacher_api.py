@@ -223,6 +223,14 @@ def test_on_policy_with_a_served_teacher_grades_the_students_tokens_as_the_local
     assert isinstance(served, losses.SampledTokens) and len(served.logprobs) == rows.n_targets
     torch.testing.assert_close(served.logprobs, want, atol=1e-5, rtol=0)
     assert [r["body"]["prompt"] for r in requests()][-1] in [e[0].tolist() for e in examples]
+    onp.header = header = tok.encode("Q: a worked example\nA: its answer.\n\n", add_special_tokens=False).ids
+    served = onp.grade(rows.idx, rows.target_idx, examples, torch.device("cpu"))  # --teacher-shots: header first
+    with torch.no_grad():
+        want = torch.cat([teacher_model(torch.tensor([header + ids.tolist()]))[0][0, len(header) + n - 1:-1]
+                          .log_softmax(-1).gather(1, torch.tensor(ids[n:], dtype=torch.long)[:, None])[:, 0]
+                          for ids, n in examples])
+    torch.testing.assert_close(served.logprobs, want, atol=1e-5, rtol=0)
+    assert [r["body"]["prompt"][:len(header)] for r in requests()][-1] == header
     args = ["--init", str(student), "--data", str(corpus), "--on-policy", "--max-steps", "3", "--batch-size", "4",
             "--on-policy-n", "2", "--max-new-tokens", "12", "--eval-every", "0", "--eval-questions", "2"]
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
