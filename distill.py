@@ -224,21 +224,32 @@ class OnPolicy:
         share of chains whose answer is the gold one)."""
         from decode import answers_of
         from sample import SampleConfig, generate
-        from scotd import format_query
+        from scotd import ANSWER_END, format_query
 
         prompts = [self.tokenizer.encode(format_query(r["question"], r.get("choices"))).ids for r in records]
         cfg = SampleConfig(n=self.n, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                           stop_after=(ANSWER_END,) if self.mode == "cot" else (),  # where teacher.py cut its chains
                            batch_size=max(1, len(prompts)), seed=seed, compile=self.compile)  # on CUDA: CUDA graphs
         was_training = model.training
         model.eval()
         outs = generate(model, self.tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
         model.train(was_training)
         right = [a == data.gold(r) for answers, r in zip(answers_of(self.mode, outs, records), records) for a in answers]
-        chains = [(p, c["tokens"]) for p, o in zip(prompts, outs) for c in o]
-        examples = [(np.array(p + c, dtype=np.int32), len(p)) for p, c in chains if c]
-        stats = {"sampled_tokens": float(np.mean([len(c) for _, c in chains])) if chains else 0.0,
+        chains = [(p, c) for p, o in zip(prompts, outs) for c in o]
+        examples = [(np.array(p + g, dtype=np.int32), len(p)) for p, c in chains if (g := self.graded(c))]
+        stats = {"sampled_tokens": float(np.mean([len(c["tokens"]) for _, c in chains])) if chains else 0.0,
                  "right": float(np.mean(right)) if right else 0.0}
         return examples, stats
+
+    def graded(self, chain):
+        """A sampled chain's tokens the teacher grades: those inside its text. The token that completes a stop and
+        runs past the text (".\n\n" after the answer sentence) is the format's end, which the teacher never chose --
+        its own chains were cut by a rule (teacher.py) -- so it gives that token little mass (Qwen2.5-Coder-1.5B:
+        1 % at the slice's chain ends, experiments/README.md) and grading it would teach the student not to stop."""
+        tokens = chain["tokens"]
+        while tokens and len(self.tokenizer.decode(tokens, skip_special_tokens=False)) > len(chain["text"]):
+            tokens = tokens[:-1]
+        return tokens
 
     def grade(self, idx, target_idx, examples, device):
         """The teacher at the target positions of rows built from `examples` (idx (B, T) on the device)."""

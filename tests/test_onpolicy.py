@@ -155,6 +155,23 @@ def test_the_chains_are_sampled_from_the_training_prompt(pair, corpus):
         assert list(ids[:n_query]) == queries[k // 3] and 0 < len(ids) - n_query <= 12
 
 
+def test_the_token_that_ends_a_chain_past_its_text_is_not_graded(pair):
+    """A chain cut where teacher.py cut the teacher's own (after the answer sentence, sample's rule): the teacher
+    grades the tokens of its text; the one that completes the stop and runs past it (".\n\n") is left out."""
+    import distill
+    from sample import SampleConfig, _cut
+    from scotd import ANSWER_END
+
+    tok = load_tokenizer(pair[0])
+    onp = distill.OnPolicy(tok, "cot", 2, 1.0, 12, 1.0)
+    for written, kept in (("Rivers flow. So the answer is (b) water.\n\nQ: next", "Rivers flow. So the answer is (b) water."),
+                          ("So the answer is (a) a sky. And then", "So the answer is (a) a sky."),
+                          ("no answer yet, cut by max-new-tokens", "no answer yet, cut by max-new-tokens")):
+        chain = _cut(tok.encode(written, add_special_tokens=False).ids, tok, SampleConfig(stop_after=(ANSWER_END,)), None)
+        assert chain["text"] == kept
+        assert tok.decode(onp.graded(chain)) == kept, written
+
+
 def test_the_teacher_reads_its_worked_examples_before_each_chain(pair, corpus, tmp_path):
     """--teacher-shots K: the teacher's hidden states at the chain tokens are those of header + query + chain, each
     chain run alone and unpadded (1e-5), while the student's examples stay query + chain; a run with it trains and
