@@ -16,8 +16,10 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from stats import mcnemar, paired_bootstrap  # noqa: E402
 
 RUNS = {"sft": "plain SCoTD (cross-entropy on the teacher's chains)", "kd0.5": "--kd 0.5 (top-20 KL beside it)",
-        "kd1": "--kd 1 (the top-20 KL alone)", "op-sft": "SCoTD, then 30 on-policy steps (reverse KL)",
-        "op-untuned": "30 on-policy steps from the untuned student"}
+        "kd1": "--kd 1 (the top-20 KL alone)",
+        "op-sft": "SCoTD, then 30 on-policy steps, the chain's end token graded (the first version)",
+        "onpolicy-sft": "SCoTD, then 30 on-policy steps (reverse KL)",
+        "onpolicy-untuned": "30 on-policy steps from the untuned student"}
 
 
 def load(folder):

@@ -27,7 +27,7 @@ on_policy() {  # name, the student to start from
 evaluate() {  # the first LIMIT validation questions (0: all): greedy and 10 chains at T = 0.7 (resumes)
     [ -f $OUT/$1/eval/summary-csqa_palm_validation.json ] || python evaluate.py --checkpoint $OUT/$1/best --limit $LIMIT
 }
-on_policy op-sft $OUT/sft/best
-evaluate op-sft
-on_policy op-untuned "$T/Qwen2.5-Coder-0.5B-Instruct"
-evaluate op-untuned
+on_policy onpolicy-sft $OUT/sft/best
+evaluate onpolicy-sft
+on_policy onpolicy-untuned "$T/Qwen2.5-Coder-0.5B-Instruct"
+evaluate onpolicy-untuned
