@@ -310,7 +310,8 @@ def test_every_train_flag_has_a_resume_policy_and_a_changed_must_match_flag_is_r
                                                                      "--teacher-model", "t"]
     # a flag that needs another (--kd-temperature: --kd) is changed in a run that has it
     needs = {"kd_temperature": ["--kd", "0.5"], "teacher_api": served, "teacher_model": served} | {
-        name: local for name in ("teacher", "on_policy_n", "on_policy_mix", "beta", "temperature", "max_new_tokens")}
+        name: local for name in ("teacher", "on_policy_n", "on_policy_mix", "beta", "temperature", "max_new_tokens",
+                                 "teacher_shots")}
 
     def another(f):
         kw = f.metadata["argparse"]
