@@ -30,7 +30,7 @@ def load(folder):
     summary = json.loads(summaries[0].read_text())
     rows = [json.loads(line) for line in summaries[0].with_name(summaries[0].name.replace("summary-", "predictions-")
                                                                  .replace(".json", ".jsonl")).read_text().splitlines()]
-    return summary, {r["id"]: (int(r["greedy_correct"]), int(r["vote_correct"])) for r in rows}
+    return summary, {r["id"]: (int(r["greedy_correct"]), int(r.get("vote_correct", 0))) for r in rows}
 
 
 def cell(acc, ci):
@@ -53,9 +53,11 @@ def main():
     print("| --- | --- | --- | --- | --- |")
     for name, (summary, per) in found.items():
         base = found.get("sft")
-        vs = ("-", "-") if name == "sft" or not base else (versus(per, base[1], 0), versus(per, base[1], 1))
-        print(f"| `{name}`: {RUNS[name]} | {cell(summary['greedy_acc'], summary['greedy_acc_ci'])} | "
-              f"{cell(summary['vote_acc'], summary['vote_acc_ci'])} (N = {summary['n']}) | {vs[0]} | {vs[1]} |")
+        voted = "vote_acc" in summary  # evaluate.py --n 0: greedy only
+        vs = ("-", "-") if name == "sft" or not base else (versus(per, base[1], 0), versus(per, base[1], 1) if voted else "-")
+        vote = f"{cell(summary['vote_acc'], summary['vote_acc_ci'])} (N = {summary['n']})" if voted else "- (greedy only)"
+        print(f"| `{name}`: {RUNS[name]} | {cell(summary['greedy_acc'], summary['greedy_acc_ci'])} | {vote} | {vs[0]} | "
+              f"{vs[1]} |")
 
 
 if __name__ == "__main__":

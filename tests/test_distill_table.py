@@ -27,3 +27,14 @@ def test_each_run_is_compared_with_sft_on_the_same_questions(tmp_path):
     assert "| 25.0 % [10.0, 90.0] | 37.5 % [20.0, 80.0] (N = 10) | - | - |" in out[2]
     assert "+37.5 [" in out[3] and "McNemar 0.25" in out[3]  # 3 discordant pairs, all one way: p = 2 / 8
     assert "+0.0 [+0.0, +0.0], McNemar 1.00 |" in out[3]
+
+
+def test_a_greedy_only_evaluation_has_no_majority_cells(tmp_path):
+    """A run evaluated with --n 0 (no vote in its summary or predictions): its greedy row against sft, no vote."""
+    write_run(tmp_path / "sft", [1, 0, 0, 0], [1, 1, 0, 0])
+    write_run(tmp_path / "onpolicy-sft", [1, 1, 0, 0], [0, 0, 0, 0])
+    summary = tmp_path / "onpolicy-sft" / "eval" / "summary-x.json"
+    summary.write_text(json.dumps({k: v for k, v in json.loads(summary.read_text()).items() if not k.startswith("vote")}))
+    out = subprocess.run([sys.executable, "experiments/distill_table.py", "--runs", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[3].startswith("| `onpolicy-sft`") and "| - (greedy only) | +25.0 [" in out[3] and out[3].endswith("| - |")
