@@ -24,8 +24,8 @@ on_policy() {  # name, the student to start from
         touch $OUT/$name/.done
     fi
 }
-evaluate() {  # the first LIMIT validation questions (0: all), greedy only: the students' chains run to the cap (resumes)
-    [ -f $OUT/$1/eval/summary-csqa_palm_validation.json ] || python evaluate.py --checkpoint $OUT/$1/best --limit $LIMIT --n 0
+evaluate() {  # the first LIMIT validation questions (0: all): greedy and 10 chains at T = 0.7 (resumes)
+    [ -f $OUT/$1/eval/summary-csqa_palm_validation.json ] || python evaluate.py --checkpoint $OUT/$1/best --limit $LIMIT
 }
 on_policy onpolicy-sft $OUT/sft/best
 evaluate onpolicy-sft
