@@ -61,8 +61,8 @@ import torch
 
 import cli
 from cli import InputError
-from scotd import (LETTERS, MODES, SOCRATIC_ROLES, format_query, format_target, majority_vote, parse_choice, parse_number,
-                   split_teacher_output,
+from scotd import (LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, format_query, format_target, majority_vote, parse_choice,
+                   parse_number, split_teacher_output,
                    socratic_turns)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -206,6 +206,11 @@ def exemplars(k, source=DEFAULT_TRAIN):
             chosen.append((rec["id"], format_query(rec["question"], choices),
                            format_target("cot", choices, gold(rec), r["text"])))
     return chosen
+
+
+def fewshot_header(shots):
+    """The K-shot prompt every question follows: exemplars' (id, query, target) as worked examples."""
+    return fewshot_prefix([(query, target) for _, query, target in shots])
 
 
 def read_corpus(path):

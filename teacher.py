@@ -224,11 +224,6 @@ def check_api_args(p, args):
 # The prompt
 
 
-def fewshot_header(shots):
-    """The K-shot prompt every question follows: exemplars' (id, query, target) as worked examples."""
-    return fewshot_prefix([(query, target) for _, query, target in shots])
-
-
 ASKS = "Question it answers:"
 
 

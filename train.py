@@ -47,7 +47,7 @@ from decode import answers_of, greedy
 from data import DEFAULT_TRAIN, FILTERS, SELECT  # (a field named `data` hides the module in RunConfig)
 from model import DTYPES
 from report import Progress, append_jsonl, plot_lines
-from scotd import MODES, SOCRATIC_ROLES, fewshot_prefix
+from scotd import MODES, SOCRATIC_ROLES
 
 STATE_FILE = "trainer_state.pt"
 DEV_NEW_TOKENS = 96  # dev accuracy: greedy answers of at most this many tokens (decode.greedy's default)
@@ -1000,8 +1000,7 @@ def load_grader(run, tokenizer, init, device, dist, records):
         raise InputError(f"--on-policy: {per} questions a micro-batch (--batch-size {run.batch_size} / --on-policy-n "
                          f"{run.on_policy_n}) do not split over {dist.world} ranks")
     shots = data.exemplars(run.teacher_shots, data.train_corpus_of(records)) if run.teacher_shots else []
-    header = tokenizer.encode(fewshot_prefix([(query, target) for _, query, target in shots]),
-                              add_special_tokens=False).ids
+    header = tokenizer.encode(data.fewshot_header(shots), add_special_tokens=False).ids
     return distill.OnPolicy(tokenizer, run.mode, run.on_policy_n, run.temperature, run.max_new_tokens, run.beta,
                             header=header, teacher=teacher, client=client, compile=run.compile and device.type == "cuda")
 

@@ -409,9 +409,7 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
     tok = load_tokenizer(folder)
     records = data.read_corpus(data.DEFAULT_DEV)[:questions]
     if shots:  # teacher.py's prompt and settings
-        import teacher
-
-        header = tok.encode(teacher.fewshot_header(data.exemplars(shots))).ids
+        header = tok.encode(data.fewshot_header(data.exemplars(shots))).ids
         prompts = [tok.encode(format_query(r["question"], r["choices"]), add_special_tokens=False).ids for r in records]
         temperature, stop = 1.0, "\n"
     else:

@@ -177,11 +177,9 @@ def test_the_teacher_reads_its_worked_examples_before_each_chain(pair, corpus, t
     chain run alone and unpadded (1e-5), while the student's examples stay query + chain; a run with it trains and
     says so; K = 0 is no header."""
     import distill
-    from scotd import fewshot_prefix
 
     tok, teacher = load_tokenizer(pair[0]), from_pretrained(pair[1])
-    shots = data.exemplars(2)
-    header = tok.encode(fewshot_prefix([(q, t) for _, q, t in shots]), add_special_tokens=False).ids
+    header = tok.encode(data.fewshot_header(data.exemplars(2)), add_special_tokens=False).ids
     onp = distill.OnPolicy(tok, "cot", 2, 1.0, 12, 1.0, teacher=teacher, header=header)
     examples, _ = onp.sample(from_pretrained(pair[0]), data.read_corpus(corpus)[:2], seed=3)
     assert len(header) > 50 and all(list(ids[:len(header)]) != header for ids, _ in examples)
