@@ -22,7 +22,6 @@ metrics.jsonl. The first `--warmup` steps (compiles among them) are left out of 
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -100,11 +99,14 @@ def trl(args, student, teacher, work):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
+    from bench import sync
+
     tok = AutoTokenizer.from_pretrained(student)
     tok.padding_side, tok.pad_token = "left", tok.pad_token or tok.eos_token
     qs = prompts(64)
     dataset = Dataset.from_dict({"prompt": [q for q in qs for _ in range(4)]})  # 4 chains a question
-    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     config = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=4 * args.questions,
                                 max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens,
                                 temperature=1.0, beta=1.0, learning_rate=1e-5, bf16=cuda, gradient_checkpointing=False,
@@ -114,13 +116,13 @@ def trl(args, student, teacher, work):
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16 if cuda else torch.float32)
     trainer = DistillationTrainer(model=str(student), teacher_model=teacher_model, args=config, train_dataset=dataset,
                                   processing_class=tok)
-    clock = {"sample_s": 0.0, "teacher_s": 0.0, "step_s": 0.0, "tokens": 0, "chains": 0}
+    clock = {"sample_s": 0.0, "teacher_s": 0.0}
     generate = trainer._generate
 
     def timed_generate(*a, **k):
         t0 = time.perf_counter()
         out = generate(*a, **k)
-        sync()
+        sync(device)
         clock["sample_s"] += time.perf_counter() - t0
         return out
     trainer._generate = timed_generate
@@ -129,7 +131,7 @@ def trl(args, student, teacher, work):
     def timed_hidden(model, *a, **k):  # TRL runs the teacher's backbone through this (its head in the loss's chunks)
         t0 = time.perf_counter()
         out = hidden(model, *a, **k)
-        sync()
+        sync(device)
         if model is the_teacher:
             clock["teacher_s"] += time.perf_counter() - t0
         return out
@@ -141,7 +143,7 @@ def trl(args, student, teacher, work):
             marks.append({"t": time.perf_counter(), **{k: clock[k] for k in ("sample_s", "teacher_s")}})
 
         def on_step_end(self, *a, **k):
-            sync()
+            sync(device)
             m = marks[-1]
             m.update(step_s=time.perf_counter() - m["t"], sample=clock["sample_s"] - m["sample_s"],
                      teacher=clock["teacher_s"] - m["teacher_s"])
@@ -159,13 +161,14 @@ def trl(args, student, teacher, work):
 def worker(args):
     import torch
 
+    from bench import peak_memory_mb
+
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     student, teacher = work / "student", work / "teacher"
     t0 = time.perf_counter()
     result = (ours if args.side == "scotd" else trl)(args, student, teacher, work)
-    result |= {"wall_s": time.perf_counter() - t0, "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if
-               args.device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result |= {"wall_s": time.perf_counter() - t0, "peak_mb": peak_memory_mb(torch.device(args.device))}
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -216,17 +219,14 @@ def table(args, results):
     for side, r in results.items():
         if "failed" in r:
             print(f"\n{side} failed: {r['failed']}")
-    if any("failed" in r for r in results.values()):
-        results = {s: ({} if "failed" in r else r) for s, r in results.items()}
+        else:
+            r["step_s"] = sum(r[k] for k in ("sample_s", "teacher_s", "update_s"))
     cell = lambda side, k, f="{:.2f}": f.format(results[side][k]) if k in results[side] else "-"  # noqa: E731
     ratio = lambda k: f"{results['trl'][k] / results['scotd'][k]:.1f}x" if all(  # noqa: E731
         k in r for r in results.values()) else ""
     print(f"\n| part of one step ({args.questions} questions x 4 chains, <= {args.max_new_tokens} tokens) | scotd | "
           "TRL DistillationTrainer | ratio |")
     print("| --- | --- | --- | --- |")
-    for side in results.values():
-        if side:
-            side["step_s"] = sum(side[k] for k in ("sample_s", "teacher_s", "update_s"))
     for k, label in (("sample_s", "student samples"), ("teacher_s", "teacher grades"), ("update_s", "student update"),
                      ("step_s", "the step")):
         print(f"| {label} (s) | {cell('scotd', k)} | {cell('trl', k)} | {ratio(k)} |")
@@ -239,13 +239,6 @@ def torch_device_name(device):
     import torch
 
     return torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-
-
-def sync():
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
