@@ -406,6 +406,13 @@ def fsync(path):
 # process set-up
 
 
+def synchronize(device):
+    """Wait for the device's queued work (CUDA runs asynchronously: a clock read without this times the launch)."""
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(device)
+
+
 def keep_freed_memory(device):
     """On CPU, let glibc keep freed memory for reuse instead of handing it back to the OS.
 

@@ -403,11 +403,6 @@ def next_window(stream, run, dist, pad_id, device):
     return window, epoch, index
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def on_policy_window(onp, stream, trainer, step):
     """The micro-batches of one on-policy step: each rank's share of the questions, the student's chains for them
     (sampled with a seed of the step, the micro-batch and the rank: a resumed run samples the same), the teacher's
@@ -423,7 +418,7 @@ def on_policy_window(onp, stream, trainer, step):
         t1 = time.perf_counter()
         rows = to_tensors(examples, plain, model.cfg.pad_token_id, device)
         window.append(rows._replace(teacher=onp.grade(rows.idx, rows.target_idx, examples, device)))
-        synchronize(device)  # the grade runs asynchronously on CUDA: its time is its own, not the update's
+        cli.synchronize(device)  # the grade runs asynchronously on CUDA: its time is its own, not the update's
         seconds["sample_s"] += t1 - t0
         seconds["teacher_s"] += time.perf_counter() - t1
         stats.append(sampled)
@@ -952,7 +947,7 @@ def loop(run, trainer, tokens, dev, tokenizer, ctx, metrics, log, on_policy=(Non
                 t0 = time.perf_counter()
                 loss, grad_norm, n_window, parts = trainer.step(window, position, ctx, lr)
                 if extra:  # an on-policy step: its three parts timed apart (a sync on CUDA, once a step)
-                    synchronize(device)
+                    cli.synchronize(device)
                     extra["update_s"] = time.perf_counter() - t0
             tokens_seen += n_window
             log_step(metrics, bar, state, run, loss, lr, grad_norm, tokens_seen / clock.seconds["steps"], dist,

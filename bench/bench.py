@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from checkpoint import default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
-from cli import keep_freed_memory  # noqa: E402
+from cli import keep_freed_memory, synchronize  # noqa: E402
 from attention import TreeAttention  # noqa: E402
 from model import DTYPES, Config, Transformer  # noqa: E402
 from scotd import format_query  # noqa: E402
@@ -209,11 +209,11 @@ def matmul_peak(device, dtype, n=2048, repeats=10):
     """FLOP/s of a square matmul on this device now: the ceiling that training here can approach."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    sync(device)
+    synchronize(device)
     t0 = time.time()
     for _ in range(repeats):
         a @ b
-    sync(device)
+    synchronize(device)
     return 2 * n ** 3 * repeats / (time.time() - t0)
 
 
@@ -221,11 +221,6 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 PROFILE = None  # a worker's (--profile-to FILE, what it measures): where its profile goes (see profiled)
@@ -275,12 +270,12 @@ def profiled(device, run):
     path, title = PROFILE
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     cuda = device.type == "cuda"
-    sync(device)
+    synchronize(device)
     t0 = time.time()
     try:
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             run()
-            sync(device)
+            synchronize(device)
     except Exception as e:  # noqa: BLE001 -- a profile is extra; its failure is reported, not raised
         Path(path).write_text(f"{title}\nprofile failed: {type(e).__name__}: {e}\n")
         print(f"profile failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -386,13 +381,13 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
     warm = 3 if compile else 1  # compiled: the compile and the first steps (allocator, autotuning) outside the timing
     for b in batches[:warm]:
         step([tokens[i] for i in b])
-    sync(device)
+    synchronize(device)
     warmed()
     t0, useful, flops = time.time(), 0, 0
     for b in batches[warm:warm + steps]:
         n, f = step([tokens[i] for i in b])
         useful, flops = useful + n, flops + f
-    sync(device)
+    synchronize(device)
     seconds = time.time() - t0
     result = {"tok_s": useful / seconds, "seconds": seconds, "useful_tokens": useful, "peak_mb": peak_memory_mb(device),
               "flop_s": flops / seconds, "flop_per_token": flops / useful}
@@ -424,12 +419,12 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         warm = prompts[:batch_size] if compile else prompts[:1]  # compiled: a whole batch's shapes
         generate(model, tok, warm, SampleConfig(n=n if compile else 2, max_new_tokens=max_new_tokens if compile else 4,
                                                  stop=(stop,), batch_size=batch_size, compile=compile), prefix=header)
-        sync(device)
+        synchronize(device)
         warmed()
         t0 = time.time()
         outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
                         prefix=header)
-        sync(device)
+        synchronize(device)
         seconds = time.time() - t0
         generated = sum(len(c["tokens"]) for o in outs for c in o)
         again = partial(generate, model, tok, prompts[:batch_size], cfg, eos_id=model.cfg.eos_token_id,
@@ -466,11 +461,11 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
 
         with torch.no_grad():
             run(prompts[:batch_size], n, max_new_tokens) if compile else run(prompts[:1], 2, 4)  # warm-up
-            sync(device)
+            synchronize(device)
             warmed()
             t0 = time.time()
             rows = [row for s in range(0, len(prompts), batch_size) for row in run(prompts[s:s + batch_size], n, max_new_tokens)]
-            sync(device)
+            synchronize(device)
             seconds = time.time() - t0
         generated = sum(useful(row) for row in rows)  # counted outside the timed region
         again = torch.no_grad()(partial(run, prompts[:batch_size], n, max_new_tokens))
@@ -526,10 +521,10 @@ def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=
         for model in models:  # warm-up
             ids = torch.tensor([prompts[0]], device=device)
             model(ids) if side == "ours" else model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=pad)
-        sync(device)
+        synchronize(device)
         t0 = time.time()
         dialogue()
-        sync(device)
+        synchronize(device)
         seconds = time.time() - t0
     generated = len(prompts) * rounds * (ask + solve)
     result = {"tok_s": generated / seconds, "seconds": seconds, "generated": generated, "peak_mb": peak_memory_mb(device)}
@@ -551,13 +546,13 @@ def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slo
         tok = torch.randint(0, model.cfg.vocab_size, (rows, 1), generator=g).to(device)
         for _ in range(5):  # compile and capture
             step(tok, cache)
-        sync(device)
+        synchronize(device)
         warmed()
         t0 = time.time()
         for _ in range(steps):
             logits = step(tok, cache)
             tok = logits[:, -1].argmax(-1, keepdim=True)
-        sync(device)
+        synchronize(device)
     seconds = time.time() - t0
     result = {"tok_s": rows * steps / seconds, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
               "peak_mb": peak_memory_mb(device)}

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from cli import synchronize  # noqa: E402
 from model import Config, Transformer  # noqa: E402
 
 
@@ -35,8 +36,7 @@ def steps(how, lengths, batch, device):
         t0 = time.time()
         idx = torch.randint(0, model.cfg.vocab_size, (batch, T + 1), device=device)
         forward(idx[:, :-1], idx[:, 1:])[1].backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds.append(time.time() - t0)
     return seconds
 

@@ -99,7 +99,7 @@ def trl(args, student, teacher, work):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from bench import sync
+    from cli import synchronize
 
     tok = AutoTokenizer.from_pretrained(student)
     tok.padding_side, tok.pad_token = "left", tok.pad_token or tok.eos_token
@@ -122,7 +122,7 @@ def trl(args, student, teacher, work):
     def timed_generate(*a, **k):
         t0 = time.perf_counter()
         out = generate(*a, **k)
-        sync(device)
+        synchronize(device)
         clock["sample_s"] += time.perf_counter() - t0
         return out
     trainer._generate = timed_generate
@@ -131,7 +131,7 @@ def trl(args, student, teacher, work):
     def timed_hidden(model, *a, **k):  # TRL runs the teacher's backbone through this (its head in the loss's chunks)
         t0 = time.perf_counter()
         out = hidden(model, *a, **k)
-        sync(device)
+        synchronize(device)
         if model is the_teacher:
             clock["teacher_s"] += time.perf_counter() - t0
         return out
@@ -143,7 +143,7 @@ def trl(args, student, teacher, work):
             marks.append({"t": time.perf_counter(), **{k: clock[k] for k in ("sample_s", "teacher_s")}})
 
         def on_step_end(self, *a, **k):
-            sync(device)
+            synchronize(device)
             m = marks[-1]
             m.update(step_s=time.perf_counter() - m["t"], sample=clock["sample_s"] - m["sample_s"],
                      teacher=clock["teacher_s"] - m["teacher_s"])
