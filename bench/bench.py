@@ -531,32 +531,60 @@ def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=
     return result, torch.no_grad()(dialogue)  # the dialogue again
 
 
-def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slots=512):
-    """The one-token decode step alone (sample.decode_step: compiled, on CUDA a CUDA graph) at `rows` rows over a
-    static cache: milliseconds a step (tok_s: rows / step time)."""
-    from sample import KVCache
-    from sample import SampleConfig, decode_step
-
-    model = from_pretrained(model_folder(name), device=device, dtype=dtype)
-    cache = KVCache(model.cfg, rows, slots, device=device, dtype=dtype, static=True)
+def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slots=512, compile=True):
+    """The one-token decode step alone at `rows` rows over a static cache of `slots`, greedy: milliseconds a step
+    (tok_s: rows / step time). ours: sample.decode_step (compiled: on CUDA a CUDA graph). hf: transformers' model over
+    its StaticCache, the step compiled as its docs' static-cache recipe and generate's decode do (mode
+    "reduce-overhead": a CUDA graph; fullgraph), the prompt prefilled uncompiled as generate does. Both read the same
+    random prompt and first token; `tokens` and `logits`: row 0's greedy tokens and its last step's first 8 logits
+    (equal on both sides to rounding: the same work)."""
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        model.prefill(torch.randint(0, model.cfg.vocab_size, (rows, prompt), generator=g).to(device), cache)
-        step = decode_step(model, SampleConfig(compile=True), device)
-        tok = torch.randint(0, model.cfg.vocab_size, (rows, 1), generator=g).to(device)
-        for _ in range(5):  # compile and capture
-            step(tok, cache)
-        synchronize(device)
-        warmed()
-        t0 = time.time()
-        for _ in range(steps):
-            logits = step(tok, cache)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-        synchronize(device)
+    ids = torch.randint(0, 100, (rows, prompt), generator=g).to(device)  # ids every vocabulary holds
+    tok = torch.randint(0, 100, (rows, 1), generator=g).to(device)
+    if side == "ours":
+        from sample import KVCache
+        from sample import SampleConfig, decode_step
+
+        model = from_pretrained(model_folder(name), device=device, dtype=dtype)
+        cache = KVCache(model.cfg, rows, slots, device=device, dtype=dtype, static=True)
+        with torch.no_grad():
+            model.prefill(ids, cache)
+        step = torch.no_grad()(partial(decode_step(model, SampleConfig(compile=compile), device), cache=cache))
+    else:
+        from transformers import AutoModelForCausalLM, StaticCache
+
+        model = AutoModelForCausalLM.from_pretrained(model_folder(name), dtype=dtype).to(device).eval()
+        cache = StaticCache(config=model.config, max_cache_len=slots)
+        at = torch.tensor([prompt], device=device)  # the cache position the next token is written to
+
+        def forward(tok, position):
+            return model(tok, cache_position=position, position_ids=position[None].expand(tok.shape[0], 1),
+                         past_key_values=cache, use_cache=True, return_dict=False)[0]
+        one = torch.compile(forward, mode="reduce-overhead", fullgraph=True) if compile else forward
+
+        @torch.no_grad()
+        def step(tok):
+            logits = one(tok, at.clone())  # a fresh input each call: the compiled graph copies it in
+            at.add_(1)
+            return logits
+        with torch.no_grad():
+            model(ids, cache_position=torch.arange(prompt, device=device), past_key_values=cache, use_cache=True)
+    for _ in range(5):  # compile and capture
+        step(tok)
+    synchronize(device)
+    warmed()
+    tokens = []
+    t0 = time.time()
+    for _ in range(steps):
+        logits = step(tok)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(tok[0])
+    synchronize(device)
     seconds = time.time() - t0
     result = {"tok_s": rows * steps / seconds, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
-              "peak_mb": peak_memory_mb(device)}
-    return result, torch.no_grad()(lambda: [step(tok, cache) for _ in range(10)])  # ten more steps
+              "peak_mb": peak_memory_mb(device), "tokens": torch.cat(tokens).tolist(),
+              "logits": logits[0, -1, :8].float().tolist()}
+    return result, (lambda: [step(tok) for _ in range(10)]) if side == "ours" else None  # ten more steps (ours only)
 
 
 def teacher_api_worker(side, name, n, questions, batch_size, device, dtype, parallel=40, concurrency=4):
@@ -740,16 +768,14 @@ def gpu_suite(device, dtype, quick, only=None, measure=measure):
     """Every GPU row of issue #32 in one call, each side with its best settings (compiled, fused AdamW, SDPA; ours
     also its shared-prefix rows and CUDA-graph decode; transformers its static-cache generate): random inits of
     SmolLM2-135M, OPT-1.3b and Qwen2.5-1.5B shapes (bench/assets), so nothing but the repository travels.
-    The rows #32 sets targets for first (the decode step, N = 30, the teacher, OPT-1.3b's MFU, SmolLM2's 2x), so
-    that a call cut by --deadline keeps those. only: one group of rows (decode, sample, train, teacher, k30), for a
-    call that must be split. measure: what runs each measurement (prewarm's planner passes one that records it).
+    The rows #49 is closed by first (OPT-1.3b's MFU, the teacher at N = 30, the decode step, each against
+    transformers), then #32's other targets (N = 30, SmolLM2's 2x), so that a call cut by --deadline keeps those.
+    only: one group of rows (train, teacher, decode, sample, families, lora, k30), for a call that must be split.
+    measure: what runs each measurement (prewarm's planner passes one that records it).
     -> (training rows, sampling rows, decode-step rows)."""
     steps, go = (3 if quick else 20), dict(device=device, dtype=dtype, keep_going=True)
     train_rows, sample_rows, step_rows = [], [], []
     run = lambda group: only in (None, group)  # noqa: E731
-    for rows in (32, 256) if run("decode") else ():
-        step_rows.append((f"smollm2-135m-random decode step, {rows} rows, 512 static slots",
-                          measure("decode_step", "ours", name="smollm2-135m-random", rows=rows, **go)))
     questions = 8  # one batch of 8 questions (80 or 240 rows), the same on both sides (transformers' N = 30 is slow)
 
     def sample(n):
@@ -762,14 +788,20 @@ def gpu_suite(device, dtype, quick, only=None, measure=measure):
         label = f"{name}, {'batch 8' if tokens is None else f'<= {tokens:,} tokens a batch'}, {steps} steps, compiled"
         train_rows.append((label, measure("train", "ours", **kw), measure("train", "hf", **kw)))
 
-    if run("sample"):
-        sample(30)
+    if run("train"):
+        train("opt-1.3b-random", 16384)
     kw = dict(name="qwen2.5-1.5b-random", n=30, questions=4 if quick else 8, batch_size=8, shots=4, compile=True, **go)
     if run("teacher"):
         sample_rows.append((f"teacher.py: qwen2.5-1.5b-random, 4-shot, {kw['questions']} questions, N=30",
                             measure("sample", "ours", **kw), measure("sample", "hf", **kw)))
+    for rows in (256, 32) if run("decode") else ():
+        kw = dict(name="smollm2-135m-random", rows=rows, **go)
+        step_rows.append((f"smollm2-135m-random decode step, {rows} rows, 512 static slots",
+                          measure("decode_step", "ours", **kw), measure("decode_step", "hf", **kw)))
+    if run("sample"):
+        sample(30)
     if run("train"):
-        for name, tokens in (("opt-1.3b-random", 16384), ("smollm2-135m-random", None), ("smollm2-135m-random", 16384)):
+        for name, tokens in (("smollm2-135m-random", None), ("smollm2-135m-random", 16384)):
             train(name, tokens)
     if run("sample"):
         sample(10)
@@ -957,8 +989,10 @@ def main():
     table(["sampling (generated tokens/s)", "scotd", "transformers", "ratio", "scotd s / peak MB", "transformers s / peak MB"],
           sample_rows, lambda ours, hf: [f"{ours['tok_s']:,.0f}", f"{hf['tok_s']:,.0f}", f"{ours['tok_s'] / hf['tok_s']:.2f}x",
                                          side(ours), side(hf)])
-    table(["decode step (compiled; on CUDA a CUDA graph)", "ms a step", "tokens/s", "peak MB"], step_rows,
-          lambda ours: [f"{ours['ms_per_step']:.2f}", f"{ours['tok_s']:,.0f}", f"{ours['peak_mb']:,.0f}"])
+    table(["decode step (compiled; on CUDA a CUDA graph), ms a step", "scotd", "transformers (StaticCache)", "ratio",
+           "scotd tokens/s / peak MB", "transformers tokens/s / peak MB"], step_rows, lambda ours, hf: [
+        f"{ours['ms_per_step']:.2f}", f"{hf['ms_per_step']:.2f}", f"{hf['ms_per_step'] / ours['ms_per_step']:.2f}x",
+        f"{ours['tok_s']:,.0f} / {ours['peak_mb']:,.0f}", f"{hf['tok_s']:,.0f} / {hf['peak_mb']:,.0f}"])
     table(["teacher sampling (generated tokens/s)", "local path (scotd)", "--api, llama.cpp server", "ratio, local / api",
            "client CPU share of wall time (api)", "local s / peak MB", "api s / server peak MB"], api_rows,
           lambda ours, served: [f"{ours['tok_s']:,.0f}", f"{served['tok_s']:,.0f}", f"{ours['tok_s'] / served['tok_s']:.2f}x",

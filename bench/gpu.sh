@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #32's GPU rows: training (SmolLM2-135M- and OPT-1.3b-shaped, batch 8 and token-filled, K = 30 shared-prefix
 # rows with both tree kernels), sampling at N = 10 / 30, a Qwen2.5-1.5B-shaped teacher at N = 30, and the decode step
-# at 32 / 256 rows, #45's Qwen3-0.6B- and Gemma-3-270M-shaped students (training and N = 10; --only families), and
+# at 256 / 32 rows (those closing #49 -- OPT-1.3b's MFU, the teacher, the decode step -- first), #45's Qwen3-0.6B- and Gemma-3-270M-shaped students (training and N = 10; --only families), and
 # #46's LoRA (r = 16) against every weight, ours vs peft (--only lora), and #48's on-policy step, scotd vs TRL's
 # DistillationTrainer on a SmolLM2-135M / 1.7B-shaped pair (--only onpolicy: bench/onpolicy.py, ~6 min)
 # -- scotd and transformers measured in the same run, random inits from bench/assets
