@@ -217,6 +217,11 @@ def matmul_peak(device, dtype, n=2048, repeats=10):
     return 2 * n ** 3 * repeats / (time.time() - t0)
 
 
+def device_name(device):
+    """What a table's title and each measurement record as the device: the GPU's name, or the CPU's threads."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -958,7 +963,7 @@ def main():
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dev = torch.device(device)
-    DEVICE_NAME = name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    DEVICE_NAME = name = device_name(dev)
     REUSE = load_reuse(args.reuse) if args.reuse else {}
     if args.suite == "gpu":
         if args.prewarm:

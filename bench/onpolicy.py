@@ -213,7 +213,11 @@ def main():
 
 
 def table(args, results):
-    device = torch_device_name(args.device)
+    import torch
+
+    from bench import device_name
+
+    device = device_name(torch.device(args.device))
     print(f"\non-policy step | {device} | pair {args.pair} | {'bf16' if args.device == 'cuda' else 'fp32'} | "
           f"{args.steps} timed steps after {args.warmup}")
     for side, r in results.items():
@@ -233,12 +237,6 @@ def table(args, results):
     memory = "peak GPU memory allocated" if args.device == "cuda" else "peak RSS"
     print(f"| {memory} (MB) | {cell('scotd', 'peak_mb', '{:,.0f}')} | {cell('trl', 'peak_mb', '{:,.0f}')} | |")
     print(f"| tokens a chain | {cell('scotd', 'sampled_tokens', '{:.1f}')} | {cell('trl', 'sampled_tokens', '{:.1f}')} | |")
-
-
-def torch_device_name(device):
-    import torch
-
-    return torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":
