@@ -146,6 +146,7 @@ def read_config(cls, hf, path):
     if kind not in FAMILIES:
         raise ValueError(f"{path}: unsupported model_type {kind!r}: scotd supports {', '.join(FAMILIES)}")
     family = FAMILIES[kind]
+    check_fields(hf, family, path)
     for key, off in UNSUPPORTED.items():
         if hf.get(key, off) not in (off, None):
             raise ValueError(f"{path}: {key} {hf[key]!r} is not supported (scotd implements {off!r} only)")
@@ -176,6 +177,113 @@ def read_config(cls, hf, path):
         cfg = replace(cfg, embed_scale=cfg.hidden_size ** 0.5, attn_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5)
     return replace(cfg, windows=windows(hf, family, types), ropes=ropes(hf, family, types, path),
                    logit_softcap=hf.get("final_logit_softcapping"))
+
+
+# -----------------------------------------------------------------------------
+# What each field the table reads must hold: checked once, wherever a config is read (a student, a teacher, --init,
+# a hub id), so that a config transformers refuses is refused here too, naming the field, not trained on.
+
+
+def _int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x):
+    return (_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+KINDS = {  # what a field must hold -> the test
+    "a positive integer": lambda x: _int(x) and x > 0,
+    "a positive integer or null": lambda x: x is None or _int(x) and x > 0,
+    "an integer >= 0": lambda x: _int(x) and x >= 0,
+    "a positive number": lambda x: _number(x) and x > 0,
+    "a positive number or null": lambda x: x is None or _number(x) and x > 0,
+    "true or false": lambda x: isinstance(x, bool),
+    "a string": lambda x: isinstance(x, str),
+    "a token id (an integer >= 0), a list of them, or null": lambda x: x is None or (_int(x) and x >= 0) or (
+        isinstance(x, list) and all(_int(i) and i >= 0 for i in x)),
+}
+FIELDS = {  # every model-wide field the table reads (under any family's name for it) -> what it must hold
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "ffn_dim", "max_position_embeddings"), "a positive integer"),
+    **dict.fromkeys(("num_key_value_heads", "head_dim", "sliding_window", "word_embed_proj_dim",
+                     "original_max_position_embeddings"), "a positive integer or null"),
+    **dict.fromkeys(("sliding_window_pattern", "_sliding_window_pattern"), "a positive integer"),
+    "max_window_layers": "an integer >= 0",
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"), "a positive number"),
+    "final_logit_softcapping": "a positive number or null",
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "do_layer_norm_before",
+                     "_remove_final_layer_norm", "enable_bias"), "true or false"),
+    **dict.fromkeys(("hidden_act", "hidden_activation", "activation_function"), "a string"),
+    **dict.fromkeys(("eos_token_id", "pad_token_id"), "a token id (an integer >= 0), a list of them, or null"),
+}
+ROPE_FIELDS = {  # a rope_parameters / rope_scaling dict's fields -> what they must hold
+    **dict.fromkeys(("rope_type", "type"), "a string"),
+    **dict.fromkeys(("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"),
+                    "a positive number or null"),
+    "rope_theta": "a positive number", "attention_factor": "a positive number or null",
+    "original_max_position_embeddings": "a positive integer", "truncate": "true or false",
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _shown(x):
+    text = json.dumps(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check(path, name, x, must):
+    if not KINDS[must](x):
+        raise ValueError(f"{path}: {name} holds {_shown(x)}; it must hold {must}")
+
+
+def _check_per_layer(path, name, x, n, values):
+    """A per-layer list: one entry a layer (num_hidden_layers), each one of `values`."""
+    if not isinstance(x, list) or len(x) != n:
+        held = f"{len(x)} entries" if isinstance(x, list) else _shown(x)
+        raise ValueError(f"{path}: {name} holds {held}; it must hold a list of one entry a layer "
+                         f"(num_hidden_layers = {n})")
+    for i, v in enumerate(x):
+        if not any(v == w and type(v) in (type(w), bool) for w in values):  # 1.0 is no layer flag; True is
+            raise ValueError(f"{path}: {name}[{i}] holds {_shown(v)}; it must hold one of "
+                             f"{', '.join(map(_shown, values))}")
+
+
+def check_fields(hf, family, path):
+    """Every field of `hf` that read_config reads: its type and range; each per-layer list (layer_types,
+    no_rope_layers) one entry a layer, each a value the family knows; rope_parameters (or rope_scaling) a dict, or
+    one dict a layer type. A ValueError names the field, the file, what it holds and what it must hold."""
+    for name, must in FIELDS.items():
+        if name in hf:
+            _check(path, name, hf[name], must)
+    n = hf.get("num_hidden_layers")
+    if "num_key_value_heads" in hf and hf["num_key_value_heads"] and "num_attention_heads" in hf \
+            and hf["num_attention_heads"] % hf["num_key_value_heads"]:
+        raise ValueError(f"{path}: num_key_value_heads holds {hf['num_key_value_heads']}; it must divide "
+                         f"num_attention_heads ({hf['num_attention_heads']})")
+    if family.windows == "none" or n is None:  # OPT reads no per-layer field
+        return
+    if hf.get("layer_types") is not None:
+        _check_per_layer(path, "layer_types", hf["layer_types"], n, LAYER_TYPES)
+    if family.nope and hf.get("no_rope_layers") is not None:
+        _check_per_layer(path, "no_rope_layers", hf["no_rope_layers"], n, (0, 1))
+    for key in ("rope_parameters", "rope_scaling"):
+        params = hf.get(key)
+        if params is None or params == {}:
+            continue
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: {key} holds {_shown(params)}; it must hold an object (or one a layer type)")
+        nested = any(t in params for t in LAYER_TYPES)
+        for where, p in ([(f"{key}.{t}", v) for t, v in params.items()] if nested else [(key, params)]):
+            if nested and where.split(".")[-1] not in LAYER_TYPES:
+                raise ValueError(f"{path}: {where} is not a layer type; {key} must hold one object a layer type "
+                                 f"({', '.join(LAYER_TYPES)})")
+            if not isinstance(p, dict):
+                raise ValueError(f"{path}: {where} holds {_shown(p)}; it must hold an object")
+            for name, must in ROPE_FIELDS.items():
+                if name in p:
+                    _check(path, f"{where}.{name}", p[name], must)
+        break  # read_config reads rope_parameters, else rope_scaling
 
 
 def layer_types(hf, family, n):

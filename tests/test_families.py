@@ -225,6 +225,44 @@ def test_what_scotd_does_not_implement_is_refused_by_name(tmp_path, field, value
         from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("kind,change,message", [
+    ("gemma3", {"layer_types": ["sliding_attention"] * 4},
+     r"layer_types holds 4 entries; it must hold a list of one entry a layer \(num_hidden_layers = 3\)"),
+    ("gemma3", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+     r'layer_types\[1\] holds "chunked_attention"; it must hold one of "full_attention", "sliding_attention"'),
+    ("qwen2-sliding", {"layer_types": "sliding_attention"}, r'layer_types holds "sliding_attention"; it must hold a list'),
+    ("smollm3", {"no_rope_layers": [1, 0]}, r"no_rope_layers holds 2 entries; it must hold a list of one entry a layer"),
+    ("smollm3", {"no_rope_layers": [1, 2, 1]}, r"no_rope_layers\[1\] holds 2; it must hold one of 0, 1"),
+    ("smollm3", {"no_rope_layers": [1, 0.5, 1]}, r"no_rope_layers\[1\] holds 0.5; it must hold one of 0, 1"),
+    ("gemma3", {"layer_types": None, "sliding_window_pattern": 0},
+     r"sliding_window_pattern holds 0; it must hold a positive integer"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": -1.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     r"rope_parameters.full_attention.rope_theta holds -1.0; it must hold a positive number"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "local": {}}},
+     r"rope_parameters.local is not a layer type"),
+    ("llama-llama3", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": "8"}},
+     r'rope_parameters.factor holds "8"; it must hold a positive number or null'),
+    ("qwen3", {"num_hidden_layers": "3"}, r'num_hidden_layers holds "3"; it must hold a positive integer'),
+    ("qwen3", {"num_key_value_heads": 3}, r"num_key_value_heads holds 3; it must divide num_attention_heads \(4\)"),
+    ("qwen3", {"rms_norm_eps": -1e-6}, r"rms_norm_eps holds -1e-06; it must hold a positive number"),
+    ("mistral", {"sliding_window": 2.5}, r"sliding_window holds 2.5; it must hold a positive integer or null"),
+    ("qwen3", {"tie_word_embeddings": "yes"}, r'tie_word_embeddings holds "yes"; it must hold true or false'),
+])
+def test_a_config_field_of_the_wrong_type_range_or_length_is_refused_naming_it(tmp_path, kind, change, message):
+    """Every field the families table reads is checked where any config is read (here the student's folder; a
+    teacher, --init and a hub id go through the same checkpoint.read_config): a per-layer list of the wrong length
+    trained and exited 0 before; transformers refuses it (the first case, checked)."""
+    hf = family_config(kind).to_dict() | change
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'config.json'}: {message}"):
+        from_pretrained(tmp_path)
+    if kind == "gemma3" and "layer_types" in change and len(change["layer_types"] or []) == 4:
+        import transformers as t
+        with pytest.raises(Exception, match="must be equal to the number of `layer_types`"):
+            t.Gemma3TextConfig(**{k: v for k, v in hf.items() if k in BASE or k == "layer_types"})
+
+
 # -----------------------------------------------------------------------------
 # A model named by its hub id, from the local Hugging Face cache (no network)
 
