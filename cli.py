@@ -10,7 +10,9 @@ the file and line, or the tensor) and exits with code 1. A traceback is shown on
 import argparse
 import ctypes
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
@@ -31,20 +33,65 @@ class Busy(InputError):
 
 
 def run(main):
-    """The scripts' entry point: main() with bad input and Ctrl-C turned into one line and an exit code."""
+    """The scripts' entry point: main() with bad input, Ctrl-C and SIGTERM (a scheduler's stop, `timeout`) turned
+    into one line and an exit code (1 or 2; 130 / 143). A script says how far it got where it can: stopping_cleanly."""
     debug = os.environ.get("SCOTD_DEBUG") == "1"
     try:
-        return main()
+        with sigterm_interrupts():
+            return main()
     except (InputError, OSError) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(getattr(e, "exit_code", 1))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        print(f"interrupted ({signal.Signals(exit_code(e) - 128).name})", file=sys.stderr)
+        raise SystemExit(exit_code(e))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def exit_code(interrupt):
+    """128 + the signal behind a KeyboardInterrupt: 143 for SIGTERM (sigterm_interrupts), else 130 (Ctrl-C)."""
+    return 128 + (signal.SIGTERM if interrupt.args == (signal.SIGTERM,) else signal.SIGINT)
+
+
+@contextmanager
+def sigterm_interrupts():
+    """Inside the block SIGTERM raises KeyboardInterrupt(SIGTERM), as Ctrl-C raises KeyboardInterrupt, so one
+    `except` stops the run cleanly for both; the previous handler is back after it. (Only the main thread can
+    set handlers: elsewhere the block changes nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextmanager
+def stopping_cleanly(said, bar=None):
+    """Ctrl-C or SIGTERM inside the block: print `stopped: <said()>; run the same command to continue` and exit
+    130 / 143. said() says what is kept (the work done so far, already written); `bar`, a progress bar, is closed
+    first, and before any other error's line too."""
+    try:
+        with sigterm_interrupts():
+            yield
+    except KeyboardInterrupt as e:
+        if bar is not None:
+            bar.close()
+        print(f"stopped: {said()}; run the same command to continue", flush=True)
+        raise SystemExit(exit_code(e)) from None
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
 
 
 # -----------------------------------------------------------------------------

@@ -101,13 +101,19 @@ def _lines(path):
     n = 0
     try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    yield n, raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise CorpusError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            for n, text in _decoded(path, enumerate(f, 1)):
+                yield n, text
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise CorpusError(f"{path}: corrupt gzip after line {n} ({e or type(e).__name__}); re-download or re-create it") from None
+
+
+def _decoded(path, lines):
+    """(line number, bytes) -> (line number, text); a line that is not UTF-8 is an error naming it."""
+    for n, raw in lines:
+        try:
+            yield n, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
 
 
 def _json_lines(path, lines=None):
@@ -277,9 +283,16 @@ def overlap(records, others):
 def read_appended(path):
     """(line number, object) of each complete line of a JSONL file a run may still be appending to, or was
     killed while appending to: a cut last line is left out (not an error), a missing file is empty."""
+    return read_cut(path)[0]
+
+
+def read_cut(path):
+    """read_appended, and what follows the last newline: (the complete lines' (line number, object), the bytes
+    after the last newline -- a line cut by a kill or a copy cut short, even mid-character; b"" when none)."""
     path = Path(path)
-    raw = path.read_text(encoding="utf-8") if path.exists() else ""
-    return list(_json_lines(path, enumerate(raw[:raw.rfind("\n") + 1].splitlines(), 1)))
+    raw = path.read_bytes() if path.exists() else b""
+    end = raw.rfind(b"\n") + 1
+    return list(_json_lines(path, _decoded(path, enumerate(raw[:end].splitlines(), 1)))), raw[end:]
 
 
 def drop_partial_line(path):
@@ -848,26 +861,29 @@ def main():
     p.add_argument("corpus", nargs="?", default=str(DEFAULT_TRAIN))
     p.add_argument("--tokenizer", default=None, help="model folder for token lengths (default: the default student)")
     args = parser.parse_args()
-    if args.cmd == "import-dsbs":
-        for split, name in (("train", DEFAULT_TRAIN.name), ("validation", DEFAULT_DEV.name)):
-            skips = Skips()
-            records = import_dsbs(args.folder, split, skips)
-            write_corpus(records, Path(args.out_dir) / name)
-            print(f"{split}: {len(records):,} questions -> {Path(args.out_dir) / name}; {skips.summary()}")
-    elif args.cmd == "import-gsm8k":
-        for split, name in (("train", GSM8K_TRAIN.name), ("test", GSM8K_TEST.name)):
-            skips = Skips()
-            records = import_gsm8k(Path(args.folder) / f"{split}.jsonl", split, skips)
-            write_corpus(records, Path(args.out_dir) / name)
-            print(f"{split}: {len(records):,} problems -> {Path(args.out_dir) / name}; {skips.summary()}")
-    elif args.cmd == "import-scotd":
-        skips = Skips()
-        records = import_scotd(args.release_json, args.questions_jsonl, skips)
-        write_corpus(records, args.out)
-        print(f"{len(records):,} questions -> {args.out}; {skips.summary()}")
-    else:
+    if args.cmd == "stats":
         from checkpoint import default_student, load_tokenizer
-        print(stats(args.corpus, load_tokenizer(args.tokenizer or default_student())))
+        return print(stats(args.corpus, load_tokenizer(args.tokenizer or default_student())))
+    written = []  # a corpus is written whole or not at all (write_corpus): a stop keeps these, never half of one
+
+    def write(records, path, skips, what):
+        write_corpus(records, path)
+        written.append(str(path))
+        print(f"{len(records):,} {what} -> {path}; {skips.summary()}")
+
+    with cli.stopping_cleanly(lambda: f"written whole: {', '.join(written) or 'nothing'}"):
+        if args.cmd == "import-dsbs":
+            for split, name in (("train", DEFAULT_TRAIN.name), ("validation", DEFAULT_DEV.name)):
+                skips = Skips()
+                write(import_dsbs(args.folder, split, skips), Path(args.out_dir) / name, skips, f"{split} questions")
+        elif args.cmd == "import-gsm8k":
+            for split, name in (("train", GSM8K_TRAIN.name), ("test", GSM8K_TEST.name)):
+                skips = Skips()
+                write(import_gsm8k(Path(args.folder) / f"{split}.jsonl", split, skips), Path(args.out_dir) / name,
+                      skips, f"{split} problems")
+        else:
+            skips = Skips()
+            write(import_scotd(args.release_json, args.questions_jsonl, skips), Path(args.out), skips, "questions")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ with bootstrap intervals, exact maj@k and pass@k, one chain, the likeliest chain
 the vote's calibration, abstentions, tokens/s), summary-<data>.json, a plot of maj@k and pass@k and a reliability
 plot. A warning comes first when the questions overlap the checkpoint's training data (its scotd.json says which).
 An interrupted run goes on where it stopped: run the same command again (finished batches wait in
-<out>/partial-<data>.jsonl).
+<out>/partial-<data>.jsonl). Ctrl-C and SIGTERM stop it cleanly (exit 130 / 143), saying what is kept.
 """
 
 import argparse
@@ -119,7 +119,9 @@ class Journal:
         except InputError as e:
             raise InputError(f"{e}; delete the file to start this evaluation over") from None
         if rows and rows[0] == {"settings": settings}:
-            data.drop_partial_line(path)  # a batch cut by a kill is decoded again, and its line appended after
+            if cut := data.drop_partial_line(path):  # a batch cut by a kill is decoded again, its line appended after
+                log(f"note      {path}:{len(rows) + 1}: its last line was cut ({cut:,} bytes, a run killed while "
+                    "writing it): that batch is decoded again")
             self.done = {(r["step"], r["batch"]): r for r in rows[1:]}
             log(f"resume    {len(self.done):,} finished batches from {path} (an interrupted run of these settings)")
             return
@@ -143,18 +145,26 @@ class Journal:
         todo = [k for k in mine if (step, k) not in self.done]
         bar = Progress(n_prompts, label, start=sum(len(layout[k]) for k in mine if k not in todo) * self.dist.world) \
             if self.dist.main else None
-        for k in todo:
-            t0 = time.time()
-            outs = decode(k)
-            self.add(step, k, time.time() - t0, outs)
+        try:
+            for k in todo:
+                t0 = time.time()
+                outs = decode(k)
+                self.add(step, k, time.time() - t0, outs)
+                if bar:
+                    bar.update(len(layout[k]) * self.dist.world)
+        finally:  # also when stopped: the stop's line comes after the bar's
             if bar:
-                bar.update(len(layout[k]) * self.dist.world)
-        if bar:
-            bar.close()
+                bar.close()
         outs = [None] * n_prompts
         for k in mine:
             outs[layout[k].start:layout[k].stop] = self.done[(step, k)]["outs"]
         return outs, sum(self.done[(step, k)]["seconds"] for k in mine)
+
+    def kept(self):
+        """What a stopped evaluation keeps (cli.stopping_cleanly)."""
+        if self.path is None:
+            return "under torchrun the journal is kept in memory only: nothing kept"
+        return f"{len(self.done):,} finished batches kept in {self.path}"
 
     def close(self):
         if self.path is not None:
@@ -260,11 +270,13 @@ def evaluation(args, out):
                              f"{'use fewer --fewshot examples or ' if args.fewshot else ''}lower --max-new-tokens")
     stem = Path(args.data).name.split(".")[0]
     journal = Journal(out / f"partial-{stem}.jsonl" if dist.world == 1 else None, settings_of(args, device), dist, log)
-    if mode in SOCRATIC_ROLES or args.decomposer:
-        greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, queries, device, dtype, dist, journal)
-        mode = "cot"  # the chains read as a unified model's: the answer after the last "answer is"
-    else:
-        greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, journal)
+    with cli.stopping_cleanly(journal.kept):  # Ctrl-C, SIGTERM: exit 130 / 143, the finished batches kept
+        if mode in SOCRATIC_ROLES or args.decomposer:
+            greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, queries, device, dtype, dist,
+                                                           journal)
+            mode = "cot"  # the chains read as a unified model's: the answer after the last "answer is"
+        else:
+            greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, journal)
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it
         shares = dist.gather((greedy_outs, chains))
         greedy_outs = merge([g for g, _ in shares]) if greedy_outs is not None else None
@@ -303,18 +315,61 @@ def training_overlap(checkpoint, records, log):
 
 def recompute(predictions, out):
     """--report: the report of a predictions file, recomputed from it alone (the run's settings and speeds from the
-    summary beside it, when there is one)."""
-    rows = [row for _, row in data.read_appended(predictions)]
-    if not rows or not all(isinstance(r, dict) and "gold" in r for r in rows):
-        raise InputError(f"{predictions}: not a predictions file evaluate.py wrote (no 'gold' in its rows)")
+    summary beside it, when there is one). A file that lost its end (a copy cut short) is reported for the
+    questions it holds, saying so in a warning, the table and the summary ("incomplete")."""
     stem = predictions.name.removeprefix("predictions-").split(".")[0]
     beside = predictions.with_name(f"summary-{stem}.json")
-    derived = summarize(rows)
-    meta = {k: v for k, v in json.loads(beside.read_text()).items() if k not in derived and k != "vote_curve"} \
-        if beside.exists() else {}
+    before = json.loads(beside.read_text()) if beside.exists() else {}
+    rows, incomplete = read_predictions(predictions, before.get("questions"))
+    derived = summarize(rows) | ({"incomplete": incomplete} if incomplete else {})
+    if incomplete:
+        print(f"warning   {predictions}: {incomplete}: the report covers only the questions it holds")
+    meta = {k: v for k, v in before.items() if k not in derived and k != "vote_curve"}
     with cli.one_writer(out):
         write_report(rows, meta, out, stem, derived)
     return out
+
+
+def read_predictions(path, counted=None):
+    """The rows of a predictions file, each checked (a line that is not one names file:line) -> (rows, None; or,
+    when the file is not whole, what is missing: "N of M lines, line M cut" for a cut last line, "N of M questions"
+    when the summary beside it counted M). A last line whole but for its newline is read."""
+    lines, tail = data.read_cut(path)
+    rows, where = [row for _, row in lines], [f"{path}:{n}" for n, _ in lines]
+    incomplete = None
+    if tail.strip():
+        try:
+            rows.append(json.loads(tail.decode("utf-8")))
+            where.append(f"{path}:{len(lines) + 1}")
+        except ValueError:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+            incomplete = f"{len(rows):,} of {len(rows) + 1:,} lines, line {len(rows) + 1} cut"
+    if incomplete is None and isinstance(counted, int) and counted > len(rows):
+        incomplete = f"{len(rows):,} of {counted:,} questions (its summary counted {counted:,})"
+    if not rows:
+        raise InputError(f"{path}: no complete predictions line{f' ({incomplete})' if incomplete else ''}")
+    for row, at in zip(rows, where):
+        check_prediction(row, at, rows[0])
+    return rows, incomplete
+
+
+PREDICTION_KEYS = {"greedy": ("greedy", "greedy_correct"), "chains": ("chains", "vote", "vote_correct")}
+
+
+def check_prediction(row, where, first):
+    """A predictions row as prediction_rows writes it, with the same parts (greedy, chains) as the first row;
+    else an InputError naming file:line."""
+    if not isinstance(row, dict) or "gold" not in row:
+        raise InputError(f"{where}: not a predictions line evaluate.py wrote (no 'gold')")
+    for part, keys in PREDICTION_KEYS.items():
+        if (part in row) != (part in first):
+            raise InputError(f"{where}: {'has' if part in row else 'lacks'} '{part}', which the first line "
+                             f"{'lacks' if part in row else 'has'}: lines of two evaluations?")
+        missing = [k for k in keys if part in row and k not in row]
+        if missing:
+            raise InputError(f"{where}: '{part}' without {', '.join(map(repr, missing))}")
+    if "chains" in row and not (isinstance(row["chains"], list) and all(
+            isinstance(c, dict) and "answer" in c and isinstance(c.get("tokens"), int) for c in row["chains"])):
+        raise InputError(f"{where}: 'chains' must be a list of {{'answer', 'tokens', ...}} objects")
 
 
 def questions(args, mode, device):
@@ -354,7 +409,8 @@ def write_report(rows, meta, out, stem, derived=None):
     """summarize(rows) (or `derived`, already computed from them) -> the printed table, the plots (maj@k and pass@k;
     reliability) and summary-<stem>.json."""
     summary = meta | (derived or summarize(rows))
-    print(f"\n{summary['questions']:,} questions from {meta.get('data', stem)}, {meta.get('device', '?')}, "
+    cut = f" ({summary['incomplete']})" if summary.get("incomplete") else ""
+    print(f"\n{summary['questions']:,} questions{cut} from {meta.get('data', stem)}, {meta.get('device', '?')}, "
           f"{meta.get('dtype', '?')}\n" + "\n".join(table(summary)))
     if "maj_at_k" in summary:
         ks, n = list(range(1, len(summary["maj_at_k"]) + 1)), summary["questions"]
@@ -389,7 +445,12 @@ def summarize(rows):
         return out
     answers = [[c["answer"] for c in r["chains"]] for r in rows]
     golds = [r["gold"] for r in rows]
-    n = min(map(len, answers))
+    n = min((len(a) for a in answers if a), default=0)  # a question with no chains: n abstentions, no vote
+    if empty := sum(not a for a in answers):
+        out["questions_without_chains"] = empty
+    if n == 0:
+        return out
+    answers = [a or [None] * n for a in answers]
     per_question = np.array([maj_at_k(a[:n], g) for a, g in zip(answers, golds)])
     maj = per_question.mean(0)
     passes = np.mean([pass_at_k(a[:n], g) for a, g in zip(answers, golds)], axis=0)
@@ -404,7 +465,7 @@ def summarize(rows):
                                         for a in answers], vote)}
     if all("logprob" in c for r in rows for c in r["chains"]):  # the student's likelihood of its own chains
         mean_lp = [[c["logprob"] / max(c["tokens"], 1) for c in r["chains"]] for r in rows]
-        best = [float(a[int(np.argmax(lp))] == g) for a, lp, g in zip(answers, mean_lp, golds)]
+        best = [float(bool(lp) and a[int(np.argmax(lp))] == g) for a, lp, g in zip(answers, mean_lp, golds)]
         weighted = [float(weighted_vote(a, lp) == g) for a, lp, g in zip(answers, mean_lp, golds)]
         out |= {"likeliest_chain_acc": float(np.mean(best)), "likeliest_chain_acc_ci": bootstrap_ci(best),
                 "likelihood_vote_acc": float(np.mean(weighted)), "likelihood_vote_acc_ci": bootstrap_ci(weighted)}
@@ -435,6 +496,7 @@ def table(s):
                  f"{maj[0]:.1%} / {maj[(n + 1) // 2 - 1]:.1%} / {maj[-1]:.1%} |",
                  f"| pass@k (any of k right), k = 1 / {n} | {s['pass_at_k'][0]:.1%} / {s['pass_at_k'][-1]:.1%} |",
                  f"| accuracy of a single sampled chain | {ci('single_chain_acc')} |"]
+
         if "likeliest_chain_acc" in s:
             rows += [f"| the likeliest chain (mean token log-prob) / likelihood-weighted vote | "
                      f"{s['likeliest_chain_acc']:.1%} / {s['likelihood_vote_acc']:.1%} |"]
@@ -443,6 +505,8 @@ def table(s):
                  f"| mean chain length (tokens) | {s['mean_chain_tokens']:.1f} |"]
         rows += [f"| sampling tokens/s | {s['sampling_tok_s']:,.0f} ({s['sampling_seconds']:.0f} s) |"] \
             if "sampling_tok_s" in s else []
+    if s.get("questions_without_chains"):
+        rows += [f"| questions with no chains (counted as abstentions, no vote) | {s['questions_without_chains']:,} |"]
     return rows
 
 

@@ -51,9 +51,7 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -635,28 +633,6 @@ def cost(args, records, header, shots, tokenizer):
             f"completion at most {completion:,} tokens ({args.max_new_tokens} a chain{', a step' if args.socratic else ''})"]
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt(signum)  # SIGTERM stops like Ctrl-C: every finished question is already written
-
-
-@contextmanager
-def stopping_cleanly(bar, out, total):
-    """Ctrl-C or SIGTERM inside the block: say how far `out` got and exit 130 / 143 (every finished question is
-    written); any other error gets a line of its own, after the progress bar."""
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        bar.close()
-        print(f"stopped: {bar.n:,} of {total:,} questions in {out}; run the same command to continue")
-        raise SystemExit(128 + signal.SIGTERM if e.args == (signal.SIGTERM,) else 130)
-    except Exception:
-        bar.close()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def main(argv=None):
     args = get_args(argv)
     records, header, shots, shot_ids = prompt_and_questions(args)
@@ -686,7 +662,7 @@ def write(args, records, header, shots, shot_ids):
           f"x {args.n} chains (T={args.temperature}); {len(shot_ids) or 'custom'}-shot "
           f"{'sub-question ' if args.socratic else ''}header")
     bar = Progress(len(records), "teacher", start=len(done))
-    with stopping_cleanly(bar, out, len(records)):
+    with cli.stopping_cleanly(lambda: f"{bar.n:,} of {len(records):,} questions in {out}", bar):
         writer = CorpusWriter(out, args.out + ".runs.jsonl", records, done, bar, args.socratic,
                               client=None if args.teacher else engine)
         if args.teacher:
@@ -749,7 +725,7 @@ def score(args, header, shot_ids):
     sidecar = sidecar_writer(args, out, tokenizer, meta["prompt"], len(shot_ids)) if args.top_logprobs else None
     writer = ScoreWriter(out, args.out + ".runs.jsonl", records, done, bar, which=which, chains=chains, sidecar=sidecar,
                          client=None if args.teacher else client)
-    with stopping_cleanly(bar, out, len(records)):
+    with cli.stopping_cleanly(lambda: f"{bar.n:,} of {len(records):,} questions in {out}", bar):
         if args.teacher:
             todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
                     if any(records[i]["id"] not in done for i in batch)]

@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from checkpoint import default_student, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
-from cli import keep_freed_memory, synchronize  # noqa: E402
+from cli import keep_freed_memory, run, stopping_cleanly, synchronize  # noqa: E402
 from attention import TreeAttention  # noqa: E402
 from model import DTYPES, Config, Transformer  # noqa: E402
 from scotd import format_query  # noqa: E402
@@ -965,16 +965,9 @@ def main():
     dev = torch.device(device)
     DEVICE_NAME = name = device_name(dev)
     REUSE = load_reuse(args.reuse) if args.reuse else {}
-    if args.suite == "gpu":
-        if args.prewarm:
-            jobs = []
-            gpu_suite(device, dtype, args.quick, args.only,
-                      measure=lambda kind, side, keep_going=False, **kw: jobs.append((kind, side, kw)) or {"failed": "planned"})
-            prewarm(jobs, args.prewarm, args.prewarm_for)
-        train_rows, sample_rows, step_rows = gpu_suite(device, dtype, args.quick, args.only)
-        api_rows = []
-    else:
-        (train_rows, sample_rows, api_rows), step_rows = default_suite(args, device, dtype), []
+    kept = lambda: f"each measurement so far is in {RESULTS}" if RESULTS else "no --results file: nothing kept"  # noqa: E731
+    with stopping_cleanly(kept):  # Ctrl-C, SIGTERM (gpu.sh's timeout): exit 130 / 143; the worker is killed
+        train_rows, sample_rows, api_rows, step_rows = suite(args, device, dtype)
     print(f"\nscotd vs transformers | {name} | {dtype} | torch {torch.__version__}")
     side = lambda r: f"{r['seconds']:.1f} / {r['peak_mb']:,.0f}"  # noqa: E731
     if train_rows:
@@ -1004,6 +997,21 @@ def main():
                                 f"{served['client_share']:.1%}", side(ours), side(served)])
 
 
+def suite(args, device, dtype):
+    """The measurements main() asks for -> (training, sampling, teacher-api, decode-step rows)."""
+    if args.suite == "gpu":
+        if args.prewarm:
+            jobs = []
+            gpu_suite(device, dtype, args.quick, args.only,
+                      measure=lambda kind, side, keep_going=False, **kw: jobs.append((kind, side, kw)) or {"failed": "planned"})
+            prewarm(jobs, args.prewarm, args.prewarm_for)
+        train_rows, sample_rows, step_rows = gpu_suite(device, dtype, args.quick, args.only)
+        api_rows = []
+    else:
+        (train_rows, sample_rows, api_rows), step_rows = default_suite(args, device, dtype), []
+    return train_rows, sample_rows, api_rows, step_rows
+
+
 def table(header, rows, cells):
     """A markdown table: one row per (label, *measurements), its cells from cells(*measurements); a failed
     measurement's row says so."""
@@ -1015,4 +1023,4 @@ def table(header, rows, cells):
             print("| " + " | ".join([label, *cells(*sides)]) + " |")
 
 if __name__ == "__main__":
-    main()
+    run(main)

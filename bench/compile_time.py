@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import synchronize  # noqa: E402
+from cli import run, synchronize  # noqa: E402
 from model import Config, Transformer  # noqa: E402
 
 
@@ -64,4 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # SIGTERM and Ctrl-C: one line, exit 143 / 130

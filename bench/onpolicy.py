@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from cli import run, stopping_cleanly  # noqa: E402
 
 
 PAIRS = {  # name -> {side: (layers, width, heads, kv heads, mlp width, seed)}
@@ -195,6 +196,13 @@ def main():
     work = Path(args.work or tempfile.mkdtemp(prefix="onpolicy-bench-"))
     make_pair(work, args.pair)
     results = {}
+    with stopping_cleanly(lambda: f"{len(results)} of 2 sides measured (printed above)"):
+        measure_sides(args, work, results)
+    table(args, results)
+
+
+def measure_sides(args, work, results):
+    """Each side in a process of its own, one after the other, into `results` as it ends."""
     for side in ("scotd", "trl"):
         shutil.rmtree(work / ("ours" if side == "scotd" else "trl"), ignore_errors=True)
         cmd = [sys.executable, __file__, "--side", side, "--work", str(work)] + \
@@ -209,7 +217,6 @@ def main():
             continue
         results[side] = json.loads(line[0][7:])
         print(f"{side}: {results[side]}", file=sys.stderr)
-    table(args, results)
 
 
 def table(args, results):
@@ -240,4 +247,4 @@ def table(args, results):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

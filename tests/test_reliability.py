@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -352,3 +353,183 @@ def test_progress_off_a_terminal_prints_plain_lines(monkeypatch):
     assert "\r" not in log.getvalue() and log.getvalue().splitlines()[-1].startswith("train 100% |")
     assert max(map(len, log.getvalue().splitlines())) < 120
     assert tty.getvalue().count("\r") > 1 and tty.getvalue().count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# Round 4: a predictions file cut short or with an empty chains list; SIGTERM to evaluate.py, data.py and bench/
+
+PINNED = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}  # same sums under load
+
+
+def predictions_file(path, questions=5, chains=3):
+    """A predictions file as evaluate.py writes it (its rows' shape), questions whose chains vote a, b, a ..."""
+    rows = []
+    for i in range(questions):
+        answers = ["a", "b", None][: chains] if i % 2 else ["a"] * chains
+        rows.append({"id": f"q{i}", "gold": "a", "greedy": {"text": " So the answer is (a).", "answer": "a"},
+                     "greedy_correct": True, "chains": [{"text": "x", "answer": a, "tokens": 4, "logprob": -1.0}
+                                                        for a in answers],
+                     "vote": "a", "vote_correct": True})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_predictions_file_cut_at_every_byte_of_its_last_line_is_never_reported_as_whole(tmp_path, capsys):
+    """--report on a copy cut short: at every byte of the last line the file reads as "4 of 5 lines, line 5 cut"
+    (a cut at the line's first byte as "4 of 5 questions", from the summary beside it); cut only before its final
+    newline, the file is whole. Through main: the warning, the table's header and the summary say so."""
+    whole = predictions_file(tmp_path / "predictions-x.jsonl")
+    evaluate.main(["--report", str(whole)])  # the summary beside it counts 5 questions
+    text = whole.read_bytes()
+    start = text.rstrip(b"\n").rfind(b"\n") + 1
+    assert evaluate.read_predictions(whole, 5)[1] is None
+    for end in range(start, len(text)):
+        cut = tmp_path / "cut" / whole.name
+        cut.parent.mkdir(exist_ok=True)
+        cut.write_bytes(text[:end])
+        rows, incomplete = evaluate.read_predictions(cut, 5)
+        if end == len(text) - 1:  # only the newline lost: every row is there
+            assert (len(rows), incomplete) == (5, None)
+        elif end == start:
+            assert (len(rows), incomplete) == (4, "4 of 5 questions (its summary counted 5)")
+        else:
+            assert (len(rows), incomplete) == (4, "4 of 5 lines, line 5 cut"), end
+    capsys.readouterr()
+    cut.write_bytes(text[:start + 7])
+    (cut.parent / "summary-x.json").unlink(missing_ok=True)
+    evaluate.main(["--report", str(cut), "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert f"warning   {cut}: 4 of 5 lines, line 5 cut: the report covers only the questions it holds" in out
+    assert "\n4 questions (4 of 5 lines, line 5 cut) from x" in out
+    assert json.loads((tmp_path / "r" / "summary-x.json").read_text())["incomplete"] == "4 of 5 lines, line 5 cut"
+    cut.write_bytes(text[:start + 7] + "é".encode()[:1])  # cut inside a multi-byte character
+    assert evaluate.read_predictions(cut)[1] == "4 of 5 lines, line 5 cut"
+
+
+def test_a_question_with_no_chains_is_an_abstention_and_a_bad_line_is_named(tmp_path, capsys):
+    path = predictions_file(tmp_path / "predictions-x.jsonl", questions=4)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1] |= {"chains": [], "vote": None, "vote_correct": False}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluate.main(["--report", str(path)])
+    summary = json.loads((tmp_path / "summary-x.json").read_text())
+    assert summary["questions"] == 4 and summary["questions_without_chains"] == 1
+    assert summary["vote_acc"] == 0.75  # no vote: wrong, not left out
+    assert summary["maj_at_k"][-1] == (1 + 0 + 1 + 0.5) / 4  # the last question's a / b tie counts half
+    assert "| questions with no chains (counted as abstentions, no vote) | 1 |" in capsys.readouterr().out
+    for change, message in [({"chains": "a"}, "'chains' must be a list of"),
+                            ({"chains": [{"answer": "a"}]}, "'chains' must be a list of"),
+                            ({"greedy": None, "greedy_correct": None}, None)]:
+        bad = dict(rows[2]) | change
+        if message is None:  # a row without the greedy part, beside rows with one
+            del bad["greedy"], bad["greedy_correct"]
+            message = "lacks 'greedy', which the first line has"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + [bad] + rows[3:]))
+        with pytest.raises(evaluate.InputError, match=rf"^{path}:3: {message}"):
+            evaluate.main(["--report", str(path)])
+
+
+def test_sigterm_to_a_running_evaluation_stops_it_cleanly_and_the_same_command_continues(student, tmp_path):
+    """A real SIGTERM to evaluate.py once a batch is journaled (whatever it is doing then): exit 143, a line that
+    says what is kept and how to continue; the same command then writes what one uninterrupted run writes."""
+    argv = [sys.executable, "evaluate.py", "--checkpoint", str(student), "--limit", "24", "--n", "3",
+            "--temperature", "1.0", "--batch-size", "2", "--max-new-tokens", "24", "--seed", "5"]
+    stem = "csqa_palm_validation"
+    whole = subprocess.run(argv + ["--out", str(tmp_path / "whole")], cwd=ROOT, env=PINNED, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out, journal = tmp_path / "cut", tmp_path / "cut" / f"partial-{stem}.jsonl"
+    proc = subprocess.Popen(argv + ["--out", str(out)], cwd=ROOT, env=PINNED, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not (journal.exists() and len(journal.read_bytes().splitlines()) >= 3):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    kept = len(journal.read_text().splitlines()) - 1
+    assert f"stopped: {kept} finished batches kept in {journal}; run the same command to continue" in stdout
+    assert "Traceback" not in stderr and not (out / f"predictions-{stem}.jsonl").exists()
+    again = subprocess.run(argv + ["--out", str(out)], cwd=ROOT, env=PINNED, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and f"resume    {kept} finished batches" in again.stdout, again.stderr[-2000:]
+    for name in (f"predictions-{stem}.jsonl",):
+        assert (out / name).read_text() == (tmp_path / "whole" / name).read_text()
+
+
+def test_ctrl_c_inside_a_decode_step_of_evaluate_exits_130_and_keeps_the_journal(student, tmp_path, monkeypatch,
+                                                                                capsys):
+    import sample
+    real, calls = sample.next_token, {"n": 0}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample, "next_token", interrupt)
+    out = tmp_path / "e"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(student), "--limit", "8", "--n", "2", "--batch-size", "2",
+                       "--max-new-tokens", "8", "--out", str(out)])
+    journal = out / "partial-csqa_palm_validation.jsonl"
+    lines = journal.read_text().splitlines()
+    assert e.value.code == 130 and all(json.loads(line) for line in lines)
+    assert f"stopped: {len(lines) - 1} finished batches kept in {journal}" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the run
+
+
+def test_sigterm_while_an_importer_writes_keeps_whole_files_only(tmp_path, monkeypatch, capsys):
+    """data.py import-gsm8k stopped by SIGTERM after its train split is written: exit 143; the train file whole,
+    no test file, not even half of one; the line says which files are whole."""
+    src = tmp_path / "gsm8k"
+    src.mkdir()
+    for split in ("train", "test"):
+        (src / f"{split}.jsonl").write_text("".join(json.dumps(
+            {"question": f"{split} {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}) + "\n"
+            for i in range(3)))
+    real = data.write_corpus
+
+    def stopped_on_the_second(records, path):
+        if "test" in Path(path).name:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(records, path)
+
+    monkeypatch.setattr(data, "write_corpus", stopped_on_the_second)
+    monkeypatch.setattr(sys, "argv", ["data.py", "import-gsm8k", str(src), str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        cli.run(data.main)
+    train_file = tmp_path / "out" / data.GSM8K_TRAIN.name
+    assert e.value.code == 143 and len(data.read_corpus(train_file)) == 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [train_file.name]
+    assert f"stopped: written whole: {train_file}; run the same command to continue" in capsys.readouterr().out
+
+
+def test_sigterm_to_the_benchmark_kills_its_worker_and_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    """bench.py's suite stopped by SIGTERM while a worker process runs: exit 143, the worker killed (no
+    orphan measuring on), the line names the --results file that holds each measurement so far."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench
+    pid_file = tmp_path / "worker.pid"
+
+    def suite(args, device, dtype):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        pid_file.write_text(str(child.pid))
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            child.wait()
+        finally:
+            child.kill()
+            child.wait()
+
+    monkeypatch.setattr(bench, "suite", suite)
+    results = tmp_path / "r.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--results", str(results), "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        cli.run(bench.main)
+    assert e.value.code == 143
+    assert f"stopped: each measurement so far is in {results}; run the same command to continue" in \
+        capsys.readouterr().out
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)

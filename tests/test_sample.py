@@ -211,7 +211,11 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(student, tmp
     calls = counting_forward(monkeypatch)
     assert read(evaluate.main(argv + ["--out", str(out)])) == whole
     assert 0 < calls[0] < total and not journal.exists()
-    assert f"resume    {len(rows) - 2} finished batches from {journal}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"resume    {len(rows) - 2} finished batches from {journal}" in said
+    cut = len(json.dumps(rows[-1])) + 1 - 20  # what was left of the last batch's line
+    assert f"note      {journal}:{len(rows)}: its last line was cut ({cut:,} bytes, a run killed while writing it): " \
+        "that batch is decoded again" in said
 
     # a journal of other settings is discarded, not mixed in; a damaged one is an error naming its line
     bogus = rows[1] | {"outs": [[{"text": " So the answer is (a).", "tokens": [1]}]] * 16}  # greedy batch 0, other weights
