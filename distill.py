@@ -27,10 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
+import api
 import data
+import files
+import losses
 from api import ApiError
-from cli import InputError
+from decode import answers_of
+from files import InputError
+from sample import SampleConfig, generate
+from scotd import ANSWER_END, format_query
 
 MAGIC = "scotd top-k 1"  # the header's "format"
 ALIGN = 64
@@ -99,7 +104,7 @@ class SidecarWriter:
         self.path, self.header = Path(path), {"format": MAGIC} | header
         self.dtype = record_dtype(header["k"])
         if not self.path.exists() or (positions == 0 and self.path.stat().st_size == 0):
-            cli.write_file(self.path, lambda tmp: Path(tmp).write_bytes(_header_bytes(self.header)))
+            files.write_file(self.path, lambda tmp: Path(tmp).write_bytes(_header_bytes(self.header)))
         old, offset = read_header(self.path)
         if old != self.header:
             changed = sorted(k for k in old.keys() | self.header.keys() if old.get(k) != self.header.get(k))
@@ -124,7 +129,7 @@ class SidecarWriter:
             spans.append([at, len(tokens)])
             blocks.append(block)
             at += len(tokens)
-        cli.append_bytes(self.path, b"".join(b.tobytes() for b in blocks), sync=True)  # whole, or not at all
+        files.append_bytes(self.path, b"".join(b.tobytes() for b in blocks), sync=True)  # whole, or not at all
         self.positions = at
         return spans
 
@@ -222,10 +227,6 @@ class OnPolicy:
     def sample(self, model, records, seed):
         """-> (examples [(ids, n_query)] of the chains with at least one token, stats: sampled tokens a chain and the
         share of chains whose answer is the gold one)."""
-        from decode import answers_of
-        from sample import SampleConfig, generate
-        from scotd import ANSWER_END, format_query
-
         prompts = [self.tokenizer.encode(format_query(r["question"], r.get("choices"))).ids for r in records]
         cfg = SampleConfig(n=self.n, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
                            stop_after=(ANSWER_END,) if self.mode == "cot" else (),  # where teacher.py cut its chains
@@ -253,8 +254,6 @@ class OnPolicy:
 
     def grade(self, idx, target_idx, examples, device):
         """The teacher at the target positions of rows built from `examples` (idx (B, T) on the device)."""
-        import losses
-
         if self.teacher is not None:
             if self.header:  # the rows shifted right by the header; the flat target positions with them
                 (B, T), H = idx.shape, len(self.header)
@@ -262,7 +261,6 @@ class OnPolicy:
                 target_idx = target_idx // T * (T + H) + H + target_idx % T
             hidden = self.teacher.hidden_at(idx, target_idx)
             return losses.Grader(hidden, self.teacher.lm_head.weight, self.teacher.cfg.logit_softcap, self.beta)
-        import api
 
         def chain(job):
             e, (ids, n_query) = job

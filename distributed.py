@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
-from cli import InputError
+from files import InputError
 
 
 @dataclass

@@ -58,10 +58,11 @@ from pathlib import Path
 
 import api
 import cli
+import files
 import data
 import distill
-from checkpoint import default_student, from_pretrained, load_tokenizer
-from cli import InputError
+from checkpoint import check_model_folder, default_student, from_pretrained, load_tokenizer
+from files import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
@@ -190,7 +191,7 @@ def check_args(p, args):
         p.error("argument --out: write plain .jsonl (it is appended to as questions finish); gzip it afterwards")
     if args.teacher:
         cli.check_device(p, args.device)
-        args.teacher = cli.check_model_folder(p, "--teacher", args.teacher)
+        args.teacher = check_model_folder(p, "--teacher", args.teacher)
         args.seed = 0 if args.seed is None else args.seed
         device = cli.device_type(args.device)
         args.dtype, args.compile = cli.default_dtype(device, args.dtype), cli.default_compile(device, args.compile)
@@ -406,11 +407,11 @@ class CorpusWriter:
                if self.records[i]["id"] not in self.done]  # a batch redone after a kill mid-write: its first lines are there
         # the batch's records in one append, fsync'd: a kill or a crash of the machine loses nothing written, and a
         # write that fails (a full disk) leaves no half record
-        cli.append_text(self.out, "".join(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n" for rec, out in new),
+        files.append_text(self.out, "".join(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n" for rec, out in new),
                         sync=True)
         self.questions += len(new)
         self.bar.update(len(new), f"{counted / (time.time() - self.t0):,.0f} tok/s")
-        cli.append_text(self.runs, json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
+        files.append_text(self.runs, json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
                                                "questions": self.questions, self.counted: counted} | tally) + "\n")
 
 
@@ -640,7 +641,7 @@ def main(argv=None):
         args.tokenizer = args.tokenizer or args.teacher or default_student()
         print("\n".join(cost(args, records, header, shots, load_tokenizer(args.tokenizer))))
         return None
-    with cli.one_writer(args.out, folder=False):  # one process writes a corpus
+    with files.one_writer(args.out, folder=False):  # one process writes a corpus
         if args.score:
             return score(args, header, shot_ids)
         return write(args, records, header, shots, shot_ids)
@@ -653,7 +654,7 @@ def write(args, records, header, shots, shot_ids):
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was sampled with other settings: {'; '.join(changes)}. Use the same "
                          "flags, or another --out")
-    cli.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    files.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     done = done_ids(out)
     engine = load_local(args, header) if args.teacher else api_client(args)
     if args.teacher:
@@ -704,7 +705,7 @@ def score(args, header, shot_ids):
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was scored with other settings: {'; '.join(changes)}")
     records = data.read_corpus(args.score)
-    cli.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    files.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     done = done_ids(out)
     if args.teacher:
         model, tokenizer, prefix, _ = load_local(args, header)

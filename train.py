@@ -35,13 +35,14 @@ import torch
 
 import api
 import cli
+import files
 import data
 import distill
 import lora
 import losses
-from checkpoint import (RUN_INFO, cache_dir, default_student, from_pretrained, load_tokenizer, nonfinite_tensors,
+from checkpoint import (RUN_INFO, check_model_folder, default_student, from_pretrained, load_tokenizer, nonfinite_tensors,
                         read_run_info, recover_folder, save_pretrained)
-from cli import InputError
+from files import InputError, cache_dir
 from distributed import Dist
 from decode import answers_of, greedy
 from data import DEFAULT_TRAIN, FILTERS, SELECT  # (a field named `data` hides the module in RunConfig)
@@ -222,7 +223,7 @@ def check_args(p, args):
     cli.check_file(p, "--dev-data", args.dev_data)
     cli.check_device(p, args.device)
     if not lora.is_adapter_folder(args.init):
-        args.init = cli.check_model_folder(p, "--init", args.init)  # (an adapter folder's base is checked at load)
+        args.init = check_model_folder(p, "--init", args.init)  # (an adapter folder's base is checked at load)
     if args.select != "random" and not args.rationales_per_question:
         p.error("argument --select: choose K with --rationales-per-question")
     for flag, value, default in (("alpha", args.lora_alpha, None), ("dropout", args.lora_dropout, 0.0),
@@ -286,7 +287,7 @@ def check_on_policy_args(p, args):
         if bad:
             p.error(f"argument --on-policy: not with {why}")
     if args.teacher:
-        args.teacher = cli.check_model_folder(p, "--teacher", args.teacher)
+        args.teacher = check_model_folder(p, "--teacher", args.teacher)
     else:
         if not args.teacher_model:
             p.error("argument --teacher-model: required with --teacher-api (the name the server serves the teacher under)")
@@ -799,8 +800,8 @@ def prepare_out(run, state, dist):
         if data.drop_partial_line(metrics):  # a half-written last line of a killed run
             print(f"note      {metrics}: dropped a half-written line", flush=True)
         rows = [row for _, row in data.read_appended(metrics)]
-        cli.write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
-    cli.write_text(run.out / "args.json", json.dumps(run.info()["args"], indent=2))
+        files.write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
+    files.write_text(run.out / "args.json", json.dumps(run.info()["args"], indent=2))
     return metrics
 
 
@@ -850,7 +851,7 @@ def data_parallel(model, run, dist, device):
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    with cli.one_writer(args.out or f"runs/{args.mode}", rank0=os.environ.get("RANK", "0") == "0"):  # one run an --out
+    with files.one_writer(args.out or f"runs/{args.mode}", rank0=os.environ.get("RANK", "0") == "0"):  # one run an --out
         run = check_args(p, args)  # every flag checked before anything loads; under the lock, as --resume may finish a swap
         return train(run)
 
@@ -862,7 +863,7 @@ def load_student(run, device):
     init = Path(run.init) if run.init else default_student()
     adapter = init if lora.is_adapter_folder(init) else None
     if adapter is not None:  # --init: an adapter; its base is the model
-        init = Path(cli.check_model_folder(cli.Refuse(f"--init {adapter}"), "its base_model_name_or_path",
+        init = Path(check_model_folder(cli.Refuse(f"--init {adapter}"), "its base_model_name_or_path",
                                            lora.read_adapter_config(adapter)["base_model_name_or_path"]))
     if not run.lora and adapter is None:
         return init, from_pretrained(run.resume or init, device=device)  # resumed: the checkpoint's weights at once

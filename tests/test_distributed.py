@@ -148,7 +148,7 @@ def test_kd_under_ddp_and_fsdp_equals_one_process(student, tmp_path, how):
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     """Two ranks on a one-GPU machine: an error naming the fix, not CUDA's "invalid device ordinal"."""
-    from cli import InputError
+    from files import InputError
     from distributed import Dist
 
     monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")

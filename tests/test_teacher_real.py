@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from checkpoint import cache_dir, from_pretrained, load_tokenizer
+from checkpoint import from_pretrained, load_tokenizer
+from files import cache_dir
 from data import DEFAULT_DEV, read_corpus
 from scotd import format_query
 

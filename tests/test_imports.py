@@ -1,0 +1,50 @@
+"""The project's modules import one way, leaves to entry points: no cycle, no project import inside a function (or
+through importlib), and files.py -- errors and atomic writing -- imports nothing of the project. Read from the
+source with ast, so a new import that breaks the order fails here, not at some later import time."""
+
+import ast
+import graphlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = {p.stem: p for p in ROOT.glob("*.py")}
+
+
+def project_imports(nodes):
+    """The project modules named by the import statements among `nodes`."""
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(MODULES)
+
+
+def test_modules_import_one_way_with_no_cycle_and_nothing_inside_a_function():
+    graph, inner, dynamic = {}, [], []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        graph[name] = project_imports(tree.body)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner += [f"{name}.{node.name} imports {m}" for m in project_imports(ast.walk(node))]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module" \
+                    and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in MODULES:
+                dynamic.append(f"{name} imports {node.args[0].value} through importlib")
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError names the cycle
+    assert not inner and not dynamic, inner + dynamic
+    assert graph["files"] == set() and order.index("files") < order.index("cli") < order.index("train")
+    entry_points = {"train", "evaluate", "teacher"}
+    assert not [name for name, deps in graph.items() if deps & entry_points]  # nothing builds on a command
+
+
+def test_the_checker_sees_a_cycle_and_an_import_inside_a_function():
+    tree = ast.parse("import cli\ndef f():\n    from checkpoint import load_tokenizer\n")
+    assert project_imports(tree.body) == {"cli"} and project_imports(ast.walk(tree)) == {"cli", "checkpoint"}
+    sorter = graphlib.TopologicalSorter({"cli": {"checkpoint"}, "checkpoint": {"cli"}})
+    try:
+        list(sorter.static_order())
+    except graphlib.CycleError:
+        return
+    raise AssertionError("a cycle went unseen")
