@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit, urlunsplit
 
-from files import InputError
+from fileio import InputError
 
 RETRYABLE = {408, 409, 425, 429}  # and every 5xx
 MAX_WAIT = 60.0  # seconds: the longest backoff between two attempts (a Retry-After may ask for more)

@@ -32,10 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cli
-import files
+import fileio
 from convert_gguf import gguf_to_hf, shipped_gemma3, shipped_gguf
 from families import hf_key, module_key
-from files import InputError, cache_dir
+from fileio import InputError, cache_dir
 from model import OPT_POSITION_OFFSET, Config, Transformer
 
 WEIGHTS = "model.safetensors"
@@ -77,7 +77,7 @@ def recover_folder(folder):
 def write_folder(folder, tensors, config, files=None):
     """Write an HF-layout folder atomically: `tensors` -> model.safetensors, `config` -> config.json, and
     `files` {name: str | bytes | callable(path)}. A kill leaves the old folder or the new one; a write that
-    fails (a full disk, a library's writer) ends as files.WriteError naming the file, the old folder intact."""
+    fails (a full disk, a library's writer) ends as fileio.WriteError naming the file, the old folder intact."""
     folder = Path(folder)
     tmp, old = _siblings(folder)
     recover_folder(folder)
@@ -86,25 +86,25 @@ def write_folder(folder, tensors, config, files=None):
                                              metadata={"format": "pt"}),
              "config.json": json.dumps(config, indent=2) + "\n", **(files or {})}
     try:
-        with files.writing(folder):
+        with fileio.writing(folder):
             tmp.mkdir(parents=True)
         for name, content in files.items():  # a name may be in a subfolder ("adapter/adapter_config.json")
-            with files.writing(folder / name):
+            with fileio.writing(folder / name):
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 if callable(content):
                     content(tmp / name)
                 else:
                     (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-                os.chmod(tmp / name, files.PLAIN_MODE)  # not a temporary file's 0600: the group reads it as any other
-                files.fsync(tmp / name)  # durable before it is swapped in: a crash of the machine, not only of the
-        with files.writing(folder):      # process, leaves the old folder or the whole new one
+                os.chmod(tmp / name, fileio.PLAIN_MODE)  # not a temporary file's 0600: the group reads it as any other
+                fileio.fsync(tmp / name)  # durable before it is swapped in: a crash of the machine, not only of the
+        with fileio.writing(folder):      # process, leaves the old folder or the whole new one
             for sub in {(tmp / name).parent for name in files} - {tmp}:
-                files.fsync(sub)
-            files.fsync(tmp)
+                fileio.fsync(sub)
+            fileio.fsync(tmp)
             if folder.exists():
                 folder.rename(old)
             tmp.rename(folder)
-            files.fsync(folder.parent)  # the renames themselves
+            fileio.fsync(folder.parent)  # the renames themselves
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # what a failed write left: never taken for a checkpoint
         recover_folder(folder)  # a swap that failed between its renames: the old folder back in place
@@ -264,7 +264,7 @@ def convert_bin(folder):
         ptr = v.untyped_storage().data_ptr()
         out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
         seen[ptr] = k
-    return files.write_file(folder / WEIGHTS, lambda path: save_file(out, str(path), metadata={"format": "pt"}))
+    return fileio.write_file(folder / WEIGHTS, lambda path: save_file(out, str(path), metadata={"format": "pt"}))
 
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 set-up, and how a run ends on bad input or a stop.
 
 The rule for bad input: a flag out of range ends the run before any model loads, with argparse's
-message and exit code 2. Bad input a user can fix raises `files.InputError`; `run` prints it as one line (the
+message and exit code 2. Bad input a user can fix raises `fileio.InputError`; `run` prints it as one line (the
 message names the file and line, or the tensor) and exits with code 1. A traceback is shown only with
 SCOTD_DEBUG=1. Ctrl-C and SIGTERM stop a command cleanly (130 / 143; `stopping_cleanly`).
 """
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
 
-from files import InputError
+from fileio import InputError
 from model import DTYPES
 
 ROOT = Path(__file__).resolve().parent

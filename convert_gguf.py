@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import InputError, cache_dir
+from fileio import InputError, cache_dir
 
 # llama.cpp tensor name -> HF name ({} is the layer index)
 GGUF_TO_HF = {

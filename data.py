@@ -60,9 +60,9 @@ import numpy as np
 import torch
 
 import cli
-import files
+import fileio
 from checkpoint import default_student, load_tokenizer
-from files import InputError
+from fileio import InputError
 from scotd import (LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, format_query, format_target, majority_vote, parse_choice,
                    parse_number, split_teacher_output,
                    socratic_turns)
@@ -351,7 +351,7 @@ def write_corpus(records, path):
         with opener(tmp) as f:
             for rec in records:
                 f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-    return files.write_file(path, write)
+    return fileio.write_file(path, write)
 
 
 def make_rationale(text, prediction_text, answer):
@@ -603,7 +603,7 @@ def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache
             def write(tmp):
                 with open(tmp, "wb") as f:
                     np.savez(f, ids=ids, offsets=offsets, n_query=n_query, keep=keep)
-            files.write_file(path, write, sync=False)  # a cache: rebuilt if a crash loses it
+            fileio.write_file(path, write, sync=False)  # a cache: rebuilt if a crash loses it
     for e, k in zip(examples, keep):
         if not k:
             skips.add(too_long or f"longer than --max-len {max_len} tokens", e["id"])

@@ -29,11 +29,11 @@ import torch
 
 import api
 import data
-import files
+import fileio
 import losses
 from api import ApiError
 from decode import answers_of
-from files import InputError
+from fileio import InputError
 from sample import SampleConfig, generate
 from scotd import ANSWER_END, format_query
 
@@ -104,7 +104,7 @@ class SidecarWriter:
         self.path, self.header = Path(path), {"format": MAGIC} | header
         self.dtype = record_dtype(header["k"])
         if not self.path.exists() or (positions == 0 and self.path.stat().st_size == 0):
-            files.write_file(self.path, lambda tmp: Path(tmp).write_bytes(_header_bytes(self.header)))
+            fileio.write_file(self.path, lambda tmp: Path(tmp).write_bytes(_header_bytes(self.header)))
         old, offset = read_header(self.path)
         if old != self.header:
             changed = sorted(k for k in old.keys() | self.header.keys() if old.get(k) != self.header.get(k))
@@ -129,7 +129,7 @@ class SidecarWriter:
             spans.append([at, len(tokens)])
             blocks.append(block)
             at += len(tokens)
-        files.append_bytes(self.path, b"".join(b.tobytes() for b in blocks), sync=True)  # whole, or not at all
+        fileio.append_bytes(self.path, b"".join(b.tobytes() for b in blocks), sync=True)  # whole, or not at all
         self.positions = at
         return spans
 

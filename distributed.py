@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
-from files import InputError
+from fileio import InputError
 
 
 @dataclass

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 import cli
-import files
+import fileio
 import data
-from files import InputError
+from fileio import InputError
 from checkpoint import (PACKAGED, check_model_folder, from_pretrained, is_hub_id, load_tokenizer, read_run_info,
                         recover_folder)
 from distributed import Dist
@@ -129,13 +129,13 @@ class Journal:
             return
         if rows:
             log(f"note      {path}: an interrupted run with other settings, discarded")
-        files.write_text(path, json.dumps({"settings": settings}) + "\n")
+        fileio.write_text(path, json.dumps({"settings": settings}) + "\n")
 
     def add(self, step, k, seconds, outs):
         row = {"step": step, "batch": k, "seconds": round(seconds, 3), "outs": outs}
         self.done[(step, k)] = row
         if self.path is not None:  # fsync'd: a crash of the machine keeps the batch too
-            files.append_text(self.path, json.dumps(row, ensure_ascii=False) + "\n", sync=True)
+            fileio.append_text(self.path, json.dumps(row, ensure_ascii=False) + "\n", sync=True)
 
     def run(self, step, label, n_prompts, batch_size, decode):
         """decode(k) -> the outputs of question batch k (batch_slices), for each of this rank's batches (every
@@ -241,7 +241,7 @@ def main(argv=None):
     if args.report:
         return recompute(Path(args.report), Path(args.out) if args.out else Path(args.report).parent)
     out = Path(args.out) if args.out else args.checkpoint.parent / "eval"
-    with files.one_writer(out, rank0=os.environ.get("RANK", "0") == "0"):  # one evaluation writes an --out
+    with fileio.one_writer(out, rank0=os.environ.get("RANK", "0") == "0"):  # one evaluation writes an --out
         return evaluation(args, out)
 
 
@@ -327,7 +327,7 @@ def recompute(predictions, out):
     if incomplete:
         print(f"warning   {predictions}: {incomplete}: the report covers only the questions it holds")
     meta = {k: v for k, v in before.items() if k not in derived and k != "vote_curve"}
-    with files.one_writer(out):
+    with fileio.one_writer(out):
         write_report(rows, meta, out, stem, derived)
     return out
 
@@ -393,7 +393,7 @@ def report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, 
     greedy_answers = [a[0] for a in answers_of(mode, greedy_outs, records)] if greedy_outs else None
     answers = answers_of(mode, chains, records) if chains else None
     rows = prediction_rows(records, golds, greedy_outs, greedy_answers, chains, answers)
-    preds_path = files.write_text(out / f"predictions-{stem}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    preds_path = fileio.write_text(out / f"predictions-{stem}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     speed = {}
     if greedy_outs:
         speed["greedy_tok_s"] = sum(len(o[0]["tokens"]) for o in greedy_outs) / max(greedy_s, 1e-9)
@@ -432,7 +432,7 @@ def write_report(rows, meta, out, stem, derived=None):
                                                  "calibrated": ([0, 100], [0, 100])},
                    "the winning answer's share of the N votes (%)", "accuracy (%)",
                    f"calibration of the vote, ECE {summary['calibration']['ece']:.3f}", ylim=(0, 100))
-    files.write_text(out / f"summary-{stem}.json", json.dumps(summary, indent=2) + "\n")
+    fileio.write_text(out / f"summary-{stem}.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

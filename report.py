@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-import files
+import fileio
 
 
 class Progress:
@@ -52,14 +52,14 @@ class Progress:
 
 
 def append_jsonl(path, record, sync=False):
-    """One record as a line appended to a JSONL file, in whole or not at all (files.append_text)."""
-    files.append_text(path, json.dumps(record, ensure_ascii=False) + "\n", sync)
+    """One record as a line appended to a JSONL file, in whole or not at all (fileio.append_text)."""
+    fileio.append_text(path, json.dumps(record, ensure_ascii=False) + "\n", sync)
 
 
 def plot_lines(path, series, xlabel, ylabel, title, bands=None, ylim=None):
     """series: {name: (xs, ys)} -> a PNG line chart; bands: {name: (lows, highs)} shaded around a line (an
     interval); ylim: the y axis's range (e.g. (0, 100) for percentages: a small wobble does not look like a cliff).
-    Written atomically (files.write_file)."""
+    Written atomically (fileio.write_file)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,7 +79,7 @@ def plot_lines(path, series, xlabel, ylabel, title, bands=None, ylim=None):
         ax.legend()
     fig.tight_layout()
     try:
-        files.write_file(path, lambda tmp: fig.savefig(tmp, format="png"))
+        fileio.write_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
 

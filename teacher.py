@@ -58,11 +58,11 @@ from pathlib import Path
 
 import api
 import cli
-import files
+import fileio
 import data
 import distill
 from checkpoint import check_model_folder, default_student, from_pretrained, load_tokenizer
-from files import InputError
+from fileio import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
@@ -407,11 +407,11 @@ class CorpusWriter:
                if self.records[i]["id"] not in self.done]  # a batch redone after a kill mid-write: its first lines are there
         # the batch's records in one append, fsync'd: a kill or a crash of the machine loses nothing written, and a
         # write that fails (a full disk) leaves no half record
-        files.append_text(self.out, "".join(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n" for rec, out in new),
+        fileio.append_text(self.out, "".join(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n" for rec, out in new),
                         sync=True)
         self.questions += len(new)
         self.bar.update(len(new), f"{counted / (time.time() - self.t0):,.0f} tok/s")
-        files.append_text(self.runs, json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
+        fileio.append_text(self.runs, json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
                                                "questions": self.questions, self.counted: counted} | tally) + "\n")
 
 
@@ -641,7 +641,7 @@ def main(argv=None):
         args.tokenizer = args.tokenizer or args.teacher or default_student()
         print("\n".join(cost(args, records, header, shots, load_tokenizer(args.tokenizer))))
         return None
-    with files.one_writer(args.out, folder=False):  # one process writes a corpus
+    with fileio.one_writer(args.out, folder=False):  # one process writes a corpus
         if args.score:
             return score(args, header, shot_ids)
         return write(args, records, header, shots, shot_ids)
@@ -654,7 +654,7 @@ def write(args, records, header, shots, shot_ids):
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was sampled with other settings: {'; '.join(changes)}. Use the same "
                          "flags, or another --out")
-    files.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    fileio.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     done = done_ids(out)
     engine = load_local(args, header) if args.teacher else api_client(args)
     if args.teacher:
@@ -705,7 +705,7 @@ def score(args, header, shot_ids):
     if meta_path.exists() and (changes := cli.changed_settings(json.loads(meta_path.read_text()), meta)):
         raise InputError(f"{meta_path}: {out} was scored with other settings: {'; '.join(changes)}")
     records = data.read_corpus(args.score)
-    files.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    fileio.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     done = done_ids(out)
     if args.teacher:
         model, tokenizer, prefix, _ = load_local(args, header)

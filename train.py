@@ -35,14 +35,14 @@ import torch
 
 import api
 import cli
-import files
+import fileio
 import data
 import distill
 import lora
 import losses
 from checkpoint import (RUN_INFO, check_model_folder, default_student, from_pretrained, load_tokenizer, nonfinite_tensors,
                         read_run_info, recover_folder, save_pretrained)
-from files import InputError, cache_dir
+from fileio import InputError, cache_dir
 from distributed import Dist
 from decode import answers_of, greedy
 from data import DEFAULT_TRAIN, FILTERS, SELECT  # (a field named `data` hides the module in RunConfig)
@@ -800,8 +800,8 @@ def prepare_out(run, state, dist):
         if data.drop_partial_line(metrics):  # a half-written last line of a killed run
             print(f"note      {metrics}: dropped a half-written line", flush=True)
         rows = [row for _, row in data.read_appended(metrics)]
-        files.write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
-    files.write_text(run.out / "args.json", json.dumps(run.info()["args"], indent=2))
+        fileio.write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step))
+    fileio.write_text(run.out / "args.json", json.dumps(run.info()["args"], indent=2))
     return metrics
 
 
@@ -851,7 +851,7 @@ def data_parallel(model, run, dist, device):
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    with files.one_writer(args.out or f"runs/{args.mode}", rank0=os.environ.get("RANK", "0") == "0"):  # one run an --out
+    with fileio.one_writer(args.out or f"runs/{args.mode}", rank0=os.environ.get("RANK", "0") == "0"):  # one run an --out
         run = check_args(p, args)  # every flag checked before anything loads; under the lock, as --resume may finish a swap
         return train(run)
 

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
-import files  # noqa: E402
+import fileio  # noqa: E402
 from checkpoint import convert_gguf  # noqa: E402
-from files import InputError, cache_dir  # noqa: E402
+from fileio import InputError, cache_dir  # noqa: E402
 
 TEACHERS = {
     "1.5b": dict(name="Qwen2.5-Coder-1.5B-Instruct", file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
@@ -91,7 +91,7 @@ def fetch(key):
         meta = gguf_metadata(gguf_path)
         if meta["architecture"] != "qwen2" or "qwen2.5" not in (meta["name"] or "").lower().replace(" ", ""):
             raise InputError(f"{gguf_path}: unexpected GGUF metadata {meta}")
-        files.write_text(record_path, json.dumps({**spec, "sha256": sha, "gguf": meta}, indent=2) + "\n")
+        fileio.write_text(record_path, json.dumps({**spec, "sha256": sha, "gguf": meta}, indent=2) + "\n")
     record = json.loads(record_path.read_text())
     if gguf_path.stat().st_size != spec["size"]:
         raise InputError(f"{gguf_path}: {gguf_path.stat().st_size:,} bytes, expected {spec['size']:,}")

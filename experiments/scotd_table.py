@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))  # stats.py
 
 import cli  # noqa: E402
-import files  # noqa: E402
+import fileio  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
@@ -177,7 +177,7 @@ class StepLog:
     def write(self):
         steps = self.read()
         steps[self.step] = {"command": self.command, "seconds": round(self.before + time.time() - self.t0, 1)}
-        files.write_text(self.path, json.dumps(steps, indent=1))
+        fileio.write_text(self.path, json.dumps(steps, indent=1))
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,8 +204,8 @@ def trained(rec):
 def record_training(run, rec):
     """A finished train step into the record: its metrics, and trained.json (the steps it took)."""
     rec.mkdir(parents=True, exist_ok=True)
-    files.write_text(rec / "metrics.jsonl", (run / "metrics.jsonl").read_text())
-    files.write_text(rec / "trained.json", json.dumps({"steps": trained_steps(run)}))
+    fileio.write_text(rec / "metrics.jsonl", (run / "metrics.jsonl").read_text())
+    fileio.write_text(rec / "trained.json", json.dumps({"steps": trained_steps(run)}))
 
 
 def skip_line(name, why):
@@ -434,7 +434,7 @@ def report(args, skipped, wall0):
             + f"\nThis invocation: {(time.time() - wall0) / 60:.0f} min.\n")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    files.write_text(results / args.page, text)
+    fileio.write_text(results / args.page, text)
     if curves:
         ks = list(range(1, args.n + 1))
         series = {name: (ks, [float(np.mean(c)) for c in curve]) for name, curve in curves.items()}
@@ -468,7 +468,7 @@ def write_between(readme, begin, end, text):
     """Replace what lies between README's two marker lines with text (a README without them is left alone)."""
     if readme.exists() and begin in readme.read_text():
         head, rest = readme.read_text().split(begin)
-        files.write_text(readme, f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+        fileio.write_text(readme, f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv=None):

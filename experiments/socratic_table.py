@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import files  # noqa: E402
+import fileio  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import teacher  # noqa: E402
@@ -199,7 +199,7 @@ def report(args, waits, wall0):
     text = (f"# Socratic CoT on GSM8K, measured\n\n{note}\n\n{table}\n\nMachine: {args.machine}; {total / 3600:.1f} h "
             "of steps in all (the teacher's sub-questions included).\n\nCommands, one per step, as run:\n"
             + "".join(f"    {c}\n" for c in commands) + f"\nThis invocation: {(time.time() - wall0) / 60:.0f} min.\n")
-    files.write_text(args.results, text)
+    fileio.write_text(args.results, text)
     write_between(Path(args.readme), README_BEGIN, README_END, f"{note}\n\n{table}")
     print(text)
 

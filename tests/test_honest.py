@@ -9,7 +9,7 @@ import pytest
 import data
 import evaluate
 import train
-from files import InputError
+from fileio import InputError
 from helpers import tiny_student
 
 FLAGS = ["--limit", "16", "--batch-size", "4", "--eval-every", "0", "--eval-questions", "2", "--seed", "7"]

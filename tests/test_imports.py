@@ -1,5 +1,5 @@
 """The project's modules import one way, leaves to entry points: no cycle, no project import inside a function (or
-through importlib), and files.py -- errors and atomic writing -- imports nothing of the project. Read from the
+through importlib), and fileio.py -- errors and atomic writing -- imports nothing of the project. Read from the
 source with ast, so a new import that breaks the order fails here, not at some later import time."""
 
 import ast
@@ -34,7 +34,7 @@ def test_modules_import_one_way_with_no_cycle_and_nothing_inside_a_function():
                 dynamic.append(f"{name} imports {node.args[0].value} through importlib")
     order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError names the cycle
     assert not inner and not dynamic, inner + dynamic
-    assert graph["files"] == set() and order.index("files") < order.index("cli") < order.index("train")
+    assert graph["fileio"] == set() and order.index("fileio") < order.index("cli") < order.index("train")
     entry_points = {"train", "evaluate", "teacher"}
     assert not [name for name, deps in graph.items() if deps & entry_points]  # nothing builds on a command
 

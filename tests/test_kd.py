@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import cli
-import files
+import fileio
 import data
 import distill
 import losses
 import teacher
 import train
 from checkpoint import from_pretrained, load_tokenizer
-from files import InputError
+from fileio import InputError
 from helpers import Crash, stop_after_first_batch, tiny_student
 
 K = 5
@@ -79,7 +79,7 @@ def test_a_run_stopped_or_failing_between_the_sidecar_and_its_lines_resumes_to_t
         score(pair[1], corpus, out)
     assert e.value.code == 130 and len(out.read_text().splitlines()) == 3
     monkeypatch.setattr(teacher, "chain_logprobs", real)
-    append = files.append_text
+    append = fileio.append_text
 
     def fail_on_the_corpus(path, text, sync=False):
         if str(path) == str(out):

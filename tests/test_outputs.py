@@ -11,15 +11,15 @@ import torch
 
 import checkpoint
 import evaluate
-import files
+import fileio
 import teacher
 from helpers import tiny_student
 
 ROOT = checkpoint.Path(checkpoint.__file__).resolve().parent
 HOLD = """
 import sys, time
-import files
-with files.one_writer(sys.argv[1], folder=sys.argv[2] == "folder"):
+import fileio
+with fileio.one_writer(sys.argv[1], folder=sys.argv[2] == "folder"):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -61,7 +61,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_ones_lock_is_
     proc = holder(out, "file" if command == "teacher" else "folder")
     try:
         no_model_loads(monkeypatch)
-        with pytest.raises(files.Busy, match=rf"^{out}: another process \(pid {proc.pid}\) is writing there") as e:
+        with pytest.raises(fileio.Busy, match=rf"^{out}: another process \(pid {proc.pid}\) is writing there") as e:
             (teach if command == "teacher" else judge)(student, out)
         assert e.value.exit_code == 2
         assert sorted(p.name for p in tmp_path.iterdir()) == (["c.jsonl.lock"] if command == "teacher" else ["eval"])
@@ -78,9 +78,9 @@ def test_an_output_that_cannot_be_written_is_refused_before_a_model_loads(studen
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     no_model_loads(monkeypatch)
-    with pytest.raises(files.Busy, match=rf"^{blocker}/c\.jsonl: cannot write there"):
+    with pytest.raises(fileio.Busy, match=rf"^{blocker}/c\.jsonl: cannot write there"):
         teach(student, blocker / "c.jsonl")
-    with pytest.raises(files.Busy, match=rf"^{blocker}/eval: cannot write there"):
+    with pytest.raises(fileio.Busy, match=rf"^{blocker}/eval: cannot write there"):
         judge(student, blocker / "eval")
     r = subprocess.run([sys.executable, "teacher.py", "--teacher", str(student), "--out", str(blocker / "c.jsonl")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

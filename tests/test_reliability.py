@@ -21,13 +21,13 @@ from safetensors import SafetensorError
 
 import checkpoint
 import cli
-import files
+import fileio
 import data
 import evaluate
 import report
 import teacher
 import train
-from files import WriteError
+from fileio import WriteError
 from data import CorpusError
 from helpers import tiny_student
 
@@ -244,7 +244,7 @@ def test_files_get_the_mode_a_plain_open_gives(student, tmp_path):
     plain.write_text("x")
     want = plain.stat().st_mode & 0o777
     assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {p.name: want for p in folder.iterdir()}
-    assert files.write_text(tmp_path / "t.json", "{}").stat().st_mode & 0o777 == want
+    assert fileio.write_text(tmp_path / "t.json", "{}").stat().st_mode & 0o777 == want
 
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import evaluate
-import files
+import fileio
 import train
 from helpers import Crash, counting_forward, left_padded_batch, make_hf_model, save_hf, tiny_student
 from checkpoint import from_pretrained, load_tokenizer
@@ -337,7 +337,7 @@ def test_prompt_longer_than_the_model_positions_is_a_clear_error(student, tmp_pa
     """Past max_position_embeddings the position table has no row: say so before decoding, with the numbers.
     Through evaluate.py it is one line and exit 1 (a 12-shot prompt is ~2,000 tokens; the tiny model has 512)."""
     model = from_pretrained(student)
-    with pytest.raises(files.InputError, match=r"the longest prompt \(420 tokens\) \+ max_new_tokens 96 needs 516 "
+    with pytest.raises(fileio.InputError, match=r"the longest prompt \(420 tokens\) \+ max_new_tokens 96 needs 516 "
                                              r"positions; the model has 512 \(max_position_embeddings"):
         generate(model, None, [[5] * 420, [5] * 10], SampleConfig(max_new_tokens=96, stop=()))
     with pytest.raises(SystemExit) as e:

@@ -15,7 +15,7 @@ import torch
 
 import api
 import cli
-import files
+import fileio
 import data
 import distill
 import teacher
@@ -193,7 +193,7 @@ def test_a_server_with_another_tokenizer_is_refused(faulty, tmp_path):
     url, _ = faulty(model=served)
     other = tiny_student(tmp_path / "ours")
     corpus = many_rationale_corpus(tmp_path / "many.jsonl")
-    with pytest.raises(files.InputError, match=r"chain 1: the server's model reads token \d+ as '.*', --tokenizer as .*same"):
+    with pytest.raises(fileio.InputError, match=r"chain 1: the server's model reads token \d+ as '.*', --tokenizer as .*same"):
         teacher.main(["--api", url, "--model", "smol", "--score", str(corpus), "--top-logprobs", "5",
                       "--tokenizer", str(other), "--retry-wait", "0.01", "--out", str(tmp_path / "s.jsonl")])
 
@@ -402,7 +402,7 @@ def test_records_land_in_question_order_whatever_finishes_first(faulty, tmp_path
 def test_a_changed_setting_is_refused_by_name(faulty, tmp_path):
     url, _ = faulty()
     out = run(url, tmp_path / "c.jsonl", limit=1)
-    with pytest.raises(files.InputError, match=r"sampled with other settings: model smol -> other; "
+    with pytest.raises(fileio.InputError, match=r"sampled with other settings: model smol -> other; "
                                              r"sampling\.temperature 1\.0 -> 0\.5\. Use the same flags"):
         teacher.main(["--api", url, "--model", "other", "--out", str(out), "--limit", "1", "--n", "3", "--shots", "2",
                       "--max-new-tokens", "24", "--temperature", "0.5"])

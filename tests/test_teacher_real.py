@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoint import from_pretrained, load_tokenizer
-from files import cache_dir
+from fileio import cache_dir
 from data import DEFAULT_DEV, read_corpus
 from scotd import format_query
 
