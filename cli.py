@@ -126,11 +126,19 @@ def flag(default=None, help="", resume=MAY_CHANGE, **argparse_kw):
 
 def add_flags(parser, settings):
     """One flag for each field of `settings` (a dataclass, or a list of flag() fields with names) that flag()
-    made, in order."""
+    made, in order; a dataclass made of groups (dataclass bases) gets an argument group each, titled by the first
+    words of the group's docstring ("Data: ..." -> data)."""
+    owners = [c for c in reversed(settings.__mro__) if is_dataclass(c)] if isinstance(settings, type) else []
+    groups = {}
     for f in fields(settings) if is_dataclass(settings) else settings:
-        if "help" in f.metadata:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, help=f.metadata["help"],
-                                **f.metadata["argparse"])
+        if "help" not in f.metadata:
+            continue
+        owner = next((c for c in owners if f.name in c.__dict__.get("__annotations__", {})), settings)
+        if owner is not settings and owner not in groups:
+            title, _, about = (owner.__doc__ or owner.__name__).partition(": ")
+            groups[owner] = parser.add_argument_group(title.lower(), about)
+        (groups.get(owner) or parser).add_argument(f"--{f.name.replace('_', '-')}", default=f.default,
+                                                   help=f.metadata["help"], **f.metadata["argparse"])
 
 
 def _named(name, f):
@@ -281,3 +289,37 @@ def keep_freed_memory(device):
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
     libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM during training ask the loop to stop at the end of the step in flight,
+    so `last` is saved at a consistent point (weights, optimizer and data position of the same step).
+    A second Ctrl-C aborts at once, leaving the newest checkpoint on disk (as a kill -9 would)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving `last` "
+              "(Ctrl-C again to abort without saving)", flush=True)
+
+    def requested(self, dist):
+        """Has any rank been asked to stop? (All ranks must agree: saving is a collective.)"""
+        return dist.sum(int(self.signum is not None)) > 0
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGINT)

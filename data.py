@@ -61,6 +61,7 @@ import torch
 
 import cli
 import fileio
+import losses
 from checkpoint import default_student, load_tokenizer
 from fileio import InputError
 from scotd import (LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, format_query, format_target, majority_vote, parse_choice,
@@ -482,7 +483,7 @@ A solution without such a number, or without steps, is a counted skip."""
 
 def build_examples(records, mode, filter="correct", rationales_per_question=None, seed=0, skips=None, select="random"):
     """Records -> list of dicts {id, query, target, answer (data.gold)}, and `chain`: the rationale's index in its
-    record (modes with a rationale; distill.TeacherTargets finds its top-k by it). The paper trains on every sampled
+    record (modes with a rationale; distill.TopKSidecar finds its top-k by it). The paper trains on every sampled
     rationale (§2); `filter="correct"` keeps only rationales whose teacher answer is gold;
     `rationales_per_question` K keeps K of those, chosen by `select` (select_rationales)."""
     if mode not in MODES + SOCRATIC_ROLES:
@@ -576,7 +577,7 @@ def select_rationales(rationales, k, how, rng, where=""):
 def tokenize_examples(examples, tokenizer, max_len, skips, cache_dir=None, cache_key="", too_long=None, attach=None):
     """-> list of (ids, n_query) int32 arrays; examples longer than max_len are skipped and counted, as
     `too_long` (default: "longer than --max-len N tokens"). attach(example, ids, n_query): a third element for
-    each example kept (train.py --kd: its teacher top-k, distill.TeacherTargets).
+    each example kept (train.py --kd: its teacher top-k, distill.TopKSidecar).
 
     Cached on disk keyed by the examples, the tokenizer and max_len, so a second run starts at once.
     """
@@ -663,6 +664,43 @@ class TopKRows(NamedTuple):
     def place(self, b, pos, topk):
         self.ids[b, pos:pos + len(topk)] = torch.from_numpy(np.asarray(topk["ids"], dtype=np.int64))
         self.logprobs[b, pos:pos + len(topk)] = torch.from_numpy(np.asarray(topk["logprobs"], dtype=np.float32))
+
+
+def record_dtype(k):
+    """One position of a top-k sidecar (distill.py): the target token, the teacher's K likeliest ids and their
+    log-probabilities."""
+    return np.dtype([("token", "<i4"), ("ids", "<i4", (k,)), ("logprobs", "<f2", (k,))])
+
+
+class Rows(NamedTuple):
+    """A micro-batch on the device, with what the step needs to know about it known on the host."""
+    idx: torch.Tensor  # (B, T) token ids
+    targets: torch.Tensor  # (B, T) the next token, -100 where there is no loss
+    docs: torch.Tensor | None  # packed / shared-prefix rows (data.layout), else None: plain causal rows
+    branches: torch.Tensor | None
+    target_idx: torch.Tensor  # (N,) flat indices of the target positions (the head runs there only)
+    n_targets: int  # N, on the host: normalising the loss needs no device->host copy
+    tree_kernel: str = "gather"  # how packed and shared-prefix rows attend (--tree-kernel)
+    teacher_view: "losses.TopKTargets | losses.Grader | losses.SampledTokens | None" = None  # the teacher's side of
+    # the loss at the N targets: its top-k and the mix (--kd), or its grades of the student's tokens (--on-policy)
+
+
+def to_tensors(batch, run, pad_id, device):
+    """A micro-batch of (ids, n_query) -> Rows on the device: right-padded rows (docs None: plain causal
+    attention), or data.layout's packed and/or shared-prefix rows (run: pack, shared, row_len). An empty share
+    (a last global batch with fewer examples than ranks) becomes one padding token without targets: zero
+    loss and zero gradients, but the rank still joins the gradient all-reduce."""
+    batch = batch or [(np.array([pad_id, pad_id]), 2) + ((np.zeros(0, record_dtype(1)),) if run.kd else ())]
+    if run.pack or run.shared:
+        idx, targets, docs, branches, teacher = layout(batch, pad_id, run.row_len, share=run.shared, pack=run.pack)
+    else:
+        (idx, targets, teacher), docs, branches = collate(batch, pad_id), None, None
+    target_idx = (targets.flatten() != -100).nonzero()[:, 0]  # on the host
+    move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+    if teacher is not None:  # --kd: the top-k of the target positions only, in the head's order, and the mix
+        teacher = losses.TopKTargets(*(move(t.flatten(0, 1)[target_idx]) for t in teacher), run.kd, run.kd_temperature)
+    return Rows(move(idx), move(targets), move(docs), move(branches), move(target_idx), len(target_idx), run.tree_kernel,
+                teacher)
 
 
 def cut_batches(order, lengths, batch_size, tokens=None):

@@ -1,6 +1,6 @@
 """Distillation beyond the teacher's chains: its token distributions, stored once and trained on many times
-(train.py --kd), and on-policy distillation, where the student writes the chains and the teacher grades every token
-(train.py --on-policy: OnPolicy, at the end).
+(train.py --kd). (On-policy distillation, where the student writes the chains and the teacher grades every token:
+onpolicy.py.)
 
 `teacher.py --score CORPUS --top-logprobs K` runs the teacher once over each chain of a corpus -- the student's
 training prompt, then the target it learns (scotd.format_target), the very tokens train.py trains on -- and keeps,
@@ -25,25 +25,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import api
 import data
 import fileio
-import losses
 from api import ApiError
-from decode import answers_of
+from data import record_dtype
 from fileio import InputError
-from sample import SampleConfig, generate
-from scotd import ANSWER_END, format_query
 
 MAGIC = "scotd top-k 1"  # the header's "format"
 ALIGN = 64
-
-
-def record_dtype(k):
-    """One position of a sidecar."""
-    return np.dtype([("token", "<i4"), ("ids", "<i4", (k,)), ("logprobs", "<f2", (k,))])
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -134,7 +124,7 @@ class SidecarWriter:
         return spans
 
 
-class TeacherTargets:
+class TopKSidecar:
     """train.py --kd: data.tokenize_examples' `attach` -- an example's stored top-k (a slice of its sidecar's
     records, found through its record's topk_file and its rationale's topk span), checked against the student's
     tokens. Each sidecar is checked against the student's tokenizer when first opened (`student`: its folder)."""
@@ -201,71 +191,3 @@ def served_logprobs(rows, chain, tokenizer, what, ours):
                              "serve a teacher with the same tokenizer")
         out[j] = row[token][0]
     return out
-
-
-# -----------------------------------------------------------------------------
-# On-policy distillation (train.py --on-policy): the student writes the chains, the teacher grades every token
-
-
-class OnPolicy:
-    """The two halves of an on-policy step besides the update. `sample`: the current student writes n chains for
-    each of a micro-batch's questions (sample.generate, at `temperature`, stopping as evaluate.py's chains do; with
-    `compile`, its compiled decode step, replayed as CUDA graphs on CUDA, the weights updated in place between steps);
-    the prompt is the question's training query, so each chain is an example (query + chain, n_query) whose chain
-    tokens carry the loss. `grade`: the teacher's view of those tokens -- a local teacher's hidden states at
-    them (losses.Grader: the divergence is exact over the vocabulary), or a served teacher's log-probability
-    of each (losses.SampledTokens; api.Client.prompt_logprobs, `concurrency` requests in flight). `header`: token
-    ids the teacher reads before every row (train.py --teacher-shots: worked examples in the chains' format), the
-    student never."""
-
-    def __init__(self, tokenizer, mode, n, temperature, max_new_tokens, beta, teacher=None, client=None, concurrency=4,
-                 compile=False, header=()):
-        self.tokenizer, self.mode, self.n, self.temperature, self.max_new_tokens = tokenizer, mode, n, temperature, max_new_tokens
-        self.beta, self.teacher, self.client, self.concurrency, self.compile = beta, teacher, client, concurrency, compile
-        self.header = list(header)
-
-    def sample(self, model, records, seed):
-        """-> (examples [(ids, n_query)] of the chains with at least one token, stats: sampled tokens a chain and the
-        share of chains whose answer is the gold one)."""
-        prompts = [self.tokenizer.encode(format_query(r["question"], r.get("choices"))).ids for r in records]
-        cfg = SampleConfig(n=self.n, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                           stop_after=(ANSWER_END,) if self.mode == "cot" else (),  # where teacher.py cut its chains
-                           batch_size=max(1, len(prompts)), seed=seed, compile=self.compile)  # on CUDA: CUDA graphs
-        was_training = model.training
-        model.eval()
-        outs = generate(model, self.tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
-        model.train(was_training)
-        right = [a == data.gold(r) for answers, r in zip(answers_of(self.mode, outs, records), records) for a in answers]
-        chains = [(p, c) for p, o in zip(prompts, outs) for c in o]
-        examples = [(np.array(p + g, dtype=np.int32), len(p)) for p, c in chains if (g := self.graded(c))]
-        stats = {"sampled_tokens": float(np.mean([len(c["tokens"]) for _, c in chains])) if chains else 0.0,
-                 "right": float(np.mean(right)) if right else 0.0}
-        return examples, stats
-
-    def graded(self, chain):
-        """A sampled chain's tokens the teacher grades: those inside its text. The token that completes a stop and
-        runs past the text (".\n\n" after the answer sentence) is the format's end, which the teacher never chose --
-        its own chains were cut by a rule (teacher.py) -- so it gives that token little mass (Qwen2.5-Coder-1.5B:
-        1 % at the slice's chain ends, experiments/README.md) and grading it would teach the student not to stop."""
-        tokens = chain["tokens"]
-        while tokens and len(self.tokenizer.decode(tokens, skip_special_tokens=False)) > len(chain["text"]):
-            tokens = tokens[:-1]
-        return tokens
-
-    def grade(self, idx, target_idx, examples, device):
-        """The teacher at the target positions of rows built from `examples` (idx (B, T) on the device)."""
-        if self.teacher is not None:
-            if self.header:  # the rows shifted right by the header; the flat target positions with them
-                (B, T), H = idx.shape, len(self.header)
-                idx = torch.cat([torch.tensor(self.header, dtype=idx.dtype, device=idx.device).expand(B, H), idx], 1)
-                target_idx = target_idx // T * (T + H) + H + target_idx % T
-            hidden = self.teacher.hidden_at(idx, target_idx)
-            return losses.Grader(hidden, self.teacher.lm_head.weight, self.teacher.cfg.logit_softcap, self.beta)
-
-        def chain(job):
-            e, (ids, n_query) = job
-            rows = self.client.prompt_logprobs(self.header + ids.tolist(), 1, f"on-policy chain {e + 1} of the step")
-            return served_logprobs(rows[len(self.header) + n_query:], ids[n_query:].tolist(), self.tokenizer,
-                                   f"on-policy chain {e + 1}", "the student's tokenizer")
-        logps = [lp for _, lp in api.in_order(chain, list(enumerate(examples)), self.concurrency)]
-        return losses.SampledTokens(torch.from_numpy(np.concatenate(logps) if logps else np.zeros(0, np.float32)).to(device))

@@ -9,10 +9,15 @@ reads as if this file did not exist.
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as td
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from fileio import InputError
 
@@ -75,3 +80,58 @@ class Dist:
         if self.world > 1 and td.is_initialized():
             td.barrier()
             td.destroy_process_group()
+
+
+def rank_share(batch, dist, contiguous):
+    """This rank's examples of a global micro-batch: every world-th one, or with shared-prefix rows a contiguous
+    slice (question-grouped batches: a question's branches then stay on one rank, sharing its prefix)."""
+    if not contiguous:
+        return batch[dist.rank::dist.world]
+    size, extra = divmod(len(batch), dist.world)
+    start = dist.rank * size + min(dist.rank, extra)
+    return batch[start:start + size + (dist.rank < extra)]
+
+
+# -----------------------------------------------------------------------------
+# Training under torchrun (train.py)
+
+
+def data_parallel(model, fsdp, dist, device):
+    """Under torchrun: DDP replicates the model, FSDP2 (--fsdp) shards it per layer; one process: unchanged."""
+    if dist.world == 1:
+        return model
+    if fsdp:
+        mesh = init_device_mesh(device.type, (dist.world,))  # named: FSDP's default mesh is CUDA's wherever CUDA is
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+
+@contextmanager
+def no_sync(model, last):
+    """Skip the gradient all-reduce on all but the last micro-batch of a window (DDP and FSDP2)."""
+    if last or not (hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")):
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def full_states(model, optimizer=None):
+    """Model and optimizer state (None: the model's only) as whole tensors keyed by parameter name, whatever the
+    wrapping (plain, DDP or FSDP; a collective under torchrun): a checkpoint resumes on any number of ranks."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def set_optimizer_state(model, optimizer, state):
+    """full_states' optimizer state (whole tensors by parameter name) back into `optimizer`, whatever the wrapping."""
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

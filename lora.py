@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fileio import InputError
+import cli
+from checkpoint import check_model_folder, from_pretrained
 from families import FAMILIES, hf_key
+from fileio import InputError
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # what peft puts before the base model's own key
@@ -174,3 +176,25 @@ def load_adapter(model, folder):
             ours[f"{name}.{which}"] = saved[key]
     model.load_state_dict(ours, strict=False)
     return config
+
+
+def load_student(run, init, device):
+    """train.py --lora R, or an --init that is an adapter folder -> (the base folder, the base model with adapters):
+    fresh ones, those of --init (peft's layout; its base_model_name_or_path is the model), or those of the resumed
+    checkpoint's adapter/. With --dtype bfloat16 the frozen base is held in bf16, the adapters in fp32."""
+    adapter = init if is_adapter_folder(init) else None
+    if adapter is not None:  # --init: an adapter; its base is the model
+        init = Path(check_model_folder(cli.Refuse(f"--init {adapter}"), "its base_model_name_or_path",
+                                       read_adapter_config(adapter)["base_model_name_or_path"]))
+    model = from_pretrained(init, device=device)
+    adapter = run.resume / "adapter" if run.resume is not None else adapter
+    if adapter is None:
+        targets = tuple(t.strip() for t in run.lora_targets.split(",")) if run.lora_targets else None
+        add_adapters(model, run.lora, run.lora_alpha, run.lora_dropout, targets)
+    else:
+        config = load_adapter(model, adapter)
+        if run.lora and run.lora != config["r"]:
+            raise InputError(f"--lora {run.lora}: {adapter} holds an adapter of rank {config['r']}")
+    if run.dtype == "bfloat16":
+        hold_base_in(model, torch.bfloat16)
+    return init, model

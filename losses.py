@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-class Teacher(NamedTuple):
+class TopKTargets(NamedTuple):
     """The teacher's side of a KD loss: at each of the N target positions its K likeliest tokens `ids` (N, K) and
     their log-probabilities (N, K) (distill.py's sidecar), and how the loss mixes: (1 - alpha) * cross-entropy +
     alpha * KD, where KD is temperature**2 * KL(p || q) with p the teacher's distribution renormalised over its K
@@ -47,7 +47,7 @@ def linear_cross_entropy(x, weight, labels, teacher=None):
     they would be 400 MB in fp32, twice over with their gradient). Equal to F.cross_entropy(F.linear(x,
     weight).float(), labels) with its gradients (tested to 1e-5); no rows: a zero loss with zero gradients.
 
-    teacher (a Teacher): -> (the mixed loss, and detached, the mean cross-entropy and the mean KD term), the KD
+    teacher (TopKTargets): -> (the mixed loss, and detached, the mean cross-entropy and the mean KD term), the KD
     term's gradient added to each chunk's (tested against a dense reference to 1e-5)."""
     if x.shape[0] == 0:  # no target at all (a rank's empty share of a batch)
         zero = (x.sum() * weight.sum()).float() * 0

@@ -210,9 +210,9 @@ class Transformer(nn.Module):
     # Three entry points: forward (whole rows: training, scoring), prefill and decode_step (a sample.KVCache).
 
     def forward(self, idx, targets=None, attention_mask=None, docs=None, branches=None, target_idx=None,
-                tree_kernel="gather", teacher=None):
+                tree_kernel="gather", teacher_view=None):
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (None, the mean cross-entropy over
-        the target positions), or with targets and a teacher at the target positions, in order -- losses.Teacher
+        the target positions), or with targets and a teacher_view at the target positions, in order -- losses.TopKTargets
         (its top-k: train.py --kd), losses.Grader or losses.SampledTokens (on-policy) -- ({the loss's parts,
         detached, by name}, the loss to train on).
 
@@ -227,15 +227,15 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if docs is not None:
             tree = (FlexTree if tree_kernel == "flex" else TreeAttention)(docs, branches)
-            return self._head(self._hidden(idx, tree.positions, tree), targets, target_idx, teacher)
+            return self._head(self._hidden(idx, tree.positions, tree), targets, target_idx, teacher_view)
         if attention_mask is None:  # training batches: causal attention, no mask, no host sync
             positions = torch.arange(T, device=idx.device).expand(B, T)
-            return self._head(self._hidden(idx, positions, Dense(None, positions)), targets, target_idx, teacher)
+            return self._head(self._hidden(idx, positions, Dense(None, positions)), targets, target_idx, teacher_view)
         valid = attention_mask.bool()
         # a token's position counts only the real tokens before it in its row, so left padding is harmless
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         attn = Dense(None if valid.all() else causal_mask(valid, 0, T), positions)
-        return self._head(self._hidden(idx, positions, attn), targets, target_idx, teacher)
+        return self._head(self._hidden(idx, positions, attn), targets, target_idx, teacher_view)
 
     def prefill(self, idx, cache, attention_mask=None, last_only=True):
         """Write idx (B, T) into the cache's next T slots, attending to everything before -> the logits of
@@ -320,7 +320,7 @@ class Transformer(nn.Module):
         """The head, soft-capped where the config says (cap * tanh(logits / cap))."""
         return losses.capped(self.lm_head(x), self.cfg.logit_softcap)
 
-    def _head(self, x, targets, target_idx=None, teacher=None):
+    def _head(self, x, targets, target_idx=None, teacher_view=None):
         """The logits (B, T, V); or with targets (None, the mean cross-entropy over the target positions). The
         head (49k x d for SmolLM2) runs only where there is a target (the query has none), in row chunks
         (losses.linear_cross_entropy: never the whole (N, V) logits). target_idx: the flat indices of the positions
@@ -332,22 +332,22 @@ class Transformer(nn.Module):
         hidden = x.flatten(0, 1).index_select(0, target_idx)  # (N_targets, d)
         labels = targets.flatten().index_select(0, target_idx)
         weight, cap = self.lm_head.weight, self.cfg.logit_softcap
-        if isinstance(teacher, losses.Grader):  # on-policy, a local teacher: the divergence over the vocabulary
-            loss, shown = losses.linear_divergence(hidden, weight, teacher, cap)
+        if isinstance(teacher_view, losses.Grader):  # on-policy, a local teacher: the divergence over the vocabulary
+            loss, shown = losses.linear_divergence(hidden, weight, teacher_view, cap)
             return {"divergence": shown}, loss
-        if isinstance(teacher, losses.SampledTokens):  # on-policy, a served teacher: the sampled-token estimator
-            loss, shown = losses.linear_sampled_kl(hidden, weight, labels, teacher, cap)
+        if isinstance(teacher_view, losses.SampledTokens):  # on-policy, a served teacher: the sampled-token estimator
+            loss, shown = losses.linear_sampled_kl(hidden, weight, labels, teacher_view, cap)
             return {"divergence": shown}, loss
         if cap is not None:  # soft-capped logits: the plain loss (the chunked one has no cap)
             logits = self._logits(hidden).float()
             ce = F.cross_entropy(logits, labels)
-            if teacher is None:
+            if teacher_view is None:
                 return None, ce
-            kd = losses.kd_loss(logits.gather(1, teacher.ids), teacher).mean()
-            return {"ce": ce.detach(), "kd_loss": kd.detach()}, (1 - teacher.alpha) * ce + teacher.alpha * kd
-        if teacher is None:
+            kd = losses.kd_loss(logits.gather(1, teacher_view.ids), teacher_view).mean()
+            return {"ce": ce.detach(), "kd_loss": kd.detach()}, (1 - teacher_view.alpha) * ce + teacher_view.alpha * kd
+        if teacher_view is None:
             return None, losses.linear_cross_entropy(hidden, weight, labels)
-        loss, ce, kd = losses.linear_cross_entropy(hidden, weight, labels, teacher)
+        loss, ce, kd = losses.linear_cross_entropy(hidden, weight, labels, teacher_view)
         return {"ce": ce, "kd_loss": kd}, loss
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ statistics of the results tables live beside the scripts that write them: experi
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 import fileio
 
@@ -108,3 +109,21 @@ def calibration(shares, correct, bins=5):
         out.append({"lo": lo, "hi": hi, "share": share, "accuracy": accuracy, "n": len(inside)})
     ece = sum(b["n"] / max(n, 1) * abs(b["accuracy"] - b["share"]) for b in out)
     return {"bins": out, "ece": ece}
+
+
+class Clock:
+    """Wall time by phase (the steps, dev evaluation, saves): `with clock("steps"): ...` adds to seconds["steps"]."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, phase):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.time() - t0
+
+    def line(self):
+        return ", ".join(f"{phase} {s:,.0f} s" for phase, s in self.seconds.items())

@@ -348,7 +348,7 @@ def train_worker(side, name, steps, batch_size, device, dtype, k=1, share=False,
             model.compile_blocks()  # as train.py --compile does
 
         def step(batch):
-            rows = train.to_tensors(batch, layout, 0, device)
+            rows = data.to_tensors(batch, layout, 0, device)
             n = train.train_step(model, optimizer, scaler, [rows], ctx, 1.0)[2]
             return n, train_flops(cfg, rows.idx.numel(), attended_pairs(rows.idx, rows.docs, rows.branches), n)  # head: targets only
     else:

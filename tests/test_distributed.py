@@ -103,7 +103,7 @@ def test_last_batch_with_fewer_examples_than_ranks(student, tmp_path):
 
 def test_shared_prefix_rows_under_ddp_equal_one_process(student, tmp_path):
     """3 rationales per question, --share-prefix auto: each rank takes a contiguous slice of the question-grouped
-    batch (train.rank_share) and builds shared rows from it; weights and losses equal one process's."""
+    batch (distributed.rank_share) and builds shared rows from it; weights and losses equal one process's."""
     corpus = many_rationale_corpus(tmp_path / "many.jsonl")
     args = ["--init", str(student), "--data", str(corpus), "--max-steps", "4", *COMMON]
     stdout = launch("train.py", *args, "--out", str(tmp_path / "one"))
@@ -148,7 +148,7 @@ def test_kd_under_ddp_and_fsdp_equals_one_process(student, tmp_path, how):
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     """Two ranks on a one-GPU machine: an error naming the fix, not CUDA's "invalid device ordinal"."""
-    from files import InputError
+    from fileio import InputError
     from distributed import Dist
 
     monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")

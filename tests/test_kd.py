@@ -12,6 +12,7 @@ import cli
 import fileio
 import data
 import distill
+import flags
 import losses
 import teacher
 import train
@@ -126,8 +127,8 @@ def test_kd_loss_and_gradients_equal_a_dense_reference(pair, alpha, temperature,
     targets[:, 6:] = torch.randint(0, 384, (3, 14), generator=g)
     target_idx = (targets.flatten() != -100).nonzero()[:, 0]
     top = torch.randn(len(target_idx), 384, generator=g).mul(3).log_softmax(-1).topk(K, -1)
-    t = losses.Teacher(top.indices, top.values, alpha, temperature)
-    parts, loss = model(idx, targets, target_idx=target_idx, teacher=t)
+    t = losses.TopKTargets(top.indices, top.values, alpha, temperature)
+    parts, loss = model(idx, targets, target_idx=target_idx, teacher_view=t)
     ce, kd = parts["ce"], parts["kd_loss"]
     grads = torch.autograd.grad(loss, list(model.parameters()))
     logits = model(idx)[0].flatten(0, 1)[target_idx]
@@ -173,14 +174,14 @@ def test_kd_on_shared_prefix_and_packed_rows_gives_the_gradients_of_plain_rows(p
     tok, model = load_tokenizer(pair[0]), from_pretrained(pair[0])
     examples = data.build_examples(records, "cot", "correct")[:9]
     tokens = data.tokenize_examples(examples, tok, 512, data.Skips(),
-                                    attach=distill.TeacherTargets(scored, records, tok, pair[0]))
-    base = train.RunConfig(kd=0.7, kd_temperature=1.5, batch_size=9)
+                                    attach=distill.TopKSidecar(scored, records, tok, pair[0]))
+    base = flags.RunConfig(kd=0.7, kd_temperature=1.5, batch_size=9)
 
     def loss_and_grads(run):
-        r = train.to_tensors(tokens, run, 0, torch.device("cpu"))
+        r = data.to_tensors(tokens, run, 0, torch.device("cpu"))
         model.zero_grad()
         parts, loss = model(r.idx, r.targets, docs=r.docs, branches=r.branches, target_idx=r.target_idx,
-                            teacher=r.teacher)
+                            teacher_view=r.teacher_view)
         loss.backward()
         return [loss.detach(), *parts.values()], [p.grad.clone() for p in model.parameters()]
 

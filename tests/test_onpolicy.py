@@ -9,10 +9,13 @@ import torch
 
 import cli
 import data
+import flags
 import losses
+import onpolicy
 import train
 from checkpoint import from_pretrained, load_tokenizer
 from helpers import tiny_student
+from sample import SampleConfig
 
 
 def rows(seed=0):
@@ -27,7 +30,7 @@ def test_the_divergence_of_a_model_from_itself_is_zero_with_zero_gradients(pair)
     model = from_pretrained(pair[0])
     idx, targets, target_idx = rows()
     grader = losses.Grader(model.hidden_at(idx, target_idx), model.lm_head.weight.detach(), None, 1.0)
-    parts, loss = model(idx, targets, target_idx=target_idx, teacher=grader)
+    parts, loss = model(idx, targets, target_idx=target_idx, teacher_view=grader)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert abs(loss.item()) < 1e-6 and parts["divergence"].item() == pytest.approx(loss.item(), abs=1e-9)
     assert max(g.abs().max().item() for g in grads) < 1e-6
@@ -47,7 +50,7 @@ def test_the_divergence_and_its_gradients_equal_a_dense_reference(pair, beta, so
     monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", 384 * 3 * 7)
     idx, targets, target_idx = rows(1)
     grader = losses.Grader(teacher.hidden_at(idx, target_idx), teacher.lm_head.weight.detach(), None, beta)
-    _, loss = student(idx, targets, target_idx=target_idx, teacher=grader)
+    _, loss = student(idx, targets, target_idx=target_idx, teacher_view=grader)
     grads = torch.autograd.grad(loss, list(student.parameters()))
     q = student(idx)[0].flatten(0, 1)[target_idx].log_softmax(-1)
     with torch.no_grad():
@@ -71,7 +74,7 @@ def test_the_sampled_token_estimator_equals_its_plain_form(pair):
     idx, targets, target_idx = rows(2)
     labels = targets.flatten()[target_idx]
     p = torch.randn(len(target_idx)) - 5
-    parts, loss = model(idx, targets, target_idx=target_idx, teacher=losses.SampledTokens(p))
+    parts, loss = model(idx, targets, target_idx=target_idx, teacher_view=losses.SampledTokens(p))
     logq = model(idx)[0].flatten(0, 1)[target_idx].log_softmax(-1).gather(1, labels[:, None])[:, 0]
     want = ((logq - p).detach() * logq).mean()
     torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=0)
@@ -143,11 +146,9 @@ def test_on_policy_flags_are_checked_before_anything_loads(corpus, capsys):
 def test_the_chains_are_sampled_from_the_training_prompt(pair, corpus):
     """OnPolicy.sample: n chains a question, each an example (training query + chain) whose chain tokens are the
     targets, at most --max-new-tokens."""
-    import distill
-
     tok = load_tokenizer(pair[0])
     records = data.read_corpus(corpus)[:2]
-    onp = distill.OnPolicy(tok, "cot", 3, 1.0, 12, 1.0)
+    onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(n=3, temperature=1.0, max_new_tokens=12))
     examples, stats = onp.sample(from_pretrained(pair[0]), records, seed=5)
     queries = [tok.encode(data.format_query(r["question"], r["choices"])).ids for r in records]
     assert len(examples) == 6 and 0 < stats["sampled_tokens"] <= 12
@@ -158,12 +159,11 @@ def test_the_chains_are_sampled_from_the_training_prompt(pair, corpus):
 def test_the_token_that_ends_a_chain_past_its_text_is_not_graded(pair):
     """A chain cut where teacher.py cut the teacher's own (after the answer sentence, sample's rule): the teacher
     grades the tokens of its text; the one that completes the stop and runs past it (".\n\n") is left out."""
-    import distill
     from sample import SampleConfig, _cut
     from scotd import ANSWER_END
 
     tok = load_tokenizer(pair[0])
-    onp = distill.OnPolicy(tok, "cot", 2, 1.0, 12, 1.0)
+    onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(n=2, temperature=1.0, max_new_tokens=12))
     for written, kept in (("Rivers flow. So the answer is (b) water.\n\nQ: next", "Rivers flow. So the answer is (b) water."),
                           ("So the answer is (a) a sky. And then", "So the answer is (a) a sky."),
                           ("no answer yet, cut by max-new-tokens", "no answer yet, cut by max-new-tokens")):
@@ -176,14 +176,13 @@ def test_the_teacher_reads_its_worked_examples_before_each_chain(pair, corpus, t
     """--teacher-shots K: the teacher's hidden states at the chain tokens are those of header + query + chain, each
     chain run alone and unpadded (1e-5), while the student's examples stay query + chain; a run with it trains and
     says so; K = 0 is no header."""
-    import distill
-
     tok, teacher = load_tokenizer(pair[0]), from_pretrained(pair[1])
     header = tok.encode(data.fewshot_header(data.exemplars(2)), add_special_tokens=False).ids
-    onp = distill.OnPolicy(tok, "cot", 2, 1.0, 12, 1.0, teacher=teacher, header=header)
+    onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(n=2, temperature=1.0, max_new_tokens=12), header=header,
+                           teacher=teacher)
     examples, _ = onp.sample(from_pretrained(pair[0]), data.read_corpus(corpus)[:2], seed=3)
     assert len(header) > 50 and all(list(ids[:len(header)]) != header for ids, _ in examples)
-    rows = train.to_tensors(examples, train.RunConfig(batch_size=4), 0, torch.device("cpu"))
+    rows = data.to_tensors(examples, flags.RunConfig(batch_size=4), 0, torch.device("cpu"))
     assert len({len(ids) for ids, _ in examples}) > 1  # padded rows: the shift must skip the padding
     with torch.no_grad():
         graded = onp.grade(rows.idx, rows.target_idx, examples, torch.device("cpu")).hidden

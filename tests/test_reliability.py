@@ -24,6 +24,7 @@ import cli
 import fileio
 import data
 import evaluate
+import flags
 import report
 import teacher
 import train
@@ -296,7 +297,7 @@ def test_importers_refuse_repeated_ids_in_the_source(tmp_path):
 def test_every_train_flag_has_a_resume_policy_and_a_changed_must_match_flag_is_refused(student, tmp_path, capsys):
     """The parser is built from RunConfig's fields; each says what --resume may do with it. For every MATCH flag,
     a resume with another value is refused, naming the flag (an alternative value derived from its declaration)."""
-    settings = {f.name: f for f in train.SETTINGS}
+    settings = {f.name: f for f in flags.SETTINGS}
     for action in train.parser()._actions:
         if action.dest != "help":
             assert settings[action.dest].metadata["resume"] in (cli.MATCH, cli.MAY_CHANGE, cli.NOT_SAVED), action.dest
@@ -330,7 +331,7 @@ def test_every_train_flag_has_a_resume_policy_and_a_changed_must_match_flag_is_r
             return ["q_proj"]
         default = f.default or (2 if f.name in ("rationales_per_question", "lora") else 1)
         return [str(default + 1 if kw["type"] in (int, cli.positive_int, cli.nonneg_int) else default / 2)]
-    for name in train.MUST_MATCH:
+    for name in flags.MUST_MATCH:
         flag = f"--{name.replace('_', '-')}"
         base = plain + needs.get(name, [])
         (last / "scotd.json").write_text(json.dumps(train.get_args(base + ["--overwrite"]).info()))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import distributed
 import train
 from checkpoint import from_pretrained
 import attention
@@ -121,7 +122,7 @@ def test_training_steps_give_the_same_weights_both_ways(tmp_path):
             group["eps"] = 1e-4
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for step in range(4):
-            window = [train.to_tensors(batch[:3], args, 0, "cpu"), train.to_tensors(batch[3:], args, 0, "cpu")]
+            window = [data.to_tensors(batch[:3], args, 0, "cpu"), data.to_tensors(batch[3:], args, 0, "cpu")]
             train.train_step(model, optimizer, scaler, window, torch.autocast("cpu", enabled=False), 1.0)
         weights.append({k: p.detach().clone() for k, p in model.named_parameters()})
     moved = max(float((weights[0][k] - p0).abs().max()) for k, p0 in
@@ -134,9 +135,9 @@ def test_training_steps_give_the_same_weights_both_ways(tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_rank_shares_are_contiguous_slices_that_cover_the_batch(world):
     batch = list(range(8))
-    shares = [train.rank_share(batch, Namespace(rank=r, world=world), True) for r in range(world)]
+    shares = [distributed.rank_share(batch, Namespace(rank=r, world=world), True) for r in range(world)]
     assert sum(shares, []) == batch and max(map(len, shares)) - min(map(len, shares)) <= 1
-    assert [train.rank_share(batch, Namespace(rank=r, world=world), False) for r in range(world)][0] == batch[::world]
+    assert [distributed.rank_share(batch, Namespace(rank=r, world=world), False) for r in range(world)][0] == batch[::world]
 
 
 @pytest.mark.parametrize("kernel", ["TreeAttention", "FlexTree"])

@@ -204,18 +204,22 @@ def test_on_policy_with_a_served_teacher_grades_the_students_tokens_as_the_local
     the server gives each sampled token is the local teacher's (1e-5); a run of 3 steps through a server that fails
     once completes and logs the estimator's divergence; a run against the local teacher samples the same chains.
     The key ($OPENAI_API_KEY) is sent, and is in no file the run writes nor in what it prints."""
-    import distill
+    import flags
     import losses
+    import onpolicy
     import train
     from checkpoint import from_pretrained
+    from sample import SampleConfig
 
     student, graded = tiny_pair(tmp_path)
     corpus = many_rationale_corpus(tmp_path / "many.jsonl")
     url, requests = faulty("ok,500", model=graded)
     tok = load_tokenizer(student)
-    onp = distill.OnPolicy(tok, "cot", 2, 1.0, 12, 1.0, client=api.Client(url, "smol", retry_wait=0.01), concurrency=2)
+    onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(n=2, temperature=1.0, max_new_tokens=12),
+                           client=api.Client(url, "smol", retry_wait=0.01))
+    onp.concurrency = 2
     examples, _ = onp.sample(from_pretrained(student), data.read_corpus(corpus)[:2], seed=3)
-    rows = train.to_tensors(examples, train.RunConfig(batch_size=4), 0, torch.device("cpu"))
+    rows = data.to_tensors(examples, flags.RunConfig(batch_size=4), 0, torch.device("cpu"))
     served = onp.grade(rows.idx, rows.target_idx, examples, torch.device("cpu"))
     teacher_model = from_pretrained(graded)
     with torch.no_grad():

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import checkpoint
 import model as model_module
+import flags
+import data
 import train
 from checkpoint import from_pretrained
 from data import DEFAULT_DEV
@@ -424,7 +426,7 @@ def test_every_flag_is_a_setting_of_the_frozen_run_config(tmp_path):
     data; a helper cannot change one (frozen). (--out in tmp_path: the default, runs/cot, already holds a run
     once a user has run README's `python train.py`, and check_args rightly refuses it.)"""
     flags = {a.dest for a in train.parser()._actions if a.dest != "help"}
-    fields = set(train.RunConfig.__dataclass_fields__)
+    fields = set(flags.RunConfig.__dataclass_fields__)
     assert fields - flags == {"shared", "changed", "batches_per_epoch", "total_steps", "warmup"}
     assert flags <= fields
     cfg = train.get_args(["--max-steps", "3", "--out", str(tmp_path / "run")])
@@ -440,10 +442,10 @@ def test_resume_of_a_run_with_the_device_defaults_is_not_refused(student, tmp_pa
     argv = ["--init", str(student), "--out", str(out), "--limit", "16", "--max-steps", "2", "--eval-every", "0",
             "--eval-questions", "2"]
     train.main(argv)
-    assert json.loads((out / "args.json").read_text())["batch_size"] == train.CPU_DEFAULT["batch_size"]
+    assert json.loads((out / "args.json").read_text())["batch_size"] == flags.CPU_DEFAULT["batch_size"]
     resumed = train.get_args(argv + ["--resume"])
     assert resumed.resume == out / "last" and resumed.changed == ()
-    assert resumed.batch_size == train.CPU_DEFAULT["batch_size"] and resumed.dtype == "float32"
+    assert resumed.batch_size == flags.CPU_DEFAULT["batch_size"] and resumed.dtype == "float32"
 
 
 def test_token_budget_micro_batches_train_and_resume_exactly(student, tmp_path, monkeypatch, capsys):
@@ -453,7 +455,7 @@ def test_token_budget_micro_batches_train_and_resume_exactly(student, tmp_path, 
     straight = run(student, tmp_path / "a", *flags)
     assert "x <= 800 tokens" in capsys.readouterr().out
     sizes = []
-    real = train.to_tensors
+    real = data.to_tensors
     monkeypatch.setattr(train, "to_tensors", lambda batch, *a: (sizes.append(len(batch)), real(batch, *a))[1])
     out = interrupt_and_resume(student, tmp_path / "b", monkeypatch, flags, signal.SIGTERM)
     assert len(set(sizes)) > 1 and max(sizes) > 4  # not --batch-size 4: as many as fit 800 tokens
