@@ -133,12 +133,12 @@ def add_flags(parser, settings):
     for f in fields(settings) if is_dataclass(settings) else settings:
         if "help" not in f.metadata:
             continue
-        owner = next((c for c in owners if f.name in c.__dict__.get("__annotations__", {})), settings)
-        if owner is not settings and owner not in groups:
+        owner = next((c for c in owners[:-1] if f.name in c.__dict__.get("__annotations__", {})), None)
+        if owner is not None and owner not in groups:
             title, _, about = (owner.__doc__ or owner.__name__).partition(": ")
             groups[owner] = parser.add_argument_group(title.lower(), about)
-        (groups.get(owner) or parser).add_argument(f"--{f.name.replace('_', '-')}", default=f.default,
-                                                   help=f.metadata["help"], **f.metadata["argparse"])
+        groups.get(owner, parser).add_argument(f"--{f.name.replace('_', '-')}", default=f.default,
+                                               help=f.metadata["help"], **f.metadata["argparse"])
 
 
 def _named(name, f):

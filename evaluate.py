@@ -23,6 +23,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from checkpoint import (PACKAGED, check_model_folder, from_pretrained, is_hub_id
 from distributed import Dist
 from model import DTYPES
 from report import Progress, bootstrap_ci, calibration, plot_lines
-from decode import answers_of, greedy, socratic_chains
+from answers import answers_of, greedy, socratic_chains
 from sample import SampleConfig, batch_slices, generate
 from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, maj_at_k, majority_vote, pass_at_k,
                    vote_curve)
@@ -137,8 +138,8 @@ class Journal:
         if self.path is not None:  # fsync'd: a crash of the machine keeps the batch too
             fileio.append_text(self.path, json.dumps(row, ensure_ascii=False) + "\n", sync=True)
 
-    def run(self, step, label, n_prompts, batch_size, decode):
-        """decode(k) -> the outputs of question batch k (batch_slices), for each of this rank's batches (every
+    def run(self, step, label, n_prompts, batch_size, decode_batch):
+        """decode_batch(k) -> the outputs of question batch k (batch_slices), for each of this rank's batches (every
         world-th: batch k samples from its own seed, so any number of ranks gives the one-process result) that
         the journal lacks, with a progress bar on rank 0 -> (outputs, None where another rank has the question;
         seconds spent decoding them, this run's and the interrupted runs' together)."""
@@ -150,7 +151,7 @@ class Journal:
         try:
             for k in todo:
                 t0 = time.time()
-                outs = decode(k)
+                outs = decode_batch(k)
                 self.add(step, k, time.time() - t0, outs)
                 if bar:
                     bar.update(len(layout[k]) * self.dist.world)
@@ -183,34 +184,45 @@ def only(k, batch_size, outs):
     return outs[k * batch_size:(k + 1) * batch_size]
 
 
-def decode(args, mode, model, tokenizer, prompts, journal):
-    """Greedy chains, then args.n sampled chains a question -> (greedy outputs or None, seconds, chains or None,
-    seconds). For label-first students ("post", "label") greedy stops after the answer sentence: the fast path."""
+class Decoded(NamedTuple):
+    """What an evaluation decoded: per question the greedy output and the sampled chains (None: not asked for),
+    and the seconds each took."""
+    greedy: list | None
+    greedy_s: float
+    chains: list | None
+    chains_s: float
+
+
+def sample_chains(args, mode, model, tokenizer, prompts, journal):
+    """Greedy chains, then args.n sampled chains a question -> Decoded. For label-first students ("post", "label")
+    greedy stops after the answer sentence: the fast path."""
     batch = max(args.batch_size, 16)
     greedy_outs, greedy_s = None, 0.0
     if args.greedy:
         label = "greedy (answer only)" if mode in LABEL_FIRST else "greedy"
+        cfg = SampleConfig(max_new_tokens=args.max_new_tokens, batch_size=batch, seed=args.seed, compile=args.compile)
         greedy_outs, greedy_s = journal.run("greedy", label, len(prompts), batch, lambda k: only(k, batch, greedy(
-            model, tokenizer, prompts, mode, args.max_new_tokens, batch, args.seed, args.compile, batches=[k])))
+            model, tokenizer, prompts, mode, cfg, batches=[k])))
     chains, sc_s = None, 0.0
     if args.n > 0:
         cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                           compile=args.compile, logprobs=True)  # each chain's likelihood under the student, too
+                           compile=args.compile, logprobs=True).for_model(model)  # each chain's likelihood, too
         chains, sc_s = journal.run("chains", f"sample N={args.n}", len(prompts), args.batch_size, lambda k: only(
-            k, args.batch_size, generate(model, tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id,
-                                         pad_id=model.cfg.pad_token_id, batches=[k])))
-    return greedy_outs, greedy_s, chains, sc_s
+            k, args.batch_size, generate(model, tokenizer, prompts, cfg, batches=[k])))
+    return Decoded(greedy_outs, greedy_s, chains, sc_s)
 
 
-def socratic(args, mode, solver, tokenizer, queries, device, dtype, dist, journal):
-    """decode()'s counterpart for Socratic CoT: --checkpoint the solver, --decomposer the decomposer."""
+def socratic(args, mode, solver, tokenizer, queries, dist, journal):
+    """sample_chains' counterpart for Socratic CoT: --checkpoint the solver, --decomposer the decomposer (loaded on
+    the solver's device, in its dtype)."""
     if mode != "solve" or not args.decomposer:
         raise InputError(f"Socratic CoT needs two models: --checkpoint trained with --mode solve (this one: {mode}) and "
                          "--decomposer trained with --mode decompose")
     if dist.world > 1:
         raise InputError("--decomposer runs in one process; run it without torchrun")
-    decomposer = from_pretrained(args.decomposer, device=device, dtype=DTYPES[dtype])
+    weight = next(solver.parameters())
+    decomposer = from_pretrained(args.decomposer, device=weight.device, dtype=weight.dtype)
     results = []
     rows = args.batch_size * max(args.n, 1)  # greedy runs as many rows at a time as sampling does
     for step, n, temperature, label in (("greedy", int(args.greedy), 0.0, "socratic greedy"),
@@ -222,7 +234,7 @@ def socratic(args, mode, solver, tokenizer, queries, device, dtype, dist, journa
                            max_new_tokens=args.max_new_tokens, seed=args.seed)
         results += journal.run(step, label, len(queries), cfg.batch_size, lambda k: next(socratic_chains(
             decomposer, solver, tokenizer, queries, cfg, args.max_rounds, batches=[k]))[1])
-    return tuple(results)
+    return Decoded(*results)
 
 
 def settings_of(args, device):
@@ -274,18 +286,18 @@ def evaluation(args, out):
     journal = Journal(out / f"partial-{stem}.jsonl" if dist.world == 1 else None, settings_of(args, device), dist, log)
     with cli.stopping_cleanly(journal.kept):  # Ctrl-C, SIGTERM: exit 130 / 143, the finished batches kept
         if mode in SOCRATIC_ROLES or args.decomposer:
-            greedy_outs, greedy_s, chains, sc_s = socratic(args, mode, model, tokenizer, queries, device, dtype, dist,
-                                                           journal)
+            decoded = socratic(args, mode, model, tokenizer, queries, dist, journal)
             mode = "cot"  # the chains read as a unified model's: the answer after the last "answer is"
         else:
-            greedy_outs, greedy_s, chains, sc_s = decode(args, mode, model, tokenizer, prompts, journal)
+            decoded = sample_chains(args, mode, model, tokenizer, prompts, journal)
     if dist.world > 1:  # one gather for the whole run; rank 0 has everything and writes it
-        shares = dist.gather((greedy_outs, chains))
-        greedy_outs = merge([g for g, _ in shares]) if greedy_outs is not None else None
-        chains = merge([c for _, c in shares]) if chains is not None else None
+        shares = dist.gather((decoded.greedy, decoded.chains))
+        decoded = decoded._replace(greedy=merge([g for g, _ in shares]) if decoded.greedy is not None else None,
+                                   chains=merge([c for _, c in shares]) if decoded.chains is not None else None)
         log(f"gathered  {len(records):,} questions' outputs from {dist.world} ranks (one all-gather)")
     if dist.main:
-        report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, device, dtype, overlap)
+        report(args, out, stem, records, decoded, {"mode": mode, "device": str(device), "dtype": dtype,
+                                                   **({"overlap": overlap} if overlap else {})})
         journal.close()  # everything it held is in the predictions
     dist.close()
     return out
@@ -386,23 +398,24 @@ def questions(args, mode, device):
     return (records[:limit] if limit else records), len(records), prefix
 
 
-def report(args, out, stem, mode, records, greedy_outs, greedy_s, chains, sc_s, device, dtype, overlap=None):
+def report(args, out, stem, records, decoded, setup):
     """The predictions file, then everything else computed from it alone (`summarize`: what --report recomputes):
-    the table (printed), the plots and the summary JSON."""
-    golds = [data.gold(r) for r in records]
+    the table (printed), the plots and the summary JSON. setup: the mode the chains are read in, the device and
+    dtype, and the overlap with the training data where there is some."""
+    golds, mode, greedy_outs, chains = [data.gold(r) for r in records], setup["mode"], decoded.greedy, decoded.chains
     greedy_answers = [a[0] for a in answers_of(mode, greedy_outs, records)] if greedy_outs else None
     answers = answers_of(mode, chains, records) if chains else None
     rows = prediction_rows(records, golds, greedy_outs, greedy_answers, chains, answers)
     preds_path = fileio.write_text(out / f"predictions-{stem}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     speed = {}
     if greedy_outs:
-        speed["greedy_tok_s"] = sum(len(o[0]["tokens"]) for o in greedy_outs) / max(greedy_s, 1e-9)
+        speed["greedy_tok_s"] = sum(len(o[0]["tokens"]) for o in greedy_outs) / max(decoded.greedy_s, 1e-9)
     if chains:
-        speed |= {"sampling_tok_s": sum(len(c["tokens"]) for o in chains for c in o) / max(sc_s, 1e-9),
-                  "sampling_seconds": sc_s}
+        speed |= {"sampling_tok_s": sum(len(c["tokens"]) for o in chains for c in o) / max(decoded.chains_s, 1e-9),
+                  "sampling_seconds": decoded.chains_s}
     meta = {"checkpoint": str(args.checkpoint), "mode": mode, "data": str(args.data), "n": args.n,
-            "fewshot": args.fewshot, "temperature": args.temperature, "device": str(device), "dtype": dtype,
-            **speed, **({"overlap": overlap} if overlap else {})}
+            "fewshot": args.fewshot, "temperature": args.temperature, "device": setup["device"], "dtype": setup["dtype"],
+            **speed, **({"overlap": setup["overlap"]} if setup.get("overlap") else {})}
     write_report(rows, meta, out, stem)
     print(f"\npredictions {preds_path}")
 

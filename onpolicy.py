@@ -22,7 +22,7 @@ import data
 import distill
 import losses
 from checkpoint import from_pretrained, load_tokenizer
-from decode import answers_of
+from answers import answers_of
 from distributed import rank_share
 from distill import served_logprobs
 from fileio import InputError
@@ -56,7 +56,7 @@ class OnPolicy:
                       batch_size=max(1, len(prompts)), seed=seed)                              # its chains
         was_training = model.training
         model.eval()
-        outs = generate(model, self.tokenizer, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
+        outs = generate(model, self.tokenizer, prompts, cfg.for_model(model))
         model.train(was_training)
         right = [a == data.gold(r) for answers, r in zip(answers_of(self.mode, outs, records), records) for a in answers]
         chains = [(p, c) for p, o in zip(prompts, outs) for c in o]

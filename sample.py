@@ -11,7 +11,7 @@ device->host sync; stops are checked every `check_every` steps (1 on CPU, where 
 
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -37,6 +37,12 @@ class SampleConfig:
     bucket_rows: bool | None = None  # running rows padded to a power of two (None: when compiled), so that
     # finished rows leaving the batch give a few shapes, each compiled (and captured) once
     logprobs: bool = False  # also return each chain's summed log-probability under the model (at T = 1)
+    eos_id: int | None = None  # the token that ends a chain (None: only stops and max_new_tokens do; for_model)
+    pad_id: int = 0  # fills left-padded prompts (masked: any id serves)
+
+    def for_model(self, model):
+        """This config with the model's own EOS and pad ids (its config.json's)."""
+        return replace(self, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
 
 
 class KVCache:
@@ -236,7 +242,7 @@ def prefill(model, ids):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None, prefix=None, on_batch=None):
+def generate(model, tokenizer, prompts, cfg, batches=None, prefix=None, on_batch=None):
     """prompts: list of token-id lists -> per prompt, cfg.n dicts {"tokens", "text"}; text is cut at the
     first stop string (which is dropped) and tokens at EOS. tokenizer may be None when cfg.stop is empty
     (then only EOS and max_new_tokens end a chain).
@@ -255,7 +261,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
     assert tokenizer is not None or not cfg.stop, "stop strings need the tokenizer to decode"
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    check_every = cfg.check_every or (8 if device.type == "cuda" else 1)
+    cfg = replace(cfg, check_every=cfg.check_every or (8 if device.type == "cuda" else 1))
     shared = isinstance(prefix, KVCache)
     prompt = (prefix.length if shared else len(prefix or [])) + max(map(len, prompts), default=0)
     check_fits(model.cfg, prompt + cfg.max_new_tokens, f"the longest prompt ({prompt:,} tokens{' with the header' if prefix else ''}) "
@@ -267,7 +273,7 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
     for k in (range(len(layout)) if batches is None else batches):
         generator = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, k))
         batch = list(layout[k])
-        ids, mask = left_pad([prompts[i] for i in batch], pad_id, device)
+        ids, mask = left_pad([prompts[i] for i in batch], cfg.pad_id, device)
         slots = ids.shape[1] + cfg.max_new_tokens
         if cfg.compile:  # static shapes: cache sizes in steps of 64, so that batches share compiled steps
             slots = min(-(-slots // 64) * 64, model.cfg.max_position_embeddings - (header.length if header else 0))
@@ -275,16 +281,16 @@ def generate(model, tokenizer, prompts, cfg, eos_id=None, pad_id=0, batches=None
         logits = model.prefill(ids, cache, mask)[:, -1].repeat_interleave(cfg.n, 0)  # one prefill per question: (B*n, V)
         cache = cache.repeat_rows(cfg.n)
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
-        out, logprobs, _ = _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every)
+        out, logprobs, _ = _sample_rows(decode, cache, logits, rows, cfg, generator, tokenizer)
         for q in batch:
-            results[q] = [_clean(out[(q, c)], tokenizer, cfg, eos_id, logprobs.get((q, c))) for c in range(cfg.n)]
+            results[q] = [_clean(out[(q, c)], tokenizer, cfg, cfg.eos_id, logprobs.get((q, c))) for c in range(cfg.n)]
         if on_batch:
             on_batch(batch, [results[q] for q in batch])
     return results
 
 
 @torch.no_grad()
-def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, batches=None, on_batch=None, top_k=0):
+def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, batches=None, on_batch=None, top_k=0):
     """How likely the model finds chains it did not necessarily write (scoring a teacher's corpus):
     prompts, one token-id list a question; chains, per question a list of token-id lists -> per question, per
     chain (its summed log-probability, its token count); the first token is scored from the prompt's last
@@ -297,7 +303,7 @@ def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, pad_id=0, 
 
     top_k K: each chain's tuple also has, for each of its tokens' positions, the model's K likeliest tokens there
     and their log-probabilities (numpy (n, K) int32 and float32; what teacher.py --top-logprobs stores)."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device, dtype, pad_id = next(model.parameters()).device, next(model.parameters()).dtype, model.cfg.pad_token_id
     header = prefill(model, prefix)
     longest = max((len(p) + max(map(len, c), default=0) for p, c in zip(prompts, chains)), default=0)
     check_fits(model.cfg, (header.length if header else 0) + longest, "the longest prompt + chain to score",
@@ -355,10 +361,11 @@ def decode_step(model, cfg, device):
 COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled decode step (decode_step)
 
 
-def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, check_every, compact=True):
+def _sample_rows(decode, cache, logits, rows, cfg, generator, tokenizer, compact=True):
     """Sample from `logits` (one row per entry of `rows`) until every row has finished -> ({row: its tokens},
-    {row: each token's log-probability under the model} (empty unless cfg.logprobs), the steps run). Every
-    step's tokens but the last are written to the cache, for every running row.
+    {row: each token's log-probability under the model} (empty unless cfg.logprobs), the steps run), checking
+    for finished rows every cfg.check_every steps. Every step's tokens but the last are written to the cache, for
+    every running row.
     compact: finished rows leave the running batch (and the cache); else they run on to the end. With
     cfg.bucket_rows (default: when compiled) the rows left are padded to a power of two (copies of a running
     row, whose tokens are dropped), so the decode step sees a few batch shapes only."""
@@ -373,7 +380,7 @@ def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, chec
         if cfg.logprobs:  # the model's own probability of the token (T = 1, no top-p), as an API reports it
             pending_lp.append(logits.float().log_softmax(-1).gather(-1, tok))
         last = step == cfg.max_new_tokens - 1
-        if len(pending) == check_every or last:
+        if len(pending) == cfg.check_every or last:
             new = torch.cat(pending, 1).tolist()  # the only device->host copy
             new_lp = torch.cat(pending_lp, 1).tolist() if cfg.logprobs else None
             pending, pending_lp = [], []
@@ -382,7 +389,7 @@ def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, chec
                     out[row] += new[r]
                     if cfg.logprobs:
                         logprobs[row] += new_lp[r]
-                    if _finished(out[row], len(new[r]), tokenizer, cfg, eos_id):
+                    if _finished(out[row], len(new[r]), tokenizer, cfg, cfg.eos_id):
                         done.add(row)
             live = sum(row is not None for row in rows)
             if len(done) == live or last:
@@ -399,7 +406,7 @@ def _decode(decode, cache, logits, rows, cfg, generator, tokenizer, eos_id, chec
 
 
 @torch.no_grad()
-def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None, pad_id=0, prefix=None):
+def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, prefix=None):
     """Run one dialogue per prompt, all of them in one batch, and return each row's outputs in turn order.
 
     The models take turns: turn t of every running row is written by models[t % len(models)] with
@@ -411,7 +418,7 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None,
     (the text appended since, and the other models' turns), so k turns cost one prefill of the whole text per
     model, not k. Tokens a row sampled after its stop are masked out of the cache. `max_len` is the number of
     cache slots (every turn's tokens). Each cfg must ask for one chain (n = 1); model m samples from its own
-    generator, seeded with cfgs[m].seed."""
+    generator, seeded with cfgs[m].seed, and ends its turns at cfgs[m].eos_id."""
     assert all(cfg.n == 1 for cfg in cfgs) and len(cfgs) == len(models), "one chain a row, one cfg a model"
     assert len(models) == 1 or not isinstance(prefix, KVCache), "a prefilled header belongs to one model"
     device, dtype = next(models[0].parameters()).device, next(models[0].parameters()).dtype
@@ -434,13 +441,14 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, eos_id=None,
         reach = max(pos + len(u) for pos, u in zip(cache.pos.tolist(), unread)) + cfg.max_new_tokens
         check_fits(model.cfg, reach, f"a dialogue's turn {t} (its text so far + max_new_tokens {cfg.max_new_tokens})",
                    "fewer rounds (--max-rounds) or a lower --max-new-tokens")
-        ids, mask = left_pad(unread, pad_id, device)
+        ids, mask = left_pad(unread, cfg.pad_id, device)
         logits = model.prefill(ids, cache, mask)[:, -1]
         start = cache.length
-        out, logprobs, steps = _decode(model.decode_step, cache, logits, rows, cfg, generators[m], tokenizer, eos_id, 1, compact=False)
+        out, logprobs, steps = _sample_rows(model.decode_step, cache, logits, rows, replace(cfg, check_every=1), generators[m],
+                                       tokenizer, compact=False)
         going = []
         for r, i in enumerate(rows):
-            kept = _clean(out[i], tokenizer, cfg, eos_id, logprobs.get(i))
+            kept = _clean(out[i], tokenizer, cfg, cfg.eos_id, logprobs.get(i))
             outputs[i].append(kept)
             written = min(len(kept["tokens"]), steps - 1)  # the last step's tokens are not in the cache
             cache.valid[r, start + written:start + steps - 1] = False  # what it sampled after its stop

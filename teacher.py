@@ -66,7 +66,7 @@ from fileio import InputError
 from distributed import Dist
 from model import DTYPES
 from report import Progress
-from decode import dialogues
+from answers import dialogues
 from sample import SampleConfig, batch_seed, batch_slices, chain_logprobs, generate, prefill
 from scotd import ANSWER_END, STOP, fewshot_prefix, format_query, format_target, socratic_rationale
 
@@ -286,12 +286,17 @@ class Asking:
     text starts as socratic_round(rec, []): the problem, step 1, and "Question it answers:". After the
     teacher's question for step r (cut after its "?"), the turn appends step r + 1 and asks again, so the text
     is always socratic_round(rec, questions so far): one question a step (a teacher asked for all of them at
-    once miscounts the steps). A row whose output asks nothing is stopped there, with the reason."""
+    once miscounts the steps). A row whose output asks nothing is stopped there, with the reason. encode and
+    max_new_tokens (a local teacher's: answers.dialogues) size the cache (`slots`)."""
 
-    def __init__(self, rows):
-        self.rows = rows
+    def __init__(self, rows, encode=None, max_new_tokens=0):
+        self.rows, self.encode, self.max_new_tokens = rows, encode, max_new_tokens
         self.asked, self.why, self.tokens = [[] for _ in rows], [None] * len(rows), [[] for _ in rows]
         self.logprob = [0.0] * len(rows)  # the sum over the row's turns; None once a turn comes without one
+
+    def slots(self, prompts):
+        """Every turn's tokens, for the longest dialogue."""
+        return max(socratic_slots(self.encode, rec, self.max_new_tokens, len(p)) for p, rec in zip(prompts, self.rows))
 
     @property
     def prompts(self):
@@ -299,7 +304,7 @@ class Asking:
 
     def turn(self, j, out, m=0):
         """Row j's output {"text", "tokens"[, "logprob"]} -> the text that follows it (the next step), or None:
-        the row is done. (m: the model, for decode.dialogues; here there is one.)"""
+        the row is done. (m: the model, for answers.dialogues; here there is one.)"""
         self.tokens[j] += out["tokens"]
         self.logprob[j] = None if out.get("logprob") is None or self.logprob[j] is None else self.logprob[j] + out["logprob"]
         steps, q = self.rows[j]["rationales"][0]["steps"], subquestion(out["text"])
@@ -494,10 +499,9 @@ def sample_local(args, teacher, records, todo, writer):
     model, tokenizer, prefix, cfg = teacher
     if args.socratic:  # a question a step, turn by turn
         return socratic_generate(model, tokenizer, records, prefix, cfg, todo, writer)
-    prompts = question_prompts(tokenizer, records)
-    eos, pad = model.cfg.eos_token_id, model.cfg.pad_token_id
+    prompts, cfg = question_prompts(tokenizer, records), cfg.for_model(model)
     if not args.min_correct:
-        return generate(model, tokenizer, prompts, cfg, eos_id=eos, pad_id=pad, batches=todo, prefix=prefix, on_batch=writer)
+        return generate(model, tokenizer, prompts, cfg, batches=todo, prefix=prefix, on_batch=writer)
     layout = batch_slices(len(records), cfg.batch_size)
     for k in todo:  # --min-correct: a batch's open questions get K more chains a round, from seed (seed, k, round)
         chains = {i: [] for i in layout[k]}
@@ -506,7 +510,7 @@ def sample_local(args, teacher, records, todo, writer):
             if not going:
                 break
             outs = generate(model, tokenizer, [prompts[i] for i in going], replace(cfg, n=ask, batch_size=len(going),
-                            seed=batch_seed(batch_seed(cfg.seed, k), r)), eos_id=eos, pad_id=pad, prefix=prefix)
+                            seed=batch_seed(batch_seed(cfg.seed, k), r)), prefix=prefix)
             for i, out in zip(going, outs):
                 chains[i] += out
         writer(list(layout[k]), [chains[i] for i in layout[k]])
@@ -520,15 +524,12 @@ def socratic_slots(encode, rec, max_new_tokens, prompt=None):
 
 
 def socratic_generate(model, tokenizer, records, header, cfg, batches, on_batch):
-    """Asking's dialogues for each batch of problems (cfg.n chains each; decode.dialogues: all turns of a batch
+    """Asking's dialogues for each batch of problems (cfg.n chains each; answers.dialogues: all turns of a batch
     in one cache, a turn prefilling only the step it appends), after the header's one prefill (a KVCache); batch
     k samples from seed (cfg.seed, k). on_batch as sample.generate's."""
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-
-    def slots(asking, prompts):  # every turn's tokens
-        return max(socratic_slots(encode, rec, cfg.max_new_tokens, len(p)) for p, rec in zip(prompts, asking.rows))
-    for batch, chains in dialogues([model], tokenizer, records, Asking, [cfg], cfg.n, cfg.batch_size, cfg.seed, encode,
-                                   slots, batches, prefix=header):
+    make = lambda rows: Asking(rows, encode, cfg.max_new_tokens)  # noqa: E731
+    for batch, chains in dialogues([model], tokenizer, records, make, [cfg], encode, batches, prefix=header):
         on_batch(batch, chains)
 
 
@@ -730,12 +731,12 @@ def score(args, header, shot_ids):
         if args.teacher:
             todo = [k for k, batch in enumerate(batch_slices(len(records), args.batch_size))
                     if any(records[i]["id"] not in done for i in batch)]
-            chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size,
-                           pad_id=model.cfg.pad_token_id, batches=todo, on_batch=writer, top_k=args.top_logprobs or 0)
+            chain_logprobs(model, prompts, chains, prefix=prefix, batch_size=args.batch_size, batches=todo,
+                           on_batch=writer, top_k=args.top_logprobs or 0)
         else:
             todo = [i for i, r in enumerate(records) if r["id"] not in done]
-            score_served(args, client, tokenizer, tokenizer.encode(header).ids if header else [], records, prompts,
-                         chains, todo, writer)
+            score_served(args, client, tokenizer, tokenizer.encode(header).ids if header else [], records,
+                         list(zip(prompts, chains)), todo, writer)
     bar.close()
     print(f"wrote     {out} ({len(records):,} questions, every chain scored); settings in {meta_path}"
           + (f"; top-{args.top_logprobs} in {sidecar.path} ({sidecar.path.stat().st_size / 2**20:,.1f} MiB)"
@@ -760,16 +761,17 @@ def chains_to_score(records, encode, training_targets):
     return [by_id[r["id"]][0] for r in records], [by_id[r["id"]][1] for r in records]
 
 
-def score_served(args, client, tokenizer, head, records, prompts, chains, todo, writer):
-    """--score --api: each chain's ids (header + prompt + chain) sent to the server, its prompt log-probabilities
-    read at the chain's positions (api.Client.prompt_logprobs; the tokens' texts checked against --tokenizer),
-    --concurrency questions at a time, handed to `writer` in question order as chain_logprobs' would be."""
+def score_served(args, client, tokenizer, head, records, work, todo, writer):
+    """--score --api: each chain's ids (header + prompt + chain; work: per question its prompt's ids and its
+    chains' ids) sent to the server, its prompt log-probabilities read at the chain's positions
+    (api.Client.prompt_logprobs; the tokens' texts checked against --tokenizer), --concurrency questions at a time,
+    handed to `writer` in question order as chain_logprobs' would be."""
     k = args.top_logprobs or 0
 
     def question(q):
-        outs = []
-        for c, chain in enumerate(chains[q]):
-            ids, start = head + prompts[q] + chain, len(head) + len(prompts[q])
+        outs, (prompt, chains) = [], work[q]
+        for c, chain in enumerate(chains):
+            ids, start = head + prompt + chain, len(head) + len(prompt)
             what = f"question {records[q]['id']} chain {c + 1}"
             rows = client.prompt_logprobs(ids, max(k, 1), what)
             outs.append(distill.served_chain(rows[start:start + len(chain)], chain, k, tokenizer, what))

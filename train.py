@@ -43,7 +43,7 @@ import lora
 import losses
 import onpolicy
 from checkpoint import RUN_INFO, default_student, from_pretrained, load_tokenizer, nonfinite_tensors, save_pretrained
-from decode import answers_of, greedy
+from answers import GREEDY, answers_of, greedy
 from distributed import Dist, data_parallel, full_states, no_sync, rank_share, set_optimizer_state
 from fileio import InputError, cache_dir
 from flags import STATE_FILE
@@ -51,7 +51,7 @@ from model import DTYPES
 from report import Clock, Progress, append_jsonl, plot_lines
 from scotd import SOCRATIC_ROLES
 
-DEV_NEW_TOKENS = 96  # dev accuracy: greedy answers of at most this many tokens (decode.greedy's default)
+DEV_NEW_TOKENS = 96  # dev accuracy: greedy answers of at most this many tokens
 OUTPUTS = ("best", "last", "metrics.jsonl", "args.json", "loss.png")  # what a run writes into --out
 
 
@@ -572,7 +572,7 @@ def evaluate_dev(model, dev, run, ctx, device):
     if dev.records and run.mode not in SOCRATIC_ROLES:
         prompts = [dev.tokenizer.encode(data.format_query(r["question"], r.get("choices"))).ids for r in dev.records]
         with ctx:
-            outs = greedy(model, dev.tokenizer, prompts, run.mode, DEV_NEW_TOKENS)
+            outs = greedy(model, dev.tokenizer, prompts, run.mode, replace(GREEDY, max_new_tokens=DEV_NEW_TOKENS))
         answers = answers_of(run.mode, outs, dev.records)
         accuracy = float(np.mean([a[0] == data.gold(r) for a, r in zip(answers, dev.records)]))
     model.train()

@@ -43,6 +43,7 @@ import sys
 import time
 from argparse import Namespace
 from contextlib import nullcontext
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -427,13 +428,11 @@ def sample_worker(side, name, n, questions, batch_size, device, dtype, max_new_t
         synchronize(device)
         warmed()
         t0 = time.time()
-        outs = generate(model, tok, prompts, cfg, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id,
-                        prefix=header)
+        outs = generate(model, tok, prompts, cfg.for_model(model), prefix=header)
         synchronize(device)
         seconds = time.time() - t0
         generated = sum(len(c["tokens"]) for o in outs for c in o)
-        again = partial(generate, model, tok, prompts[:batch_size], cfg, eos_id=model.cfg.eos_token_id,
-                        pad_id=model.cfg.pad_token_id, prefix=header)
+        again = partial(generate, model, tok, prompts[:batch_size], cfg.for_model(model), prefix=header)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -502,7 +501,7 @@ def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=
             texts = [list(p) for p in prompts]
             for _ in range(rounds):
                 for model, cfg in zip(models, cfgs):
-                    for text, (out,) in zip(texts, generate(model, tok, texts, cfg, pad_id=model.cfg.pad_token_id)):
+                    for text, (out,) in zip(texts, generate(model, tok, texts, replace(cfg, pad_id=model.cfg.pad_token_id))):
                         text += out["tokens"]
             return texts
     else:

@@ -24,7 +24,7 @@ def test_greedy_equals_transformers_generate_on_left_padded_batch(kind, tmp_path
     ids, mask = left_padded_batch([5, 9, 3, 7], pad_id=pad)
     ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=pad)[:, ids.shape[1]:]
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    outs = generate(model, None, prompts, SampleConfig(max_new_tokens=10, stop=(), batch_size=4), pad_id=pad)
+    outs = generate(model, None, prompts, SampleConfig(max_new_tokens=10, stop=(), batch_size=4, pad_id=pad))
     assert [o[0]["tokens"] for o in outs] == ref.tolist()
 
 
