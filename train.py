@@ -114,7 +114,8 @@ def train(run):
     if dist.main:
         plot_metrics(trainer.metrics, run.out / "loss.png")
     best = trainer.state.best
-    chosen = f"dev greedy acc {best['acc']:.1%}" if best["acc"] is not None else f"dev loss {best['loss']:.4f}"
+    chosen = (f"dev greedy acc {best['acc']:.1%}" if best["acc"] is not None else f"dev loss {best['loss']:.4f}"
+              if best["loss"] is not None else "the newest, no dev questions")
     log(f"saved     {run.out / 'last'} and {run.out / 'best'} (best at step {best['step']}: {chosen})")
     log(f"metrics   {trainer.metrics}, plot {run.out / 'loss.png'}")
     log(f"time      {trainer.clock.line()} (this invocation)")
