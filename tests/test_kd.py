@@ -86,12 +86,12 @@ def test_a_run_stopped_or_failing_between_the_sidecar_and_its_lines_resumes_to_t
         if str(path) == str(out):
             raise Crash("the disk went away")
         return append(path, text, sync)
-    monkeypatch.setattr(cli, "append_text", fail_on_the_corpus)
+    monkeypatch.setattr(fileio, "append_text", fail_on_the_corpus)
     with pytest.raises(Crash):
         score(pair[1], corpus, out)
     named = max(a + n for _, rec in data.read_appended(out) for a, n in (r["topk"] for r in rec["rationales"]))
     assert len(out.read_text().splitlines()) == 3 and len(distill.read_sidecar(str(out) + ".topk")[1]) > named
-    monkeypatch.setattr(cli, "append_text", append)
+    monkeypatch.setattr(fileio, "append_text", append)
     score(pair[1], corpus, out)
     assert out.read_bytes() == scored.read_bytes()
     assert (tmp_path / "scored.jsonl.topk").read_bytes() == (scored.parent / "scored.jsonl.topk").read_bytes()

@@ -425,10 +425,10 @@ def test_every_flag_is_a_setting_of_the_frozen_run_config(tmp_path):
     """RunConfig holds each flag of --help (a new flag cannot be forgotten) plus the settings resolved from the
     data; a helper cannot change one (frozen). (--out in tmp_path: the default, runs/cot, already holds a run
     once a user has run README's `python train.py`, and check_args rightly refuses it.)"""
-    flags = {a.dest for a in train.parser()._actions if a.dest != "help"}
+    named = {a.dest for a in train.parser()._actions if a.dest != "help"}
     fields = set(flags.RunConfig.__dataclass_fields__)
-    assert fields - flags == {"shared", "changed", "batches_per_epoch", "total_steps", "warmup"}
-    assert flags <= fields
+    assert fields - named == {"shared", "changed", "batches_per_epoch", "total_steps", "warmup"}
+    assert named <= fields
     cfg = train.get_args(["--max-steps", "3", "--out", str(tmp_path / "run")])
     with pytest.raises(AttributeError):
         cfg.batch_size = 4
@@ -456,7 +456,7 @@ def test_token_budget_micro_batches_train_and_resume_exactly(student, tmp_path, 
     assert "x <= 800 tokens" in capsys.readouterr().out
     sizes = []
     real = data.to_tensors
-    monkeypatch.setattr(train, "to_tensors", lambda batch, *a: (sizes.append(len(batch)), real(batch, *a))[1])
+    monkeypatch.setattr(data, "to_tensors", lambda batch, *a: (sizes.append(len(batch)), real(batch, *a))[1])
     out = interrupt_and_resume(student, tmp_path / "b", monkeypatch, flags, signal.SIGTERM)
     assert len(set(sizes)) > 1 and max(sizes) > 4  # not --batch-size 4: as many as fit 800 tokens
     assert losses(out) == losses(straight)
