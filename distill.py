@@ -25,9 +25,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 import data
 import fileio
+import xtok
 from api import ApiError
 from data import record_dtype
 from fileio import InputError
@@ -127,40 +129,90 @@ class SidecarWriter:
 class TopKSidecar:
     """train.py --kd: data.tokenize_examples' `attach` -- an example's stored top-k (a slice of its sidecar's
     records, found through its record's topk_file and its rationale's topk span), checked against the student's
-    tokens. Each sidecar is checked against the student's tokenizer when first opened (`student`: its folder)."""
+    tokens. A sidecar scored by a teacher of the student's tokenizer (the fingerprints agree) gives its records as
+    they are; one of another tokenizer is carried onto the student's tokens (xtok.py) through the teacher's
+    tokenizer: the file beside the sidecar (`<sidecar>.tokenizer.json`, teacher.py writes it), else the teacher's
+    folder the header names. `student`: the student's folder (for messages)."""
 
     def __init__(self, corpus, records, tokenizer, student):
-        self.corpus, self.sidecars, self.student = Path(corpus), {}, student
+        self.corpus, self.sidecars, self.student, self.tokenizer = Path(corpus), {}, student, tokenizer
         self.records, self.fingerprint = {r["id"]: r for r in records}, tokenizer_fingerprint(tokenizer)
 
     def sidecar(self, name):
+        """-> (records, None, or for a teacher of another tokenizer (its tokenizer, the xtok.Projection))."""
         if name not in self.sidecars:
             path = self.corpus.parent / name
             header, rows = read_sidecar(path)
+            cross = None
             if header.get("tokenizer") != self.fingerprint:
-                raise InputError(f"--kd: the student's tokenizer ({self.student}, fingerprint {self.fingerprint}) is not "
-                                 f"the teacher's ({header.get('teacher')}, fingerprint {header.get('tokenizer')}; {path}): "
-                                 "its top-k ids name other tokens; distil into a student that shares the teacher's tokenizer")
-            self.sidecars[name] = rows
+                teacher = teacher_tokenizer(path, header)
+                projection = xtok.Projection(teacher, self.tokenizer)
+                print(f"note      {path}: scored by {header.get('teacher')}, whose tokenizer is not the student's: "
+                      f"aligning two tokenizers ({projection.teacher_vocab:,} teacher pieces -> "
+                      f"{projection.student_vocab:,} student pieces; the student holds {projection.matched:.1%} of the "
+                      "teacher's byte for byte)", flush=True)
+                cross = (teacher, projection)
+            self.sidecars[name] = rows, cross
         return self.sidecars[name]
 
     def __call__(self, example, ids, n_query):
-        """-> the example's records (n, one a target token); a clear error where none are stored or they do not
-        line up with the student's target tokens ids[n_query:]."""
+        """-> the example's records (n, one a target token of the student's); a clear error where none are stored
+        or they do not line up with the target tokens."""
         rec = self.records[example["id"]]
         span = rec["rationales"][example["chain"]].get("topk")
         where = lambda: f"{self.corpus}:{data.line_of(self.corpus, rec['id'])}: rationale {example['chain']}"  # noqa: E731
         if span is None or "topk_file" not in rec:
             raise InputError(f"{where()} has no stored top-k; --kd needs a corpus scored with `python teacher.py "
                              "--teacher DIR --score CORPUS --top-logprobs K --out SCORED`")
-        rows = self.sidecar(rec["topk_file"])
+        rows, cross = self.sidecar(rec["topk_file"])
         start, n = span
         target = ids[n_query:]
+        if cross is not None:
+            return self.carried(rows, start, n, example["target"], target, cross, where)
         if start + n > len(rows) or n != len(target) or not np.array_equal(rows["token"][start:start + n], target):
             raise InputError(f"{where()}: its {n} stored target tokens (positions {start:,}.. of "
                              f"{self.corpus.parent / rec['topk_file']}, {len(rows):,} in all) are not the student's "
                              f"{len(target)}: score the corpus again for this --mode and tokenizer")
         return rows[start:start + n]
+
+    def carried(self, rows, start, n, text, target, cross, where):
+        """A teacher's records for a target it read in its own tokens -> records over the student's target tokens:
+        at a student token that starts where a teacher token starts, the teacher's top-k there carried onto student
+        ids (xtok.Projection.top_k); elsewhere one slot, the student's own token at probability 1 (a KD term of 0)."""
+        teacher, projection = cross
+        theirs, ours = teacher.encode(text, add_special_tokens=False), self.tokenizer.encode(text, add_special_tokens=False)
+        if start + n > len(rows):
+            raise InputError(f"{where()}: its stored positions {start:,}..{start + n:,} run past the sidecar's "
+                             f"{len(rows):,}: score the corpus again")
+        stored = rows[start:start + n]
+        xtok.check_teacher_tokens(stored["token"], theirs.ids, where())
+        if not np.array_equal(np.asarray(ours.ids), target):
+            raise InputError(f"{where()}: the student's target tokens are not its tokenizer's encoding of the target")
+        k = stored["ids"].shape[1]
+        out = np.zeros(len(target), record_dtype(k))
+        out["token"], out["ids"][:, 0] = target, target
+        out["logprobs"][:] = xtok.EMPTY
+        out["logprobs"][:, 0] = 0.0
+        pairs = xtok.starts(text, theirs.offsets, ours.offsets)
+        if pairs:
+            i, j = map(list, zip(*pairs))
+            out["ids"][i], out["logprobs"][i] = projection.top_k(stored["ids"][j], stored["logprobs"][j])
+        return out
+
+
+def teacher_tokenizer(sidecar, header):
+    """The tokenizer of the teacher that scored `sidecar`: the copy beside it, else the teacher's folder."""
+    beside = Path(str(sidecar) + ".tokenizer.json")
+    folder = Path(str(header.get("teacher", ""))).expanduser()
+    for path in (beside, folder / "tokenizer.json"):
+        if path.is_file():
+            tokenizer = Tokenizer.from_file(str(path))
+            if tokenizer_fingerprint(tokenizer) != header.get("tokenizer"):
+                raise InputError(f"{path}: not the tokenizer that scored {sidecar} (fingerprint "
+                                 f"{tokenizer_fingerprint(tokenizer)}, the sidecar's {header.get('tokenizer')})")
+            return tokenizer
+    raise InputError(f"{sidecar}: scored by {header.get('teacher')}, whose tokenizer is not the student's; aligning the "
+                     f"two needs the teacher's tokenizer: put its tokenizer.json at {beside}")
 
 
 def served_chain(rows, chain, k, tokenizer, what, ours="--tokenizer"):

@@ -163,8 +163,9 @@ class KdFlags:
     """KD (distill.py): the teacher's token distributions beside its chains."""
     kd: float | None = flag(None, "distil the teacher's token distributions too: loss = (1 - ALPHA) * cross-entropy + "
                             "ALPHA * KL(teacher's top-k || student's, both over the top-k ids), on target tokens; "
-                            "--data must be scored by `teacher.py --score --top-logprobs K` with a teacher that shares "
-                            "the student's tokenizer (distill.py; default: off, the targets' cross-entropy only)", MATCH,
+                            "--data must be scored by `teacher.py --score --top-logprobs K`; a teacher of another "
+                            "tokenizer is aligned to the student's (xtok.py; default: off, the targets' cross-entropy "
+                            "only)", MATCH,
                             type=cli.fraction, metavar="ALPHA")
     kd_temperature: float = flag(1.0, "with --kd: both distributions at this temperature, the KL scaled by its square "
                                  "(default 1)", MATCH, type=cli.positive_float)

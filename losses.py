@@ -22,15 +22,16 @@ class TopKTargets(NamedTuple):
 
 
 def kl(p, q):
-    """Per-row KL(p || q) from log-probabilities, fp32 -> (N,)."""
-    return (p.exp() * (p - q)).sum(-1)
+    """Per-row KL(p || q) from log-probabilities, fp32 -> (N,); entries where p is -inf (empty slots) add 0."""
+    return torch.where(p.isneginf(), 0.0, p.exp() * (p - q)).sum(-1)
 
 
 def kd_logprobs(logits_k, teacher):
     """The KD term's two distributions over the teacher's K ids, as log-probabilities at its temperature: the
-    teacher's p (renormalised over the K) and the student's q (from its logits at the K ids, (N, K))."""
-    t = teacher.temperature
-    return (teacher.logprobs.float() / t).log_softmax(-1), (logits_k.float() / t).log_softmax(-1)
+    teacher's p (renormalised over the K) and the student's q (from its logits at the K ids, (N, K)). A slot the
+    teacher left empty (log-probability -inf: xtok.py's projection onto a student's vocabulary) is out of both."""
+    t, lp = teacher.temperature, teacher.logprobs.float()
+    return (lp / t).log_softmax(-1), (logits_k.float() / t).masked_fill(lp.isneginf(), -math.inf).log_softmax(-1)
 
 
 def kd_loss(logits_k, teacher):

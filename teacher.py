@@ -787,7 +787,11 @@ TRAINING_TARGET = "the training target (train.py --mode cot): the rationale, ' S
 
 
 def sidecar_writer(args, out, tokenizer, header_text, shots):
-    """<out>.topk, continued where the corpus lines already written end."""
+    """<out>.topk, continued where the corpus lines already written end; the teacher's tokenizer beside it
+    (<out>.topk.tokenizer.json), so that a student of another tokenizer can align to it without the teacher."""
+    beside = Path(args.out + ".topk.tokenizer.json")
+    if not beside.exists():
+        fileio.write_text(beside, tokenizer.to_str())
     spans = [r["topk"] for _, rec in data.read_appended(out) for r in rec.get("rationales", []) if "topk" in r]
     header = {"k": args.top_logprobs, "tokenizer": distill.tokenizer_fingerprint(tokenizer),
               "teacher": cli.portable(args.teacher) if args.teacher else f"{args.model} at {args.api}", "mode": "cot", "shots": shots,

@@ -191,17 +191,6 @@ def test_kd_on_shared_prefix_and_packed_rows_gives_the_gradients_of_plain_rows(p
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_a_student_with_another_tokenizer_is_refused_in_one_line(scored, tmp_path, capsys):
-    other = tiny_student(tmp_path / "other", vocab_size=320)
-    with pytest.raises(SystemExit) as e:
-        cli.run(lambda: kd_run(other, scored, tmp_path / "run", "--kd", "0.5"))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1
-    fingerprint = distill.tokenizer_fingerprint(load_tokenizer(other))
-    assert f"the student's tokenizer ({other}, fingerprint {fingerprint}) is not the teacher's" in err
-    assert "teacher, fingerprint " in err and "scored.jsonl.topk" in err
-
-
 def test_kd_on_a_corpus_without_topk_or_with_edited_chains_is_refused(pair, corpus, scored, tmp_path):
     with pytest.raises(InputError, match=r"many.jsonl:1: rationale 0 has no stored top-k; --kd needs a corpus scored"):
         kd_run(pair[0], corpus, tmp_path / "a", "--kd", "0.5")
