@@ -21,7 +21,8 @@ step, and its text is the Socratic chain (scotd.socratic_rationale: "sub-questio
      "rationales": [{"text": "How many clips did she sell in May? ** Natalia sold 48/2 = 24 clips ...\n...",
                      "prediction": "72", "correct": true, "steps": [...], "subquestions": ["How many ...?", ...]}]
 
-Importers turn releases into it:
+Importers turn releases into it (and `import`, any dataset by column mapping: dotted paths reach nested fields,
+choices come as a list or as label/text columns, an answer as a choice's text, label or index, or a number):
     dsbs:  Distilling Step-by-Step's CSQA with PaLM-540B rationales (one per question) -- bundled in data/
     scotd: the SCoTD release (csqa_30x.json style, ~30 GPT-3 rationales per question) + the question JSONL
     gsm8k: GSM8K's train/test JSONL; the human solution is the rationale (calculator annotations
@@ -30,6 +31,8 @@ Importers turn releases into it:
     python data.py import-dsbs ../shared/corpora/dsbs-cqa-palm data/
     python data.py import-scotd csqa_30x.json train_rand_split.jsonl out.jsonl.gz
     python data.py import-gsm8k ../shared/corpora/gsm8k data/
+    python data.py import SOURCE --question COL --answer COL [--choices COL --labels COL] [--id COL] [--rationale COL]
+        [--split NAME] --out CORPUS     # any dataset: JSONL, JSON, CSV, Parquet, or ORG/NAME in the HF cache
     python data.py stats [corpus]
 
 Bad input, the rule: what makes a file something other than a corpus is fatal -- a line that is not
@@ -43,6 +46,7 @@ token cache is rebuilt, never fatal.
 """
 
 import argparse
+import csv
 import gzip
 import hashlib
 import json
@@ -62,7 +66,7 @@ import torch
 import cli
 import fileio
 import losses
-from checkpoint import default_student, load_tokenizer
+from checkpoint import default_student, hub_cache, is_hub_id, load_tokenizer
 from fileio import InputError
 from scotd import (LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, format_query, format_target, majority_vote, parse_choice,
                    parse_number, split_teacher_output,
@@ -475,6 +479,158 @@ A solution without such a number, or without steps, is a counted skip."""
         records.append({"id": f"gsm8k-{split}-{n}", "question": q["question"].strip(), "answer": answer,
                         "rationales": [make_rationale(" ".join(steps), answer, answer) | {"steps": steps}]})
     return records
+
+
+# -----------------------------------------------------------------------------
+# Any dataset, by column mapping: python data.py import SOURCE --question COL --answer COL ...
+
+
+@dataclass
+class Columns:
+    """Where a source's rows keep each field: a column name or a dotted path into nested fields ("choices.text").
+    choices: a list of choice texts; labels: the choices' labels beside them ("A".."E"), when answers name labels."""
+    question: str
+    answer: str
+    choices: str | None = None
+    labels: str | None = None
+    id: str | None = None
+    rationale: str | None = None
+
+
+def read_rows(source, split=None):
+    """The rows of a JSONL, JSON (a list of objects), CSV or Parquet file, or of a dataset in the local Hugging Face
+    cache by id ("org/name": its cached parquet files of `split`, read offline) -> (where each row is, the rows)."""
+    path = Path(source)
+    if not path.exists() and is_hub_id(source):
+        return _cached_dataset(str(source), split or "train")
+    if not path.is_file():
+        raise CorpusError(f"{source}: no such file (nor a dataset id in the Hugging Face cache)")
+    kind = path.name.removesuffix(".gz").rsplit(".", 1)[-1].lower()
+    if kind == "jsonl":
+        return [(f"{path}:{n}", row) for n, row in _json_lines(path)]
+    if kind == "json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorpusError(f"{path}: not a JSON file ({e})") from None
+        if not isinstance(rows, list):
+            raise CorpusError(f"{path}: a JSON source is a list of objects, got {json_type(rows)}")
+        return [(f"{path}: row {i}", row) for i, row in enumerate(rows, 1)]
+    if kind == "csv":
+        return _csv_rows(path)
+    if kind == "parquet":
+        return _parquet_rows(path)
+    raise CorpusError(f"{path}: not a source data.py import reads (.jsonl, .json, .csv, .parquet, or a dataset id)")
+
+
+def _csv_rows(path):
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if not header:
+            raise CorpusError(f"{path}: empty CSV file (no header line)")
+        for row in rows:
+            if len(row) != len(header):
+                raise CorpusError(f"{path}:{rows.line_num}: {len(row)} fields, the header line has {len(header)}")
+            out.append((f"{path}:{rows.line_num}", dict(zip(header, row))))
+    return out
+
+
+def _parquet_rows(path, where=None):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 -- pyarrow's errors for a file that is not Parquet vary
+        raise CorpusError(f"{path}: not a Parquet file ({str(e).splitlines()[0]})") from None
+    return [(f"{where or path}: row {i}", row) for i, row in enumerate(rows, 1)]
+
+
+def _cached_dataset(hub_id, split):
+    """A dataset's parquet files for `split` in the local Hugging Face cache (datasets--ORG--NAME/snapshots/...)."""
+    name, _, revision = hub_id.partition("@")
+    repo = hub_cache() / f"datasets--{name.replace('/', '--')}"
+    ref = repo / "refs" / (revision or "main")
+    snapshot = repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision or "main")
+    files = sorted(f for f in snapshot.rglob("*.parquet") if re.search(rf"(^|[/_-]){re.escape(split)}([/_.-]|$)",
+                                                                           str(f.relative_to(snapshot))))
+    if not files:
+        raise CorpusError(f"{hub_id}: no cached parquet files of split {split!r} under {repo}; fetch the dataset with "
+                          f"`hf download {name} --repo-type dataset`, or pass a file")
+    return [row for f in files for row in _parquet_rows(f, f"{hub_id} {split} {f.name}")]
+
+
+def field_at(row, path):
+    """A row's value at a dotted path ("choices.text"); KeyError(path) where there is none."""
+    value = row
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(path)
+        value = value[key]
+    return value
+
+
+def import_rows(rows, cols, skips, prefix="row"):
+    """Rows of any source -> canonical records, every row accounted for: imported, or a counted skip with its reason
+    and first place (an empty question; an answer that is not among the choices, names no label or index, or is
+    not a number where there are no choices). A column no row has is an error naming it and the columns there are."""
+    records, ids = [], {}
+    for n, (where, row) in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise CorpusError(f"{where}: a row should be an object, got {json_type(row)}")
+        try:
+            question, answer = field_at(row, cols.question), field_at(row, cols.answer)
+            choices = field_at(row, cols.choices) if cols.choices else None
+            labels = field_at(row, cols.labels) if cols.labels else None
+            rid = str(field_at(row, cols.id)) if cols.id else f"{prefix}-{n}"
+        except KeyError as e:
+            raise CorpusError(f"{where}: no column {e.args[0]!r}; the row has {', '.join(map(repr, row))}") from None
+        try:  # a worked example where the row has one
+            rationale = field_at(row, cols.rationale) if cols.rationale else None
+        except KeyError:
+            rationale = None
+        if not isinstance(question, str) or not question.strip():
+            skips.add("empty question", where)
+            continue
+        if choices is not None:
+            if not _strings(choices) or not 2 <= len(choices) <= len(LETTERS):
+                skips.add(f"choices not a list of 2..{len(LETTERS)} strings", where)
+                continue
+            answer = _choice_of(answer, choices, labels)
+            if answer is None:
+                skips.add("answer names no choice (its text, label or index)", where)
+                continue
+        else:
+            answer = parse_number(str(answer)) if isinstance(answer, (str, int, float)) and not isinstance(answer, bool) \
+                else None
+            if answer is None:
+                skips.add("answer not a number (a question without choices)", where)
+                continue
+        if rid in ids:
+            raise CorpusError(f"{where}: id {rid!r} repeats {ids[rid]}; every question needs an id of its own (--id)")
+        ids[rid] = where
+        rec = {"id": rid, "question": question.strip()} | ({"choices": choices} if choices is not None else {})
+        rec |= {"answer": answer, "rationales": []}
+        if isinstance(rationale, str) and rationale.strip():
+            rec["rationales"] = [make_rationale(rationale.strip(), answer, answer)]
+        records.append(rec)
+    return records
+
+
+def _choice_of(answer, choices, labels):
+    """An answer given as a choice's text, its label (with --labels), its letter ("B") or its index -> the text."""
+    if isinstance(answer, str) and answer in choices:
+        return answer
+    if labels is not None and answer in labels and len(labels) == len(choices):
+        return choices[labels.index(answer)]
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().lower() in LETTERS[:len(choices)]:
+        return choices[LETTERS.index(answer.strip().lower())]
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return choices[answer]
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -897,6 +1053,18 @@ def main():
     p = sub.add_parser("import-gsm8k", help="GSM8K folder (train.jsonl, test.jsonl) -> canonical numeric train/test")
     p.add_argument("folder")
     p.add_argument("out_dir", nargs="?", default=str(DATA_DIR))
+    p = sub.add_parser("import", help="any dataset by column mapping -> canonical (JSONL, JSON, CSV, Parquet, or a "
+                       "dataset id in the local Hugging Face cache)")
+    p.add_argument("source", help="a file, or ORG/NAME of a dataset in the Hugging Face cache (read offline)")
+    p.add_argument("--question", required=True, help="the question's column (required; dotted paths reach nested fields)")
+    p.add_argument("--answer", required=True, help="the answer's column: a choice's text, label or index, or a number "
+                   "(required)")
+    p.add_argument("--choices", default=None, help="the choices' column, a list of texts (default: none, a numeric task)")
+    p.add_argument("--labels", default=None, help="the choices' labels, when answers name them (default: none)")
+    p.add_argument("--id", default=None, help="the id column (default: ROW-N, N the row's number)")
+    p.add_argument("--rationale", default=None, help="a rationale column: worked examples (default: none)")
+    p.add_argument("--split", default=None, help="a cached dataset's split (default: train)")
+    p.add_argument("--out", required=True, help="the canonical corpus to write (required)")
     p = sub.add_parser("stats", help="corpus statistics")
     p.add_argument("corpus", nargs="?", default=str(DEFAULT_TRAIN))
     p.add_argument("--tokenizer", default=None, help="model folder for token lengths (default: the default student)")
@@ -920,6 +1088,13 @@ def main():
                 skips = Skips()
                 write(import_gsm8k(Path(args.folder) / f"{split}.jsonl", split, skips), Path(args.out_dir) / name,
                       skips, f"{split} problems")
+        elif args.cmd == "import":
+            skips, rows = Skips(), read_rows(args.source, args.split)
+            cols = Columns(args.question, args.answer, args.choices, args.labels, args.id, args.rationale)
+            records = import_rows(rows, cols, skips, prefix=Path(str(args.source)).name.split(".")[0].replace("/", "-"))
+            if not records:
+                raise CorpusError(f"{args.source}: no row imported ({len(rows):,} rows; {skips.summary()})")
+            write(records, Path(args.out), skips, f"of {len(rows):,} rows imported as questions")
         else:
             skips = Skips()
             write(import_scotd(args.release_json, args.questions_jsonl, skips), Path(args.out), skips, "questions")
