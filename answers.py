@@ -8,7 +8,7 @@ answers out of the text.
 from dataclasses import replace
 
 from sample import SampleConfig, batch_seed, batch_slices, generate, generate_turns
-from scotd import LABEL_FIRST, STOP, SUB, extract_answer, socratic_line, states_answer
+from scotd import LABEL_FIRST, STOP, SUB, extract_answer, kind_of, socratic_line, states_answer
 
 
 GREEDY = SampleConfig(max_new_tokens=96, batch_size=16)  # greedy's defaults: 96 tokens, 16 questions a batch
@@ -92,4 +92,4 @@ def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, 
 
 def answers_of(mode, outs, records):
     """Per question, the answer each chain commits to (data.gold's kind: a choice index or a number; None = abstained)."""
-    return [[extract_answer(mode, c["text"], r.get("choices")) for c in o] for o, r in zip(outs, records)]
+    return [[extract_answer(mode, c["text"], r.get("choices"), kind_of(r)) for c in o] for o, r in zip(outs, records)]

@@ -68,9 +68,8 @@ import fileio
 import losses
 from checkpoint import default_student, hub_cache, is_hub_id, load_tokenizer
 from fileio import InputError
-from scotd import (LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, format_query, format_target, majority_vote, parse_choice,
-                   parse_number, split_teacher_output,
-                   socratic_turns)
+from scotd import (LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, format_query, format_target, kind_of, majority_vote,
+                   normalize_text, parse_answer, parse_choice, parse_number, split_teacher_output, socratic_turns)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TRAIN = DATA_DIR / "csqa_palm_train.jsonl.gz"
@@ -78,6 +77,7 @@ DEFAULT_DEV = DATA_DIR / "csqa_palm_validation.jsonl.gz"
 GSM8K_TRAIN = DATA_DIR / "gsm8k_train.jsonl.gz"
 GSM8K_TEST = DATA_DIR / "gsm8k_test.jsonl.gz"
 FILTERS = ("correct", "all")
+ANSWER_NAMES = {"number": "a number", "yesno": "yes or no", "text": "a short text"}  # a teacher answer that is not one
 
 
 class CorpusError(InputError):
@@ -182,6 +182,17 @@ def check_record(rec, where):
                 raise CorpusError(f"{where}: rationale {i}: field {key!r} should be {what}, got {json_type(r[key])}")
         if ("teacher_logprob" in r) != ("teacher_tokens" in r):
             raise CorpusError(f"{where}: rationale {i}: 'teacher_logprob' and 'teacher_tokens' come together")
+    kind = rec.get("answer_type")
+    if kind is not None and (kind not in ("yesno", "text") or "choices" in rec):
+        raise CorpusError(f"{where}: answer_type {kind!r}: it is 'yesno' or 'text', on a question without 'choices' "
+                          "(a choice or a number needs none)")
+    if kind == "yesno" and rec["answer"] not in ("yes", "no"):
+        raise CorpusError(f"{where}: a yes/no question's answer is 'yes' or 'no', got {rec['answer']!r}")
+    if kind == "text" and normalize_text(rec["answer"]) is None:
+        raise CorpusError(f"{where}: a free-text answer needs a word (SQuAD's normalisation leaves none of "
+                          f"{rec['answer']!r})")
+    if kind is not None:
+        return
     if "choices" not in rec:  # a numeric question
         if parse_number(rec["answer"]) != rec["answer"]:
             raise CorpusError(f"{where}: a question without 'choices' needs a number as its answer "
@@ -196,14 +207,22 @@ def check_record(rec, where):
 
 
 def gold(rec):
-    """The answer as scotd.extract_answer reads one: the choice's index, or the normalised number."""
-    return rec["choices"].index(rec["answer"]) if "choices" in rec else rec["answer"]
+    """The answer as scotd.extract_answer reads one: the choice's index, the normalised number, "yes"/"no", or the
+    normalised text."""
+    kind = kind_of(rec)
+    return rec["choices"].index(rec["answer"]) if kind == "choice" else parse_answer(rec["answer"], kind) \
+        if kind == "text" else rec["answer"]
 
 
 def train_corpus_of(records):
     """The bundled train corpus of the records' task, where few-shot exemplars come from: CSQA for
-    multiple-choice questions, GSM8K for numeric ones."""
-    return DEFAULT_TRAIN if "choices" in records[0] else GSM8K_TRAIN
+    multiple-choice questions, GSM8K for numeric ones; none for yes/no and free-text tasks (teacher.py
+    --shots-from names the user's)."""
+    kind = kind_of(records[0])
+    if kind in ("yesno", "text"):
+        raise InputError(f"no bundled worked examples for {ANSWER_NAMES[kind]} answers: give a few in the corpus "
+                         "format (teacher.py --shots-from CORPUS), or --shots 0")
+    return DEFAULT_TRAIN if kind == "choice" else GSM8K_TRAIN
 
 
 def exemplars(k, source=DEFAULT_TRAIN):
@@ -217,7 +236,7 @@ def exemplars(k, source=DEFAULT_TRAIN):
         if r and r.get("correct") and r["text"].strip():
             choices = rec.get("choices")
             chosen.append((rec["id"], format_query(rec["question"], choices),
-                           format_target("cot", choices, gold(rec), r["text"])))
+                           format_target("cot", choices, gold(rec) if choices else rec["answer"], r["text"])))
     return chosen
 
 
@@ -367,15 +386,18 @@ def make_rationale(text, prediction_text, answer):
 # Importers
 
 
-def teacher_rationale(output, choices, answer):
+def teacher_rationale(output, choices, answer, kind=None):
     """A teacher's completion -> {text, prediction, correct}: the rationale before the sentence with its last
     'answer is', and the choice that sentence names (prediction None when it names no single choice) --
-    or, for a numeric question (choices None), the number it names."""
+    or, for the other answer types (kind; None: a number without choices), the answer as parse_answer reads it
+    (a number, "yes"/"no", a normalised text), correct when it is the gold one."""
     text, answer_part = split_teacher_output(output)
+    kind = kind or ("choice" if choices is not None else "number")
     if answer_part is None:
         return make_rationale(text, None, answer)
-    if choices is None:
-        return make_rationale(text, parse_number(answer_part), answer)
+    if kind != "choice":
+        said = parse_answer(answer_part, kind)
+        return {"text": text, "prediction": said, "correct": said is not None and said == parse_answer(answer, kind)}
     index = parse_choice(answer_part, choices)
     return make_rationale(text, None if index is None else choices[index], answer)
 
@@ -573,10 +595,18 @@ def field_at(row, path):
     return value
 
 
-def import_rows(rows, cols, skips, prefix="row"):
+def import_rows(rows, cols, skips, prefix="row", kind="auto"):
     """Rows of any source -> canonical records, every row accounted for: imported, or a counted skip with its reason
     and first place (an empty question; an answer that is not among the choices, names no label or index, or is
-    not a number where there are no choices). A column no row has is an error naming it and the columns there are."""
+    not of the answer type). kind: the answer type of a task without choices (number, yesno, text; auto: yesno
+    when every answer is yes/no/true/false, else number when every one is a number, else text). A column a row
+    lacks is an error naming it and the columns the row has."""
+    if cols.choices:
+        kind = "choice"
+    elif kind == "auto":
+        answers = [_get(r, cols.answer) for _, r in rows]
+        kind = next((k for k in ("yesno", "number") if answers and all(_answer_as(a, k, strict=True) is not None
+                                                                        for a in answers)), "text")
     records, ids = [], {}
     for n, (where, row) in enumerate(rows, 1):
         if not isinstance(row, dict):
@@ -604,20 +634,43 @@ def import_rows(rows, cols, skips, prefix="row"):
                 skips.add("answer names no choice (its text, label or index)", where)
                 continue
         else:
-            answer = parse_number(str(answer)) if isinstance(answer, (str, int, float)) and not isinstance(answer, bool) \
-                else None
+            answer = _answer_as(answer, kind)
             if answer is None:
-                skips.add("answer not a number (a question without choices)", where)
+                skips.add(f"answer not {ANSWER_NAMES[kind]}", where)
                 continue
         if rid in ids:
             raise CorpusError(f"{where}: id {rid!r} repeats {ids[rid]}; every question needs an id of its own (--id)")
         ids[rid] = where
         rec = {"id": rid, "question": question.strip()} | ({"choices": choices} if choices is not None else {})
-        rec |= {"answer": answer, "rationales": []}
+        rec |= {"answer": answer} | ({"answer_type": kind} if kind in ("yesno", "text") else {}) | {"rationales": []}
         if isinstance(rationale, str) and rationale.strip():
             rec["rationales"] = [make_rationale(rationale.strip(), answer, answer)]
         records.append(rec)
     return records
+
+
+def _get(row, path):
+    """field_at, or None where the row has no such field."""
+    try:
+        return field_at(row, path)
+    except KeyError:
+        return None
+
+
+def _answer_as(answer, kind, strict=False):
+    """A source's answer as the corpus keeps it for `kind`: a normalised number, "yes"/"no" (true/false too; strict:
+    the word alone), a non-empty text; None when it is not one."""
+    if isinstance(answer, bool):
+        return ("yes" if answer else "no") if kind == "yesno" else None
+    if not isinstance(answer, (str, int, float)):
+        return None
+    text = str(answer).strip()
+    if kind == "number":
+        return parse_number(text) if re.fullmatch(r"[-$\d.,\s]+", text) or not strict else None
+    if kind == "yesno":
+        said = parse_answer(text, "yesno")
+        return said if not strict or text.lower().rstrip(".") in ("yes", "no", "true", "false") else None
+    return text if normalize_text(text) else None
 
 
 def _choice_of(answer, choices, labels):
@@ -654,8 +707,8 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
         query = format_query(rec["question"], choices)
         answer = gold(rec)
         if mode == "label":
-            examples.append({"id": rec["id"], "query": query, "target": format_target("label", choices, answer),
-                             "answer": answer})
+            examples.append({"id": rec["id"], "query": query, "answer": answer,
+                             "target": format_target("label", choices, answer if choices is not None else rec["answer"])})
             continue
         kept = []
         for r in rec["rationales"]:
@@ -665,8 +718,9 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
                 skips.add("teacher answer wrong (filter=correct)", rec["id"])
             elif choices is not None and r.get("prediction") not in choices:
                 skips.add("teacher answer not a single choice", rec["id"])
-            elif choices is None and (r.get("prediction") is None or parse_number(r["prediction"]) != r["prediction"]):
-                skips.add("teacher answer not a number", rec["id"])
+            elif choices is None and (r.get("prediction") is None
+                                      or parse_answer(r["prediction"], kind_of(rec)) != r["prediction"]):
+                skips.add(f"teacher answer not {ANSWER_NAMES[kind_of(rec)]}", rec["id"])
             else:
                 kept.append(r)
         if not kept:
@@ -685,7 +739,8 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
         index = {id(r): c for c, r in enumerate(rec["rationales"])}
         for r in kept:
             # the student learns the teacher's answer with its rationale (with filter=all it may be wrong)
-            said = choices.index(r["prediction"]) if choices is not None else r["prediction"]
+            said = choices.index(r["prediction"]) if choices is not None else rec["answer"] \
+                if kind_of(rec) == "text" and r.get("correct") else r["prediction"]  # a text answer as written
             examples.append({"id": rec["id"], "query": query, "answer": answer, "chain": index[id(r)],
                              "target": format_target(mode, choices, said, r["text"])})
     return examples
@@ -1064,6 +1119,9 @@ def main():
     p.add_argument("--id", default=None, help="the id column (default: ROW-N, N the row's number)")
     p.add_argument("--rationale", default=None, help="a rationale column: worked examples (default: none)")
     p.add_argument("--split", default=None, help="a cached dataset's split (default: train)")
+    p.add_argument("--answer-type", default="auto", choices=("auto", "number", "yesno", "text"),
+                   help="without --choices (default auto: yesno when every answer is yes/no/true/false, else number "
+                   "when every one is a number, else short free text)")
     p.add_argument("--out", required=True, help="the canonical corpus to write (required)")
     p = sub.add_parser("stats", help="corpus statistics")
     p.add_argument("corpus", nargs="?", default=str(DEFAULT_TRAIN))
@@ -1091,7 +1149,8 @@ def main():
         elif args.cmd == "import":
             skips, rows = Skips(), read_rows(args.source, args.split)
             cols = Columns(args.question, args.answer, args.choices, args.labels, args.id, args.rationale)
-            records = import_rows(rows, cols, skips, prefix=Path(str(args.source)).name.split(".")[0].replace("/", "-"))
+            records = import_rows(rows, cols, skips, Path(str(args.source)).name.split(".")[0].replace("/", "-"),
+                                  args.answer_type)
             if not records:
                 raise CorpusError(f"{args.source}: no row imported ({len(rows):,} rows; {skips.summary()})")
             write(records, Path(args.out), skips, f"of {len(rows):,} rows imported as questions")

@@ -39,8 +39,8 @@ from model import DTYPES
 from report import Progress, bootstrap_ci, calibration, plot_lines
 from answers import answers_of, greedy, socratic_chains
 from sample import SampleConfig, batch_slices, generate
-from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, maj_at_k, majority_vote, pass_at_k,
-                   vote_curve)
+from scotd import (LABEL_FIRST, LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, kind_of, maj_at_k, majority_vote,
+                   pass_at_k, vote_curve)
 
 CPU_DEFAULT_LIMIT = 100  # questions: greedy + N=10 chains in about 3.5 minutes on 2 cores (SmolLM2-135M)
 
@@ -413,7 +413,7 @@ def report(args, out, stem, records, decoded, setup):
     if chains:
         speed |= {"sampling_tok_s": sum(len(c["tokens"]) for o in chains for c in o) / max(decoded.chains_s, 1e-9),
                   "sampling_seconds": decoded.chains_s}
-    meta = {"checkpoint": str(args.checkpoint), "mode": mode, "data": str(args.data), "n": args.n,
+    meta = {"checkpoint": str(args.checkpoint), "mode": mode, "answer_type": kind_of(records[0]), "data": str(args.data), "n": args.n,
             "fewshot": args.fewshot, "temperature": args.temperature, "device": setup["device"], "dtype": setup["dtype"],
             **speed, **({"overlap": setup["overlap"]} if setup.get("overlap") else {})}
     write_report(rows, meta, out, stem)
@@ -425,7 +425,8 @@ def write_report(rows, meta, out, stem, derived=None):
     reliability) and summary-<stem>.json."""
     summary = meta | (derived or summarize(rows))
     cut = f" ({summary['incomplete']})" if summary.get("incomplete") else ""
-    print(f"\n{summary['questions']:,} questions{cut} from {meta.get('data', stem)}, {meta.get('device', '?')}, "
+    kind = f" ({summary['answer_type']} answers)" if summary.get("answer_type") else ""
+    print(f"\n{summary['questions']:,} questions{cut} from {meta.get('data', stem)}{kind}, {meta.get('device', '?')}, "
           f"{meta.get('dtype', '?')}\n" + "\n".join(table(summary)))
     if "maj_at_k" in summary:
         ks, n = list(range(1, len(summary["maj_at_k"]) + 1)), summary["questions"]

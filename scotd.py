@@ -19,9 +19,11 @@ the two-model variant splits it into turns (socratic_turns): a *decomposer* writ
 from the problem and the lines so far, a *solver* writes the step that answers it, and the last step
 carries the answer sentence, which ends the chain.
 
-Two tasks: multiple choice (CSQA: the answer is one of the choices, read as its index) and numeric
-(GSM8K: no choices; the query is "Q: {question}\nA:", the answer a number, read as its normalised text,
-"1,000.50" -> "1000.5"). The same targets serve both: " ... So the answer is 72.\n\n".
+Four answer types (`kind_of`, `parse_answer`): multiple choice (CSQA: the answer is one of the choices, read as its
+index); numeric (GSM8K: no choices; the query is "Q: {question}\nA:", the answer a number, read as its normalised
+text, "1,000.50" -> "1000.5"); yes/no (StrategyQA: " ... So the answer is yes.\n\n", read as "yes" or "no", true
+and false too); short free text (" ... So the answer is the Eiffel Tower.\n\n", compared after SQuAD's
+normalisation: "eiffel tower"). The same targets serve all: " ... So the answer is 72.\n\n".
 """
 
 import hashlib
@@ -166,9 +168,48 @@ def answer_spans(text):
     return list(_ANSWER_IS.finditer(text))
 
 
-def extract_answer(mode, generated, choices):
-    """The answer a generated continuation commits to, or None (an abstention): the choice's index, or
-    for a numeric question (choices None) the normalised number.
+def parse_yesno(text):
+    """'Yes.', 'no, because ...', 'True' -> "yes" / "no"; None when the text does not start with one of them."""
+    m = re.match(r"\W*(yes|no|true|false)\b", text, re.IGNORECASE)
+    return None if m is None else "yes" if m.group(1).lower() in ("yes", "true") else "no"
+
+
+def normalize_text(text):
+    """A short free-text answer as SQuAD compares them: lower case, punctuation and the articles a/an/the removed,
+    white space folded ("The Eiffel Tower." -> "eiffel tower"); None when nothing is left."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+    return text or None
+
+
+_PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+KINDS = ("choice", "number", "yesno", "text")  # the answer types a corpus can hold (data.py: `answer_type`)
+
+
+def kind_of(rec):
+    """A record's answer type: its `answer_type` (yesno, text), else choice with choices, number without."""
+    return rec.get("answer_type") or ("choice" if "choices" in rec else "number")
+
+
+def parse_answer(text, kind, choices=None):
+    """An answer as text -> the answer a vote counts: a choice's index, a normalised number, "yes"/"no", or a
+    normalised short text (normalize_text); None where the text gives none.
+
+        parse_answer("(c) minnesota.", "choice", choices) -> 2      parse_answer("$1,000.50", "number") -> "1000.5"
+        parse_answer("Yes. Frogs ...", "yesno") -> "yes"            parse_answer("The Eiffel Tower.", "text") -> "eiffel tower"
+    """
+    if kind == "choice":
+        return parse_choice(text, choices)
+    if kind == "number":
+        return parse_number(text)
+    if kind == "yesno":
+        return parse_yesno(text)
+    return normalize_text(re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0].strip().rstrip(".!?"))
+
+
+def extract_answer(mode, generated, choices, kind=None):
+    """The answer a generated continuation commits to, or None (an abstention), as parse_answer reads it (kind
+    None: a choice with choices, else a number).
 
     cot:   the answer after the last "answer is" (the rationale comes first).
     post/post-shuffled/label: the answer after the first "answer is" (it leads the continuation).
@@ -181,7 +222,7 @@ def extract_answer(mode, generated, choices):
     tail = _ANSWER.match(text, start).group(1)
     if mode != "cot":
         tail = tail.split(". ")[0]  # the rationale follows the answer
-    return parse_choice(tail, choices) if choices is not None else parse_number(tail)
+    return parse_answer(tail, kind or ("choice" if choices is not None else "number"), choices)
 
 
 _LEAD_IN = re.compile(r"[,\s]*(?:\b(?:and\s+)?(?:so|thus|therefore|hence)\b)?[,\s]*(?:\b(?:the|my|our)\b)?\s*"

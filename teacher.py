@@ -68,7 +68,7 @@ from model import DTYPES
 from report import Progress
 from answers import dialogues
 from sample import SampleConfig, batch_seed, batch_slices, chain_logprobs, generate, prefill
-from scotd import ANSWER_END, STOP, fewshot_prefix, format_query, format_target, socratic_rationale
+from scotd import ANSWER_END, STOP, fewshot_prefix, format_query, format_target, kind_of, socratic_rationale
 
 # Socratic sub-questions for the first GSM8K train problems, written for this prompt (never test problems)
 SOCRATIC_SHOTS = {
@@ -106,6 +106,9 @@ def parser():
     p.add_argument("--top-p", type=cli.fraction, default=1.0, help="default 1.0 (off)")
     p.add_argument("--shots", type=cli.nonneg_int, default=None, help="worked examples in the prompt (bundled PaLM "
                    "rationales; default 4, 0 with --top-logprobs)")
+    p.add_argument("--shots-from", default=None, metavar="CORPUS", help="the worked examples: the first --shots records "
+                   "of this corpus with a correct rationale -- a few written by hand, or an imported train split's "
+                   "(data.py import --rationale) (default: the task's bundled train corpus)")
     p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots (default: none)")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars; "
                    "default: all)")
@@ -172,6 +175,9 @@ def check_args(p, args):
     for key, value in defaults.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     cli.check_file(p, "--data", args.data)
+    cli.check_file(p, "--shots-from", args.shots_from)
+    if args.shots_from and (args.prompt or args.socratic):
+        p.error("argument --shots-from: not with --prompt or --socratic (they bring their own header)")
     if args.socratic and Path(args.data).resolve() == data.GSM8K_TEST.resolve():
         p.error("argument --data: --socratic never prompts on test problems; use GSM8K train")
     if args.score and (args.socratic or args.min_correct or args.dry_run):
@@ -270,7 +276,12 @@ def prompt_and_questions(args):
         shot_ids = [] if args.prompt else list(SOCRATIC_SHOTS)
         shots = [] if args.prompt else socratic_shots(data.read_corpus(data.GSM8K_TRAIN))
     else:
-        chosen = [] if args.prompt else data.exemplars(args.shots, data.train_corpus_of(records))  # of the same task
+        chosen = []
+        if args.shots and not args.prompt:
+            source = args.shots_from or data.train_corpus_of(records)  # worked examples of the same task
+            chosen = data.exemplars(args.shots, source)
+            if not chosen:
+                raise InputError(f"{source}: no record with a correct rationale to show as a worked example")
         shot_ids, shots = [i for i, _, _ in chosen], [(query, target) for _, query, target in chosen]
     header = read_prompt(args.prompt) if args.prompt else fewshot_prefix(shots)
     records = [r for r in records if r["id"] not in shot_ids]
@@ -338,7 +349,7 @@ def rationales(rec, chains, socratic):
     kept, rejected = [], []
     for c in chains:
         if not socratic:
-            r = data.teacher_rationale(c["text"], rec.get("choices"), rec["answer"])
+            r = data.teacher_rationale(c["text"], rec.get("choices"), rec["answer"], kind_of(rec))
         elif c["why"]:
             rejected.append({"why": c["why"], "subquestions": c["subquestions"]})
             continue
@@ -353,7 +364,7 @@ def rationales(rec, chains, socratic):
 
 
 def is_correct(rec, chain):
-    return data.teacher_rationale(chain["text"], rec.get("choices"), rec["answer"])["correct"]
+    return data.teacher_rationale(chain["text"], rec.get("choices"), rec["answer"], kind_of(rec))["correct"]
 
 
 def rounds(n, k):
@@ -388,7 +399,7 @@ class CorpusWriter:
 
     def row(self, rec, chains):
         """A question's record: its rationales (and the rejected chains) from its chains."""
-        row = {key: rec[key] for key in ("id", "question", "choices", "answer") if key in rec}
+        row = {key: rec[key] for key in ("id", "question", "choices", "answer", "answer_type") if key in rec}
         row["rationales"], rejected = rationales(rec, chains, self.socratic)
         if rejected:
             row["rejected"] = rejected
@@ -686,7 +697,8 @@ def chain_text(rec, r):
     choices = rec.get("choices")
     if r.get("prediction") is None or (choices is not None and r["prediction"] not in choices):
         return " " + r["text"].strip()
-    said = choices.index(r["prediction"]) if choices is not None else r["prediction"]
+    said = choices.index(r["prediction"]) if choices is not None else rec["answer"] \
+        if kind_of(rec) == "text" and r.get("correct") else r["prediction"]
     return format_target("cot", choices, said, r["text"])[:-len(STOP)]
 
 

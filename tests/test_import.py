@@ -65,8 +65,11 @@ def test_a_csv_with_choice_columns_answers_by_text_index_or_letter(tmp_path, mon
         w = csv.writer(f)
         w.writerow(["question", "answer"])
         w.writerows([["2 + 2?", "4"], ["Half of 3?", "1.50"], ["Name a color", "blue"]])
-    rows = run_import(monkeypatch, source, tmp_path / "n.jsonl", "--question", "question", "--answer", "answer")
+    rows = run_import(monkeypatch, source, tmp_path / "n.jsonl", "--question", "question", "--answer", "answer",
+                      "--answer-type", "number")
     assert [(r["id"], r["answer"]) for r in rows] == [("gsm-1", "4"), ("gsm-2", "1.5")] and "choices" not in rows[0]
+    rows = run_import(monkeypatch, source, tmp_path / "t.jsonl", "--question", "question", "--answer", "answer")
+    assert [(r["answer"], r["answer_type"]) for r in rows] == [("4", "text"), ("1.50", "text"), ("blue", "text")]
     source = tmp_path / "mc.jsonl"
     source.write_text(json.dumps({"q": "Pick b", "opts": ["a", "b"], "gold": 1}) + "\n" +
                       json.dumps({"q": "Pick a", "opts": ["a", "b"], "gold": "A"}) + "\n")
@@ -102,7 +105,8 @@ def test_a_dataset_in_the_hugging_face_cache_is_read_offline(tmp_path, monkeypat
      r"rows.parquet: not a Parquet file"),
     ("repeated id", [{"id": "x", "question": "q?", "answer": "4"}, {"id": "x", "question": "r?", "answer": "5"}],
      ["--question", "question", "--answer", "answer", "--id", "id"], r"rows.jsonl:2: id 'x' repeats .*rows.jsonl:1"),
-    ("nothing imported", [{"question": "q?", "answer": "many"}], ["--question", "question", "--answer", "answer"],
+    ("nothing imported", [{"question": "q?", "answer": "many"}], ["--question", "question", "--answer", "answer",
+                                                                   "--answer-type", "number"],
      r"no row imported \(1 rows; skipped: 1 x answer not a number"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, case, content, mapping, message):
@@ -121,3 +125,56 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, cap
     assert e.value.code == 1 and len(err.splitlines()) == 1, err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_yes_no_and_free_text_answers_get_their_type(tmp_path, monkeypatch):
+    """StrategyQA-like rows (answers true/false) import as yes/no; short answers as free text; both read back as
+    canonical records whose gold answers are "yes"/"no" and SQuAD-normalised text."""
+    source = tmp_path / "sqa.jsonl"
+    source.write_text(json.dumps({"qid": "a", "question": "Can fish fly?", "answer": False, "facts": ["Fish swim."]}) + "\n"
+                      + json.dumps({"qid": "b", "question": "Is water wet?", "answer": True}) + "\n")
+    rows = run_import(monkeypatch, source, tmp_path / "yn.jsonl", "--question", "question", "--answer", "answer",
+                      "--id", "qid")
+    assert [(r["answer"], r["answer_type"]) for r in rows] == [("no", "yesno"), ("yes", "yesno")]
+    assert [data.gold(r) for r in rows] == ["no", "yes"]
+    source = tmp_path / "qa.json"
+    source.write_text(json.dumps([{"q": "Tallest tower in Paris?", "a": "The Eiffel Tower"}, {"q": "Capital?", "a": "  "}]))
+    rows = run_import(monkeypatch, source, tmp_path / "qa.jsonl", "--question", "q", "--answer", "a", "--answer-type", "text")
+    assert len(rows) == 1 and rows[0]["answer_type"] == "text" and data.gold(rows[0]) == "eiffel tower"
+
+
+def test_a_yes_no_task_samples_trains_and_votes_end_to_end(tmp_path):
+    """A yes/no corpus through the three commands with a tiny model: the teacher's chains read as yes/no (or no
+    answer), the student's targets end " So the answer is yes.", evaluate.py votes over "yes"/"no" and says so."""
+    import evaluate
+    import teacher
+    import train
+    from helpers import tiny_student
+
+    student = tiny_student(tmp_path / "m")
+    records = [{"id": f"q{i}", "question": f"Is {i} even?", "answer": "yes" if i % 2 == 0 else "no",
+                "answer_type": "yesno", "rationales": [{"text": f"{i} is {'even' if i % 2 == 0 else 'odd'}.",
+                                                        "prediction": "yes" if i % 2 == 0 else "no", "correct": True}]}
+               for i in range(24)]
+    corpus = tmp_path / "yn.jsonl"
+    data.write_corpus(records, corpus)
+    examples = data.build_examples(data.read_corpus(corpus), "cot")
+    assert examples[0]["target"] == " 0 is even. So the answer is yes.\n\n" and examples[0]["answer"] == "yes"
+    with pytest.raises(data.InputError, match="no bundled worked examples for yes or no answers: .*--shots-from"):
+        teacher.main(["--teacher", str(student), "--data", str(corpus), "--out", str(tmp_path / "x.jsonl")])
+    shots = tmp_path / "shots.jsonl"  # two worked examples, written by hand
+    data.write_corpus(records[:2], shots)
+    sampled = teacher.main(["--teacher", str(student), "--data", str(corpus), "--limit", "3", "--n", "2",
+                            "--shots-from", str(shots), "--shots", "2", "--max-new-tokens", "8",
+                            "--out", str(tmp_path / "t.jsonl")])
+    meta = json.loads((tmp_path / "t.jsonl.meta.json").read_text())
+    assert meta["exemplar_ids"] == ["q0", "q1"] and "So the answer is yes." in meta["prompt"]
+    assert all(r["prediction"] in ("yes", "no", None) for rec in data.read_corpus(sampled) for r in rec["rationales"])
+    out = train.main(["--init", str(student), "--data", str(corpus), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                      "--batch-size", "4", "--eval-every", "0", "--eval-questions", "2"])
+    evaluate.main(["--checkpoint", str(out / "best"), "--data", str(corpus), "--limit", "4", "--n", "2",
+                   "--max-new-tokens", "8", "--out", str(tmp_path / "eval")])
+    summary = json.loads((tmp_path / "eval" / "summary-yn.json").read_text())
+    preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions-yn.jsonl").read_text().splitlines()]
+    assert summary["answer_type"] == "yesno" and [p["gold"] for p in preds] == ["yes", "no", "yes", "no"]
+    assert all(c["answer"] in ("yes", "no", None) for p in preds for c in p["chains"])

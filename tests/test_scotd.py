@@ -2,6 +2,8 @@
 
 import pytest
 
+import scotd
+
 from scotd import (extract_answer, fewshot_prefix, format_query, format_target, majority_vote, parse_choice,
                    vote_curve)
 
@@ -112,3 +114,18 @@ def test_maj_at_k_and_pass_at_k_equal_enumerating_every_subset():
     for _ in range(100):
         maj_at_k([rng.choice([None, "a", "b", "c", "d", "e"]) for _ in range(30)], "a")
     assert time.time() - t0 < 1.0  # N = 30, 100 questions: well under a second
+
+
+def test_yes_no_and_free_text_answers_are_read_and_voted():
+    """parse_answer per type, as the docstring shows; a yes/no or free-text vote counts normalised answers."""
+    assert scotd.parse_answer("Yes. Frogs can jump.", "yesno") == "yes"
+    assert scotd.parse_answer("false, since ...", "yesno") == "no" and scotd.parse_answer("maybe", "yesno") is None
+    assert scotd.parse_answer("The Eiffel Tower. It is tall.", "text") == "eiffel tower"
+    assert scotd.normalize_text("  An   apple!") == "apple" and scotd.normalize_text("the.") is None
+    chains = [" It flies. So the answer is yes.\n\n", " So the answer is No.", " So the answer is yes, clearly.", " hmm"]
+    answers = [scotd.extract_answer("cot", c, None, "yesno") for c in chains]
+    assert answers == ["yes", "no", "yes", None] and scotd.majority_vote(answers) == "yes"
+    texts = [" So the answer is the Eiffel Tower.", " So the answer is Eiffel tower", " So the answer is Louvre."]
+    assert scotd.majority_vote([scotd.extract_answer("cot", c, None, "text") for c in texts]) == "eiffel tower"
+    assert scotd.kind_of({"answer_type": "yesno"}) == "yesno" and scotd.kind_of({"choices": ["a", "b"]}) == "choice"
+    assert scotd.kind_of({}) == "number"
