@@ -1095,7 +1095,8 @@ def many_rationale_stats(records):
             f"(all agree on {np.mean([a == 1.0 for a in agree]):.1%} of questions)"]
 
 
-def main():
+def parser():
+    """data.py's commands: the importers and stats."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("import-dsbs", help="Distilling Step-by-Step CSQA folder -> canonical train/validation")
@@ -1126,7 +1127,11 @@ def main():
     p = sub.add_parser("stats", help="corpus statistics")
     p.add_argument("corpus", nargs="?", default=str(DEFAULT_TRAIN))
     p.add_argument("--tokenizer", default=None, help="model folder for token lengths (default: the default student)")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = parser().parse_args()
     if args.cmd == "stats":
         return print(stats(args.corpus, load_tokenizer(args.tokenizer or default_student())))
     written = []  # a corpus is written whole or not at all (write_corpus): a stop keeps these, never half of one

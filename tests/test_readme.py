@@ -31,6 +31,7 @@ import argparse  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import teacher  # noqa: E402
 import train  # noqa: E402
@@ -39,7 +40,9 @@ PARSERS = {"train.py": train.parser, "evaluate.py": evaluate.parser, "teacher.py
 
 
 def options(parser):
-    return {s for a in parser._actions for s in a.option_strings} | \
+    """A parser's flags, its subcommands' included."""
+    subs = [p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    return {s for a in parser._actions for s in a.option_strings} | set().union(*map(options, subs)) | \
         {f"--no-{s[2:]}" for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction) for s in a.option_strings}
 
 
@@ -58,7 +61,8 @@ def test_every_flag_readme_names_exists_in_that_commands_help():
             assert named and named <= options(PARSERS[command]()), (command, named - options(PARSERS[command]()))
     served = subprocess.run([sys.executable, "experiments/llama_server.py", "--help"], cwd=ROOT, capture_output=True,
                             text=True).stdout
-    known = set().union(*(options(p()) for p in PARSERS.values())) | set(re.findall(r"--[a-z][a-z-]*", served))
+    known = set().union(*(options(p()) for p in PARSERS.values())) | options(data.parser()) | \
+        set(re.findall(r"--[a-z][a-z-]*", served))
     ours = [line for line in text.splitlines() if not line.lstrip().startswith(("pip ", "vllm "))]
     named = {f for line in ours for f in re.findall(r"(?<![\w-])--[a-z][a-z-]*", line)}
     assert named - known == set()
