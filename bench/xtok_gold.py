@@ -1,0 +1,91 @@
+"""Cross-tokenizer alignment, side by side with TRL 1.16's GOLD (`trl.experimental.gold`): on the same texts and
+tokenizers, where do the spans start, and how long does each take.
+
+Ours (xtok.starts): the student tokens that start at the character where a teacher token starts, from each side's
+own character offsets. GOLD (GOLDTrainer's ULDLoss._align_by_byte_offsets): groups that close where both sides reach
+the same byte, the byte offsets built as GOLD builds them for a completion (each piece's length from
+`trl.experimental.utils.piece_byte_len`, summed). A group's first student token is a span start, so the two agree
+when the sets of span starts are equal. Texts: the bundled corpora's chains (CSQA with PaLM's and Qwen's rationales,
+GSM8K) and the hard cases of tests/test_xtok.py. Pairs: Gemma 3 <-> SmolLM2 (SentencePiece vs byte-level BPE) and,
+when the teacher is fetched, Qwen2.5 -> SmolLM2 (two byte-level BPEs).
+
+    python bench/xtok_gold.py          # needs trl==1.16.0 (and datasets, which it imports); prints a table
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import data  # noqa: E402
+import xtok  # noqa: E402
+from checkpoint import default_student, load_tokenizer, packaged_student  # noqa: E402
+from cli import run  # noqa: E402
+from fileio import cache_dir  # noqa: E402
+from test_xtok import HARD  # noqa: E402
+
+
+def texts():
+    chains = [r["rationales"][0]["text"] for r in data.read_corpus(data.DEFAULT_TRAIN)[:300]]
+    chains += [x["text"] for r in data.read_corpus(data.DATA_DIR / "csqa_qwen_train.jsonl")[:100] for x in r["rationales"][:2]]
+    chains += [r["rationales"][0]["text"] for r in data.read_corpus(data.GSM8K_TRAIN)[:200]]
+    return [" " + c.strip() + "\n\n" for c in chains] + HARD
+
+
+def gold_starts(teacher, student, t_ids, s_ids):
+    """GOLD's span starts: its groups' first student indices, byte offsets as GOLD builds them."""
+    from trl.experimental.gold.gold_trainer import ULDLoss  # imported once by main, outside the clocks
+    from trl.experimental.utils import piece_byte_len
+
+    def offsets(tok, ids):
+        out, at = [], 0
+        for i in ids:
+            n = piece_byte_len(tok.id_to_token(i))
+            out.append((at, at + n))
+            at += n
+        return out
+    s_groups, _ = ULDLoss._align_by_byte_offsets(offsets(student, s_ids), offsets(teacher, t_ids))
+    return [g[0] for g in s_groups if g]
+
+
+def compare(name, teacher, student, corpus):
+    """-> a table row: texts, where the starts differ, a first example, each side's seconds."""
+    encoded = [(text, teacher.encode(text, add_special_tokens=False), student.encode(text, add_special_tokens=False))
+               for text in corpus]
+    t0 = time.perf_counter()
+    ours = [sorted(i for i, _ in xtok.starts(text, te.offsets, se.offsets)) for text, te, se in encoded]
+    t1 = time.perf_counter()
+    theirs = [gold_starts(teacher, student, te.ids, se.ids) for _, te, se in encoded]
+    t2 = time.perf_counter()
+    differ = [(text, a, b, se) for (text, _, se), a, b in zip(encoded, ours, theirs) if a != b]
+    example = ""
+    if differ:
+        text, a, b, se = differ[0]
+        first = min(set(a) ^ set(b))
+        near = se.offsets[first][0]
+        example = (f"{text[max(0, near - 12):near + 8]!r}: student token {first} ({se.tokens[first]!r}) a start: ours "
+                   f"{first in a}, GOLD {first in b}")
+    return [name, f"{len(corpus):,}", f"{len(differ):,}", example, f"{(t1 - t0) * 1e3:,.0f} ms", f"{(t2 - t1) * 1e3:,.0f} ms"]
+
+
+def main():
+    import trl.experimental.gold.gold_trainer  # noqa: F401 -- the import (seconds) is no part of GOLD's alignment time
+    smol, gemma = load_tokenizer(default_student()), load_tokenizer(packaged_student("gemma-3-270m"))
+    pairs = [("Gemma 3 -> SmolLM2", gemma, smol), ("SmolLM2 -> Gemma 3", smol, gemma)]
+    qwen = cache_dir() / "teachers" / "Qwen2.5-Coder-1.5B-Instruct"
+    if (qwen / "tokenizer.json").is_file():
+        pairs.insert(0, ("Qwen2.5 -> SmolLM2", load_tokenizer(qwen), smol))
+    corpus = texts()
+    rows = [compare(name, t, s, corpus) for name, t, s in pairs]
+    print("| teacher -> student | texts | span starts differ | first difference | ours | GOLD |\n|" + " --- |" * 6)
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    run(main)
