@@ -200,3 +200,18 @@ def stop_after_first_batch(monkeypatch, module, name):
         return real(*a, on_batch=once, **k)
     monkeypatch.setattr(module, name, stopping)
     return real
+
+
+def signal_on_call(monkeypatch, module, name, nth, signum):
+    """module.name raises a real signal (os.kill of this process) on its nth call, then runs as before."""
+    import os
+
+    real, calls = getattr(module, name), {"n": 0}
+
+    def signalling(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, signalling)
+    return real

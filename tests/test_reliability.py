@@ -30,7 +30,7 @@ import teacher
 import train
 from fileio import WriteError
 from data import CorpusError
-from helpers import tiny_student
+from helpers import signal_on_call, tiny_student
 
 ROOT = Path(train.__file__).resolve().parent
 TRAIN_FLAGS = ["--limit", "16", "--batch-size", "4", "--eval-every", "0", "--eval-questions", "2", "--seed", "7"]
@@ -462,15 +462,7 @@ def test_sigterm_to_a_running_evaluation_stops_it_cleanly_and_the_same_command_c
 def test_ctrl_c_inside_a_decode_step_of_evaluate_exits_130_and_keeps_the_journal(student, tmp_path, monkeypatch,
                                                                                 capsys):
     import sample
-    real, calls = sample.next_token, {"n": 0}
-
-    def interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 30:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*a, **k)
-
-    monkeypatch.setattr(sample, "next_token", interrupt)
+    signal_on_call(monkeypatch, sample, "next_token", 30, signal.SIGINT)
     out = tmp_path / "e"
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", str(student), "--limit", "8", "--n", "2", "--batch-size", "2",

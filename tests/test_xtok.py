@@ -5,7 +5,6 @@ when the fetched teacher is here, else skipped), the projection of a teacher's t
 permuted has a KL of 0, empty slots leave the chunked loss equal to a dense reference, a run resumes exactly."""
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import train
 import xtok
 from checkpoint import default_student, from_pretrained, load_tokenizer, packaged_student, save_pretrained
 from fileio import InputError, cache_dir
-from helpers import tiny_student
+from helpers import signal_on_call, tiny_student
 
 K = 5
 QWEN = cache_dir() / "teachers" / "Qwen2.5-Coder-1.5B-Instruct"  # experiments/fetch_teachers.py; absent in CI
@@ -221,14 +220,7 @@ def test_a_student_of_another_tokenizer_distils_and_resumes_exactly(pair, corpus
     scored = score(pair[1], corpus, tmp_path / "s.jsonl")
     straight = train_kd(other, scored, tmp_path / "a", "--max-steps", "6", "--kd", "1")
     assert straight[0]["kd_loss"] > 0.05 and straight[-1]["kd_loss"] < straight[0]["kd_loss"]
-    real_step, calls = train.train_step, {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(*a, **k)
-    monkeypatch.setattr(train, "train_step", interrupted)
+    real_step = signal_on_call(monkeypatch, train, "train_step", 3, signal.SIGINT)
     with pytest.raises(SystemExit):
         train_kd(other, scored, tmp_path / "b", "--max-steps", "6", "--kd", "1")
     monkeypatch.setattr(train, "train_step", real_step)
