@@ -151,7 +151,8 @@ def load(run, tokenizer, init, device, dist, records):
         theirs, ours = distill.tokenizer_fingerprint(load_tokenizer(run.teacher)), distill.tokenizer_fingerprint(tokenizer)
         if theirs != ours:
             raise InputError(f"--teacher {run.teacher}: its tokenizer (fingerprint {theirs}) is not the student's ({init}, "
-                             f"fingerprint {ours}): the teacher would grade other tokens than the student writes")
+                             f"fingerprint {ours}): the teacher would grade other tokens than the student writes "
+                             "(--kd aligns two tokenizers; on-policy does not yet)")
         teacher = from_pretrained(run.teacher, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         teacher.eval().requires_grad_(False)
     else:
