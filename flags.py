@@ -184,9 +184,10 @@ class OnPolicyFlags:
     """On-policy (onpolicy.py): the student writes the chains, a teacher grades every token."""
     on_policy: bool = flag(False, "on-policy distillation: each step the student samples --on-policy-n chains for "
                            "each of its questions and is trained on its own tokens, graded by --teacher (or "
-                           "--teacher-api) token by token (distill.OnPolicy; default: off)", MATCH, action="store_true")
-    teacher: str | None = flag(None, "with --on-policy: the local teacher, which must share the student's tokenizer "
-                               "(an HF-layout folder or a cached hub id; default: none)", MATCH)
+                           "--teacher-api) token by token (onpolicy.py; default: off)", MATCH, action="store_true")
+    teacher: str | None = flag(None, "with --on-policy: the local teacher (an HF-layout folder or a cached hub id); one "
+                               "of another tokenizer is aligned to the student's (xtok.py; --beta below 1) "
+                               "(default: none)", MATCH)
     teacher_api: str | None = flag(None, "with --on-policy: a served teacher instead, an OpenAI-compatible server that "
                                    "returns prompt log-probabilities (vLLM's prompt_logprobs); needs httpx (default: none)", MATCH,
                                    metavar="URL")

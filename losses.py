@@ -150,9 +150,25 @@ class SampledTokens(NamedTuple):
     logprobs: torch.Tensor
 
 
+class ProjectedGrades(NamedTuple):
+    """A teacher of another tokenizer grading the student's chains (xtok.py): at each of the N graded positions its
+    next-token distribution carried onto the student's vocabulary, as log-probabilities (N, V) (-inf where no
+    teacher piece begins with that student piece), and `aligned` (N,): False where the student token starts inside
+    a teacher piece (the teacher predicted nothing from that text: no grade there, a divergence of 0). beta < 1:
+    the reverse KL is unbounded where the teacher gives a student piece no mass."""
+    logprobs: torch.Tensor
+    aligned: torch.Tensor
+    beta: float = 0.5
+
+
 def generalized_jsd(student_logits, teacher_logits, beta):
     """Per-row divergence (fp32) between the student's and the teacher's next-token distributions (Grader)."""
-    q, p = student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1)
+    return jsd_of(student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1), beta)
+
+
+def jsd_of(q, p, beta):
+    """generalized_jsd of the two distributions as log-probabilities, the student's q and the teacher's p (-inf
+    entries of p add nothing)."""
     if beta == 1:
         return kl(q, p)
     if beta == 0:
@@ -178,6 +194,17 @@ def linear_divergence(x, weight, grader, softcap=None):
         loss = generalized_jsd(capped(logits[:, :vocab], softcap), teacher, grader.beta).sum()
         return loss, loss.detach()
     return chunked_head(x, weight, rows, vocab * 3)  # three (rows, V) tensors at once: two logits, a mixture
+
+
+def linear_projected_divergence(x, weight, grades, softcap=None):
+    """linear_divergence against ProjectedGrades: the mean over the N rows of jsd_of(the student's distribution,
+    the teacher's carried onto the student's vocabulary), rows that are not aligned adding 0 -> (the loss, and
+    detached, the same value), in chunks of rows."""
+    def rows(s, logits):
+        q = capped(logits, softcap).float().log_softmax(-1)
+        loss = torch.where(grades.aligned[s], jsd_of(q, grades.logprobs[s].float(), grades.beta), 0.0).sum()
+        return loss, loss.detach()
+    return chunked_head(x, weight, rows, weight.shape[0] * 3)
 
 
 def linear_sampled_kl(x, weight, labels, teacher, softcap=None):

@@ -335,6 +335,9 @@ class Transformer(nn.Module):
         if isinstance(teacher_view, losses.Grader):  # on-policy, a local teacher: the divergence over the vocabulary
             loss, shown = losses.linear_divergence(hidden, weight, teacher_view, cap)
             return {"divergence": shown}, loss
+        if isinstance(teacher_view, losses.ProjectedGrades):  # on-policy, a teacher of another tokenizer (xtok.py)
+            loss, shown = losses.linear_projected_divergence(hidden, weight, teacher_view, cap)
+            return {"divergence": shown}, loss
         if isinstance(teacher_view, losses.SampledTokens):  # on-policy, a served teacher: the sampled-token estimator
             loss, shown = losses.linear_sampled_kl(hidden, weight, labels, teacher_view, cap)
             return {"divergence": shown}, loss

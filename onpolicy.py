@@ -9,18 +9,22 @@ loss) instead. train.py enters here through three calls: `load` (the teacher and
 (does this step sample?) and `window` (the step's micro-batches, graded).
 """
 
+import math
 import os
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import api
 import cli
 import data
 import distill
 import losses
+import xtok
 from checkpoint import from_pretrained, load_tokenizer
 from answers import answers_of
 from distributed import rank_share
@@ -28,6 +32,15 @@ from distill import served_logprobs
 from fileio import InputError
 from sample import SampleConfig, generate
 from scotd import ANSWER_END, format_query
+
+
+class CrossTeacher(NamedTuple):
+    """A local teacher of another tokenizer (xtok.py): the model, its tokenizer, the projection of its vocabulary onto
+    the student's, and the student's pieces' bytes."""
+    model: object
+    tokenizer: object
+    projection: xtok.Projection
+    student_pieces: list
 
 
 class OnPolicy:
@@ -47,6 +60,7 @@ class OnPolicy:
         self.tokenizer, self.mode, self.sampling, self.beta = tokenizer, mode, sampling, beta
         self.header, self.teacher, self.client, self.records = list(header), teacher, client, records
         self.stream = None  # the questions (`questions`), from the resumed position at the first window
+        self.queries = []  # the query text of each example the last `sample` returned (grade_across reads them)
 
     def sample(self, model, records, seed):
         """-> (examples [(ids, n_query)] of the chains with at least one token, stats: sampled tokens a chain and the
@@ -59,9 +73,10 @@ class OnPolicy:
         outs = generate(model, self.tokenizer, prompts, cfg.for_model(model))
         model.train(was_training)
         right = [a == data.gold(r) for answers, r in zip(answers_of(self.mode, outs, records), records) for a in answers]
-        chains = [(p, c) for p, o in zip(prompts, outs) for c in o]
-        examples = [(np.array(p + g, dtype=np.int32), len(p)) for p, c in chains if (g := self.graded(c))]
-        stats = {"sampled_tokens": float(np.mean([len(c["tokens"]) for _, c in chains])) if chains else 0.0,
+        chains = [(p, c, r) for p, o, r in zip(prompts, outs, records) for c in o]
+        examples = [(np.array(p + g, dtype=np.int32), len(p)) for p, c, _ in chains if (g := self.graded(c))]
+        self.queries = [format_query(r["question"], r.get("choices")) for _, c, r in chains if self.graded(c)]
+        stats = {"sampled_tokens": float(np.mean([len(c["tokens"]) for _, c, _ in chains])) if chains else 0.0,
                  "right": float(np.mean(right)) if right else 0.0}
         return examples, stats
 
@@ -77,6 +92,8 @@ class OnPolicy:
 
     def grade(self, idx, target_idx, examples, device):
         """The teacher at the target positions of rows built from `examples` (idx (B, T) on the device)."""
+        if isinstance(self.teacher, CrossTeacher):
+            return self.grade_across(examples, device)
         if self.teacher is not None:
             if self.header:  # the rows shifted right by the header; the flat target positions with them
                 (B, T), H = idx.shape, len(self.header)
@@ -92,6 +109,41 @@ class OnPolicy:
                                    f"on-policy chain {e + 1}", "the student's tokenizer")
         logps = [lp for _, lp in api.in_order(chain, list(enumerate(examples)), self.concurrency)]
         return losses.SampledTokens(torch.from_numpy(np.concatenate(logps) if logps else np.zeros(0, np.float32)).to(device))
+
+    @torch.no_grad()
+    def grade_across(self, examples, device):
+        """A teacher of another tokenizer: each chain's text (its graded tokens' bytes) read in the teacher's tokens
+        after the question, the teacher's distribution where a student token starts at the byte a teacher token
+        starts, carried onto the student's vocabulary (xtok.Projection.full) -> losses.ProjectedGrades over the
+        examples' chain tokens in order (the rows' flat target positions)."""
+        cross = self.teacher
+        rows, where, aligned = [], [], []
+        for e, ((ids, n_query), query) in enumerate(zip(examples, self.queries)):
+            chain = [int(t) for t in ids[n_query:]]
+            spelled = [cross.student_pieces[t] or b"" for t in chain]
+            ours = np.cumsum([0] + [len(b) for b in spelled])
+            text = b"".join(spelled).decode("utf-8", errors="replace")
+            theirs = cross.tokenizer.encode(text, add_special_tokens=False)
+            at_byte = np.cumsum([0] + [len(ch.encode()) for ch in text])
+            t_offsets = [(int(at_byte[a]), int(at_byte[b])) for a, b in theirs.offsets]
+            head = self.header + cross.tokenizer.encode(query).ids
+            rows.append(head + theirs.ids)
+            pairs = dict(xtok.starts(b"".join(spelled), t_offsets, list(zip(ours[:-1], ours[1:]))))
+            where += [(e, len(head) + pairs[i] - 1) if i in pairs else None for i in range(len(chain))]
+            aligned += [i in pairs for i in range(len(chain))]
+        model = cross.model
+        width = max(map(len, rows))
+        idx = torch.full((len(rows), width), model.cfg.pad_token_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            idx[r, :len(row)] = torch.tensor(row)
+        flat = torch.tensor([r * width + p for r, p in (w for w in where if w is not None)], dtype=torch.long)
+        vocab = cross.projection.student_vocab
+        logprobs = torch.full((len(where), vocab), -math.log(vocab))  # not aligned: uniform, never read
+        if len(flat):
+            hidden = model.hidden_at(idx.to(device), flat.to(device))
+            teacher = losses.capped(F.linear(hidden, model.lm_head.weight), model.cfg.logit_softcap).float()
+            logprobs[torch.tensor(aligned)] = cross.projection.full(teacher.log_softmax(-1)).cpu()
+        return losses.ProjectedGrades(logprobs.to(device), torch.tensor(aligned, device=device), self.beta)
 
     def window(self, trainer, step):
         """The micro-batches of on-policy step `step`: each rank's share of the next questions, the student's chains
@@ -148,13 +200,11 @@ def load(run, tokenizer, init, device, dist, records):
     --teacher-shots, the worked examples the teacher reads before each question (of the task of `records`)."""
     teacher, client = None, None
     if run.teacher:
-        theirs, ours = distill.tokenizer_fingerprint(load_tokenizer(run.teacher)), distill.tokenizer_fingerprint(tokenizer)
-        if theirs != ours:
-            raise InputError(f"--teacher {run.teacher}: its tokenizer (fingerprint {theirs}) is not the student's ({init}, "
-                             f"fingerprint {ours}): the teacher would grade other tokens than the student writes "
-                             "(--kd aligns two tokenizers; on-policy does not yet)")
+        teacher_tokenizer = load_tokenizer(run.teacher)
         teacher = from_pretrained(run.teacher, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         teacher.eval().requires_grad_(False)
+        if distill.tokenizer_fingerprint(teacher_tokenizer) != distill.tokenizer_fingerprint(tokenizer):
+            teacher = across(run, teacher, teacher_tokenizer, tokenizer)
     else:
         key = os.environ.get(run.api_key_env or "OPENAI_API_KEY") or None
         client = api.Client(run.teacher_api, run.teacher_model, key=key)
@@ -167,6 +217,19 @@ def load(run, tokenizer, init, device, dist, records):
     sampling = SampleConfig(n=run.on_policy_n, temperature=run.temperature, max_new_tokens=run.max_new_tokens,
                             compile=run.compile and device.type == "cuda")
     return OnPolicy(tokenizer, run.mode, sampling, run.beta, header, teacher, client, records)
+
+
+def across(run, teacher, teacher_tokenizer, tokenizer):
+    """A local teacher of another tokenizer, aligned to the student's (xtok.py), said in one line; --beta 1 refused."""
+    if run.beta == 1:
+        raise InputError(f"--teacher {run.teacher}: its tokenizer is not the student's, and --beta 1 (the reverse KL) is "
+                         "unbounded where the teacher, carried onto the student's pieces, gives one no mass: use "
+                         "--beta below 1 (0.5: the Jensen-Shannon divergence; 0: the forward KL)")
+    projection = xtok.Projection(teacher_tokenizer, tokenizer)
+    print(f"note      --teacher {run.teacher}: its tokenizer is not the student's: aligning two tokenizers "
+          f"({projection.teacher_vocab:,} teacher pieces -> {projection.student_vocab:,} student pieces; the student "
+          f"holds {projection.matched:.1%} of the teacher's byte for byte)", flush=True)
+    return CrossTeacher(teacher, teacher_tokenizer, projection, xtok.piece_bytes(tokenizer))
 
 
 def describe(run):

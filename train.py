@@ -426,7 +426,8 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist=Dist()):
     return mean_loss, grad_norm, n_step, dict(zip(names, means))
 
 
-PARTS = {losses.TopKTargets: ("ce", "kd_loss"), losses.Grader: ("divergence",), losses.SampledTokens: ("divergence",)}
+PARTS = {losses.TopKTargets: ("ce", "kd_loss"), losses.Grader: ("divergence",), losses.SampledTokens: ("divergence",),
+         losses.ProjectedGrades: ("divergence",)}
 
 
 def make_optimizer(model, lr, weight_decay, device_type):

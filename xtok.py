@@ -24,6 +24,7 @@ import re
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from fileio import InputError
 
@@ -73,10 +74,15 @@ def piece_bytes(tokenizer):
     return out
 
 
+def specials(tokenizer):
+    """A tokenizer's special tokens: content -> id ("<|endoftext|>", "<eos>", ...)."""
+    return {t["content"]: t["id"] for t in json.loads(tokenizer.to_str()).get("added_tokens") or [] if t.get("special")}
+
+
 class Projection:
     """Teacher ids -> student ids: each teacher piece counts for the longest student piece its bytes start with
-    (itself, where the student holds the same bytes); -1 where none (a special token, or bytes no student piece
-    starts). `matched`: the share of the teacher's ordinary pieces the student holds byte for byte."""
+    (itself, where the student holds the same bytes), a special token for the student's special token of the same
+    name; -1 where none. `matched`: the share of the teacher's ordinary pieces the student holds byte for byte."""
 
     def __init__(self, teacher_tokenizer, student_tokenizer):
         theirs, ours = piece_bytes(teacher_tokenizer), piece_bytes(student_tokenizer)
@@ -96,6 +102,10 @@ class Projection:
                     self.map[i] = by_bytes[b[:n]]
                     same += n == len(b)
                     break
+        ours_special = specials(student_tokenizer)
+        for name, i in specials(teacher_tokenizer).items():
+            if name in ours_special and i < len(self.map):
+                self.map[i] = ours_special[name]
         self.matched = same / max(1, ordinary)
         self.teacher_vocab, self.student_vocab = len(theirs), len(ours)
 
@@ -116,6 +126,17 @@ class Projection:
             for j, (s, lp) in enumerate(ranked):
                 out_ids[r, j], out_lp[r, j] = s, lp
         return out_ids, out_lp
+
+
+    def full(self, logprobs):
+        """A teacher's whole next-token distributions (n, V_teacher) as log-probabilities -> the same carried onto the
+        student's vocabulary (n, V_student): each student piece gets the probabilities of the teacher pieces that
+        begin with it, renormalised over what the student can begin (-inf where nothing does)."""
+        index = torch.as_tensor(self.map, device=logprobs.device)
+        keep = index >= 0
+        out = torch.zeros(logprobs.shape[0], self.student_vocab, device=logprobs.device)
+        out.index_add_(1, index[keep], logprobs[:, keep].exp())
+        return out.log() - out.sum(-1, keepdim=True).log()
 
 
 def starts(text, teacher_offsets, student_offsets):
