@@ -434,8 +434,8 @@ def test_a_question_with_no_chains_is_an_abstention_and_a_bad_line_is_named(tmp_
 def test_sigterm_to_a_running_evaluation_stops_it_cleanly_and_the_same_command_continues(student, tmp_path):
     """A real SIGTERM to evaluate.py once a batch is journaled (whatever it is doing then): exit 143, a line that
     says what is kept and how to continue; the same command then writes what one uninterrupted run writes."""
-    argv = [sys.executable, "evaluate.py", "--checkpoint", str(student), "--limit", "24", "--n", "3",
-            "--temperature", "1.0", "--batch-size", "2", "--max-new-tokens", "24", "--seed", "5"]
+    argv = [sys.executable, "evaluate.py", "--checkpoint", str(student), "--limit", "16", "--n", "2",
+            "--temperature", "1.0", "--batch-size", "1", "--max-new-tokens", "16", "--seed", "5"]
     stem = "csqa_palm_validation"
     whole = subprocess.run(argv + ["--out", str(tmp_path / "whole")], cwd=ROOT, env=PINNED, capture_output=True,
                            text=True, timeout=300)
