@@ -151,7 +151,6 @@ def device_flag():
 
 
 def dtype_flag():
-
     return flag(None, "default: bfloat16 on CUDA, float32 on CPU", choices=list(DTYPES))
 
 

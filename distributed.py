@@ -110,7 +110,7 @@ def data_parallel(model, fsdp, dist, device):
 
 @contextmanager
 def no_sync(model, last):
-    """Skip the gradient all-reduce on all but the last micro-batch of a window (DDP and FSDP2)."""
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP and FSDP2)."""
     if last or not (hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")):
         yield
     elif hasattr(model, "no_sync"):  # DDP

@@ -6,7 +6,7 @@ student's next-token distribution and the teacher's at the same place -- exact o
 teacher (losses.Grader: GKD's generalised JSD, --beta 1 the reverse KL), the sampled-token estimator of the reverse
 KL for a served one (losses.SampledTokens). --on-policy-mix trains a share of the steps on corpus batches (the SCoTD
 loss) instead. train.py enters here through three calls: `load` (the teacher and the question stream), `takes`
-(does this step sample?) and `window` (the step's micro-batches, graded).
+(does this step sample?) and `step_batches` (the step's micro-batches, graded).
 """
 
 import math
@@ -52,14 +52,14 @@ class OnPolicy:
     teacher's hidden states at them (losses.Grader: the divergence is exact over the vocabulary), or a served
     teacher's log-probability of each (losses.SampledTokens; api.Client.prompt_logprobs, `concurrency` requests in
     flight). `header`: token ids the teacher reads before every row (train.py --teacher-shots: worked examples in the
-    chains' format), the student never. `records`: the training questions `window` draws from."""
+    chains' format), the student never. `records`: the training questions `step_batches` draws from."""
 
     concurrency = 4  # a served teacher's requests in flight
 
     def __init__(self, tokenizer, mode, sampling, beta=1.0, header=(), teacher=None, client=None, records=()):
         self.tokenizer, self.mode, self.sampling, self.beta = tokenizer, mode, sampling, beta
         self.header, self.teacher, self.client, self.records = list(header), teacher, client, records
-        self.stream = None  # the questions (`questions`), from the resumed position at the first window
+        self.stream = None  # the questions (`questions`), from the resumed position at the first step
         self.queries = []  # the query text of each example the last `sample` returned (grade_across reads them)
 
     def sample(self, model, records, seed):
@@ -145,16 +145,16 @@ class OnPolicy:
             logprobs[torch.tensor(aligned)] = cross.projection.full(teacher.log_softmax(-1)).cpu()
         return losses.ProjectedGrades(logprobs.to(device), torch.tensor(aligned, device=device), self.beta)
 
-    def window(self, trainer, step):
+    def step_batches(self, trainer, step):
         """The micro-batches of on-policy step `step`: each rank's share of the next questions, the student's chains
         for them (sampled with a seed of the step, the micro-batch and the rank: a resumed run samples the same), the
-        teacher's grades -> (window, the stream's position after it, the step's stats and the seconds sampling and
+        teacher's grades -> (the micro-batches, the stream's position after it, the step's stats and the seconds sampling and
         grading took)."""
         run, dist, model, device = trainer.run, trainer.dist, trainer.raw_model, trainer.device
         if self.stream is None:
             self.stream = questions(self.records, run, trainer.state.on_epoch, trainer.state.on_index)
         plain = replace(run, shared=False, pack=False, kd=None)  # causal rows: the teacher reads them as they are
-        window, stats, seconds = [], [], {"sample_s": 0.0, "teacher_s": 0.0}
+        batches, stats, seconds = [], [], {"sample_s": 0.0, "teacher_s": 0.0}
         for micro in range(run.grad_accum):
             epoch, index, batch = next(self.stream)
             t0 = time.perf_counter()
@@ -162,13 +162,13 @@ class OnPolicy:
             examples, sampled = self.sample(model, rank_share(batch, dist, True), seed)
             t1 = time.perf_counter()
             rows = data.to_tensors(examples, plain, model.cfg.pad_token_id, device)
-            window.append(rows._replace(teacher_view=self.grade(rows.idx, rows.target_idx, examples, device)))
+            batches.append(rows._replace(teacher_view=self.grade(rows.idx, rows.target_idx, examples, device)))
             cli.synchronize(device)  # the grade runs asynchronously on CUDA: its time is its own, not the update's
             seconds["sample_s"] += t1 - t0
             seconds["teacher_s"] += time.perf_counter() - t1
             stats.append(sampled)
         means = {k: dist.sum(sum(s[k] for s in stats)) / (len(stats) * dist.world) for k in stats[0]}
-        return window, {"on_epoch": epoch, "on_index": index}, means | seconds
+        return batches, {"on_epoch": epoch, "on_index": index}, means | seconds
 
 
 def takes(run, step):

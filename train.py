@@ -18,7 +18,7 @@ step, naming the step; checkpoints never hold NaN weights.
 
 Read top to bottom: the run (main -> train: load -> loop -> step -> dev evaluation -> save), then its parts. The
 optional features each enter through one call: LoRA (lora.load_student), --kd (distill.TopKSidecar, attached to the
-examples), --on-policy (onpolicy.load, .takes, .window), torchrun (distributed), Socratic (the modes of scotd.py).
+examples), --on-policy (onpolicy.load, .takes, .step_batches), torchrun (distributed), Socratic (the modes of scotd.py).
 """
 
 import json
@@ -137,7 +137,7 @@ def loop(trainer, tokens, onp=None):
             with clock("steps"):  # the steps' own throughput: dev evaluations, saves and logging are timed apart
                 lr = get_lr(state.step, run)
                 if onp and onpolicy.takes(run, state.step):
-                    batches, position, extra = onp.window(trainer, state.step)
+                    batches, position, extra = onp.step_batches(trainer, state.step)
                 else:
                     batches, epoch, index = next_step_batches(stream, run, dist, trainer.raw_model.cfg.pad_token_id,
                                                               device)
@@ -180,7 +180,7 @@ def closing(bar):
 
 def log_step(trainer, bar, lr, measured, tok_s):
     """metrics.jsonl's line and the bar's. measured: the step's loss and grad_norm, and the loss's parts (--kd) or an
-    on-policy step's divergence and stats (train_step, onpolicy.OnPolicy.window)."""
+    on-policy step's divergence and stats (train_step, onpolicy.OnPolicy.step_batches)."""
     run, state = trainer.run, trainer.state
     if trainer.dist.main and (state.step % run.log_every == 0 or state.step == run.total_steps):
         loss, grad_norm, parts = measured["loss"], measured["grad_norm"], dict(measured)
