@@ -461,12 +461,19 @@ def test_sigterm_to_a_running_evaluation_stops_it_cleanly_and_the_same_command_c
 
 def test_ctrl_c_inside_a_decode_step_of_evaluate_exits_130_and_keeps_the_journal(student, tmp_path, monkeypatch,
                                                                                 capsys):
+    """Ctrl-C as a terminal delivers it. (A process started in the background by a non-interactive shell, as a CI
+    runner may start pytest, inherits SIGINT ignored -- POSIX shells do that to background jobs -- so the test puts
+    Python's own handler in place for its duration.)"""
     import sample
     signal_on_call(monkeypatch, sample, "next_token", 30, signal.SIGINT)
     out = tmp_path / "e"
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--checkpoint", str(student), "--limit", "8", "--n", "2", "--batch-size", "2",
-                       "--max-new-tokens", "8", "--out", str(out)])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(student), "--limit", "8", "--n", "2", "--batch-size", "2",
+                           "--max-new-tokens", "8", "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     journal = out / "partial-csqa_palm_validation.jsonl"
     lines = journal.read_text().splitlines()
     assert e.value.code == 130 and all(json.loads(line) for line in lines)
