@@ -117,20 +117,21 @@ class OnPolicy:
         starts, carried onto the student's vocabulary (xtok.Projection.full) -> losses.ProjectedGrades over the
         examples' chain tokens in order (the rows' flat target positions)."""
         cross = self.teacher
-        rows, where, aligned = [], [], []
+        rows, where = [], []  # per chain token: (row, the teacher position that predicts it) where aligned, else None
         for e, ((ids, n_query), query) in enumerate(zip(examples, self.queries)):
             chain = [int(t) for t in ids[n_query:]]
             spelled = [cross.student_pieces[t] or b"" for t in chain]
             ours = np.cumsum([0] + [len(b) for b in spelled])
-            text = b"".join(spelled).decode("utf-8", errors="replace")
+            spelled_text = b"".join(spelled)
+            text = spelled_text.decode("utf-8", errors="replace")
             theirs = cross.tokenizer.encode(text, add_special_tokens=False)
             at_byte = np.cumsum([0] + [len(ch.encode()) for ch in text])
             t_offsets = [(int(at_byte[a]), int(at_byte[b])) for a, b in theirs.offsets]
             head = self.header + cross.tokenizer.encode(query).ids
             rows.append(head + theirs.ids)
-            pairs = dict(xtok.starts(b"".join(spelled), t_offsets, list(zip(ours[:-1], ours[1:]))))
+            pairs = dict(xtok.starts(spelled_text, t_offsets, list(zip(ours[:-1], ours[1:]))))
             where += [(e, len(head) + pairs[i] - 1) if i in pairs else None for i in range(len(chain))]
-            aligned += [i in pairs for i in range(len(chain))]
+        aligned = [w is not None for w in where]
         model = cross.model
         width = max(map(len, rows))
         idx = torch.full((len(rows), width), model.cfg.pad_token_id, dtype=torch.long)
