@@ -164,10 +164,12 @@ class Journal:
         return outs, sum(self.done[(step, k)]["seconds"] for k in mine)
 
     def kept(self):
-        """What a stopped evaluation keeps (cli.stopping_cleanly)."""
+        """What a stopped evaluation keeps (cli.stopping_cleanly): the whole lines on disk, counted there, whichever
+        statement the stop came in (a batch's line written and its row not yet remembered, say)."""
         if self.path is None:
             return "under torchrun the journal is kept in memory only: nothing kept"
-        return f"{len(self.done):,} finished batches kept in {self.path}"
+        whole = max(self.path.read_bytes().count(b"\n") - 1, 0) if self.path.exists() else 0
+        return f"{whole:,} finished batches kept in {self.path}"
 
     def close(self):
         if self.path is not None:
