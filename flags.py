@@ -150,12 +150,6 @@ class LoraFlags:
                                     "(q_proj,v_proj; default: every one in the blocks: attention's q, k, v, o and the "
                                     "MLP's projections)", MATCH)
 
-    @staticmethod
-    def check(p, args):
-        for name, value, default in (("alpha", args.lora_alpha, None), ("dropout", args.lora_dropout, 0.0),
-                                     ("targets", args.lora_targets, None)):
-            if value != default and not args.lora:
-                p.error(f"argument --lora-{name}: only with --lora R")
 
 
 @dataclass(frozen=True)
@@ -172,9 +166,7 @@ class KdFlags:
 
     @staticmethod
     def check(p, args):
-        if args.kd_temperature != 1.0 and not args.kd:
-            p.error("argument --kd-temperature: only with --kd ALPHA")
-        if args.kd and args.mode != "cot":
+        if args.mode != "cot":
             p.error(f"argument --kd: a sidecar holds the teacher's distributions over cot targets (teacher.py "
                     f"--top-logprobs); --mode {args.mode} trains on other tokens")
 
@@ -214,14 +206,6 @@ class OnPolicyFlags:
     @staticmethod
     def check(p, args):
         """A teacher (one), and nothing on-policy cannot do; its defaults filled in."""
-        given = [f"--{k.replace('_', '-')}" for k in ("teacher", "teacher_api", "teacher_model", "api_key_env", "temperature",
-                                                       "max_new_tokens", "teacher_shots") if getattr(args, k) is not None]
-        given += [f"--{k.replace('_', '-')}" for k, default in (("on_policy_n", 4), ("on_policy_mix", 0.0), ("beta", 1.0))
-                  if getattr(args, k) != default]
-        if not args.on_policy:
-            if given:
-                p.error(f"argument {given[0]}: only with --on-policy")
-            return
         if bool(args.teacher) == bool(args.teacher_api):
             p.error("argument --on-policy: give the teacher that grades the student's chains: --teacher DIR or "
                     "--teacher-api URL --teacher-model NAME")
@@ -271,6 +255,7 @@ class RunConfig(OnPolicyFlags, KdFlags, LoraFlags, SystemFlags, OutputFlags, Sch
 
 
 CHECKED_IN_ORDER = (DataFlags, SystemFlags, LoraFlags, OnPolicyFlags, KdFlags, OutputFlags, BatchFlags)
+SWITCHES = {LoraFlags: "lora", KdFlags: "kd", OnPolicyFlags: "on_policy"}  # an optional feature's group: its on flag
 SETTINGS = fields(RunConfig)
 MUST_MATCH = tuple(f.name for f in SETTINGS if f.metadata.get("resume") == MATCH)  # else not that run's continuation
 NOT_SAVED = tuple(f.name for f in SETTINGS if f.metadata.get("resume") == NOT_SAVED_FLAG)
@@ -287,7 +272,15 @@ def check_args(p, args):
     """Everything that can be checked before a model loads: files, device, --out and --resume (argparse's exit
     2) -> the RunConfig, with the device's defaults filled in (so a --resume compares like with like)."""
     for group in CHECKED_IN_ORDER:
-        group.check(p, args)
+        switch = SWITCHES.get(group)
+        if switch and not getattr(args, switch):  # a feature that is off: none of its other flags given
+            given = [f for f in fields(group) if f.name != switch and getattr(args, f.name) != f.default]
+            if given:
+                on = next(f for f in fields(group) if f.name == switch).metadata["argparse"].get("metavar")
+                p.error(f"argument --{given[0].name.replace('_', '-')}: only with --{switch.replace('_', '-')}"
+                        f"{f' {on}' if on else ''}")
+        elif hasattr(group, "check"):
+            group.check(p, args)
     device = cli.device_type(args.device)
     defaults = GPU_DEFAULT if device == "cuda" else CPU_DEFAULT
     steps = {"max_steps": defaults.get("max_steps"), "epochs": defaults.get("epochs")} \
@@ -313,5 +306,3 @@ def check_args(p, args):
         p.error(f"argument --out: {run.out} already holds a run; pass --resume to continue it or --overwrite to "
                 "start again there (or choose another --out)")
     return run
-
-

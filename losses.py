@@ -19,6 +19,17 @@ class TopKTargets(NamedTuple):
     logprobs: torch.Tensor
     alpha: float
     temperature: float = 1.0
+    parts = ("ce", "kd_loss")  # the loss's parts, logged beside it (train.train_step)
+
+    def loss(self, x, weight, labels, softcap=None):
+        """The mixed loss at the N target positions (their final hidden states x) -> ({ce, kd_loss}, the loss).
+        Soft-capped logits: plain autograd over the whole (N, V) logits (the chunked loss has no cap)."""
+        if softcap is None:
+            loss, ce, kd = linear_cross_entropy(x, weight, labels, self)
+            return {"ce": ce, "kd_loss": kd}, loss
+        logits = capped(F.linear(x, weight), softcap).float()
+        ce, kd = F.cross_entropy(logits, labels), kd_loss(logits.gather(1, self.ids), self).mean()
+        return {"ce": ce.detach(), "kd_loss": kd.detach()}, _mix(ce, kd, self)
 
 
 def kl(p, q):
@@ -141,6 +152,11 @@ class Grader(NamedTuple):
     weight: torch.Tensor
     softcap: float | None = None
     beta: float = 1.0
+    parts = ("divergence",)
+
+    def loss(self, x, weight, labels, softcap=None):
+        loss, shown = linear_divergence(x, weight, self, softcap)
+        return {"divergence": shown}, loss
 
 
 class SampledTokens(NamedTuple):
@@ -148,6 +164,11 @@ class SampledTokens(NamedTuple):
     is the sampled-token estimator of the reverse KL's gradient: sg(log q - log p) * log q at each token (the
     per-token advantage of the on-policy distillation write-ups), its value reported as their mean."""
     logprobs: torch.Tensor
+    parts = ("divergence",)
+
+    def loss(self, x, weight, labels, softcap=None):
+        loss, shown = linear_sampled_kl(x, weight, labels, self, softcap)
+        return {"divergence": shown}, loss
 
 
 class ProjectedGrades(NamedTuple):
@@ -159,6 +180,11 @@ class ProjectedGrades(NamedTuple):
     logprobs: torch.Tensor
     aligned: torch.Tensor
     beta: float = 0.5
+    parts = ("divergence",)
+
+    def loss(self, x, weight, labels, softcap=None):
+        loss, shown = linear_projected_divergence(x, weight, self, softcap)
+        return {"divergence": shown}, loss
 
 
 def generalized_jsd(student_logits, teacher_logits, beta):

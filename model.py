@@ -332,26 +332,11 @@ class Transformer(nn.Module):
         hidden = x.flatten(0, 1).index_select(0, target_idx)  # (N_targets, d)
         labels = targets.flatten().index_select(0, target_idx)
         weight, cap = self.lm_head.weight, self.cfg.logit_softcap
-        if isinstance(teacher_view, losses.Grader):  # on-policy, a local teacher: the divergence over the vocabulary
-            loss, shown = losses.linear_divergence(hidden, weight, teacher_view, cap)
-            return {"divergence": shown}, loss
-        if isinstance(teacher_view, losses.ProjectedGrades):  # on-policy, a teacher of another tokenizer (xtok.py)
-            loss, shown = losses.linear_projected_divergence(hidden, weight, teacher_view, cap)
-            return {"divergence": shown}, loss
-        if isinstance(teacher_view, losses.SampledTokens):  # on-policy, a served teacher: the sampled-token estimator
-            loss, shown = losses.linear_sampled_kl(hidden, weight, labels, teacher_view, cap)
-            return {"divergence": shown}, loss
+        if teacher_view is not None:  # --kd, on-policy: the teacher's view has its loss (losses.py) -> (parts, loss)
+            return teacher_view.loss(hidden, weight, labels, cap)
         if cap is not None:  # soft-capped logits: the plain loss (the chunked one has no cap)
-            logits = self._logits(hidden).float()
-            ce = F.cross_entropy(logits, labels)
-            if teacher_view is None:
-                return None, ce
-            kd = losses.kd_loss(logits.gather(1, teacher_view.ids), teacher_view).mean()
-            return {"ce": ce.detach(), "kd_loss": kd.detach()}, (1 - teacher_view.alpha) * ce + teacher_view.alpha * kd
-        if teacher_view is None:
-            return None, losses.linear_cross_entropy(hidden, weight, labels)
-        loss, ce, kd = losses.linear_cross_entropy(hidden, weight, labels, teacher_view)
-        return {"ce": ce, "kd_loss": kd}, loss
+            return None, F.cross_entropy(self._logits(hidden).float(), labels)
+        return None, losses.linear_cross_entropy(hidden, weight, labels)
 
     @torch.no_grad()
     def hidden_at(self, idx, target_idx):

@@ -40,7 +40,6 @@ import distill
 import fileio
 import flags
 import lora
-import losses
 import onpolicy
 from checkpoint import RUN_INFO, default_student, from_pretrained, load_tokenizer, nonfinite_tensors, save_pretrained
 from answers import GREEDY, answers_of, greedy
@@ -403,7 +402,7 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist=Dist()):
     A non-finite loss, or a non-finite gradient norm outside fp16 (where the GradScaler skips the step
     and lowers its scale), raises Diverged before the optimizer touches the weights."""
     n_step = dist.sum(sum(rows.n_targets for rows in batches))  # known on the host
-    names = PARTS.get(type(batches[0].teacher_view), ())  # the loss's parts, logged beside it
+    names = getattr(batches[0].teacher_view, "parts", ())  # the loss's parts (--kd, on-policy), logged beside it
     sums = torch.zeros(1 + len(names), dtype=torch.float64, device=batches[0].idx.device)
     for i, rows in enumerate(batches):
         with no_sync(model, last=i == len(batches) - 1), ctx:
@@ -424,10 +423,6 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist=Dist()):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return mean_loss, grad_norm, n_step, dict(zip(names, means))
-
-
-PARTS = {losses.TopKTargets: ("ce", "kd_loss"), losses.Grader: ("divergence",), losses.SampledTokens: ("divergence",),
-         losses.ProjectedGrades: ("divergence",)}
 
 
 def make_optimizer(model, lr, weight_decay, device_type):

@@ -134,3 +134,13 @@ def test_a_bf16_base_trains_fp32_adapters_and_saves_a_bf16_checkpoint(student, t
     assert losses(out)[-1] < losses(out)[0]
     assert {t.dtype for t in load_file(str(out / "last" / "model.safetensors")).values()} == {torch.bfloat16}
     from_pretrained(out / "last")
+
+
+def test_the_lora_flags_need_lora(capsys):
+    """An optional feature's flags without the flag that turns it on: refused, naming both (flags.check_args)."""
+    for argv, message in ((["--lora-alpha", "8"], "--lora-alpha: only with --lora R"),
+                          (["--lora-targets", "q_proj"], "--lora-targets: only with --lora R"),
+                          (["--lora", "4", "--lora-dropout", "1.5"], "--lora-dropout: must be in [0, 1], got 1.5")):
+        with pytest.raises(SystemExit):
+            train.get_args(argv)
+        assert message in capsys.readouterr().err, argv
