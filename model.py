@@ -63,26 +63,37 @@ def norm(cfg, dim):
 def inverse_frequencies(rope, head_dim, device=None):
     """The rotary frequencies of one Rope (as transformers computes each rope_type) -> (hd/2,) fp32."""
     inv = 1.0 / rope.theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim)
-    if rope.kind == "linear":
-        return inv / rope.factor
-    if rope.kind == "llama3":  # wavelengths past the pre-training context slowed by factor, a smooth band between
-        low, high = rope.original_max_positions / rope.low_freq_factor, rope.original_max_positions / rope.high_freq_factor
-        wavelen = 2 * torch.pi / inv
-        scaled = torch.where(wavelen > low, inv / rope.factor, inv)
-        smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        medium = ~(wavelen < high) * ~(wavelen > low)
-        return torch.where(medium, (1 - smooth) * scaled / rope.factor + smooth * scaled, scaled)
-    if rope.kind == "yarn":  # a ramp between interpolated (slow) and extrapolated (fast) frequencies
-        def dim_of(rotations):
-            return head_dim * math.log(rope.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
-        lo, hi = dim_of(rope.beta_fast), dim_of(rope.beta_slow)
-        lo, hi = (math.floor(lo), math.ceil(hi)) if rope.truncate else (lo, hi)
-        lo, hi = max(lo, 0), min(hi, head_dim - 1)
-        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - lo) / (hi - lo if hi != lo else 0.001))
-        extrapolate = 1 - ramp.clamp(0, 1)
-        freqs = rope.theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-        return (1 / (rope.factor * freqs)) * (1 - extrapolate) + (1 / freqs) * extrapolate
-    return inv
+    return SCALED[rope.kind](inv, rope, head_dim) if rope.kind in SCALED else inv
+
+
+def linear_scaled(inv, rope, head_dim):
+    return inv / rope.factor
+
+
+def llama3_scaled(inv, rope, head_dim):
+    """Wavelengths past the pre-training context slowed by `factor`, a smooth band between."""
+    low, high = rope.original_max_positions / rope.low_freq_factor, rope.original_max_positions / rope.high_freq_factor
+    wavelen = 2 * torch.pi / inv
+    scaled = torch.where(wavelen > low, inv / rope.factor, inv)
+    smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    medium = ~(wavelen < high) * ~(wavelen > low)
+    return torch.where(medium, (1 - smooth) * scaled / rope.factor + smooth * scaled, scaled)
+
+
+def yarn_scaled(inv, rope, head_dim):
+    """A ramp between interpolated (slow) and extrapolated (fast) frequencies."""
+    def dim_of(rotations):
+        return head_dim * math.log(rope.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+    lo, hi = dim_of(rope.beta_fast), dim_of(rope.beta_slow)
+    lo, hi = (math.floor(lo), math.ceil(hi)) if rope.truncate else (lo, hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=inv.device) - lo) / (hi - lo if hi != lo else 0.001))
+    extrapolate = 1 - ramp.clamp(0, 1)
+    freqs = rope.theta ** (torch.arange(0, head_dim, 2, device=inv.device).float() / head_dim)
+    return (1 / (rope.factor * freqs)) * (1 - extrapolate) + (1 / freqs) * extrapolate
+
+
+SCALED = {"linear": linear_scaled, "llama3": llama3_scaled, "yarn": yarn_scaled}  # rope_type -> its scaling
 
 
 def rope_table(max_positions, head_dim, rope, device):

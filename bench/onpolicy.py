@@ -17,6 +17,13 @@ forward), fused AdamW, fp32 on a CPU (bf16 is ~25x slower there) and bf16 on CUD
 the teacher's backbone (`_get_last_hidden_state`), synchronised on CUDA; the update is the rest of its training
 step (both sides compute the teacher's head inside the loss, a chunk of rows at a time). Ours come from
 metrics.jsonl. The first `--warmup` steps (compiles among them) are left out of both.
+
+--pair xtok (#59, CPU): the tiny pair with the teacher on Qwen2.5's tokenizer (151,665 pieces; the fetched 1.5B
+teacher's tokenizer.json), so the two tokenizers differ: ours aligns them (xtok.py), the peer is TRL's GOLDTrainer
+(`trl.experimental.gold`: on-policy, lmbda 1, extended ULD with the hybrid loss and the "bayesian" merge, the
+settings under which its loss equals ours where the conventions agree: bench/xtok_gold.py). Both sides at beta 0.5
+(across tokenizers ours refuses beta 1: the reverse KL is unbounded where the teacher gives a student piece no mass).
+GOLD's parts are timed by wrapping its generation (`generate_on_policy_outputs`) and the teacher's forward.
 """
 
 import argparse
@@ -37,7 +44,9 @@ from cli import run, stopping_cleanly  # noqa: E402
 PAIRS = {  # name -> {side: (layers, width, heads, kv heads, mlp width, seed)}
     "tiny": {"student": (4, 256, 4, 2, 768, 0), "teacher": (6, 512, 8, 4, 1536, 1)},
     "smollm2": {"student": (30, 576, 9, 3, 1536, 0), "teacher": (24, 2048, 32, 32, 8192, 1)},  # 135M, 1.7B
+    "xtok": {"student": (4, 256, 4, 2, 768, 0), "teacher": (6, 512, 8, 4, 1536, 1)},  # the teacher on Qwen2.5's
 }
+QWEN = Path.home() / ".cache" / "scotd" / "teachers" / "Qwen2.5-Coder-1.5B-Instruct"  # experiments/fetch_teachers.py
 
 
 def smollm2_tokenizer():
@@ -53,15 +62,19 @@ def make_pair(folder, pair="tiny"):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok = smollm2_tokenizer()
+    from tokenizers import Tokenizer
+
     for name, (layers, width, heads, kv, mlp, seed) in PAIRS[pair].items():
         out = Path(folder) / name
         if (out / "config.json").exists():
             continue
+        tok = QWEN if pair == "xtok" and name == "teacher" else smollm2_tokenizer()
+        eos = Tokenizer.from_file(str(tok / "tokenizer.json")).token_to_id("<|endoftext|>")
         torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+        cfg = LlamaConfig(vocab_size=151936 if tok == QWEN else 49152, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
-                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                          tie_word_embeddings=True, bos_token_id=None if tok == QWEN else 1, eos_token_id=eos,
+                          pad_token_id=eos)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tok / f).exists():
@@ -87,17 +100,21 @@ def ours(args, student, teacher, work):
                 "--teacher", str(teacher), "--on-policy-n", "4", "--batch-size", str(4 * args.questions),
                 "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
                 "--max-steps", str(args.warmup + args.steps), "--eval-every", "0", "--eval-questions", "0",
-                "--save-every", "0", "--dev-data", str(data.DEFAULT_DEV), "--lr", "1e-5"])
+                "--save-every", "0", "--dev-data", str(data.DEFAULT_DEV), "--lr", "1e-5", "--beta", str(beta(args))])
     rows = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "divergence" in r][args.warmup:]
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("sample_s", "teacher_s", "update_s", "sampled_tokens")}
 
 
+def beta(args):
+    return 0.5 if args.pair == "xtok" else 1.0
+
+
 def trl(args, student, teacher, work):
-    """DistillationTrainer for warmup + steps steps, its parts timed by wrapping its generation and the teacher."""
+    """DistillationTrainer (GOLDTrainer for --pair xtok) for warmup + steps steps, its parts timed by wrapping its generation and the teacher."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DistillationConfig, DistillationTrainer
 
     from cli import synchronize
@@ -108,16 +125,17 @@ def trl(args, student, teacher, work):
     dataset = Dataset.from_dict({"prompt": [q for q in qs for _ in range(4)]})  # 4 chains a question
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    config = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=4 * args.questions,
-                                max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens,
-                                temperature=1.0, beta=1.0, learning_rate=1e-5, bf16=cuda, gradient_checkpointing=False,
-                                optim="adamw_torch_fused", use_cpu=not cuda, report_to="none",
-                                logging_steps=args.warmup + args.steps, save_strategy="no", shuffle_dataset=False,
-                                disable_dropout=True)  # one log line, at the end
+    settings = dict(output_dir=str(work / "trl"), per_device_train_batch_size=4 * args.questions,
+                    max_steps=args.warmup + args.steps, max_completion_length=args.max_new_tokens, temperature=1.0,
+                    beta=beta(args), learning_rate=1e-5, bf16=cuda, gradient_checkpointing=False,
+                    optim="adamw_torch_fused", use_cpu=not cuda, report_to="none", logging_steps=args.warmup + args.steps,
+                    save_strategy="no", disable_dropout=True)  # one log line, at the end
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16 if cuda else torch.float32)
-    trainer = DistillationTrainer(model=str(student), teacher_model=teacher_model, args=config, train_dataset=dataset,
-                                  processing_class=tok)
     clock = {"sample_s": 0.0, "teacher_s": 0.0}
+    if args.pair == "xtok":
+        return gold(args, student, teacher, teacher_model, tok, dataset, settings, clock, device)
+    trainer = DistillationTrainer(model=str(student), teacher_model=teacher_model, train_dataset=dataset,
+                                  args=DistillationConfig(**settings, shuffle_dataset=False), processing_class=tok)
     generate = trainer._generate
 
     def timed_generate(*a, **k):
@@ -137,6 +155,49 @@ def trl(args, student, teacher, work):
             clock["teacher_s"] += time.perf_counter() - t0
         return out
     trainer._get_last_hidden_state = timed_hidden
+    return timed_steps(args, trainer, clock, device)
+
+
+def gold(args, student, teacher, teacher_model, tok, dataset, settings, clock, device):
+    """GOLDTrainer on-policy across tokenizers, its parts timed by wrapping its generation and the teacher's forward."""
+    from transformers import AutoTokenizer
+    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+    from cli import synchronize
+
+    config = GOLDConfig(**settings, lmbda=1.0, use_uld_loss=True, use_extended_uld=True, uld_use_hybrid_loss=True,
+                        uld_token_merge_strategy="bayesian", uld_crossentropy_weight=0.0, uld_distillation_weight=1.0,
+                        uld_skip_student_eos=True, uld_skip_teacher_eos=True, teacher_tokenizer_name_or_path=str(teacher))
+    dataset = dataset.map(lambda r: {"completion": ""})  # prompt-completion rows; on-policy writes the completions
+    trainer = GOLDTrainer(model=str(student), teacher_model=teacher_model, args=config, train_dataset=dataset,
+                          processing_class=AutoTokenizer.from_pretrained(student))
+    generate, lengths = trainer.generate_on_policy_outputs, []
+
+    def timed_generate(*a, **k):
+        t0 = time.perf_counter()
+        out = generate(*a, **k)
+        synchronize(device)
+        clock["sample_s"] += time.perf_counter() - t0
+        lengths.append(float((out[2] != -100).sum(1).float().mean()))  # its labels: the completions' tokens
+        return out
+    trainer.generate_on_policy_outputs = timed_generate
+    started = []
+    the_teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    the_teacher.register_forward_pre_hook(lambda *a: started.append(time.perf_counter()))
+
+    def teacher_done(*a):
+        synchronize(device)
+        clock["teacher_s"] += time.perf_counter() - started.pop()
+    the_teacher.register_forward_hook(teacher_done)
+    return timed_steps(args, trainer, clock, device) | {"sampled_tokens": sum(lengths) / len(lengths)}
+
+
+def timed_steps(args, trainer, clock, device):
+    """Train, timing each step and the parts `clock` sums -> the timed steps' mean parts."""
+    from transformers import TrainerCallback
+
+    from cli import synchronize
+
     marks = []
 
     class Steps(TrainerCallback):
@@ -236,7 +297,7 @@ def table(args, results):
     ratio = lambda k: f"{results['trl'][k] / results['scotd'][k]:.1f}x" if all(  # noqa: E731
         k in r for r in results.values()) else ""
     print(f"\n| part of one step ({args.questions} questions x 4 chains, <= {args.max_new_tokens} tokens) | scotd | "
-          "TRL DistillationTrainer | ratio |")
+          f"TRL {'GOLDTrainer' if args.pair == 'xtok' else 'DistillationTrainer'} | ratio |")
     print("| --- | --- | --- | --- |")
     for k, label in (("sample_s", "student samples"), ("teacher_s", "teacher grades"), ("update_s", "student update"),
                      ("step_s", "the step")):

@@ -9,11 +9,20 @@ when the sets of span starts are equal. Texts: the bundled corpora's chains (CSQ
 GSM8K) and the hard cases of tests/test_xtok.py. Pairs: Gemma 3 <-> SmolLM2 (SentencePiece vs byte-level BPE) and,
 when the teacher is fetched, Qwen2.5 -> SmolLM2 (two byte-level BPEs).
 
-    python bench/xtok_gold.py          # needs trl==1.16.0 (and datasets, which it imports); prints a table
+The loss (`losses`): GOLD's ULDLoss -- extended ULD (byte-offset groups), the "bayesian" merge (the shifted
+convention: each position's distribution predicts the next token), the hybrid loss (the generalised JSD over the
+pieces both vocabularies hold, at GOLD's adaptive weight; sorted-probability L1 over the rest), no cross-entropy, the
+appended EOS skipped on both sides -- against ours (train.py --on-policy through xtok: onpolicy.OnPolicy.grade_across,
+losses.ProjectedGrades) on one training chain at a time, each the mean over its tokens. Student: a tiny random
+model with a byte-level BPE of its own (tests/helpers.tiny_student); teachers: one of its tokenizer with other
+weights, that teacher with its ids permuted (another tokenizer, the same pieces), and one of another tokenizer.
+
+    python bench/xtok_gold.py          # needs trl==1.16.0 (and datasets, which it imports); prints two tables
 """
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +82,64 @@ def compare(name, teacher, student, corpus):
     return [name, f"{len(corpus):,}", f"{len(differ):,}", example, f"{(t1 - t0) * 1e3:,.0f} ms", f"{(t2 - t1) * 1e3:,.0f} ms"]
 
 
+def loss_rows(work, betas=(0.0, 0.5, 0.9), chains=6):
+    """-> table rows: teacher, beta, the largest |GOLD - ours| over `chains` chains, the mean of each side."""
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl.experimental.gold.gold_config import GOLDConfig
+    from trl.experimental.gold.gold_trainer import ULDLoss, build_teacher_inputs_from_texts
+
+    import flags
+    import onpolicy
+    from checkpoint import from_pretrained
+    from helpers import tiny_pair, tiny_student
+    from sample import SampleConfig
+    from test_xtok import permuted
+
+    student, teacher = tiny_pair(work)
+    teachers = {"its tokenizer, other weights": teacher, "the same, ids permuted": permuted(teacher, work / "permuted"),
+                "another tokenizer (320 pieces)": tiny_student(work / "other", vocab_size=320, seed=2, soft=True)}
+    examples = data.build_examples(data.read_corpus(data.DEFAULT_TRAIN)[:3], "cot", "all")[:chains]
+    tok, model = load_tokenizer(student), from_pretrained(student)
+    hf_student = AutoModelForCausalLM.from_pretrained(student)
+
+    def hf_tokenizer(folder):
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>")
+
+    def gold(uld, hf_teacher, s_tok, t_tok, e):
+        s_ids, s_labels, _, s_offsets = build_teacher_inputs_from_texts(s_tok, [e["query"]], [e["target"]])
+        t_ids, t_labels, _, t_offsets = build_teacher_inputs_from_texts(t_tok, [e["query"]], [e["target"]])
+        with torch.no_grad():
+            return float(uld(hf_student(s_ids).logits, hf_teacher(t_ids).logits, s_labels, t_labels, s_ids, t_ids,
+                             s_offsets, t_offsets))
+
+    def ours(onp, e):
+        tokens = data.tokenize_examples([e], tok, 512, data.Skips())
+        onp.queries = [e["query"]]
+        rows = data.to_tensors(tokens, flags.RunConfig(batch_size=1), 0, torch.device("cpu"))
+        view = onp.grade(rows.idx, rows.target_idx, tokens, torch.device("cpu"))
+        with torch.no_grad():
+            return float(model(rows.idx, rows.targets, target_idx=rows.target_idx, teacher_view=view)[1])
+
+    rows = []
+    for name, folder in teachers.items():
+        theirs, hf_teacher = load_tokenizer(folder), AutoModelForCausalLM.from_pretrained(folder)
+        cross = onpolicy.CrossTeacher(from_pretrained(folder), theirs, xtok.Projection(theirs, tok), xtok.piece_bytes(tok))
+        s_tok, t_tok = hf_tokenizer(student), hf_tokenizer(folder)
+        for beta in betas:
+            config = GOLDConfig(output_dir=str(work / "gold"), use_uld_loss=True, use_extended_uld=True,
+                                uld_use_hybrid_loss=True, uld_token_merge_strategy="bayesian", beta=beta,
+                                uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_skip_student_eos=True,
+                                uld_skip_teacher_eos=True, report_to="none", use_cpu=True)
+            uld = ULDLoss(config, student_tokenizer=s_tok, teacher_tokenizer=t_tok)
+            onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(), beta, teacher=cross)
+            pairs = [(gold(uld, hf_teacher, s_tok, t_tok, e), ours(onp, e)) for e in examples]
+            rows.append([name, f"{beta:g}", f"{max(abs(g - o) for g, o in pairs):.1e}",
+                         f"{sum(g for g, _ in pairs) / len(pairs):.5f}", f"{sum(o for _, o in pairs) / len(pairs):.5f}"])
+    return rows
+
+
 def main():
     import trl.experimental.gold.gold_trainer  # noqa: F401 -- the import (seconds) is no part of GOLD's alignment time
     smol, gemma = load_tokenizer(default_student()), load_tokenizer(packaged_student("gemma-3-270m"))
@@ -83,6 +150,12 @@ def main():
     corpus = texts()
     rows = [compare(name, t, s, corpus) for name, t, s in pairs]
     print("| teacher -> student | texts | span starts differ | first difference | ours | GOLD |\n|" + " --- |" * 6)
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    with tempfile.TemporaryDirectory() as work:
+        rows = loss_rows(Path(work))
+    print("\n| teacher of the tiny student | beta | largest difference a chain | GOLD (mean of chains) | ours |\n|"
+          + " --- |" * 5)
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

@@ -4,10 +4,11 @@
 # steps and seed -- SCoTD alone, SCoTD + cross-tokenizer --kd 0.5, SCoTD then cross-tokenizer on-policy (--beta 0.5) --
 # each evaluated on all 1,221 CSQA validation questions (greedy and majority of 10). Every step resumes: run it again
 # after an interruption and it continues where it stopped. The scoring (~4 h on 2 cores) continues from what earlier
-# sessions committed in experiments/xtok/. Needs the teacher: python experiments/fetch_teachers.py --only 1.5b
+# sessions committed in experiments/xtok/, and is copied back there. Needs the teacher:
+# python experiments/fetch_teachers.py --only 1.5b
 #
 #   nice -n 19 bash experiments/xtok_runs.sh      # outputs under runs/xtok/ (not committed)
-#   SCORE_ONLY=1 nice -n 19 bash experiments/xtok_runs.sh   # the scoring alone (then copy the new lines back to experiments/xtok/)
+#   SCORE_ONLY=1 nice -n 19 bash experiments/xtok_runs.sh   # the scoring alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${SCOTD_TEACHERS:-$HOME/.cache/scotd/teachers}/Qwen2.5-Coder-1.5B-Instruct
@@ -22,9 +23,13 @@ if [ ! -f $OUT/slice.scored.jsonl ] && [ -f experiments/xtok/slice.scored.jsonl 
     cp experiments/xtok/slice.scored.jsonl* $OUT/
 fi
 python teacher.py --teacher "$T" --score $OUT/slice.jsonl --top-logprobs 20 --batch-size 2 --out $OUT/slice.scored.jsonl
+cmp -s $OUT/slice.scored.jsonl experiments/xtok/slice.scored.jsonl || cp $OUT/slice.scored.jsonl* experiments/xtok/
 [ -n "${SCORE_ONLY:-}" ] && exit 0
 
+# Each arm's evaluation and training record are kept in experiments/xtok/<arm>/ (committed: a checkpoint is not); an
+# arm found there is done. SCoTD first, then on-policy from it, then KD: a session that ends between arms keeps them.
 BUDGET=(--max-steps 300 --batch-size 8 --eval-every 50 --seed 1337)
+kept() { [ -f experiments/xtok/$1/summary-csqa_palm_validation.json ]; }
 train() {  # name, extra flags
     local name=$1; shift
     if [ ! -f $OUT/$name/.done ]; then
@@ -34,16 +39,19 @@ train() {  # name, extra flags
     fi
 }
 evaluate() {  # all 1,221 validation questions: greedy and 10 chains at T = 0.7 (resumes)
-    [ -f $OUT/$1/eval/summary-csqa_palm_validation.json ] || python evaluate.py --checkpoint $OUT/$1/best --limit 0
+    kept $1 && return
+    python evaluate.py --checkpoint $OUT/$1/best --limit 0
+    mkdir -p experiments/xtok/$1
+    cp $OUT/$1/eval/*csqa_palm_validation* $OUT/$1/metrics.jsonl $OUT/$1/best/scotd.json experiments/xtok/$1/
 }
-train sft
-train kd0.5 --kd 0.5
-if [ ! -f $OUT/onpolicy/.done ]; then  # SCoTD, then 30 on-policy steps graded by the teacher (JSD: another tokenizer)
-    resume=(); [ -d $OUT/onpolicy/last ] && resume=(--resume)
+(kept sft && kept onpolicy) || train sft
+evaluate sft
+if ! kept onpolicy && [ ! -f $OUT/onpolicy/.done ]; then  # SCoTD, then 30 on-policy steps graded by the teacher
+    resume=(); [ -d $OUT/onpolicy/last ] && resume=(--resume)  # (JSD: another tokenizer)
     python train.py --init $OUT/sft/best --data $OUT/slice.scored.jsonl --out $OUT/onpolicy --on-policy --teacher "$T" \
         --beta 0.5 --max-steps 30 --batch-size 8 --on-policy-n 4 --lr 5e-5 --eval-every 10 --seed 1337 "${resume[@]}"
     touch $OUT/onpolicy/.done
 fi
-evaluate sft
-evaluate kd0.5
 evaluate onpolicy
+kept kd0.5 || train kd0.5 --kd 0.5
+evaluate kd0.5
