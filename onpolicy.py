@@ -116,8 +116,27 @@ class OnPolicy:
         after the question, the teacher's distribution where a student token starts at the byte a teacher token
         starts, carried onto the student's vocabulary (xtok.Projection.full) -> losses.ProjectedGrades over the
         examples' chain tokens in order (the rows' flat target positions)."""
+        rows, where = self.align(examples)
+        aligned = [w is not None for w in where]
+        model = self.teacher.model
+        width = max(map(len, rows))
+        idx = torch.full((len(rows), width), model.cfg.pad_token_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            idx[r, :len(row)] = torch.tensor(row)
+        flat = torch.tensor([r * width + p for r, p in (w for w in where if w is not None)], dtype=torch.long)
+        vocab = self.teacher.projection.student_vocab
+        logprobs = torch.full((len(where), vocab), -math.log(vocab))  # not aligned: uniform, never read
+        if len(flat):
+            hidden = model.hidden_at(idx.to(device), flat.to(device))
+            teacher = losses.capped(F.linear(hidden, model.lm_head.weight), model.cfg.logit_softcap).float()
+            logprobs[torch.tensor(aligned)] = self.teacher.projection.full(teacher.log_softmax(-1)).cpu()
+        return losses.ProjectedGrades(logprobs.to(device), torch.tensor(aligned, device=device), self.beta)
+
+    def align(self, examples):
+        """Each chain's text read in the teacher's tokens after the question -> (the teacher's rows of token ids, and
+        per chain token in order: (its row, the teacher position that predicts it) where aligned, else None)."""
         cross = self.teacher
-        rows, where = [], []  # per chain token: (row, the teacher position that predicts it) where aligned, else None
+        rows, where = [], []
         for e, ((ids, n_query), query) in enumerate(zip(examples, self.queries)):
             chain = [int(t) for t in ids[n_query:]]
             spelled = [cross.student_pieces[t] or b"" for t in chain]
@@ -131,20 +150,7 @@ class OnPolicy:
             rows.append(head + theirs.ids)
             pairs = dict(xtok.starts(spelled_text, t_offsets, list(zip(ours[:-1], ours[1:]))))
             where += [(e, len(head) + pairs[i] - 1) if i in pairs else None for i in range(len(chain))]
-        aligned = [w is not None for w in where]
-        model = cross.model
-        width = max(map(len, rows))
-        idx = torch.full((len(rows), width), model.cfg.pad_token_id, dtype=torch.long)
-        for r, row in enumerate(rows):
-            idx[r, :len(row)] = torch.tensor(row)
-        flat = torch.tensor([r * width + p for r, p in (w for w in where if w is not None)], dtype=torch.long)
-        vocab = cross.projection.student_vocab
-        logprobs = torch.full((len(where), vocab), -math.log(vocab))  # not aligned: uniform, never read
-        if len(flat):
-            hidden = model.hidden_at(idx.to(device), flat.to(device))
-            teacher = losses.capped(F.linear(hidden, model.lm_head.weight), model.cfg.logit_softcap).float()
-            logprobs[torch.tensor(aligned)] = cross.projection.full(teacher.log_softmax(-1)).cpu()
-        return losses.ProjectedGrades(logprobs.to(device), torch.tensor(aligned, device=device), self.beta)
+        return rows, where
 
     def step_batches(self, trainer, step):
         """The micro-batches of on-policy step `step`: each rank's share of the next questions, the student's chains

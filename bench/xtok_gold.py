@@ -18,6 +18,7 @@ model with a byte-level BPE of its own (tests/helpers.tiny_student); teachers: o
 weights, that teacher with its ids permuted (another tokenizer, the same pieces), and one of another tokenizer.
 
     python bench/xtok_gold.py          # needs trl==1.16.0 (and datasets, which it imports); prints two tables
+    python bench/xtok_gold.py --cost   # the real pair's on-policy grading, its parts timed (no TRL needed)
 """
 
 import os
@@ -140,7 +141,62 @@ def loss_rows(work, betas=(0.0, 0.5, 0.9), chains=6):
     return rows
 
 
+def grading_cost(chains=8, repeats=3):
+    """What aligning two tokenizers adds to an on-policy step on the real pair (Qwen2.5-Coder-1.5B grading
+    SmolLM2-135M's chains): onpolicy.OnPolicy.grade_across on `chains` of the Qwen corpus's chains as the student
+    tokenizes them, split into the alignment (OnPolicy.align: re-tokenizing, xtok.starts), the teacher's forward pass
+    (hidden_at), the projection onto the student's vocabulary (xtok.Projection.full) and the rest (the teacher's head)
+    -> a printed line."""
+    import numpy as np
+    import torch
+
+    import onpolicy
+    from checkpoint import from_pretrained
+    from sample import SampleConfig
+
+    qwen = cache_dir() / "teachers" / "Qwen2.5-Coder-1.5B-Instruct"
+    tok, theirs = load_tokenizer(default_student()), load_tokenizer(qwen)
+    t0 = time.perf_counter()
+    projection = xtok.Projection(theirs, tok)
+    map_s = time.perf_counter() - t0
+    teacher = from_pretrained(qwen)
+    records = data.read_corpus(data.DATA_DIR / "csqa_qwen_train.jsonl")[:chains]
+    examples = [e for e in data.build_examples(records, "cot", "all", 1) if e["target"].strip()][:chains]
+    tokens = data.tokenize_examples(examples, tok, 512, data.Skips())
+    onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(), 0.5,
+                            teacher=onpolicy.CrossTeacher(teacher, theirs, projection, xtok.piece_bytes(tok)))
+    onp.queries = [e["query"] for e in examples]
+    clock = {"align": 0.0, "forward": 0.0, "project": 0.0}
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            clock[name] += time.perf_counter() - t
+            return out
+        return call
+    teacher.hidden_at = timed("forward", teacher.hidden_at)
+    onp.align = timed("align", onp.align)
+    projection.full = timed("project", projection.full)
+    totals = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            clock.update(align=0.0, forward=0.0, project=0.0)
+            t = time.perf_counter()
+            view = onp.grade_across(tokens, torch.device("cpu"))
+            totals.append((time.perf_counter() - t, clock["align"], clock["forward"], clock["project"]))
+    total, align, forward, project = np.median(np.array(totals), 0)
+    n = int(view.aligned.sum())
+    print(f"\ngrading {len(tokens)} chains ({len(view.aligned)} student tokens, {n} aligned), median of {repeats}, "
+          f"fp32, {torch.get_num_threads()} threads: {total:.2f} s -- the alignment {align * 1e3:.0f} ms, the teacher's "
+          f"forward {forward:.2f} s, the projection {project:.2f} s, the teacher's head and the rest "
+          f"{total - align - forward - project:.2f} s; the vocabulary map "
+          f"{map_s:.1f} s once a run ({projection.matched:.1%} of the teacher's pieces held by the student)")
+
+
 def main():
+    if "--cost" in sys.argv:
+        return grading_cost()
     import trl.experimental.gold.gold_trainer  # noqa: F401 -- the import (seconds) is no part of GOLD's alignment time
     smol, gemma = load_tokenizer(default_student()), load_tokenizer(packaged_student("gemma-3-270m"))
     pairs = [("Gemma 3 -> SmolLM2", gemma, smol), ("SmolLM2 -> Gemma 3", smol, gemma)]

@@ -3,6 +3,7 @@ evaluated, its greedy and majority-of-N accuracy with 95 % intervals (from evalu
 plain SCoTD (`sft`) on the same questions: the paired difference with its bootstrap interval, and McNemar's p.
 
     python experiments/distill_table.py             # reads runs/kd/<run>/eval/
+    python experiments/distill_table.py --runs experiments/xtok    # #59: the default student across tokenizers
 """
 
 import argparse
@@ -19,7 +20,8 @@ RUNS = {"sft": "plain SCoTD (cross-entropy on the teacher's chains)", "kd0.5": "
         "kd1": "--kd 1 (the top-20 KL alone)",
         "op-sft": "SCoTD, then 30 on-policy steps, the chain's end token graded (the first version)",
         "onpolicy-sft": "SCoTD, then 30 on-policy steps (reverse KL)",
-        "onpolicy-untuned": "30 on-policy steps from the untuned student"}
+        "onpolicy-untuned": "30 on-policy steps from the untuned student",
+        "onpolicy": "SCoTD, then 30 on-policy steps graded across tokenizers (JSD, beta 0.5)"}
 
 
 def load(folder):

@@ -29,7 +29,7 @@ cmp -s $OUT/slice.scored.jsonl experiments/xtok/slice.scored.jsonl || cp $OUT/sl
 # Each arm's evaluation and training record are kept in experiments/xtok/<arm>/ (committed: a checkpoint is not); an
 # arm found there is done. SCoTD first, then on-policy from it, then KD: a session that ends between arms keeps them.
 BUDGET=(--max-steps 300 --batch-size 8 --eval-every 50 --seed 1337)
-kept() { [ -f experiments/xtok/$1/summary-csqa_palm_validation.json ]; }
+kept() { [ -f experiments/xtok/$1/eval/summary-csqa_palm_validation.json ]; }
 train() {  # name, extra flags
     local name=$1; shift
     if [ ! -f $OUT/$name/.done ]; then
@@ -41,8 +41,9 @@ train() {  # name, extra flags
 evaluate() {  # all 1,221 validation questions: greedy and 10 chains at T = 0.7 (resumes)
     kept $1 && return
     python evaluate.py --checkpoint $OUT/$1/best --limit 0
-    mkdir -p experiments/xtok/$1
-    cp $OUT/$1/eval/*csqa_palm_validation* $OUT/$1/metrics.jsonl $OUT/$1/best/scotd.json experiments/xtok/$1/
+    mkdir -p experiments/xtok/$1/eval  # the layout experiments/distill_table.py --runs experiments/xtok reads
+    cp $OUT/$1/metrics.jsonl $OUT/$1/best/scotd.json experiments/xtok/$1/
+    cp $OUT/$1/eval/*csqa_palm_validation* experiments/xtok/$1/eval/
 }
 (kept sft && kept onpolicy) || train sft
 evaluate sft
