@@ -23,7 +23,9 @@ if [ ! -f $OUT/slice.scored.jsonl ] && [ -f experiments/xtok/slice.scored.jsonl 
     cp experiments/xtok/slice.scored.jsonl* $OUT/
 fi
 python teacher.py --teacher "$T" --score $OUT/slice.jsonl --top-logprobs 20 --batch-size 2 --out $OUT/slice.scored.jsonl
-cmp -s $OUT/slice.scored.jsonl experiments/xtok/slice.scored.jsonl || cp $OUT/slice.scored.jsonl* experiments/xtok/
+cmp -s $OUT/slice.scored.jsonl experiments/xtok/slice.scored.jsonl || for f in "" .meta.json .runs.jsonl .topk; do
+    cp $OUT/slice.scored.jsonl$f experiments/xtok/  # (the teacher's tokenizer beside the sidecar: from its folder)
+done
 [ -n "${SCORE_ONLY:-}" ] && exit 0
 
 # Each arm's evaluation and training record are kept in experiments/xtok/<arm>/ (committed: a checkpoint is not); an
