@@ -253,6 +253,11 @@ class Transformer(nn.Module):
         each row's last position (B, 1, V), or of every position (B, T, V) with last_only=False. A prefill
         needs only the last: the head (49k x d for SmolLM2) over every prompt position would be a fifth of
         its FLOPs. attention_mask (B, T): 0 for left padding, which is masked and skipped by positions."""
+        x = self._prefill_hidden(idx, cache, attention_mask)
+        return self._logits(x[:, -1:] if last_only else x)
+
+    def _prefill_hidden(self, idx, cache, attention_mask=None):
+        """prefill's work before the head: idx (B, T) written into the cache -> the final hidden states (B, T, d)."""
         B, T = idx.shape
         start = cache.length
         assert start + T <= cache.max_seq_len, f"KV cache full: {start} + {T} > {cache.max_seq_len} slots"
@@ -263,7 +268,7 @@ class Transformer(nn.Module):
         cache.length += T  # the decode step's counters continue from here
         cache.slot.fill_(cache.length)
         cache.pos.copy_(cache.offset + key_valid.sum(1))
-        return self._logits(x[:, -1:] if last_only else x)
+        return x
 
     def decode_step(self, idx, cache, step=None):
         """One new token per row, idx (B, 1), every row real -> logits (B, 1, V). The work on the device is
@@ -350,10 +355,13 @@ class Transformer(nn.Module):
         return None, losses.linear_cross_entropy(hidden, weight, labels)
 
     @torch.no_grad()
-    def hidden_at(self, idx, target_idx):
+    def hidden_at(self, idx, target_idx, cache=None):
         """The final hidden states (N, d) of right-padded causal rows idx (B, T) at the flat positions target_idx
-        (N,): what a teacher's head reads to grade a student's tokens (train.py --on-policy)."""
+        (N,): what a teacher's head reads to grade a student's tokens (train.py --on-policy). cache: an empty
+        sample.KVCache of B rows and T slots whose shared header every row continues (read once, not once a row)."""
         B, T = idx.shape
+        if cache is not None:
+            return self._prefill_hidden(idx, cache).flatten(0, 1).index_select(0, target_idx)
         positions = torch.arange(T, device=idx.device).expand(B, T)
         return self._hidden(idx, positions, Dense(None, positions)).flatten(0, 1).index_select(0, target_idx)
 

@@ -30,7 +30,7 @@ from answers import answers_of
 from distributed import rank_share
 from distill import served_logprobs
 from fileio import InputError
-from sample import SampleConfig, generate
+from sample import KVCache, SampleConfig, generate, prefill
 from scotd import ANSWER_END, format_query
 
 
@@ -51,14 +51,19 @@ class OnPolicy:
     chain, n_query) whose chain tokens carry the loss. `grade`: the teacher's view of those tokens -- a local
     teacher's hidden states at them (losses.Grader: the divergence is exact over the vocabulary), or a served
     teacher's log-probability of each (losses.SampledTokens; api.Client.prompt_logprobs, `concurrency` requests in
-    flight). `header`: token ids the teacher reads before every row (train.py --teacher-shots: worked examples in the
-    chains' format), the student never. `records`: the training questions `step_batches` draws from."""
+    flight). `header`: the text the teacher reads before every row, in its own tokens (train.py --teacher-shots: worked
+    examples in the chains' format, where they end included), the student never; a local teacher reads it once
+    (sample.prefill) and every row attends to that cache. `records`: the training questions `step_batches` draws
+    from."""
 
     concurrency = 4  # a served teacher's requests in flight
 
-    def __init__(self, tokenizer, mode, sampling, beta=1.0, header=(), teacher=None, client=None, records=()):
+    def __init__(self, tokenizer, mode, sampling, beta=1.0, header="", teacher=None, client=None, records=()):
         self.tokenizer, self.mode, self.sampling, self.beta = tokenizer, mode, sampling, beta
-        self.header, self.teacher, self.client, self.records = list(header), teacher, client, records
+        self.teacher, self.client, self.records = teacher, client, records
+        teacher_tokenizer = teacher.tokenizer if isinstance(teacher, CrossTeacher) else tokenizer
+        self.header = teacher_tokenizer.encode(header, add_special_tokens=False).ids if header else []  # teacher ids
+        self.header_cache = None  # a local teacher's cache of the header (prefilled at the first grade: it is frozen)
         self.stream = None  # the questions (`questions`), from the resumed position at the first step
         self.queries = []  # the query text of each example the last `sample` returned (grade_across reads them)
 
@@ -95,11 +100,7 @@ class OnPolicy:
         if isinstance(self.teacher, CrossTeacher):
             return self.grade_across(examples, device)
         if self.teacher is not None:
-            if self.header:  # the rows shifted right by the header; the flat target positions with them
-                (B, T), H = idx.shape, len(self.header)
-                idx = torch.cat([torch.tensor(self.header, dtype=idx.dtype, device=idx.device).expand(B, H), idx], 1)
-                target_idx = target_idx // T * (T + H) + H + target_idx % T
-            hidden = self.teacher.hidden_at(idx, target_idx)
+            hidden = self.teacher.hidden_at(idx, target_idx, self.after_header(self.teacher, *idx.shape))
             return losses.Grader(hidden, self.teacher.lm_head.weight, self.teacher.cfg.logit_softcap, self.beta)
 
         def chain(job):
@@ -127,7 +128,7 @@ class OnPolicy:
         vocab = self.teacher.projection.student_vocab
         logprobs = torch.full((len(where), vocab), -math.log(vocab))  # not aligned: uniform, never read
         if len(flat):
-            hidden = model.hidden_at(idx.to(device), flat.to(device))
+            hidden = model.hidden_at(idx.to(device), flat.to(device), self.after_header(model, *idx.shape))
             teacher = losses.capped(F.linear(hidden, model.lm_head.weight), model.cfg.logit_softcap).float()
             logprobs[torch.tensor(aligned)] = self.teacher.projection.full(teacher.log_softmax(-1)).cpu()
         return losses.ProjectedGrades(logprobs.to(device), torch.tensor(aligned, device=device), self.beta)
@@ -146,11 +147,20 @@ class OnPolicy:
             theirs = cross.tokenizer.encode(text, add_special_tokens=False)
             at_byte = np.cumsum([0] + [len(ch.encode()) for ch in text])
             t_offsets = [(int(at_byte[a]), int(at_byte[b])) for a, b in theirs.offsets]
-            head = self.header + cross.tokenizer.encode(query).ids
+            head = cross.tokenizer.encode(query).ids  # (after the header, read once: after_header)
             rows.append(head + theirs.ids)
             pairs = dict(xtok.starts(spelled_text, t_offsets, list(zip(ours[:-1], ours[1:]))))
             where += [(e, len(head) + pairs[i] - 1) if i in pairs else None for i in range(len(chain))]
         return rows, where
+
+    def after_header(self, model, rows, width):
+        """An empty cache of `rows` rows and `width` slots that continue the teacher's header (None without one)."""
+        if not self.header:
+            return None
+        if self.header_cache is None:
+            self.header_cache = prefill(model, self.header)
+        p = next(model.parameters())
+        return KVCache(model.cfg, rows, width, device=p.device, dtype=p.dtype, shared=self.header_cache)
 
     def step_batches(self, trainer, step):
         """The micro-batches of on-policy step `step`: each rank's share of the next questions, the student's chains
@@ -220,7 +230,7 @@ def load(run, tokenizer, init, device, dist, records):
         raise InputError(f"--on-policy: {per} questions a micro-batch (--batch-size {run.batch_size} / --on-policy-n "
                          f"{run.on_policy_n}) do not split over {dist.world} ranks")
     shots = data.exemplars(run.teacher_shots, data.train_corpus_of(records)) if run.teacher_shots else []
-    header = tokenizer.encode(data.fewshot_header(shots), add_special_tokens=False).ids
+    header = data.fewshot_header(shots) if shots else ""
     sampling = SampleConfig(n=run.on_policy_n, temperature=run.temperature, max_new_tokens=run.max_new_tokens,
                             compile=run.compile and device.type == "cuda")
     return OnPolicy(tokenizer, run.mode, sampling, run.beta, header, teacher, client, records)

@@ -21,7 +21,8 @@ RUNS = {"sft": "plain SCoTD (cross-entropy on the teacher's chains)", "kd0.5": "
         "op-sft": "SCoTD, then 30 on-policy steps, the chain's end token graded (the first version)",
         "onpolicy-sft": "SCoTD, then 30 on-policy steps (reverse KL)",
         "onpolicy-untuned": "30 on-policy steps from the untuned student",
-        "onpolicy": "SCoTD, then 30 on-policy steps graded across tokenizers (JSD, beta 0.5)"}
+        "onpolicy": "SCoTD, then 30 on-policy steps graded across tokenizers (JSD, beta 0.5; the teacher reads "
+                    "the 4 worked examples it wrote its chains after)"}
 
 
 def load(folder):

@@ -50,9 +50,10 @@ evaluate() {  # all 1,221 validation questions: greedy and 10 chains at T = 0.7 
 (kept sft && kept onpolicy) || train sft
 evaluate sft
 if ! kept onpolicy && [ ! -f $OUT/onpolicy/.done ]; then  # SCoTD, then 30 on-policy steps graded by the teacher
-    resume=(); [ -d $OUT/onpolicy/last ] && resume=(--resume)  # (JSD: another tokenizer)
+    resume=(); [ -d $OUT/onpolicy/last ] && resume=(--resume)  # (JSD: another tokenizer), which reads the 4 worked
     python train.py --init $OUT/sft/best --data $OUT/slice.scored.jsonl --out $OUT/onpolicy --on-policy --teacher "$T" \
-        --beta 0.5 --max-steps 30 --batch-size 8 --on-policy-n 4 --lr 5e-5 --eval-every 10 --seed 1337 "${resume[@]}"
+        --beta 0.5 --max-steps 30 --batch-size 8 --on-policy-n 4 --lr 5e-5 --eval-every 10 --seed 1337 \
+        --teacher-shots 4 "${resume[@]}"  # examples it wrote its chains after (without them: below)
     touch $OUT/onpolicy/.done
 fi
 evaluate onpolicy

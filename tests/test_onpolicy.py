@@ -176,11 +176,12 @@ def test_the_token_that_ends_a_chain_past_its_text_is_not_graded(pair):
 
 def test_the_teacher_reads_its_worked_examples_before_each_chain(pair, corpus, tmp_path):
     """--teacher-shots K: the teacher's hidden states at the chain tokens are those of header + query + chain, each
-    chain run alone and unpadded (1e-5), while the student's examples stay query + chain; a run with it trains and
+    chain run alone and unpadded (1e-5; the header is read once and attended to by every row), while the student's examples stay query + chain; a run with it trains and
     says so; K = 0 is no header."""
     tok, teacher = load_tokenizer(pair[0]), from_pretrained(pair[1])
-    header = tok.encode(data.fewshot_header(data.exemplars(2)), add_special_tokens=False).ids
-    onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(n=2, temperature=1.0, max_new_tokens=12), header=header,
+    text = data.fewshot_header(data.exemplars(2))
+    header = tok.encode(text, add_special_tokens=False).ids
+    onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(n=2, temperature=1.0, max_new_tokens=12), header=text,
                            teacher=teacher)
     examples, _ = onp.sample(from_pretrained(pair[0]), data.read_corpus(corpus)[:2], seed=3)
     assert len(header) > 50 and all(list(ids[:len(header)]) != header for ids, _ in examples)

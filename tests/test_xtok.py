@@ -312,6 +312,32 @@ def test_on_policy_through_the_projection_equals_the_one_tokenizer_grader(pair, 
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_a_teacher_of_another_tokenizer_reads_its_worked_examples_in_its_own_tokens(pair, corpus, tmp_path):
+    """--teacher-shots with a teacher of another tokenizer: the header is the teacher tokenizer's encoding of the
+    worked examples (not the student's ids), read once, and the grades are those of header + query + chain read whole
+    by the teacher, carried onto the student's vocabulary (1e-5)."""
+    import onpolicy
+    from sample import SampleConfig
+
+    other = tiny_student(tmp_path / "other", vocab_size=320, seed=2, soft=True)
+    tok, theirs, judge = load_tokenizer(pair[0]), load_tokenizer(other), from_pretrained(other)
+    cross = onpolicy.CrossTeacher(judge, theirs, xtok.Projection(theirs, tok), xtok.piece_bytes(tok))
+    text = data.fewshot_header(data.exemplars(1))
+    onp = onpolicy.OnPolicy(tok, "cot", SampleConfig(), 0.5, header=text, teacher=cross)
+    assert onp.header == theirs.encode(text, add_special_tokens=False).ids != tok.encode(text).ids
+    chosen = data.build_examples(data.read_corpus(corpus)[:2], "cot", "all")[:3]
+    examples = data.tokenize_examples(chosen, tok, 512, data.Skips())
+    onp.queries = [e["query"] for e in chosen]
+    view = onp.grade(None, None, examples, torch.device("cpu"))
+    rows, where = onp.align(examples)
+    with torch.no_grad():
+        want = [judge(torch.tensor([onp.header + rows[e]]))[0][0, len(onp.header) + p].log_softmax(-1)
+                for e, p in (w for w in where if w is not None)]
+    assert bool(view.aligned.any()) and onp.header_cache.length == len(onp.header)
+    torch.testing.assert_close(view.logprobs[view.aligned], cross.projection.full(torch.stack(want)), atol=1e-5,
+                               rtol=0)
+
+
 def test_on_policy_from_a_permuted_twin_has_a_divergence_of_0_and_another_tokenizer_trains(pair, corpus, tmp_path,
                                                                                            capsys):
     twin = permuted(pair[0], tmp_path / "twin")
