@@ -214,14 +214,13 @@ def gold(rec):
         if kind == "text" else rec["answer"]
 
 
-def train_corpus_of(records):
+def train_corpus_of(records, instead="give a few (teacher.py --shots-from CORPUS), or --shots 0"):
     """The bundled train corpus of the records' task, where few-shot exemplars come from: CSQA for
-    multiple-choice questions, GSM8K for numeric ones; none for yes/no and free-text tasks (teacher.py
-    --shots-from names the user's)."""
+    multiple-choice questions, GSM8K for numeric ones; none for yes/no and free-text tasks (the error says what to
+    do `instead`: teacher.py --shots-from names the user's)."""
     kind = kind_of(records[0])
     if kind in ("yesno", "text"):
-        raise InputError(f"no bundled worked examples for {ANSWER_NAMES[kind]} answers: give a few in the corpus "
-                         "format (teacher.py --shots-from CORPUS), or --shots 0")
+        raise InputError(f"no bundled worked examples for {ANSWER_NAMES[kind]} answers: {instead}")
     return DEFAULT_TRAIN if kind == "choice" else GSM8K_TRAIN
 
 

@@ -20,6 +20,8 @@ from scotd import MODES, SOCRATIC_ROLES
 STATE_FILE = "trainer_state.pt"  # in `last/`: what --resume reads besides the weights
 CPU_DEFAULT = dict(max_steps=150, batch_size=8)  # ~11 min for SmolLM2-135M on 2 CPU cores (fp32)
 GPU_DEFAULT = dict(epochs=3, batch_size=32)
+TEACHER_SHOTS = 4  # --on-policy: worked examples before each question (as teacher.py; bare, the 1.5B teacher pulled
+# SmolLM2 to its own format: dev greedy 41 % -> 0 % in 10 steps, experiments/README.md "Across tokenizers")
 
 flag, MATCH, NOT_SAVED_FLAG = cli.flag, cli.MATCH, cli.NOT_SAVED  # MATCH: a --resume must use the same value
 
@@ -189,8 +191,9 @@ class OnPolicyFlags:
                                    "OPENAI_API_KEY, none when unset); never pass a key on the command line")
     teacher_shots: int | None = flag(None, "with --on-policy: worked examples the teacher reads before each question "
                                      "(the task's bundled train corpus, as teacher.py --shots), so that it grades in "
-                                     "the chains' format, where they end included; the student never sees them "
-                                     "(default 0)", MATCH, type=cli.nonneg_int, metavar="K")
+                                     "the chains' format, where they end included; read once, in its own tokens; "
+                                     "the student never sees them (default 4, teacher.py's: the examples it wrote its "
+                                     "chains after)", MATCH, type=cli.nonneg_int, metavar="K")
     on_policy_n: int = flag(4, "chains the student samples a question in an on-policy step; a micro-batch holds "
                             "--batch-size / N questions (default 4)", MATCH, type=cli.positive_int, metavar="N")
     on_policy_mix: float = flag(0.0, "the share of steps that train on corpus batches (the SCoTD loss) instead: GKD's "
@@ -230,7 +233,7 @@ class OnPolicyFlags:
                 p.error(f"argument --api-key-env: the environment variable {args.api_key_env} is not set")
         args.temperature = 1.0 if args.temperature is None else args.temperature
         args.max_new_tokens = 96 if args.max_new_tokens is None else args.max_new_tokens
-        args.teacher_shots = 0 if args.teacher_shots is None else args.teacher_shots
+        args.teacher_shots = TEACHER_SHOTS if args.teacher_shots is None else args.teacher_shots
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ def ours(args, student, teacher, work):
                 "--teacher", str(teacher), "--on-policy-n", "4", "--batch-size", str(4 * args.questions),
                 "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
                 "--max-steps", str(args.warmup + args.steps), "--eval-every", "0", "--eval-questions", "0",
-                "--save-every", "0", "--dev-data", str(data.DEFAULT_DEV), "--lr", "1e-5", "--beta", str(beta(args))])
+                "--save-every", "0", "--dev-data", str(data.DEFAULT_DEV), "--lr", "1e-5", "--beta", str(beta(args)),
+                "--teacher-shots", "0"])  # the prompt alone, as TRL's teacher reads it
     rows = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "divergence" in r][args.warmup:]
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("sample_s", "teacher_s", "update_s", "sampled_tokens")}

@@ -20,7 +20,8 @@ on_policy() {  # name, the student to start from
     if [ ! -f $OUT/$name/.done ]; then
         local resume=(); [ -d $OUT/$name/last ] && resume=(--resume)
         python train.py --init "$init" --data $OUT/slice.scored.jsonl --out $OUT/$name --on-policy \
-            --teacher "$T/Qwen2.5-Coder-1.5B-Instruct" --on-policy-n 4 "${BUDGET[@]}" --lr 5e-5 "${resume[@]}"
+            --teacher "$T/Qwen2.5-Coder-1.5B-Instruct" --on-policy-n 4 "${BUDGET[@]}" --lr 5e-5 --teacher-shots 0 \
+            "${resume[@]}"  # (recorded before the default became 4: these runs read no worked examples)
         touch $OUT/$name/.done
     fi
 }

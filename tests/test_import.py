@@ -162,6 +162,9 @@ def test_a_yes_no_task_samples_trains_and_votes_end_to_end(tmp_path):
     assert examples[0]["target"] == " 0 is even. So the answer is yes.\n\n" and examples[0]["answer"] == "yes"
     with pytest.raises(data.InputError, match="no bundled worked examples for yes or no answers: .*--shots-from"):
         teacher.main(["--teacher", str(student), "--data", str(corpus), "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(data.InputError, match="for yes or no answers: --teacher-shots 4 needs them; --teacher-shots 0"):
+        train.main(["--init", str(student), "--data", str(corpus), "--out", str(tmp_path / "op"), "--on-policy",
+                    "--teacher", str(student), "--max-steps", "1"])  # on-policy's default: teacher.py's 4
     shots = tmp_path / "shots.jsonl"  # two worked examples, written by hand
     data.write_corpus(records[:2], shots)
     sampled = teacher.main(["--teacher", str(student), "--data", str(corpus), "--limit", "3", "--n", "2",

@@ -84,7 +84,7 @@ def test_the_sampled_token_estimator_equals_its_plain_form(pair):
 
 
 COMMON = ["--max-new-tokens", "16", "--batch-size", "8", "--eval-every", "0", "--eval-questions", "2", "--lr", "1e-2",
-          "--warmup-steps", "0", "--min-lr-ratio", "1", "--seed", "7"]
+          "--warmup-steps", "0", "--min-lr-ratio", "1", "--seed", "7", "--teacher-shots", "0"]
 
 
 def on_policy(pair, corpus, out, *extra):
@@ -129,7 +129,7 @@ def test_a_teacher_with_another_tokenizer_and_the_reverse_kl_is_refused_in_one_l
     assert f"--teacher {other}: its tokenizer is not the student's, and --beta 1 (the reverse KL) is unbounded" in err
 
 
-def test_on_policy_flags_are_checked_before_anything_loads(corpus, capsys):
+def test_on_policy_flags_are_checked_before_anything_loads(pair, corpus, capsys):
     for argv, message in ((["--teacher", "x"], "--teacher: only with --on-policy"),
                           (["--beta", "0.5"], "--beta: only with --on-policy"),
                           (["--teacher-shots", "2"], "--teacher-shots: only with --on-policy"),
@@ -143,6 +143,8 @@ def test_on_policy_flags_are_checked_before_anything_loads(corpus, capsys):
         with pytest.raises(SystemExit):
             train.get_args(["--data", str(corpus), *argv])
         assert message in capsys.readouterr().err, argv
+    local = ["--data", str(corpus), "--on-policy", "--teacher", str(pair[1])]  # the teacher's worked examples: 4
+    assert train.get_args(local).teacher_shots == 4 and train.get_args(local + ["--teacher-shots", "0"]).teacher_shots == 0
 
 
 def test_the_chains_are_sampled_from_the_training_prompt(pair, corpus):

@@ -237,7 +237,8 @@ def test_on_policy_with_a_served_teacher_grades_the_students_tokens_as_the_local
     torch.testing.assert_close(served.logprobs, want, atol=1e-5, rtol=0)
     assert [r["body"]["prompt"][:len(header)] for r in requests()][-1] == header
     args = ["--init", str(student), "--data", str(corpus), "--on-policy", "--max-steps", "3", "--batch-size", "4",
-            "--on-policy-n", "2", "--max-new-tokens", "12", "--eval-every", "0", "--eval-questions", "2"]
+            "--on-policy-n", "2", "--max-new-tokens", "12", "--eval-every", "0", "--eval-questions", "2",
+            "--teacher-shots", "0"]
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     train.main(args + ["--teacher-api", url, "--teacher-model", "smol", "--out", str(tmp_path / "served")])
     assert requests()[-1]["auth"] == f"Bearer {SECRET}" and SECRET not in "".join(capsys.readouterr())

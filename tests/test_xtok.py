@@ -346,7 +346,7 @@ def test_on_policy_from_a_permuted_twin_has_a_divergence_of_0_and_another_tokeni
     other = tiny_student(tmp_path / "other", vocab_size=320, seed=2)
     argv = ["--init", str(other), "--data", str(corpus), "--on-policy", "--teacher", str(pair[1]), "--max-steps", "2",
             "--batch-size", "4", "--on-policy-n", "2", "--max-new-tokens", "12", "--eval-every", "0",
-            "--eval-questions", "2"]
+            "--eval-questions", "2", "--teacher-shots", "0"]
     with pytest.raises(InputError, match=r"--beta 1 \(the reverse KL\) is unbounded"):
         train.main(argv + ["--out", str(tmp_path / "r1")])
     out = train.main(argv + ["--beta", "0.5", "--out", str(tmp_path / "r2")])
