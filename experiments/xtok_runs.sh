@@ -53,7 +53,7 @@ if ! kept onpolicy && [ ! -f $OUT/onpolicy/.done ]; then  # SCoTD, then 30 on-po
     resume=(); [ -d $OUT/onpolicy/last ] && resume=(--resume)  # (JSD: another tokenizer), which reads the 4 worked
     python train.py --init $OUT/sft/best --data $OUT/slice.scored.jsonl --out $OUT/onpolicy --on-policy --teacher "$T" \
         --beta 0.5 --max-steps 30 --batch-size 8 --on-policy-n 4 --lr 5e-5 --eval-every 10 --seed 1337 \
-        --teacher-shots 4 "${resume[@]}"  # examples it wrote its chains after (without them: below)
+        --teacher-shots 4 "${resume[@]}"  # examples it wrote its chains after (experiments/README.md)
     touch $OUT/onpolicy/.done
 fi
 evaluate onpolicy
