@@ -19,6 +19,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 def window_mask(q_pos, k_pos, w):
@@ -253,8 +254,6 @@ class FlexTree:
     kernel; on a CPU it runs unfused (fine for the tests, slow for training)."""
 
     def __init__(self, docs, branches=None, window=None):
-        from torch.nn.attention.flex_attention import create_block_mask
-
         B, T = docs.shape
         branches = torch.zeros_like(docs) if branches is None else branches
         self.docs, self.branches = docs, branches
@@ -282,8 +281,6 @@ _FLEX = {}
 
 def _flex_attention(device):
     """flex_attention, compiled once on CUDA (a fused kernel), as it is elsewhere (a CPU: eager, unfused)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     if device.type != "cuda":
         return flex_attention
     if "cuda" not in _FLEX:

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
 
 import cli
 import fileio
@@ -137,6 +139,11 @@ def read_weights(folder):
     folder = Path(folder)
     if (folder / WEIGHTS).exists():
         return _read_safetensors(folder / WEIGHTS)
+    return _read_shards(folder)
+
+
+def _read_shards(folder):
+    """The weights of a folder without one model.safetensors: its shards, as the index names them."""
     if (folder / WEIGHTS_INDEX).exists():
         index = _read_json(folder / WEIGHTS_INDEX)
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
@@ -273,9 +280,6 @@ def convert_bin(folder):
 
 def load_tokenizer(folder):
     """A `tokenizers.Tokenizer` with the same ids as transformers' tokenizer for this folder."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
     folder = Path(folder)
     if (folder / "tokenizer.json").exists():
         try:
@@ -284,7 +288,12 @@ def load_tokenizer(folder):
             raise CheckpointError(f"{folder / 'tokenizer.json'}: cannot read tokenizer ({e})") from None
     if not ((folder / "vocab.json").exists() and (folder / "merges.txt").exists()):
         raise CheckpointError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt")
-    # GPT-2 style byte-level BPE (what OPT folders ship)
+    return _byte_level_bpe(folder)
+
+
+def _byte_level_bpe(folder):
+    """GPT-2 style byte-level BPE from vocab.json + merges.txt (what OPT folders ship), with their special tokens
+    and OPT's BOS."""
     try:
         tok = Tokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
     except Exception as e:  # noqa: BLE001

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
 
+import torch
+
 from fileio import InputError
 from model import DTYPES
 
@@ -167,8 +169,6 @@ def add_device_flags(parser, compile_what):
 
 def check_device(parser, device):
     """--device: 'cpu', 'cuda' or 'cuda:N' that this machine has."""
-    import torch
-
     if device is None:
         return
     if device != "cpu" and not device.startswith("cuda"):
@@ -197,8 +197,6 @@ class Refuse:
 
 def device_type(device):
     """'cuda' or 'cpu': where --device puts a run (None: CUDA if this machine has it)."""
-    import torch
-
     return "cuda" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
 
 
@@ -268,7 +266,6 @@ def portable(path):
 def synchronize(device):
     """Wait for the device's queued work (CUDA runs asynchronously: a clock read without this times the launch)."""
     if device.type == "cuda":
-        import torch
         torch.cuda.synchronize(device)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
 
 from fileio import InputError, cache_dir
 
@@ -96,7 +98,7 @@ def unpermute_qk(w, n_head):
 def read_weights(reader, n_head, n_kv_head, arch="llama"):
     """HF state dict from the GGUF tensors, dequantised to fp32; llama.cpp permuted Llama's q/k, and stored
     Gemma's norms as 1 + w."""
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # here, not at the top: only a conversion (once a student) reads GGUFs
 
     state = {}
     for t in reader.tensors:
@@ -122,9 +124,6 @@ def read_weights(reader, n_head, n_kv_head, arch="llama"):
 
 def build_tokenizer(reader):
     """tokenizer.json from the GGUF vocabulary: byte-level BPE, control tokens as special tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
     model = _field(reader, "tokenizer.ggml.model")
     if model == "llama" and _field(reader, "general.architecture") == "gemma3":
         return sentencepiece_tokenizer(reader)
@@ -156,9 +155,6 @@ def sentencepiece_tokenizer(reader):
     (a piece of spaces only is stored with real spaces: respelled), and the merges, which the file does not
     store, are every split of a piece into two pieces, best first by the piece's place in the file (earlier
     wins), then the longer left and right parts first."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
     stored = _field(reader, "tokenizer.ggml.tokens")
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in stored]
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -187,7 +183,7 @@ def sentencepiece_tokenizer(reader):
 
 def gguf_to_hf(gguf_path):
     """GGUF file -> (HF state dict, config.json dict, {file name: text} of tokenizer and side files)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # (as above: 0.1 s an import that every command would pay)
 
     try:
         reader = GGUFReader(str(gguf_path))

@@ -182,17 +182,8 @@ def check_record(rec, where):
                 raise CorpusError(f"{where}: rationale {i}: field {key!r} should be {what}, got {json_type(r[key])}")
         if ("teacher_logprob" in r) != ("teacher_tokens" in r):
             raise CorpusError(f"{where}: rationale {i}: 'teacher_logprob' and 'teacher_tokens' come together")
-    kind = rec.get("answer_type")
-    if kind is not None and (kind not in ("yesno", "text") or "choices" in rec):
-        raise CorpusError(f"{where}: answer_type {kind!r}: it is 'yesno' or 'text', on a question without 'choices' "
-                          "(a choice or a number needs none)")
-    if kind == "yesno" and rec["answer"] not in ("yes", "no"):
-        raise CorpusError(f"{where}: a yes/no question's answer is 'yes' or 'no', got {rec['answer']!r}")
-    if kind == "text" and normalize_text(rec["answer"]) is None:
-        raise CorpusError(f"{where}: a free-text answer needs a word (SQuAD's normalisation leaves none of "
-                          f"{rec['answer']!r})")
-    if kind is not None:
-        return
+    if rec.get("answer_type") is not None:  # a yes/no or free-text question
+        return check_answer_type(rec, where)
     if "choices" not in rec:  # a numeric question
         if parse_number(rec["answer"]) != rec["answer"]:
             raise CorpusError(f"{where}: a question without 'choices' needs a number as its answer "
@@ -204,6 +195,19 @@ def check_record(rec, where):
         raise CorpusError(f"{where}: expected 2..{len(LETTERS)} choices, got {len(rec['choices'])}")
     if rec["answer"] not in rec["choices"]:
         raise CorpusError(f"{where}: answer {rec['answer']!r} is not among the choices {rec['choices']}")
+
+
+def check_answer_type(rec, where):
+    """check_record for a question that says its answer_type: 'yesno' or 'text', without choices."""
+    kind = rec["answer_type"]
+    if kind not in ("yesno", "text") or "choices" in rec:
+        raise CorpusError(f"{where}: answer_type {kind!r}: it is 'yesno' or 'text', on a question without 'choices' "
+                          "(a choice or a number needs none)")
+    if kind == "yesno" and rec["answer"] not in ("yes", "no"):
+        raise CorpusError(f"{where}: a yes/no question's answer is 'yes' or 'no', got {rec['answer']!r}")
+    if kind == "text" and normalize_text(rec["answer"]) is None:
+        raise CorpusError(f"{where}: a free-text answer needs a word (SQuAD's normalisation leaves none of "
+                          f"{rec['answer']!r})")
 
 
 def gold(rec):
@@ -728,12 +732,7 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
         if rationales_per_question and len(kept) > rationales_per_question:
             kept = select_rationales(kept, rationales_per_question, select, rng, f"question {rec['id']}")
         if mode in SOCRATIC_ROLES:  # the two-model variant: a problem's chain split into turns
-            for r in kept:
-                if not r.get("steps") or len(r.get("subquestions") or []) != len(r["steps"]):
-                    skips.add("rationale without a sub-question for each step (Socratic)", rec["id"])
-                    continue
-                examples += [{"id": rec["id"], "query": context, "target": target, "answer": answer} for context, target
-                             in socratic_turns(query, r["subquestions"], r["steps"], r["prediction"])[mode]]
+            examples += socratic_examples(rec, query, kept, mode, skips)
             continue
         index = {id(r): c for c, r in enumerate(rec["rationales"])}
         for r in kept:
@@ -746,6 +745,18 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
 
 
 SELECT = ("random", "likely", "unlikely", "diverse")
+
+
+def socratic_examples(rec, query, kept, mode, skips):
+    """The examples of one Socratic role (decompose or solve) from a question's kept rationales: a turn each."""
+    examples = []
+    for r in kept:
+        if not r.get("steps") or len(r.get("subquestions") or []) != len(r["steps"]):
+            skips.add("rationale without a sub-question for each step (Socratic)", rec["id"])
+            continue
+        examples += [{"id": rec["id"], "query": context, "target": target, "answer": gold(rec)} for context, target
+                     in socratic_turns(query, r["subquestions"], r["steps"], r["prediction"])[mode]]
+    return examples
 
 
 def select_rationales(rationales, k, how, rng, where=""):

@@ -38,6 +38,11 @@ class Dist:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if "RANK" not in os.environ:
             return cls(), torch.device(device)
+        return cls.join(device)
+
+    @classmethod
+    def join(cls, device):
+        """Under torchrun: this process's rank of the group its environment describes -> (Dist, device)."""
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         cuda = device.startswith("cuda")
         if cuda:
@@ -97,9 +102,7 @@ def rank_share(batch, dist, contiguous):
 
 
 def data_parallel(model, fsdp, dist, device):
-    """Under torchrun: DDP replicates the model, FSDP2 (--fsdp) shards it per layer; one process: unchanged."""
-    if dist.world == 1:
-        return model
+    """Under torchrun: DDP replicates the model, FSDP2 (--fsdp) shards it per layer."""
     if fsdp:
         mesh = init_device_mesh(device.type, (dist.world,))  # named: FSDP's default mesh is CUDA's wherever CUDA is
         for layer in model.layers:
@@ -109,11 +112,9 @@ def data_parallel(model, fsdp, dist, device):
 
 
 @contextmanager
-def no_sync(model, last):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP and FSDP2)."""
-    if last or not (hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")):
-        yield
-    elif hasattr(model, "no_sync"):  # DDP
+def no_sync(model):
+    """Under torchrun: no gradient all-reduce in the block (a step's micro-batches but the last; DDP and FSDP2)."""
+    if hasattr(model, "no_sync"):  # DDP
         with model.no_sync():
             yield
     else:  # FSDP2

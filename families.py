@@ -267,23 +267,25 @@ def check_fields(hf, family, path):
         _check_per_layer(path, "layer_types", hf["layer_types"], n, LAYER_TYPES)
     if family.nope and hf.get("no_rope_layers") is not None:
         _check_per_layer(path, "no_rope_layers", hf["no_rope_layers"], n, (0, 1))
-    for key in ("rope_parameters", "rope_scaling"):
-        params = hf.get(key)
-        if params is None or params == {}:
-            continue
-        if not isinstance(params, dict):
-            raise ValueError(f"{path}: {key} holds {_shown(params)}; it must hold an object (or one a layer type)")
-        nested = any(t in params for t in LAYER_TYPES)
-        for where, p in ([(f"{key}.{t}", v) for t, v in params.items()] if nested else [(key, params)]):
-            if nested and where.split(".")[-1] not in LAYER_TYPES:
-                raise ValueError(f"{path}: {where} is not a layer type; {key} must hold one object a layer type "
-                                 f"({', '.join(LAYER_TYPES)})")
-            if not isinstance(p, dict):
-                raise ValueError(f"{path}: {where} holds {_shown(p)}; it must hold an object")
-            for name, must in ROPE_FIELDS.items():
-                if name in p:
-                    _check(path, f"{where}.{name}", p[name], must)
-        break  # read_config reads rope_parameters, else rope_scaling
+    key = next((k for k in ("rope_parameters", "rope_scaling") if hf.get(k) not in (None, {})), None)
+    if key is not None:  # read_config reads rope_parameters, else rope_scaling
+        _check_rope_fields(path, key, hf[key])
+
+
+def _check_rope_fields(path, key, params):
+    """rope_parameters (or rope_scaling): an object, or one object a layer type, each field of a known type."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: {key} holds {_shown(params)}; it must hold an object (or one a layer type)")
+    nested = any(t in params for t in LAYER_TYPES)
+    for where, p in ([(f"{key}.{t}", v) for t, v in params.items()] if nested else [(key, params)]):
+        if nested and where.split(".")[-1] not in LAYER_TYPES:
+            raise ValueError(f"{path}: {where} is not a layer type; {key} must hold one object a layer type "
+                             f"({', '.join(LAYER_TYPES)})")
+        if not isinstance(p, dict):
+            raise ValueError(f"{path}: {where} holds {_shown(p)}; it must hold an object")
+        for name, must in ROPE_FIELDS.items():
+            if name in p:
+                _check(path, f"{where}.{name}", p[name], must)
 
 
 def layer_types(hf, family, n):

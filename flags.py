@@ -293,19 +293,25 @@ def check_args(p, args):
                                              "dtype": cli.default_dtype(device, args.dtype),
                                              "compile": cli.default_compile(device, args.compile)}))
     if args.resume is not None:
-        resume = recover_folder(Path(args.resume or run.out / "last"))  # a swap a kill -9 cut short
-        if not (resume / STATE_FILE).is_file():
-            p.error(f"argument --resume: {resume / STATE_FILE} not found (nothing to resume"
-                    f"{'; best/ holds weights for evaluating only, resume from last/' if resume.name == 'best' else ''})")
-        saved = read_run_info(resume).get("args", {})
-        changed = cli.changed_settings(saved, run.info()["args"], [k for k in MUST_MATCH if k in saved],
-                                       name=lambda k: f"--{k.replace('_', '-')}")
-        if changed and not args.allow_changes:
-            p.error(f"--resume: {resume} was trained with other flags: {'; '.join(changed)}. "
-                    "Use the same flags, or pass --allow-changes to continue with the new ones")
-        return replace(run, resume=resume, changed=tuple(changed))
+        return resumed(p, args, run)
     if run.out.is_dir() and any(p.name != ".lock" for p in run.out.iterdir()) and not args.overwrite \
             and os.environ.get("RANK", "0") == "0":
         p.error(f"argument --out: {run.out} already holds a run; pass --resume to continue it or --overwrite to "
                 "start again there (or choose another --out)")
     return run
+
+
+def resumed(p, args, run):
+    """--resume: the checkpoint to continue from, its flags compared with these (MATCH: the same, unless
+    --allow-changes) -> the RunConfig with `resume` and what changed."""
+    resume = recover_folder(Path(args.resume or run.out / "last"))  # a swap a kill -9 cut short
+    if not (resume / STATE_FILE).is_file():
+        p.error(f"argument --resume: {resume / STATE_FILE} not found (nothing to resume"
+                f"{'; best/ holds weights for evaluating only, resume from last/' if resume.name == 'best' else ''})")
+    saved = read_run_info(resume).get("args", {})
+    changed = cli.changed_settings(saved, run.info()["args"], [k for k in MUST_MATCH if k in saved],
+                                   name=lambda k: f"--{k.replace('_', '-')}")
+    if changed and not args.allow_changes:
+        p.error(f"--resume: {resume} was trained with other flags: {'; '.join(changed)}. "
+                "Use the same flags, or pass --allow-changes to continue with the new ones")
+    return replace(run, resume=resume, changed=tuple(changed))

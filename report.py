@@ -6,6 +6,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+import numpy as np
+
 import fileio
 
 
@@ -45,6 +47,9 @@ class Progress:
         self.stream.flush()
 
     def close(self):
+        """The final line; a second close does nothing."""
+        if self.closed:
+            return
         self.closed = True
         self.draw()
         if self.tty:
@@ -61,7 +66,7 @@ def plot_lines(path, series, xlabel, ylabel, title, bands=None, ylim=None):
     """series: {name: (xs, ys)} -> a PNG line chart; bands: {name: (lows, highs)} shaded around a line (an
     interval); ylim: the y axis's range (e.g. (0, 100) for percentages: a small wobble does not look like a cliff).
     Written atomically (fileio.write_file)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: 0.4 s to import, for a plot at the end; the backend before pyplot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -87,8 +92,6 @@ def plot_lines(path, series, xlabel, ylabel, title, bands=None, ylim=None):
 
 def bootstrap_ci(values, reps=1000, seed=0):
     """A 95 % percentile-bootstrap interval of the mean of per-question values (resampling questions) -> [lo, hi]."""
-    import numpy as np
-
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         return [float("nan"), float("nan")]

@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -131,7 +131,7 @@ def loop(trainer, tokens, onp=None):
     bar = Progress(run.total_steps, "train", start=state.step) if dist.main else None
     trainer.raw_model.train()
     clock, tokens_seen = trainer.clock, 0
-    with cli.StopSignals() as stop, closing(bar):
+    with cli.StopSignals() as stop, closing(bar) if bar else nullcontext():  # the bar closed however the loop ends
         while state.step < run.total_steps:
             with clock("steps"):  # the steps' own throughput: dev evaluations, saves and logging are timed apart
                 lr = get_lr(state.step, run)
@@ -159,22 +159,12 @@ def loop(trainer, tokens, onp=None):
                     trainer.save(run.out / "last")
             if stopping and not done:
                 if bar:
-                    bar.close()
+                    bar.close()  # before the line below
                 if dist.main:
                     print(f"stopped at step {state.step}: saved {run.out / 'last'}; continue with: "
                           f"python train.py --resume --out {run.out} (and the same flags as before)")
                 dist.close()
                 raise SystemExit(stop.exit_code)
-
-
-@contextmanager
-def closing(bar):
-    """Close the progress bar however the loop ends (done, a divergence), once."""
-    try:
-        yield
-    finally:
-        if bar and not bar.closed:
-            bar.close()
 
 
 def log_step(trainer, bar, lr, measured, tok_s):
@@ -384,7 +374,8 @@ def next_step_batches(stream, run, dist, pad_id, device):
     batches = []
     for _ in range(run.grad_accum):
         epoch, index, batch = next(stream)
-        batches.append(data.to_tensors(rank_share(batch, dist, run.shared), run, pad_id, device))
+        share = rank_share(batch, dist, run.shared) if dist.world > 1 else batch  # torchrun: this rank's examples
+        batches.append(data.to_tensors(share, run, pad_id, device))
     return batches, epoch, index
 
 
@@ -405,7 +396,8 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist=Dist()):
     names = getattr(batches[0].teacher_view, "parts", ())  # the loss's parts (--kd, on-policy), logged beside it
     sums = torch.zeros(1 + len(names), dtype=torch.float64, device=batches[0].idx.device)
     for i, rows in enumerate(batches):
-        with no_sync(model, last=i == len(batches) - 1), ctx:
+        syncing = dist.world == 1 or i == len(batches) - 1  # torchrun: gradients all-reduced after the last only
+        with nullcontext() if syncing else no_sync(model), ctx:
             parts, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches,
                                 target_idx=rows.target_idx, tree_kernel=rows.tree_kernel, teacher_view=rows.teacher_view)
             scaler.scale(loss * (rows.n_targets * dist.world / n_step)).backward()
@@ -470,7 +462,8 @@ class Trainer:
 
     def __init__(self, run, model, init, dist, device):
         self.run, self.init, self.dist, self.device = run, init, dist, device
-        self.raw_model, self.model = model, data_parallel(model, run.fsdp, dist, device)
+        self.raw_model = model  # what is saved; under torchrun, DDP or FSDP wraps it
+        self.model = data_parallel(model, run.fsdp, dist, device) if dist.world > 1 else model
         self.optimizer = make_optimizer(self.model, run.lr, run.weight_decay, device.type)
         self.ctx, self.scaler = precision(run.dtype, device)
         self.state = TrainState()

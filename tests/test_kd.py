@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import cli
 import fileio
 import data
 import distill
@@ -18,7 +17,7 @@ import teacher
 import train
 from checkpoint import from_pretrained, load_tokenizer
 from fileio import InputError
-from helpers import Crash, stop_after_first_batch, tiny_student
+from helpers import Crash, stop_after_first_batch
 
 K = 5
 

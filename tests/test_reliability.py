@@ -352,6 +352,9 @@ def test_progress_off_a_terminal_prints_plain_lines(monkeypatch):
         for _ in range(100):
             bar.update(1, "loss 1.0")
         bar.close()
+        written = stream.getvalue()
+        bar.close()  # a second close (the loop's `closing` after a stop closed it) draws nothing more
+        assert stream.getvalue() == written
     assert "\r" not in log.getvalue() and log.getvalue().splitlines()[-1].startswith("train 100% |")
     assert max(map(len, log.getvalue().splitlines())) < 120
     assert tty.getvalue().count("\r") > 1 and tty.getvalue().count("\n") == 1
