@@ -178,9 +178,12 @@ def batch_seed(seed, k):
 
 
 def next_token(logits, cfg, generator):
-    """logits (R, V) -> (R, 1) token ids: greedy, or temperature / top-k / top-p sampling."""
-    if cfg.temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
+    """logits (R, V) -> (R, 1) token ids: greedy at temperature 0, else sampled (sample_token)."""
+    return logits.argmax(-1, keepdim=True) if cfg.temperature <= 0 else sample_token(logits, cfg, generator)
+
+
+def sample_token(logits, cfg, generator):
+    """logits (R, V) -> (R, 1) token ids drawn at cfg.temperature, within cfg.top_k and cfg.top_p."""
     logits = logits.float() / cfg.temperature
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -266,7 +269,7 @@ def generate(model, tokenizer, prompts, cfg, batches=None, prefix=None, on_batch
     prompt = (prefix.length if shared else len(prefix or [])) + max(map(len, prompts), default=0)
     check_fits(model.cfg, prompt + cfg.max_new_tokens, f"the longest prompt ({prompt:,} tokens{' with the header' if prefix else ''}) "
                f"+ max_new_tokens {cfg.max_new_tokens}", "shorten the prompt or lower max_new_tokens")
-    decode = decode_step(model, cfg, device)
+    decode = compiled_decode_step(model, device) if cfg.compile else model.decode_step
     header = prefill(model, prefix)  # one prefill for the whole run
     results = [None] * len(prompts)
     layout = batch_slices(len(prompts), cfg.batch_size)
@@ -283,7 +286,7 @@ def generate(model, tokenizer, prompts, cfg, batches=None, prefix=None, on_batch
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
         out, logprobs, _ = _sample_rows(decode, cache, logits, rows, cfg, generator, tokenizer)
         for q in batch:
-            results[q] = [_clean(out[(q, c)], tokenizer, cfg, cfg.eos_id, logprobs.get((q, c))) for c in range(cfg.n)]
+            results[q] = [_clean(out[(q, c)], tokenizer, cfg, logprobs.get((q, c))) for c in range(cfg.n)]
         if on_batch:
             on_batch(batch, [results[q] for q in batch])
     return results
@@ -345,12 +348,10 @@ def bucket(n, most):
     return min(most, 1 << (n - 1).bit_length())
 
 
-def decode_step(model, cfg, device):
-    """The one-token step generate() runs: model.decode_step, or with cfg.compile its device work compiled
-    (gpt-fast): on CUDA with mode="reduce-overhead", so it is replayed as a CUDA graph (one per running-row
-    bucket and cache), its launches no longer paid per step. Compiled once a model and kept on it."""
-    if not cfg.compile:
-        return model.decode_step
+def compiled_decode_step(model, device):
+    """model.decode_step with its device work compiled (gpt-fast; generate's cfg.compile): on CUDA with
+    mode="reduce-overhead", so it is replayed as a CUDA graph (one per running-row bucket and cache), its launches
+    no longer paid per step. Compiled once a model and kept on it."""
     if model not in COMPILED:  # once a model: evaluate.py calls generate() a batch at a time
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # a graph a shape
         COMPILED[model] = torch.compile(model.step_tensors, mode="reduce-overhead") if device.type == "cuda" \
@@ -448,7 +449,7 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, prefix=None)
                                        tokenizer, compact=False)
         going = []
         for r, i in enumerate(rows):
-            kept = _clean(out[i], tokenizer, cfg, cfg.eos_id, logprobs.get(i))
+            kept = _clean(out[i], tokenizer, cfg, logprobs.get(i))
             outputs[i].append(kept)
             written = min(len(kept["tokens"]), steps - 1)  # the last step's tokens are not in the cache
             cache.valid[r, start + written:start + steps - 1] = False  # what it sampled after its stop
@@ -461,26 +462,23 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, prefix=None)
     return outputs
 
 
-def _clean(tokens, tokenizer, cfg, eos_id, logprobs=None):
-    """Cut a chain at EOS or just after the token that completes the first stop: a stop string is dropped,
-    a stop_after match kept. With the tokens' `logprobs`, the kept tokens' sum is returned as "logprob"."""
-    chain = _cut(tokens, tokenizer, cfg, eos_id)
+def _clean(tokens, tokenizer, cfg, logprobs=None):
+    """A chain cut at EOS or just after the token that completes the first stop (a stop string is dropped, a
+    stop_after match kept) -> {"tokens", "text"} (text None without a tokenizer: no stop strings to cut at), and
+    with the tokens' `logprobs` the kept tokens' sum, "logprob"."""
+    if cfg.eos_id is not None and cfg.eos_id in tokens:
+        tokens = tokens[:tokens.index(cfg.eos_id)]
+    text = None
+    if tokenizer is not None:
+        decode = lambda k: tokenizer.decode(tokens[:k], skip_special_tokens=False)  # noqa: E731
+        text = decode(len(tokens))
+        cuts = [(text.index(s), lambda t, s=s: s in t) for s in cfg.stop if s in text]  # (text end, "is it complete")
+        cuts += [(m.end(), lambda t, e=m.end(): len(t) >= e) for m in (re.search(p, text) for p in cfg.stop_after) if m]
+        if cuts:
+            end, complete = min(cuts, key=lambda c: c[0])
+            tokens = tokens[:next(k for k in range(1, len(tokens) + 1) if complete(decode(k)))]
+            text = text[:end]
+    chain = {"tokens": tokens, "text": text}
     if logprobs is not None:
-        chain["logprob"] = sum(logprobs[:len(chain["tokens"])])
+        chain["logprob"] = sum(logprobs[:len(tokens)])
     return chain
-
-
-def _cut(tokens, tokenizer, cfg, eos_id):
-    if eos_id is not None and eos_id in tokens:
-        tokens = tokens[:tokens.index(eos_id)]
-    if tokenizer is None:  # token ids only (no stop strings to cut at)
-        return {"tokens": tokens, "text": None}
-    decode = lambda k: tokenizer.decode(tokens[:k], skip_special_tokens=False)  # noqa: E731
-    text = decode(len(tokens))
-    cuts = [(text.index(s), lambda t, s=s: s in t) for s in cfg.stop if s in text]  # (text end, "is it complete")
-    cuts += [(m.end(), lambda t, e=m.end(): len(t) >= e) for m in (re.search(p, text) for p in cfg.stop_after) if m]
-    if cuts:
-        end, complete = min(cuts, key=lambda c: c[0])
-        tokens = tokens[:next(k for k in range(1, len(tokens) + 1) if complete(decode(k)))]
-        text = text[:end]
-    return {"tokens": tokens, "text": text}

@@ -537,23 +537,23 @@ def socratic_worker(side, name, questions, rounds, device, dtype, ask=16, solve=
 
 def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slots=512, compile=True):
     """The one-token decode step alone at `rows` rows over a static cache of `slots`, greedy: milliseconds a step
-    (tok_s: rows / step time). ours: sample.decode_step (compiled: on CUDA a CUDA graph). hf: transformers' model over
-    its StaticCache, the step compiled as its docs' static-cache recipe and generate's decode do (mode
-    "reduce-overhead": a CUDA graph; fullgraph), the prompt prefilled uncompiled as generate does. Both read the same
-    random prompt and first token; `tokens` and `logits`: row 0's greedy tokens and its last step's first 8 logits
+    (tok_s: rows / step time). ours: model.decode_step (compiled: sample.compiled_decode_step, on CUDA a CUDA
+    graph). hf: transformers' model over its StaticCache, the step compiled as its docs' static-cache recipe and
+    generate's decode do (mode "reduce-overhead": a CUDA graph; fullgraph), the prompt prefilled uncompiled as
+    generate does. Both read the same random prompt and first token; `tokens` and `logits`: row 0's greedy tokens and its last step's first 8 logits
     (equal on both sides to rounding: the same work)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 100, (rows, prompt), generator=g).to(device)  # ids every vocabulary holds
     tok = torch.randint(0, 100, (rows, 1), generator=g).to(device)
     if side == "ours":
-        from sample import KVCache
-        from sample import SampleConfig, decode_step
+        from sample import KVCache, compiled_decode_step
 
         model = from_pretrained(model_folder(name), device=device, dtype=dtype)
         cache = KVCache(model.cfg, rows, slots, device=device, dtype=dtype, static=True)
         with torch.no_grad():
             model.prefill(ids, cache)
-        step = torch.no_grad()(partial(decode_step(model, SampleConfig(compile=compile), device), cache=cache))
+        step = compiled_decode_step(model, device) if compile else model.decode_step
+        step = torch.no_grad()(partial(step, cache=cache))
     else:
         from transformers import AutoModelForCausalLM, StaticCache
 

@@ -137,15 +137,7 @@ def trl(args, student, teacher, work):
         return gold(args, student, teacher, teacher_model, tok, dataset, settings, clock, device)
     trainer = DistillationTrainer(model=str(student), teacher_model=teacher_model, train_dataset=dataset,
                                   args=DistillationConfig(**settings, shuffle_dataset=False), processing_class=tok)
-    generate = trainer._generate
-
-    def timed_generate(*a, **k):
-        t0 = time.perf_counter()
-        out = generate(*a, **k)
-        synchronize(device)
-        clock["sample_s"] += time.perf_counter() - t0
-        return out
-    trainer._generate = timed_generate
+    trainer._generate = timed(trainer._generate, clock, "sample_s", device)
     hidden, the_teacher = trainer._get_last_hidden_state, trainer.accelerator.unwrap_model(trainer.teacher_model)
 
     def timed_hidden(model, *a, **k):  # TRL runs the teacher's backbone through this (its head in the loss's chunks)
@@ -172,16 +164,9 @@ def gold(args, student, teacher, teacher_model, tok, dataset, settings, clock, d
     dataset = dataset.map(lambda r: {"completion": ""})  # prompt-completion rows; on-policy writes the completions
     trainer = GOLDTrainer(model=str(student), teacher_model=teacher_model, args=config, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(student))
-    generate, lengths = trainer.generate_on_policy_outputs, []
-
-    def timed_generate(*a, **k):
-        t0 = time.perf_counter()
-        out = generate(*a, **k)
-        synchronize(device)
-        clock["sample_s"] += time.perf_counter() - t0
-        lengths.append(float((out[2] != -100).sum(1).float().mean()))  # its labels: the completions' tokens
-        return out
-    trainer.generate_on_policy_outputs = timed_generate
+    lengths = []  # each batch's mean completion length: its labels' tokens
+    trainer.generate_on_policy_outputs = timed(trainer.generate_on_policy_outputs, clock, "sample_s", device,
+                                               then=lambda out: lengths.append(float((out[2] != -100).sum(1).float().mean())))
     started = []
     the_teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
     the_teacher.register_forward_pre_hook(lambda *a: started.append(time.perf_counter()))
@@ -191,6 +176,21 @@ def gold(args, student, teacher, teacher_model, tok, dataset, settings, clock, d
         clock["teacher_s"] += time.perf_counter() - started.pop()
     the_teacher.register_forward_hook(teacher_done)
     return timed_steps(args, trainer, clock, device) | {"sampled_tokens": sum(lengths) / len(lengths)}
+
+
+def timed(fn, clock, key, device, then=None):
+    """fn, each call's wall time (its device work included) added to clock[key]; then(out) after each call."""
+    from cli import synchronize
+
+    def call(*a, **k):
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        synchronize(device)
+        clock[key] += time.perf_counter() - t0
+        if then is not None:
+            then(out)
+        return out
+    return call
 
 
 def timed_steps(args, trainer, clock, device):

@@ -129,7 +129,7 @@ def test_a_teacher_with_another_tokenizer_and_the_reverse_kl_is_refused_in_one_l
     assert f"--teacher {other}: its tokenizer is not the student's, and --beta 1 (the reverse KL) is unbounded" in err
 
 
-def test_on_policy_flags_are_checked_before_anything_loads(pair, corpus, capsys):
+def test_on_policy_flags_are_checked_before_anything_loads(pair, corpus, capsys, tmp_path):
     for argv, message in ((["--teacher", "x"], "--teacher: only with --on-policy"),
                           (["--beta", "0.5"], "--beta: only with --on-policy"),
                           (["--teacher-shots", "2"], "--teacher-shots: only with --on-policy"),
@@ -143,7 +143,7 @@ def test_on_policy_flags_are_checked_before_anything_loads(pair, corpus, capsys)
         with pytest.raises(SystemExit):
             train.get_args(["--data", str(corpus), *argv])
         assert message in capsys.readouterr().err, argv
-    local = ["--data", str(corpus), "--on-policy", "--teacher", str(pair[1])]  # the teacher's worked examples: 4
+    local = ["--data", str(corpus), "--on-policy", "--teacher", str(pair[1]), "--out", str(tmp_path / "run")]  # shots: 4
     assert train.get_args(local).teacher_shots == 4 and train.get_args(local + ["--teacher-shots", "0"]).teacher_shots == 0
 
 
@@ -163,7 +163,7 @@ def test_the_chains_are_sampled_from_the_training_prompt(pair, corpus):
 def test_the_token_that_ends_a_chain_past_its_text_is_not_graded(pair):
     """A chain cut where teacher.py cut the teacher's own (after the answer sentence, sample's rule): the teacher
     grades the tokens of its text; the one that completes the stop and runs past it (".\n\n") is left out."""
-    from sample import SampleConfig, _cut
+    from sample import SampleConfig, _clean
     from scotd import ANSWER_END
 
     tok = load_tokenizer(pair[0])
@@ -171,7 +171,7 @@ def test_the_token_that_ends_a_chain_past_its_text_is_not_graded(pair):
     for written, kept in (("Rivers flow. So the answer is (b) water.\n\nQ: next", "Rivers flow. So the answer is (b) water."),
                           ("So the answer is (a) a sky. And then", "So the answer is (a) a sky."),
                           ("no answer yet, cut by max-new-tokens", "no answer yet, cut by max-new-tokens")):
-        chain = _cut(tok.encode(written, add_special_tokens=False).ids, tok, SampleConfig(stop_after=(ANSWER_END,)), None)
+        chain = _clean(tok.encode(written, add_special_tokens=False).ids, tok, SampleConfig(stop_after=(ANSWER_END,)))
         assert chain["text"] == kept
         assert tok.decode(onp.graded(chain)) == kept, written
 

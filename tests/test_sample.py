@@ -324,13 +324,13 @@ def test_a_chain_can_end_after_its_answer_sentence(student):
     tok = load_tokenizer(student)
     tokens = tok.encode(" Rivers flow. So the answer is (b) river. It is wet and long\nQ: next").ids
     cfg = SampleConfig(stop=("\n",), stop_after=(ANSWER_END,))
-    out = sample._clean(tokens, tok, cfg, eos_id=None)
+    out = sample._clean(tokens, tok, cfg)
     assert out["text"] == " Rivers flow. So the answer is (b) river."
     assert tok.decode(out["tokens"]).startswith(out["text"])  # the token that completed the match ends it
     ends = [k for k in range(1, len(tokens) + 1) if sample._finished(tokens[:k], 1, tok, cfg, None)]
     assert ends and ends[0] == len(out["tokens"]) + 1  # generation stops one token later (the space after "."), cut off
-    assert sample._clean(tokens, tok, SampleConfig(stop=("\n",)), None)["text"] == " Rivers flow. So the answer is (b) river. It is wet and long"
-    assert sample._clean(tokens[:5], tok, cfg, None)["tokens"] == tokens[:5]  # no stop yet: all of it
+    assert sample._clean(tokens, tok, SampleConfig(stop=("\n",)))["text"] == " Rivers flow. So the answer is (b) river. It is wet and long"
+    assert sample._clean(tokens[:5], tok, cfg)["tokens"] == tokens[:5]  # no stop yet: all of it
 
 
 def test_prompt_longer_than_the_model_positions_is_a_clear_error(student, tmp_path, capsys):
