@@ -39,6 +39,23 @@ def test_modules_import_one_way_with_no_cycle_and_nothing_inside_a_function():
     assert not [name for name, deps in graph.items() if deps & entry_points]  # nothing builds on a command
 
 
+LAZY = {"httpx", "pyarrow", "gguf", "matplotlib"}  # optional (--api, data.py import) or slow (a conversion, a plot)
+
+
+def test_a_library_is_imported_inside_a_function_only_when_optional_or_slow():
+    """Any other import sits at the top of its module, where a reader finds what the module needs."""
+    inner = []
+    for name, path in MODULES.items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        roots = {a.name.split(".")[0] for a in node.names} if isinstance(node, ast.Import) \
+                            else {(node.module or "").split(".")[0]}
+                        inner += [f"{name}.{fn.name} imports {r}" for r in roots - LAZY]
+    assert not inner, inner
+
+
 def test_the_checker_sees_a_cycle_and_an_import_inside_a_function():
     tree = ast.parse("import cli\ndef f():\n    from checkpoint import load_tokenizer\n")
     assert project_imports(tree.body) == {"cli"} and project_imports(ast.walk(tree)) == {"cli", "checkpoint"}
