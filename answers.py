@@ -39,7 +39,8 @@ def dialogues(models, tokenizer, items, make, cfgs, encode, batches=None, prefix
         batch = list(layout[k])
         dialogue = make([items[i] for i in batch for _ in range(n)])
         prompts = [encode(p) for p in dialogue.prompts]
-        seeded = [replace(c, n=1, seed=batch_seed(cfgs[0].seed, k) * len(models) + m, **ends) for m, c in enumerate(cfgs)]
+        seeded = [replace(c, n=1, seed=batch_seed(cfgs[0].seed, k) * len(models) + m, **ends)
+                  for m, c in enumerate(cfgs)]
 
         def follow(i, m, out):  # generate_turns wants token ids: none for an empty follow-up
             text = dialogue.turn(i, out, m)
@@ -91,5 +92,6 @@ def socratic_chains(decomposer, solver, tokenizer, queries, cfg, max_rounds=10, 
 
 
 def answers_of(mode, outs, records):
-    """Per question, the answer each chain commits to (data.gold's kind: a choice index or a number; None = abstained)."""
+    """Per question, the answer each chain commits to (data.gold's kind: a choice index or a number; None:
+    abstained)."""
     return [[extract_answer(mode, c["text"], r.get("choices"), kind_of(r)) for c in o] for o, r in zip(outs, records)]

@@ -156,9 +156,10 @@ class TreeAttention:
         causal_p = torch.ones(P, P, dtype=torch.bool, device=device).tril()
         causal_r = torch.ones(R, R, dtype=torch.bool, device=device).tril()
         # (G, 1, P, P) and (NB, 1, R, P + R); a query always sees itself, so no row is all False
-        self.prefix_mask = ((causal_p & self.prefix_valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+        prefix = (causal_p & self.prefix_valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
         own = (causal_r & self.branch_valid[:, None, :]) | torch.eye(R, dtype=torch.bool, device=device)
-        self.branch_mask = torch.cat((self.prefix_valid[self.branch_group][:, None, :].expand(-1, R, -1), own), 2)[:, None]
+        sees_prefix = self.prefix_valid[self.branch_group][:, None, :].expand(-1, R, -1)
+        self.prefix_mask, self.branch_mask = prefix[:, None], torch.cat((sees_prefix, own), 2)[:, None]
         # the output: each token's row in [prefix outputs; branch outputs; a zero row for padding]
         where = self.prefix_valid.flatten().nonzero()[:, 0], self.branch_valid.flatten().nonzero()[:, 0]
         n_out = len(where[0]) + len(where[1])
@@ -188,7 +189,8 @@ class TreeAttention:
         starts = [[0] for _ in range(B)]
         for b, t in cuts:
             starts[b].append(t + 1)
-        prefixes, branch_rows, group_of = {}, [], []  # (row, doc) -> prefix token indices; per branch: its tokens, group
+        prefixes = {}  # (row, doc) -> the prefix's token indices
+        branch_rows, group_of = [], []  # per branch: its tokens, its group
         order = {}  # (row, doc) -> its index among the prefixes
         for b in range(B):
             for s, e in zip(starts[b], starts[b][1:] + [T]):

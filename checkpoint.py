@@ -155,7 +155,8 @@ def _read_shards(folder):
     if (folder / "pytorch_model.bin").exists():
         raise CheckpointError(
             f"{folder} has only pytorch_model.bin; scotd never unpickles checkpoints. Convert it once with\n"
-            f"    python checkpoint.py convert-bin {folder}\n(it reads with torch.load(weights_only=True) and writes {WEIGHTS})")
+            f"    python checkpoint.py convert-bin {folder}\n"
+            f"(it reads with torch.load(weights_only=True) and writes {WEIGHTS})")
     raise CheckpointError(f"{folder}: no {WEIGHTS} or {WEIGHTS_INDEX} found")
 
 
@@ -183,7 +184,8 @@ def load_state(model, state, source):
         ours[module_key(key, cfg)] = tensor
     if cfg.tie_word_embeddings:
         ours.pop("lm_head.weight", None)  # tied: the embedding is the head, whether the file repeats it or not
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
     shapes = sorted(f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k])}{_why(k, ours[k], cfg)}"

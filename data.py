@@ -97,7 +97,8 @@ class Skips:
     def summary(self):
         if not self.counts:
             return "skipped: nothing"
-        return "skipped: " + "; ".join(f"{n:,} x {r} (first at {self.examples[r]})" for r, n in self.counts.most_common())
+        return "skipped: " + "; ".join(f"{n:,} x {r} (first at {self.examples[r]})"
+                                       for r, n in self.counts.most_common())
 
 
 def _lines(path):
@@ -111,7 +112,8 @@ def _lines(path):
             for n, text in _decoded(path, enumerate(f, 1)):
                 yield n, text
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise CorpusError(f"{path}: corrupt gzip after line {n} ({e or type(e).__name__}); re-download or re-create it") from None
+        raise CorpusError(f"{path}: corrupt gzip after line {n} ({e or type(e).__name__}); re-download or "
+                          "re-create it") from None
 
 
 def _decoded(path, lines):
@@ -120,7 +122,8 @@ def _decoded(path, lines):
         try:
             yield n, raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            raise CorpusError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                from None
 
 
 def _json_lines(path, lines=None):
@@ -710,8 +713,9 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
         query = format_query(rec["question"], choices)
         answer = gold(rec)
         if mode == "label":
+            said = answer if choices is not None else rec["answer"]
             examples.append({"id": rec["id"], "query": query, "answer": answer,
-                             "target": format_target("label", choices, answer if choices is not None else rec["answer"])})
+                             "target": format_target("label", choices, said)})
             continue
         kept = []
         for r in rec["rationales"]:
@@ -841,7 +845,8 @@ def _read_token_cache(path, n_examples):
     try:
         with np.load(path) as z:  # allow_pickle=False: arrays only
             ids, offsets, n_query, keep = (z[k] for k in ("ids", "offsets", "n_query", "keep"))
-        if len(n_query) != n_examples or len(keep) != n_examples or offsets[-1] != len(ids) or len(offsets) != keep.sum() + 1:
+        if len(n_query) != n_examples or len(keep) != n_examples or offsets[-1] != len(ids) \
+                or len(offsets) != keep.sum() + 1:
             raise ValueError("array sizes do not match the examples")
         return ids, offsets, n_query, keep
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
@@ -920,8 +925,8 @@ def to_tensors(batch, run, pad_id, device):
     move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
     if teacher is not None:  # --kd: the top-k of the target positions only, in the head's order, and the mix
         teacher = losses.TopKTargets(*(move(t.flatten(0, 1)[target_idx]) for t in teacher), run.kd, run.kd_temperature)
-    return Rows(move(idx), move(targets), move(docs), move(branches), move(target_idx), len(target_idx), run.tree_kernel,
-                teacher)
+    return Rows(move(idx), move(targets), move(docs), move(branches), move(target_idx), len(target_idx),
+                run.tree_kernel, teacher)
 
 
 def cut_batches(order, lengths, batch_size, tokens=None):
@@ -1051,7 +1056,8 @@ def stats(path, tokenizer=None):
     per_q = np.array([len(rec["rationales"]) for rec in records])
     lines = [f"corpus            {path}",
              f"questions         {len(records):,}",
-             f"rationales        {len(rationales):,} ({per_q.mean():.2f} per question, min {per_q.min()}, max {per_q.max()})",
+             f"rationales        {len(rationales):,} ({per_q.mean():.2f} per question, min {per_q.min()}, "
+             f"max {per_q.max()})",
              f"teacher accuracy  {np.mean([r.get('correct', False) for r in rationales]):.1%} of rationales "
              f"({np.mean([r.get('prediction') is None for r in rationales]):.1%} name no single choice)",
              f"distinct-1 / -2   {distinct_n([r['text'] for r in rationales], 1):.3f} / "
@@ -1062,11 +1068,13 @@ def stats(path, tokenizer=None):
     scored = [r for r in rationales if "teacher_logprob" in r]
     if scored:
         per_token = [r["teacher_logprob"] / max(1, r["teacher_tokens"]) for r in scored]
+        median = np.median([r["teacher_tokens"] for r in scored])
         lines.append(f"teacher logprob   {np.mean(per_token):.3f} a token on average ({len(scored):,} of "
-                     f"{len(rationales):,} rationales scored; median chain {np.median([r['teacher_tokens'] for r in scored]):.0f} tokens)")
+                     f"{len(rationales):,} rationales scored; median chain {median:.0f} tokens)")
     lines += cost_lines(run_totals(path))
     if tokenizer is not None:
-        q = [len(e.ids) for e in tokenizer.encode_batch([format_query(r["question"], r.get("choices")) for r in records])]
+        q = [len(e.ids) for e in tokenizer.encode_batch([format_query(r["question"], r.get("choices"))
+                                                         for r in records])]
         t = [len(e.ids) for e in tokenizer.encode_batch([r["text"] for r in rationales])]
         for name, xs in (("query tokens", q), ("rationale tokens", t)):
             p = np.percentile(xs, [50, 90, 99, 100]).astype(int)
@@ -1080,8 +1088,9 @@ def cost_lines(runs):
         return []
     total = {k: sum(r.get(k, 0) for r in runs) for k in ("seconds", "questions", "generated_tokens", "requests",
                                                          "retries", "malformed", "prompt_tokens", "completion_tokens")}
+    rate = total["generated_tokens"] / max(total["seconds"], 1e-9)
     lines = [f"teacher runs      {len(runs)}: {total['questions']:,} questions in {total['seconds'] / 60:,.1f} min, "
-             f"{total['generated_tokens']:,} tokens generated ({total['generated_tokens'] / max(total['seconds'], 1e-9):,.1f} tokens/s)"]
+             f"{total['generated_tokens']:,} tokens generated ({rate:,.1f} tokens/s)"]
     if any("requests" in r for r in runs):
         lines.append(f"api requests      {total['requests']:,} ({total['retries']:,} retries, {total['malformed']:,} "
                      f"malformed responses); {total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} "
@@ -1097,7 +1106,8 @@ def many_rationale_stats(records):
              for rec, v in zip(records, votes)]
     texts = [[r["text"] for r in rec["rationales"]] for rec in records]
     return [f"majority vote     {np.mean([v == rec['answer'] for rec, v in zip(records, votes)]):.1%} of questions "
-            f"(any chain correct: {np.mean([any(r.get('correct') for r in rec['rationales']) for rec in records]):.1%})",
+            f"(any chain correct: "
+            f"{np.mean([any(r.get('correct') for r in rec['rationales']) for rec in records]):.1%})",
             f"unique chains     {np.mean([len(set(t)) for t in texts]):.2f} per question",
             f"within question   distinct-1 / -2 {np.mean([distinct_n(t, 1) for t in texts]):.3f} / "
             f"{np.mean([distinct_n(t, 2) for t in texts]):.3f}",
@@ -1122,10 +1132,12 @@ def parser():
     p = sub.add_parser("import", help="any dataset by column mapping -> canonical (JSONL, JSON, CSV, Parquet, or a "
                        "dataset id in the local Hugging Face cache)")
     p.add_argument("source", help="a file, or ORG/NAME of a dataset in the Hugging Face cache (read offline)")
-    p.add_argument("--question", required=True, help="the question's column (required; dotted paths reach nested fields)")
+    p.add_argument("--question", required=True,
+                   help="the question's column (required; dotted paths reach nested fields)")
     p.add_argument("--answer", required=True, help="the answer's column: a choice's text, label or index, or a number "
                    "(required)")
-    p.add_argument("--choices", default=None, help="the choices' column, a list of texts (default: none, a numeric task)")
+    p.add_argument("--choices", default=None,
+                   help="the choices' column, a list of texts (default: none, a numeric task)")
     p.add_argument("--labels", default=None, help="the choices' labels, when answers name them (default: none)")
     p.add_argument("--id", default=None, help="the id column (default: ROW-N, N the row's number)")
     p.add_argument("--rationale", default=None, help="a rationale column: worked examples (default: none)")

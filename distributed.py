@@ -108,7 +108,8 @@ def data_parallel(model, fsdp, dist, device):
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    devices = [dist.local_rank] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=devices)
 
 
 @contextmanager

@@ -120,7 +120,8 @@ OPT_KEYS = {"layers.{}.self_attn_layer_norm": "layers.{}.input_layernorm",
             "layers.{}.self_attn.out_proj": "layers.{}.self_attn.o_proj",
             "layers.{}.fc1": "layers.{}.mlp.up_proj", "layers.{}.fc2": "layers.{}.mlp.down_proj",
             "final_layer_norm": "norm"}
-GEMMA = dict(norm="rms1p", norm_place="sandwich", qk_norm=True, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
+GEMMA = dict(norm="rms1p", norm_place="sandwich", qk_norm=True, hidden_act="gelu_pytorch_tanh",
+             tie_word_embeddings=True)
 
 FAMILIES = {
     "llama": Family(knobs=dict(tie_word_embeddings=False)),
@@ -169,9 +170,10 @@ def read_config(cls, hf, path):
         raise ValueError(f"{path}: {family.names.get('hidden_act', 'hidden_act')} {cfg.hidden_act!r} is not supported "
                          f"({', '.join(ACTIVATIONS)})")
     if kind == "opt":
+        before = hf.get("do_layer_norm_before", True)
         return replace(cfg, word_embed_proj_dim=hf.get("word_embed_proj_dim", hf["hidden_size"]),
-                       norm_place="pre" if hf.get("do_layer_norm_before", True) else "post",
-                       final_norm=hf.get("do_layer_norm_before", True) and not hf.get("_remove_final_layer_norm", False))
+                       norm_place="pre" if before else "post",
+                       final_norm=before and not hf.get("_remove_final_layer_norm", False))
     types = layer_types(hf, family, cfg.num_hidden_layers)
     if kind == "gemma3_text":
         cfg = replace(cfg, embed_scale=cfg.hidden_size ** 0.5, attn_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5)
@@ -210,7 +212,8 @@ FIELDS = {  # every model-wide field the table reads (under any family's name fo
                      "original_max_position_embeddings"), "a positive integer or null"),
     **dict.fromkeys(("sliding_window_pattern", "_sliding_window_pattern"), "a positive integer"),
     "max_window_layers": "an integer >= 0",
-    **dict.fromkeys(("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"), "a positive number"),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"),
+                    "a positive number"),
     "final_logit_softcapping": "a positive number or null",
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "do_layer_norm_before",
                      "_remove_final_layer_norm", "enable_bias"), "true or false"),
@@ -316,7 +319,8 @@ def ropes(hf, family, types, path):
         p = dict((params.get(t) or {}) if nested else params)
         if family.local_rope and not nested:  # Gemma 3's downloaded configs: rope_scaling is the global layers'
             p = p if t == "full_attention" else {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
-        theta = p.get("rope_theta", hf.get("rope_theta", 1e6 if family.local_rope and t == "full_attention" else 10000.0))
+        default = 1e6 if family.local_rope and t == "full_attention" else 10000.0  # Gemma 3's global layers: 1e6
+        theta = p.get("rope_theta", hf.get("rope_theta", default))
         made[t] = rope(p, float(theta), hf, path)
     nope = hf.get("no_rope_layers") if family.nope else None
     return tuple(None if nope is not None and not nope[i] else made[t] for i, t in enumerate(types))

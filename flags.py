@@ -38,8 +38,8 @@ class DataFlags:
                                 "of training: never the questions a report is made on)")
     mode: str = flag("cot", "the target (scotd.py); decompose/solve: the two Socratic models, from a corpus with "
                      "sub-questions (default: cot)", MATCH, choices=MODES + SOCRATIC_ROLES)
-    filter: str = flag("correct", "correct (the default): only rationales whose teacher answer is right; all: every one",
-                       MATCH, choices=FILTERS)
+    filter: str = flag("correct", "correct (the default): only rationales whose teacher answer is right; all: every "
+                       "one", MATCH, choices=FILTERS)
     rationales_per_question: int | None = flag(
         None, "train on K of each question's rationales (those --filter keeps; default: all of them)", MATCH,
         type=cli.positive_int, metavar="K")
@@ -65,19 +65,20 @@ class BatchFlags:
     batch_size: int = flag(None, f"examples per micro-batch, over all ranks (default: {GPU_DEFAULT['batch_size']} on a "
                            f"GPU, {CPU_DEFAULT['batch_size']} on a CPU)", MATCH, type=cli.positive_int)
     tokens_per_step: int | None = flag(
-        None, "size micro-batches in tokens instead: as many examples as fit T / --grad-accum padded tokens (examples x "
-        "the longest), so a step holds at most T (default: none, --batch-size examples)", MATCH, type=cli.positive_int,
-        metavar="T")
+        None, "size micro-batches in tokens instead: as many examples as fit T / --grad-accum padded tokens "
+        "(examples x the longest), so a step holds at most T (default: none, --batch-size examples)", MATCH,
+        type=cli.positive_int, metavar="T")
     grad_accum: int = flag(1, "micro-batches per optimizer step (default 1)", MATCH, type=cli.positive_int)
-    max_len: int = flag(256, "tokens; longer examples are skipped and counted (default 256)", MATCH, type=cli.positive_int)
+    max_len: int = flag(256, "tokens; longer examples are skipped and counted (default 256)", MATCH,
+                        type=cli.positive_int)
     pack: bool = flag(False, "pack examples into rows (block-diagonal mask) instead of length buckets", MATCH,
                       action="store_true")
     share_prefix: str = flag("auto", "a question once, its rationales as branches of one row (default auto: on when a "
                              "question has several)", MATCH, choices=("auto", "on", "off"))
     row_len: int = flag(2048, "token budget of a packed or shared-prefix row (attention within a row costs by segment, "
                         "not row length: attention.TreeAttention; default 2048)", MATCH, type=cli.positive_int)
-    tree_kernel: str = flag("gather", "attention of packed and shared-prefix rows: gather (attention.TreeAttention, the "
-                            "default) or flex (FlexAttention under a block mask)", choices=("gather", "flex"))
+    tree_kernel: str = flag("gather", "attention of packed and shared-prefix rows: gather (attention.TreeAttention, "
+                            "the default) or flex (FlexAttention under a block mask)", choices=("gather", "flex"))
 
     @staticmethod
     def check(p, args):
@@ -108,7 +109,8 @@ class ScheduleFlags:
 class OutputFlags:
     """Output: where the run writes, how often, and how it continues."""
     out: Path = flag(None, "output folder (default runs/<mode>)")
-    overwrite: bool = flag(False, "start again in an --out that holds an earlier run", NOT_SAVED_FLAG, action="store_true")
+    overwrite: bool = flag(False, "start again in an --out that holds an earlier run", NOT_SAVED_FLAG,
+                           action="store_true")
     resume: Path | None = flag(None, "resume from OUT/last (or the given checkpoint; default: start afresh)",
                                NOT_SAVED_FLAG, nargs="?", const="")  # a swap a kill -9 cut short is finished
     allow_changes: bool = flag(False, "let --resume continue with different data/mode/batch/lr/seed", NOT_SAVED_FLAG,
@@ -179,12 +181,12 @@ class OnPolicyFlags:
     on_policy: bool = flag(False, "on-policy distillation: each step the student samples --on-policy-n chains for "
                            "each of its questions and is trained on its own tokens, graded by --teacher (or "
                            "--teacher-api) token by token (onpolicy.py; default: off)", MATCH, action="store_true")
-    teacher: str | None = flag(None, "with --on-policy: the local teacher (an HF-layout folder or a cached hub id); one "
-                               "of another tokenizer is aligned to the student's (xtok.py; --beta below 1) "
+    teacher: str | None = flag(None, "with --on-policy: the local teacher (an HF-layout folder or a cached hub id); "
+                               "one of another tokenizer is aligned to the student's (xtok.py; --beta below 1) "
                                "(default: none)", MATCH)
     teacher_api: str | None = flag(None, "with --on-policy: a served teacher instead, an OpenAI-compatible server that "
-                                   "returns prompt log-probabilities (vLLM's prompt_logprobs); needs httpx (default: none)", MATCH,
-                                   metavar="URL")
+                                   "returns prompt log-probabilities (vLLM's prompt_logprobs); needs httpx "
+                                   "(default: none)", MATCH, metavar="URL")
     teacher_model: str | None = flag(None, "the served teacher's model name (required with --teacher-api)", MATCH,
                                      metavar="NAME")
     api_key_env: str | None = flag(None, "the environment variable holding the served teacher's key (default: "
@@ -197,8 +199,8 @@ class OnPolicyFlags:
     on_policy_n: int = flag(4, "chains the student samples a question in an on-policy step; a micro-batch holds "
                             "--batch-size / N questions (default 4)", MATCH, type=cli.positive_int, metavar="N")
     on_policy_mix: float = flag(0.0, "the share of steps that train on corpus batches (the SCoTD loss) instead: GKD's "
-                                "lambda, from imitation to on-policy in one run (default 0)", MATCH, type=cli.unit_interval,
-                                metavar="LAMBDA")
+                                "lambda, from imitation to on-policy in one run (default 0)", MATCH,
+                                type=cli.unit_interval, metavar="LAMBDA")
     beta: float = flag(1.0, "the divergence a local teacher's grades are: GKD's generalised JSD, 1 the reverse KL "
                        "(student || teacher, the default), 0 the forward KL; a served teacher: reverse KL only", MATCH,
                        type=cli.unit_interval)
@@ -222,7 +224,8 @@ class OnPolicyFlags:
             args.teacher = check_model_folder(p, "--teacher", args.teacher)
         else:
             if not args.teacher_model:
-                p.error("argument --teacher-model: required with --teacher-api (the name the server serves the teacher under)")
+                p.error("argument --teacher-model: required with --teacher-api (the name the server serves the teacher "
+                        "under)")
             if args.beta != 1.0:
                 p.error("argument --beta: a served teacher grades the sampled tokens only (the reverse KL's estimator)")
             try:
@@ -245,10 +248,10 @@ class RunConfig(OnPolicyFlags, KdFlags, LoraFlags, SystemFlags, OutputFlags, Sch
     `info()` is what a checkpoint saves of it."""
     # resolved, not flags
     shared: bool = False  # shared-prefix rows: --share-prefix on, or auto and some question has several examples
-    changed: tuple = field(default=(), metadata={"resume": NOT_SAVED_FLAG})  # with --allow-changes: the flags that differ
+    changed: tuple = field(default=(), metadata={"resume": NOT_SAVED_FLAG})  # --allow-changes: the flags that differ
     batches_per_epoch: int = field(default=0, metadata={"resume": NOT_SAVED_FLAG})  # micro-batches an epoch
     # (with --tokens-per-step: the first epoch's)
-    total_steps: int = field(default=0, metadata={"resume": NOT_SAVED_FLAG})  # optimizer steps, from --max-steps or --epochs
+    total_steps: int = field(default=0, metadata={"resume": NOT_SAVED_FLAG})  # from --max-steps or --epochs
     warmup: int = field(default=0, metadata={"resume": NOT_SAVED_FLAG})  # warmup steps, from --warmup-steps or 5 %
 
     def info(self):

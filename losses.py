@@ -112,7 +112,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, labels, teacher=None):
-        loss, kd, grad_x = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32), torch.empty_like(x)
+        loss, kd = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
+        grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         fp32 = x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
         for s in _chunks(x.shape[0], weight.shape[0]):

@@ -75,7 +75,8 @@ def llama3_scaled(inv, rope, head_dim):
     low, high = rope.original_max_positions / rope.low_freq_factor, rope.original_max_positions / rope.high_freq_factor
     wavelen = 2 * torch.pi / inv
     scaled = torch.where(wavelen > low, inv / rope.factor, inv)
-    smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    band = rope.high_freq_factor - rope.low_freq_factor
+    smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / band
     medium = ~(wavelen < high) * ~(wavelen > low)
     return torch.where(medium, (1 - smooth) * scaled / rope.factor + smooth * scaled, scaled)
 
@@ -87,7 +88,8 @@ def yarn_scaled(inv, rope, head_dim):
     lo, hi = dim_of(rope.beta_fast), dim_of(rope.beta_slow)
     lo, hi = (math.floor(lo), math.ceil(hi)) if rope.truncate else (lo, hi)
     lo, hi = max(lo, 0), min(hi, head_dim - 1)
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=inv.device) - lo) / (hi - lo if hi != lo else 0.001))
+    dims = torch.arange(head_dim // 2, dtype=torch.float32, device=inv.device)
+    ramp = (dims - lo) / (hi - lo if hi != lo else 0.001)
     extrapolate = 1 - ramp.clamp(0, 1)
     freqs = rope.theta ** (torch.arange(0, head_dim, 2, device=inv.device).float() / head_dim)
     return (1 / (rope.factor * freqs)) * (1 - extrapolate) + (1 / freqs) * extrapolate
@@ -98,7 +100,8 @@ SCALED = {"linear": linear_scaled, "llama3": llama3_scaled, "yarn": yarn_scaled}
 
 def rope_table(max_positions, head_dim, rope, device):
     """cos and sin of the rotary angles of every position, each (max_positions, head_dim), in fp32 (YaRN: scaled)."""
-    angles = torch.arange(max_positions, device=device, dtype=torch.float32)[:, None] * inverse_frequencies(rope, head_dim, device)
+    positions = torch.arange(max_positions, device=device, dtype=torch.float32)
+    angles = positions[:, None] * inverse_frequencies(rope, head_dim, device)
     angles = torch.cat((angles, angles), dim=-1)  # (P, hd)
     scale = yarn_attention_factor(rope) if rope.kind == "yarn" else 1.0
     return angles.cos() * scale, angles.sin() * scale
@@ -156,7 +159,8 @@ class MLP(nn.Module):
         self.gated = cfg.mlp == "gated"
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x)))
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -223,9 +227,9 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, attention_mask=None, docs=None, branches=None, target_idx=None,
                 tree_kernel="gather", teacher_view=None):
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (None, the mean cross-entropy over
-        the target positions), or with targets and a teacher_view at the target positions, in order -- losses.TopKTargets
-        (its top-k: train.py --kd), losses.Grader or losses.SampledTokens (on-policy) -- ({the loss's parts,
-        detached, by name}, the loss to train on).
+        the target positions), or with targets and a teacher_view at the target positions, in order --
+        losses.TopKTargets (its top-k: train.py --kd), losses.Grader or losses.SampledTokens (on-policy) -- ({the
+        loss's parts, detached, by name}, the loss to train on).
 
         targets (B, T): the token each position should predict (already shifted), -100 = no loss; target_idx
         (N,): optionally, the flat indices of its positions that are not -100 (see _head).

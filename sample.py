@@ -69,7 +69,8 @@ class KVCache:
     def __init__(self, cfg, batch_size, max_seq_len, device=None, dtype=torch.float32, static=False, shared=None):
         shape = (batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         alloc = torch.zeros if static else torch.empty  # eager steps never read a slot before writing it
-        self.k = [alloc(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]  # L x (B, n_kv, S, hd)
+        # L x (B, n_kv, S, hd)
+        self.k = [alloc(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [alloc(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # (B, S)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the next slot, on the device (== length)
@@ -78,7 +79,7 @@ class KVCache:
         assert shared is None or (shared.batch_size == 1 and shared.shared is None), "shared: a one-row cache"
         self.shared = shared  # the prefix every row continues from (all real tokens), or None
         self.offset = shared.length if shared is not None else 0  # positions of this cache's tokens start here
-        self.pos = torch.full((batch_size,), self.offset, dtype=torch.long, device=device)  # (B,) each row's next position
+        self.pos = torch.full((batch_size,), self.offset, dtype=torch.long, device=device)  # (B,) each row's next one
         self._mark_static()
 
     def _mark_static(self):
@@ -132,7 +133,8 @@ class KVCache:
 
     def _view(self, k, v, valid, pos):
         new = object.__new__(KVCache)
-        new.k, new.v, new.valid, new.pos, new.slot, new.length, new.static = k, v, valid, pos, self.slot, self.length, self.static
+        new.k, new.v, new.valid, new.pos = k, v, valid, pos
+        new.slot, new.length, new.static = self.slot, self.length, self.static
         new.shared, new.offset = self.shared, self.offset
         new._mark_static()
         return new
@@ -267,8 +269,9 @@ def generate(model, tokenizer, prompts, cfg, batches=None, prefix=None, on_batch
     cfg = replace(cfg, check_every=cfg.check_every or (8 if device.type == "cuda" else 1))
     shared = isinstance(prefix, KVCache)
     prompt = (prefix.length if shared else len(prefix or [])) + max(map(len, prompts), default=0)
-    check_fits(model.cfg, prompt + cfg.max_new_tokens, f"the longest prompt ({prompt:,} tokens{' with the header' if prefix else ''}) "
-               f"+ max_new_tokens {cfg.max_new_tokens}", "shorten the prompt or lower max_new_tokens")
+    check_fits(model.cfg, prompt + cfg.max_new_tokens, f"the longest prompt ({prompt:,} tokens"
+               f"{' with the header' if prefix else ''}) + max_new_tokens {cfg.max_new_tokens}",
+               "shorten the prompt or lower max_new_tokens")
     decode = compiled_decode_step(model, device) if cfg.compile else model.decode_step
     header = prefill(model, prefix)  # one prefill for the whole run
     results = [None] * len(prompts)
@@ -281,7 +284,7 @@ def generate(model, tokenizer, prompts, cfg, batches=None, prefix=None, on_batch
         if cfg.compile:  # static shapes: cache sizes in steps of 64, so that batches share compiled steps
             slots = min(-(-slots // 64) * 64, model.cfg.max_position_embeddings - (header.length if header else 0))
         cache = KVCache(model.cfg, len(batch), slots, device=device, dtype=dtype, static=cfg.compile, shared=header)
-        logits = model.prefill(ids, cache, mask)[:, -1].repeat_interleave(cfg.n, 0)  # one prefill per question: (B*n, V)
+        logits = model.prefill(ids, cache, mask)[:, -1].repeat_interleave(cfg.n, 0)  # one prefill a question: (B*n, V)
         cache = cache.repeat_rows(cfg.n)
         rows = [(q, c) for q in batch for c in range(cfg.n)]  # which (question, chain) each running row is
         out, logprobs, _ = _sample_rows(decode, cache, logits, rows, cfg, generator, tokenizer)
@@ -334,7 +337,8 @@ def chain_logprobs(model, prompts, chains, prefix=None, batch_size=2, batches=No
             results[q] = []
             for c, chain in enumerate(chains[q]):
                 r = j * n + c
-                rest = logp[r, torch.arange(len(chain) - 1, device=device), torch.tensor(chain[1:], dtype=torch.long, device=device)].sum() if chain else 0
+                after = torch.tensor(chain[1:], dtype=torch.long, device=device)  # each token after the first
+                rest = logp[r, torch.arange(len(chain) - 1, device=device), after].sum() if chain else 0
                 results[q].append((float(first[j, chain[0]] + rest) if chain else 0.0, len(chain)))
                 if top_k:
                     results[q][-1] += (top_ids[r, :len(chain)], top_logp[r, :len(chain)])
@@ -432,7 +436,8 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, prefix=None)
         m, t = t % len(models), t + 1
         model, cfg = models[m], cfgs[m]
         if caches[m] is None:
-            caches[m] = KVCache(model.cfg, len(rows), max_len, device=device, dtype=dtype, shared=prefill(model, prefix))
+            caches[m] = KVCache(model.cfg, len(rows), max_len, device=device, dtype=dtype,
+                                shared=prefill(model, prefix))
         else:  # rows whose dialogue ended since this model's last turn leave its cache
             where = {i: r for r, i in enumerate(cached[m])}
             caches[m] = caches[m].select_rows([where[i] for i in rows])
@@ -445,8 +450,8 @@ def generate_turns(models, tokenizer, prompts, cfgs, turn, max_len, prefix=None)
         ids, mask = left_pad(unread, cfg.pad_id, device)
         logits = model.prefill(ids, cache, mask)[:, -1]
         start = cache.length
-        out, logprobs, steps = _sample_rows(model.decode_step, cache, logits, rows, replace(cfg, check_every=1), generators[m],
-                                       tokenizer, compact=False)
+        out, logprobs, steps = _sample_rows(model.decode_step, cache, logits, rows, replace(cfg, check_every=1),
+                                            generators[m], tokenizer, compact=False)
         going = []
         for r, i in enumerate(rows):
             kept = _clean(out[i], tokenizer, cfg, logprobs.get(i))

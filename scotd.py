@@ -195,8 +195,10 @@ def parse_answer(text, kind, choices=None):
     """An answer as text -> the answer a vote counts: a choice's index, a normalised number, "yes"/"no", or a
     normalised short text (normalize_text); None where the text gives none.
 
-        parse_answer("(c) minnesota.", "choice", choices) -> 2      parse_answer("$1,000.50", "number") -> "1000.5"
-        parse_answer("Yes. Frogs ...", "yesno") -> "yes"            parse_answer("The Eiffel Tower.", "text") -> "eiffel tower"
+        parse_answer("(c) minnesota.", "choice", choices) -> 2
+        parse_answer("$1,000.50", "number") -> "1000.5"
+        parse_answer("Yes. Frogs ...", "yesno") -> "yes"
+        parse_answer("The Eiffel Tower.", "text") -> "eiffel tower"
     """
     if kind == "choice":
         return parse_choice(text, choices)

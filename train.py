@@ -65,8 +65,9 @@ class Diverged(InputError):
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    with fileio.one_writer(args.out or f"runs/{args.mode}", rank0=os.environ.get("RANK", "0") == "0"):  # one run an --out
-        run = flags.check_args(p, args)  # every flag checked before anything loads; under the lock, as --resume may finish a swap
+    # one run an --out; every flag checked before anything loads, under the lock (--resume may finish a swap)
+    with fileio.one_writer(args.out or f"runs/{args.mode}", rank0=os.environ.get("RANK", "0") == "0"):
+        run = flags.check_args(p, args)
         return train(run)
 
 
@@ -237,9 +238,10 @@ def load_data(run, tokenizer, init, dist, model_cfg):
     records = data.read_corpus(run.data)
     if run.dev_data is None:  # never the questions a report is made on: a slice of the training data, held out
         records, dev_records = data.dev_split(records)
-        dev_path, dev_from = run.data, (f"{len(dev_records)} questions of --data (those whose ids hash lowest), held "
-                                        "out of training" if dev_records else "none: --data has fewer than 20 questions, "
-                                        "all for training (best/ is then the newest evaluation; --dev-data gives some)")
+        dev_path, dev_from = run.data, (
+            f"{len(dev_records)} questions of --data (those whose ids hash lowest), held out of training" if dev_records
+            else "none: --data has fewer than 20 questions, all for training (best/ is then the newest evaluation; "
+                 "--dev-data gives some)")
     else:
         dev_path = dev_from = run.dev_data
         dev_records = data.read_corpus(dev_from)
@@ -252,8 +254,8 @@ def load_data(run, tokenizer, init, dist, model_cfg):
     examples = data.build_examples(records, run.mode, run.filter, run.rationales_per_question, run.seed, skips,
                                    run.select)
     positions = model_cfg.max_position_embeddings
-    max_len, too_long = (run.max_len, None) if run.max_len <= positions else \
-        (positions, f"longer than the model's {positions:,} positions (max_position_embeddings; --max-len is {run.max_len})")
+    max_len, too_long = (run.max_len, None) if run.max_len <= positions else (positions, (
+        f"longer than the model's {positions:,} positions (max_position_embeddings; --max-len is {run.max_len})"))
     if not dist.main:
         dist.barrier()  # rank 0 tokenises and writes the cache first; the others then read it
     top_k = distill.TopKSidecar(run.data, records, tokenizer, init) if run.kd else None  # --kd: each example's top-k
@@ -319,7 +321,8 @@ def describe(run, records, tokens, skips, dev, dist):
     if run.on_policy and run.on_policy_mix == 0:
         return [f"data      {run.data}: {len(records):,} questions", f"dev       {dev.source}"] + on
     coverage = f"a subset: {seen:,} of {len(tokens):,}" if seen < len(tokens) else f"{seen / len(tokens):.2f} epochs"
-    ranks = f", {dist.world} ranks x {run.batch_size // dist.world} ({'FSDP' if run.fsdp else 'DDP'})" if dist.world > 1 else ""
+    ranks = "" if dist.world == 1 else \
+        f", {dist.world} ranks x {run.batch_size // dist.world} ({'FSDP' if run.fsdp else 'DDP'})"
     return [f"data      {run.data}: {len(records):,} questions -> {len(tokens):,} {run.mode} examples "
             f"(filter={run.filter}), {sum(len(t) - n for t, n, *_ in tokens):,} target tokens"
             f"{'; shared-prefix rows (a question once, its rationales as branches)' if run.shared else ''}",
@@ -399,7 +402,8 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist=Dist()):
         syncing = dist.world == 1 or i == len(batches) - 1  # torchrun: gradients all-reduced after the last only
         with nullcontext() if syncing else no_sync(model), ctx:
             parts, loss = model(rows.idx, rows.targets, docs=rows.docs, branches=rows.branches,
-                                target_idx=rows.target_idx, tree_kernel=rows.tree_kernel, teacher_view=rows.teacher_view)
+                                target_idx=rows.target_idx, tree_kernel=rows.tree_kernel,
+                                teacher_view=rows.teacher_view)
             scaler.scale(loss * (rows.n_targets * dist.world / n_step)).backward()
         values = [loss.detach()] + [parts[k] if parts else loss.detach() * 0 for k in names]  # an empty share: none
         sums += torch.stack(values).double() * rows.n_targets  # float64: what summing Python floats gives
@@ -501,7 +505,8 @@ class Trainer:
         if self.dist.main:
             bad = nonfinite_tensors(weights)
             if bad:
-                raise Diverged(f"step {self.state.step}: non-finite weights ({', '.join(bad[:3])}); {folder} not written")
+                raise Diverged(f"step {self.state.step}: non-finite weights ({', '.join(bad[:3])}); "
+                               f"{folder} not written")
             info = {**self.run.info(), "step": self.state.step, "dev": self.dev.info()}
             if Path(folder).name == "best":  # what it was chosen on
                 best, dev = self.state.best, self.dev.info()
@@ -515,8 +520,8 @@ class Trainer:
                 files |= lora.save_adapter(self.raw_model, "adapter", self.init, weights)
                 weights = lora.merged_state(self.raw_model, weights)
             if resumable:
-                trainer_state = {"optimizer": optim, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                                 **asdict(self.state)}
+                trainer_state = {"optimizer": optim, "scaler": self.scaler.state_dict(),
+                                 "rng_cpu": torch.get_rng_state(), **asdict(self.state)}
                 if torch.cuda.is_available() and next(self.raw_model.parameters()).is_cuda:
                     trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
                 files[STATE_FILE] = lambda path: torch.save(trainer_state, path)
@@ -586,7 +591,8 @@ def is_better(acc, loss, best):
 
 
 def next_command(mode, best, numeric):
-    """What to run after training: on GSM8K test for a numeric corpus; the two-model Socratic variant with both roles."""
+    """What to run after training: on GSM8K test for a numeric corpus; the two-model Socratic variant with both
+    roles."""
     test = f" --data {cli.portable(data.GSM8K_TEST)}" if numeric else ""
     if mode == "decompose":
         return f"python evaluate.py --checkpoint <a --mode solve run>/best --decomposer {best}{test}"
