@@ -79,7 +79,8 @@ class KVCache:
         assert shared is None or (shared.batch_size == 1 and shared.shared is None), "shared: a one-row cache"
         self.shared = shared  # the prefix every row continues from (all real tokens), or None
         self.offset = shared.length if shared is not None else 0  # positions of this cache's tokens start here
-        self.pos = torch.full((batch_size,), self.offset, dtype=torch.long, device=device)  # (B,) each row's next one
+        # (B,): the position of each row's next token
+        self.pos = torch.full((batch_size,), self.offset, dtype=torch.long, device=device)
         self._mark_static()
 
     def _mark_static(self):
