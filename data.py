@@ -736,7 +736,7 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
         if rationales_per_question and len(kept) > rationales_per_question:
             kept = select_rationales(kept, rationales_per_question, select, rng, f"question {rec['id']}")
         if mode in SOCRATIC_ROLES:  # the two-model variant: a problem's chain split into turns
-            examples += socratic_examples(rec, query, kept, mode, skips)
+            examples += socratic_examples(rec, query, answer, kept, mode, skips)
             continue
         index = {id(r): c for c, r in enumerate(rec["rationales"])}
         for r in kept:
@@ -751,14 +751,15 @@ def build_examples(records, mode, filter="correct", rationales_per_question=None
 SELECT = ("random", "likely", "unlikely", "diverse")
 
 
-def socratic_examples(rec, query, kept, mode, skips):
-    """The examples of one Socratic role (decompose or solve) from a question's kept rationales: a turn each."""
+def socratic_examples(rec, query, answer, kept, mode, skips):
+    """The examples of one Socratic role (decompose or solve) from a question's kept rationales: a turn each
+    (query: the question's, answer: data.gold's)."""
     examples = []
     for r in kept:
         if not r.get("steps") or len(r.get("subquestions") or []) != len(r["steps"]):
             skips.add("rationale without a sub-question for each step (Socratic)", rec["id"])
             continue
-        examples += [{"id": rec["id"], "query": context, "target": target, "answer": gold(rec)} for context, target
+        examples += [{"id": rec["id"], "query": context, "target": target, "answer": answer} for context, target
                      in socratic_turns(query, r["subquestions"], r["steps"], r["prediction"])[mode]]
     return examples
 

@@ -395,7 +395,8 @@ def questions(args, mode, device):
     limit = args.limit if args.limit is not None else (0 if device.type == "cuda" else CPU_DEFAULT_LIMIT)
     prefix = ""
     if args.fewshot:
-        exemplars = data.build_examples(data.read_corpus(data.train_corpus_of(records, "--fewshot 0"))[:100], mode, "correct")
+        corpus = data.train_corpus_of(records, "--fewshot 0")
+        exemplars = data.build_examples(data.read_corpus(corpus)[:100], mode, "correct")
         prefix = fewshot_prefix([(x["query"], x["target"]) for x in exemplars[:args.fewshot]])
     return (records[:limit] if limit else records), len(records), prefix
 

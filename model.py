@@ -276,8 +276,8 @@ class Transformer(nn.Module):
 
     def decode_step(self, idx, cache, step=None):
         """One new token per row, idx (B, 1), every row real -> logits (B, 1, V). The work on the device is
-        `step_tensors` (or `step`, its compiled version: sample.compiled_decode_step); the host's count of filled slots
-        is advanced here, outside it. (A Python int changed inside a compiled function becomes an input of
+        `step_tensors` (or `step`, its compiled version: sample.compiled_decode_step); the host's count of filled
+        slots is advanced here, outside it. (A Python int changed inside a compiled function becomes an input of
         the graph, and CUDA graphs record a new graph for every value an input int takes: one a step.)"""
         logits = (step or self.step_tensors)(idx, cache)
         cache.length += 1

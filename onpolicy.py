@@ -229,7 +229,8 @@ def load(run, tokenizer, init, device, dist, records):
     if per % dist.world:
         raise InputError(f"--on-policy: {per} questions a micro-batch (--batch-size {run.batch_size} / --on-policy-n "
                          f"{run.on_policy_n}) do not split over {dist.world} ranks")
-    bare = f"--teacher-shots {run.teacher_shots} needs them; --teacher-shots 0: the teacher grades after the bare question"
+    bare = f"--teacher-shots {run.teacher_shots} needs them; --teacher-shots 0: the teacher grades after the bare " \
+        "question"
     shots = data.exemplars(run.teacher_shots, data.train_corpus_of(records, bare)) if run.teacher_shots else []
     header = data.fewshot_header(shots) if shots else ""
     sampling = SampleConfig(n=run.on_policy_n, temperature=run.temperature, max_new_tokens=run.max_new_tokens,

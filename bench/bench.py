@@ -540,8 +540,8 @@ def decode_step_worker(side, name, rows, device, dtype, steps=50, prompt=64, slo
     (tok_s: rows / step time). ours: model.decode_step (compiled: sample.compiled_decode_step, on CUDA a CUDA
     graph). hf: transformers' model over its StaticCache, the step compiled as its docs' static-cache recipe and
     generate's decode do (mode "reduce-overhead": a CUDA graph; fullgraph), the prompt prefilled uncompiled as
-    generate does. Both read the same random prompt and first token; `tokens` and `logits`: row 0's greedy tokens and its last step's first 8 logits
-    (equal on both sides to rounding: the same work)."""
+    generate does. Both read the same random prompt and first token; `tokens` and `logits`: row 0's greedy tokens
+    and its last step's first 8 logits (equal on both sides to rounding: the same work)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 100, (rows, prompt), generator=g).to(device)  # ids every vocabulary holds
     tok = torch.randint(0, 100, (rows, 1), generator=g).to(device)

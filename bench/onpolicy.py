@@ -165,8 +165,11 @@ def gold(args, student, teacher, teacher_model, tok, dataset, settings, clock, d
     trainer = GOLDTrainer(model=str(student), teacher_model=teacher_model, args=config, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(student))
     lengths = []  # each batch's mean completion length: its labels' tokens
-    trainer.generate_on_policy_outputs = timed(trainer.generate_on_policy_outputs, clock, "sample_s", device,
-                                               then=lambda out: lengths.append(float((out[2] != -100).sum(1).float().mean())))
+
+    def count(out):
+        lengths.append(float((out[2] != -100).sum(1).float().mean()))
+    generate = trainer.generate_on_policy_outputs
+    trainer.generate_on_policy_outputs = timed(generate, clock, "sample_s", device, then=count)
     started = []
     the_teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
     the_teacher.register_forward_pre_hook(lambda *a: started.append(time.perf_counter()))

@@ -143,8 +143,9 @@ def test_on_policy_flags_are_checked_before_anything_loads(pair, corpus, capsys,
         with pytest.raises(SystemExit):
             train.get_args(["--data", str(corpus), *argv])
         assert message in capsys.readouterr().err, argv
-    local = ["--data", str(corpus), "--on-policy", "--teacher", str(pair[1]), "--out", str(tmp_path / "run")]  # shots: 4
-    assert train.get_args(local).teacher_shots == 4 and train.get_args(local + ["--teacher-shots", "0"]).teacher_shots == 0
+    local = ["--data", str(corpus), "--on-policy", "--teacher", str(pair[1]), "--out", str(tmp_path / "run")]
+    assert train.get_args(local).teacher_shots == 4  # teacher.py's default
+    assert train.get_args(local + ["--teacher-shots", "0"]).teacher_shots == 0
 
 
 def test_the_chains_are_sampled_from_the_training_prompt(pair, corpus):

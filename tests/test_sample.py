@@ -329,7 +329,8 @@ def test_a_chain_can_end_after_its_answer_sentence(student):
     assert tok.decode(out["tokens"]).startswith(out["text"])  # the token that completed the match ends it
     ends = [k for k in range(1, len(tokens) + 1) if sample._finished(tokens[:k], 1, tok, cfg, None)]
     assert ends and ends[0] == len(out["tokens"]) + 1  # generation stops one token later (the space after "."), cut off
-    assert sample._clean(tokens, tok, SampleConfig(stop=("\n",)))["text"] == " Rivers flow. So the answer is (b) river. It is wet and long"
+    whole = " Rivers flow. So the answer is (b) river. It is wet and long"
+    assert sample._clean(tokens, tok, SampleConfig(stop=("\n",)))["text"] == whole
     assert sample._clean(tokens[:5], tok, cfg)["tokens"] == tokens[:5]  # no stop yet: all of it
 
 
