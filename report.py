@@ -91,10 +91,11 @@ def plot_lines(path, series, xlabel, ylabel, title, bands=None, ylim=None):
 
 
 def bootstrap_ci(values, reps=1000, seed=0):
-    """A 95 % percentile-bootstrap interval of the mean of per-question values (resampling questions) -> [lo, hi]."""
+    """A 95 % percentile-bootstrap interval of the mean of per-question values (resampling questions) -> [lo, hi];
+    None for no values (not measured)."""
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
-        return [float("nan"), float("nan")]
+        return None
     means = v[np.random.default_rng(seed).integers(0, len(v), (reps, len(v)))].mean(1)
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
