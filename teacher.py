@@ -75,7 +75,8 @@ SOCRATIC_SHOTS = {
     "gsm8k-train-1": ["How many clips did Natalia sell in May?",
                       "How many clips did Natalia sell altogether in April and May?"],
     "gsm8k-train-2": ["How much does Weng earn per minute?", "How much did Weng earn for 50 minutes of babysitting?"],
-    "gsm8k-train-3": ["How much money does Betty have in the beginning?", "How much money did Betty's grandparents give her?",
+    "gsm8k-train-3": ["How much money does Betty have in the beginning?",
+                      "How much money did Betty's grandparents give her?",
                       "How much more money does Betty need to buy the wallet?"],
     "gsm8k-train-4": ["How many pages did Julie read today?", "How many pages has Julie read since yesterday?",
                       "How many pages are left to be read?", "How many pages should Julie read tomorrow?"],
@@ -92,8 +93,8 @@ def parser():
     source.add_argument("--teacher", help="a local teacher: an HF-layout model folder, or a hub id in the local "
                         "Hugging Face cache (--teacher or --api is required)")
     source.add_argument("--api", metavar="URL", help="a served teacher: an OpenAI-compatible server's base URL, e.g. "
-                        "http://127.0.0.1:8080/v1 (\"/v1\" is added to a bare host; --teacher or --api is required); needs "
-                        "`pip install httpx`")
+                        "http://127.0.0.1:8080/v1 (\"/v1\" is added to a bare host; --teacher or --api is required); "
+                        "needs `pip install httpx`")
     p.add_argument("--socratic", action="store_true", help="write sub-questions for GSM8K train solutions (see above)")
     p.add_argument("--data", default=None, help="questions (canonical JSONL); rationales there are ignored "
                    "(default: bundled CSQA train; GSM8K train with --socratic)")
@@ -106,13 +107,14 @@ def parser():
     p.add_argument("--top-p", type=cli.fraction, default=1.0, help="default 1.0 (off)")
     p.add_argument("--shots", type=cli.nonneg_int, default=None, help="worked examples in the prompt (bundled PaLM "
                    "rationales; default 4, 0 with --top-logprobs)")
-    p.add_argument("--shots-from", default=None, metavar="CORPUS", help="the worked examples: the first --shots records "
-                   "of this corpus with a correct rationale -- a few written by hand, or an imported train split's "
-                   "(data.py import --rationale) (default: the task's bundled train corpus)")
+    p.add_argument("--shots-from", default=None, metavar="CORPUS", help="the worked examples: the first --shots "
+                   "records of this corpus with a correct rationale -- a few written by hand, or an imported train "
+                   "split's (data.py import --rationale) (default: the task's bundled train corpus)")
     p.add_argument("--prompt", default=None, help="a file with the few-shot header instead of --shots (default: none)")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="the first N questions (after the exemplars; "
                    "default: all)")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default 96; 48 a question with --socratic")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
+                   help="default 96; 48 a question with --socratic")
     p.add_argument("--stop", default="answer", choices=("answer", "newline"),
                    help="end a chain after its answer sentence or at a newline (answer, the default), or at a "
                    "newline only")
@@ -161,7 +163,8 @@ def add_served_flags(p):
                         help="ask for at most M chains a request (default: all of a question's; llama.cpp answers at "
                         "most as many as it has slots)")
     served.add_argument("--concurrency", type=cli.positive_int, default=4, help="requests in flight (default 4)")
-    served.add_argument("--timeout", type=cli.positive_float, default=600.0, help="seconds a request may take (default 600)")
+    served.add_argument("--timeout", type=cli.positive_float, default=600.0,
+                        help="seconds a request may take (default 600)")
     served.add_argument("--max-retries", type=cli.nonneg_int, default=8, help="retries of a request that failed in a "
                         "way worth retrying (refused, reset, timed out, 429, 5xx, malformed; default 8)")
     served.add_argument("--retry-wait", type=cli.nonneg_float, default=1.0, help="seconds before the first retry, "
@@ -317,7 +320,8 @@ class Asking:
         """Row j's output {"text", "tokens"[, "logprob"]} -> the text that follows it (the next step), or None:
         the row is done. (m: the model, for answers.dialogues; here there is one.)"""
         self.tokens[j] += out["tokens"]
-        self.logprob[j] = None if out.get("logprob") is None or self.logprob[j] is None else self.logprob[j] + out["logprob"]
+        known = out.get("logprob") is not None and self.logprob[j] is not None
+        self.logprob[j] = self.logprob[j] + out["logprob"] if known else None
         steps, q = self.rows[j]["rationales"][0]["steps"], subquestion(out["text"])
         if q is None:
             self.why[j] = f"step {len(self.asked[j]) + 1}: not a question: {out['text'].strip()[:200]!r}"
@@ -392,8 +396,9 @@ class CorpusWriter:
     counted = "generated_tokens"  # what the runs file's totals count
 
     def __init__(self, out, runs, records, done, bar, socratic=False, client=None):
-        self.out, self.runs, self.records, self.done, self.bar, self.socratic = out, Path(runs), records, done, bar, socratic
-        self.client, self.tokens, self.questions, self.t0, self.cpu0 = client, 0, 0, time.time(), time.process_time()
+        self.out, self.runs, self.records, self.done, self.bar = out, Path(runs), records, done, bar
+        self.socratic, self.client = socratic, client
+        self.tokens, self.questions, self.t0, self.cpu0 = 0, 0, time.time(), time.process_time()
         self.started = datetime.fromtimestamp(self.t0, timezone.utc).isoformat(timespec="microseconds")  # the run's key
         self.no_logprobs = False
 
@@ -405,7 +410,8 @@ class CorpusWriter:
             row["rejected"] = rejected
         if self.client and not self.no_logprobs and any(c.get("logprob") is None for c in chains):
             self.no_logprobs = True
-            print(f"\nnote      the server returned no logprobs for {rec['id']}: its rationales have no teacher_logprob")
+            print(f"\nnote      the server returned no logprobs for {rec['id']}: its rationales have no "
+                  "teacher_logprob")
         return row
 
     def tokens_of(self, outs):
@@ -417,14 +423,15 @@ class CorpusWriter:
 
     def __call__(self, indices, outs):
         self.tokens += self.tokens_of(outs)  # the whole batch's, first
-        tally = self.client.totals() | {"client_cpu_seconds": round(time.process_time() - self.cpu0, 3)} if self.client else {}
+        cpu = {"client_cpu_seconds": round(time.process_time() - self.cpu0, 3)}
+        tally = self.client.totals() | cpu if self.client else {}
         counted = self.counted_tokens(tally)
-        new = [(self.records[i], out) for i, out in zip(indices, outs)
-               if self.records[i]["id"] not in self.done]  # a batch redone after a kill mid-write: its first lines are there
+        # a batch redone after a kill mid-write: its first lines are there already
+        new = [(self.records[i], out) for i, out in zip(indices, outs) if self.records[i]["id"] not in self.done]
         # the batch's records in one append, fsync'd: a kill or a crash of the machine loses nothing written, and a
         # write that fails (a full disk) leaves no half record
-        fileio.append_text(self.out, "".join(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n" for rec, out in new),
-                        sync=True)
+        lines = "".join(json.dumps(self.row(rec, out), ensure_ascii=False) + "\n" for rec, out in new)
+        fileio.append_text(self.out, lines, sync=True)
         self.questions += len(new)
         self.bar.update(len(new), f"{counted / (time.time() - self.t0):,.0f} tok/s")
         fileio.append_text(self.runs, json.dumps({"started": self.started, "seconds": round(time.time() - self.t0, 3),
@@ -446,8 +453,8 @@ class ScoreWriter(CorpusWriter):
     def row(self, rec, scores):
         q = self.index[rec["id"]]
         rec = json.loads(json.dumps(rec))
-        spans = self.sidecar.append([(tokens, ids, logp) for tokens, (_, _, ids, logp) in zip(self.chains[q], scores)]) \
-            if self.sidecar else [None] * len(scores)
+        spans = [None] * len(scores) if not self.sidecar else \
+            self.sidecar.append([(tokens, ids, logp) for tokens, (_, _, ids, logp) in zip(self.chains[q], scores)])
         for c, (logprob, n, *_), span in zip(self.which[q], scores, spans):
             rec["rationales"][c] |= {"teacher_logprob": logprob, "teacher_tokens": n} | ({"topk": span} if span else {})
         if self.sidecar:
@@ -477,15 +484,17 @@ def load_local(args, header):
     cli.check_fits(model.cfg, len(header_ids) + 1, f"the few-shot header ({source}: {len(header_ids):,} tokens) and a "
                    "token after it", "use fewer --shots or a shorter --prompt file, or a teacher with more positions")
     prefix = prefill(model, header_ids)  # one prefill of the header for the whole run
+    stop_after = (r"\?",) if args.socratic else (ANSWER_END,) if args.stop == "answer" else ()
     cfg = SampleConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                       stop=("\n",), stop_after=(r"\?",) if args.socratic else (ANSWER_END,) if args.stop == "answer" else (),
-                       batch_size=args.batch_size, seed=args.seed, logprobs=args.logprobs, compile=args.compile)
+                       stop=("\n",), stop_after=stop_after, batch_size=args.batch_size, seed=args.seed,
+                       logprobs=args.logprobs, compile=args.compile)
     print(f"teacher   {args.teacher} on {device}, {args.dtype}; header of {prefix.length if prefix else 0} tokens")
     return model, tokenizer, prefix, cfg
 
 
 def question_prompts(tokenizer, records):
-    return [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids for r in records]
+    return [tokenizer.encode(format_query(r["question"], r.get("choices")), add_special_tokens=False).ids
+            for r in records]
 
 
 def check_local_fits(args, teacher, records):
@@ -629,7 +638,8 @@ def cost(args, records, header, shots, tokenizer):
     if args.socratic:  # a request a step; the prompt grows by each step and question (questions not counted)
         steps = [len(r["rationales"][0]["steps"]) for r in records]
         requests = args.n * sum(steps)
-        prompt = args.n * sum(prompt_tokens([socratic_round(r, [""] * s)]) for r in records for s in range(len(r["rationales"][0]["steps"])))
+        prompt = args.n * sum(prompt_tokens([socratic_round(r, [""] * s)]) for r, n in zip(records, steps)
+                              for s in range(n))
         completion = requests * args.max_new_tokens
         per = "one a step of each chain"
     else:
@@ -639,11 +649,14 @@ def cost(args, records, header, shots, tokenizer):
         completion = len(records) * args.n * args.max_new_tokens
         per = f"{'at most ' if args.min_correct else ''}{asks if asks > 1 else 'one'} a question"
     where = f"{args.model} at {args.api} ({args.api_style})" if args.api else args.teacher
+    uncounted = " and more: the questions the teacher writes are not counted" if args.socratic else ""
     return [f"dry run   nothing sent: {len(records):,} questions x {args.n} chains (T={args.temperature}) from {where}",
-            f"requests  {requests:,} ({per}; more if the server returns fewer choices than asked, or a request is retried)",
-            f"prompt    about {prompt:,} tokens{' and more: the questions the teacher writes are not counted' if args.socratic else ''}"
-            f" (counted with the tokenizer of {args.tokenizer}; the server's may differ)",
-            f"completion at most {completion:,} tokens ({args.max_new_tokens} a chain{', a step' if args.socratic else ''})"]
+            f"requests  {requests:,} ({per}; more if the server returns fewer choices than asked, or a request is "
+            "retried)",
+            f"prompt    about {prompt:,} tokens{uncounted} (counted with the tokenizer of {args.tokenizer}; the "
+            "server's may differ)",
+            f"completion at most {completion:,} tokens ({args.max_new_tokens} a chain"
+            f"{', a step' if args.socratic else ''})"]
 
 
 def main(argv=None):
@@ -671,9 +684,9 @@ def write(args, records, header, shots, shot_ids):
     engine = load_local(args, header) if args.teacher else api_client(args)
     if args.teacher:
         check_local_fits(args, engine, records)
-    print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, {len(records) - len(done):,} to sample "
-          f"x {args.n} chains (T={args.temperature}); {len(shot_ids) or 'custom'}-shot "
-          f"{'sub-question ' if args.socratic else ''}header")
+    print(f"questions {len(records):,} from {args.data}: {len(done):,} already in {out}, "
+          f"{len(records) - len(done):,} to sample x {args.n} chains (T={args.temperature}); "
+          f"{len(shot_ids) or 'custom'}-shot {'sub-question ' if args.socratic else ''}header")
     bar = Progress(len(records), "teacher", start=len(done))
     with cli.stopping_cleanly(lambda: f"{bar.n:,} of {len(records):,} questions in {out}", bar):
         writer = CorpusWriter(out, args.out + ".runs.jsonl", records, done, bar, args.socratic,
@@ -795,7 +808,8 @@ def score_served(args, client, tokenizer, head, records, work, todo, writer):
         client.close()
 
 
-TRAINING_TARGET = "the training target (train.py --mode cot): the rationale, ' So the answer is (x) choice.', a blank line"
+TRAINING_TARGET = ("the training target (train.py --mode cot): the rationale, ' So the answer is (x) choice.', "
+                   "a blank line")
 
 
 def sidecar_writer(args, out, tokenizer, header_text, shots):
@@ -806,8 +820,8 @@ def sidecar_writer(args, out, tokenizer, header_text, shots):
         fileio.write_text(beside, tokenizer.to_str())
     spans = [r["topk"] for _, rec in data.read_appended(out) for r in rec.get("rationales", []) if "topk" in r]
     header = {"k": args.top_logprobs, "tokenizer": distill.tokenizer_fingerprint(tokenizer),
-              "teacher": cli.portable(args.teacher) if args.teacher else f"{args.model} at {args.api}", "mode": "cot", "shots": shots,
-              "prompt_sha256": hashlib.sha256(header_text.encode()).hexdigest()}
+              "teacher": cli.portable(args.teacher) if args.teacher else f"{args.model} at {args.api}", "mode": "cot",
+              "shots": shots, "prompt_sha256": hashlib.sha256(header_text.encode()).hexdigest()}
     return distill.SidecarWriter(Path(args.out + ".topk"), header, max((a + n for a, n in spans), default=0))
 
 

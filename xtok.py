@@ -34,7 +34,7 @@ EMPTY = -np.inf  # an unused top-k slot's log-probability
 @lru_cache(maxsize=1)
 def _byte_decoder():
     """GPT-2's byte-level alphabet: the printable character that stands for each byte -> the byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, n = list(printable), 0
     for b in range(256):
         if b not in printable:

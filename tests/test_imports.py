@@ -56,6 +56,13 @@ def test_a_library_is_imported_inside_a_function_only_when_optional_or_slow():
     assert not inner, inner
 
 
+def test_the_modules_lines_are_at_most_120_characters():
+    """A reader sees a whole line in a side-by-side view (#57; benchmarks and experiments scripts are not held to it)."""
+    long = [f"{name}.py:{n} ({len(line)})" for name, path in MODULES.items()
+            for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+    assert not long, long
+
+
 def test_the_checker_sees_a_cycle_and_an_import_inside_a_function():
     tree = ast.parse("import cli\ndef f():\n    from checkpoint import load_tokenizer\n")
     assert project_imports(tree.body) == {"cli"} and project_imports(ast.walk(tree)) == {"cli", "checkpoint"}
