@@ -364,15 +364,21 @@ def hub_cache():
     return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
 
 
-def hub_snapshot(hub_id):
-    """A hub id -> its snapshot folder in the local cache (models--OWNER--NAME/snapshots/<commit>, the commit that
-    refs/main -- or refs/REVISION -- names, or REVISION itself), with no network; InputError saying how to get it."""
+def cached_repo(hub_id, kind="models"):
+    """A hub id ("OWNER/NAME", "@REVISION" optional) -> (its name, the revision, its folder in the local cache
+    (KIND--OWNER--NAME), the ref file, the snapshot folder: snapshots/<the commit refs/REVISION names, or REVISION
+    itself>), whether they exist or not. kind: "models" or "datasets"."""
     name, _, revision = str(hub_id).partition("@")
-    repo = hub_cache() / f"models--{name.replace('/', '--')}"
+    repo = hub_cache() / f"{kind}--{name.replace('/', '--')}"
     revision = revision or "main"
     ref = repo / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = repo / "snapshots" / commit
+    return name, revision, repo, ref, repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+
+
+def hub_snapshot(hub_id):
+    """A hub id -> its snapshot folder in the local cache (cached_repo), with no network; InputError saying how to
+    get it."""
+    name, revision, repo, ref, snapshot = cached_repo(hub_id)
     if not snapshot.is_dir():
         raise InputError(f"{hub_id} is not a folder here, nor in the Hugging Face cache ({repo} has no snapshot "
                          f"{'for refs/' + revision if ref.is_file() or revision == 'main' else revision}); download it "

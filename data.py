@@ -66,7 +66,7 @@ import torch
 import cli
 import fileio
 import losses
-from checkpoint import default_student, hub_cache, is_hub_id, load_tokenizer
+from checkpoint import cached_repo, default_student, is_hub_id, load_tokenizer
 from fileio import InputError
 from scotd import (LETTERS, MODES, SOCRATIC_ROLES, fewshot_prefix, format_query, format_target, kind_of, majority_vote,
                    normalize_text, parse_answer, parse_choice, parse_number, split_teacher_output, socratic_turns)
@@ -579,10 +579,7 @@ def _parquet_rows(path, where=None):
 
 def _cached_dataset(hub_id, split):
     """A dataset's parquet files for `split` in the local Hugging Face cache (datasets--ORG--NAME/snapshots/...)."""
-    name, _, revision = hub_id.partition("@")
-    repo = hub_cache() / f"datasets--{name.replace('/', '--')}"
-    ref = repo / "refs" / (revision or "main")
-    snapshot = repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision or "main")
+    name, _, repo, _, snapshot = cached_repo(hub_id, "datasets")
     files = sorted(f for f in snapshot.rglob("*.parquet") if re.search(rf"(^|[/_-]){re.escape(split)}([/_.-]|$)",
                                                                            str(f.relative_to(snapshot))))
     if not files:
