@@ -30,6 +30,7 @@ from answers import answers_of
 from distributed import rank_share
 from distill import served_logprobs
 from fileio import InputError
+from model import DTYPES
 from sample import KVCache, SampleConfig, generate, prefill
 from scotd import ANSWER_END, format_query
 
@@ -220,8 +221,7 @@ def load(run, tokenizer, init, device, dist, records):
     teacher, client = None, None
     if run.teacher:
         teacher_tokenizer = load_tokenizer(run.teacher)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        teacher = from_pretrained(run.teacher, device=device, dtype=dtype)
+        teacher = from_pretrained(run.teacher, device=device, dtype=DTYPES[cli.default_dtype(device)])
         teacher.eval().requires_grad_(False)
         if distill.tokenizer_fingerprint(teacher_tokenizer) != distill.tokenizer_fingerprint(tokenizer):
             teacher = across(run, teacher, teacher_tokenizer, tokenizer)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cli import run, stopping_cleanly  # noqa: E402
+from cli import run, stopping_cleanly, synchronize  # noqa: E402
 
 
 PAIRS = {  # name -> {side: (layers, width, heads, kv heads, mlp width, seed)}
@@ -118,8 +118,6 @@ def trl(args, student, teacher, work):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DistillationConfig, DistillationTrainer
 
-    from cli import synchronize
-
     tok = AutoTokenizer.from_pretrained(student)
     tok.padding_side, tok.pad_token = "left", tok.pad_token or tok.eos_token
     qs = prompts(64)
@@ -156,8 +154,6 @@ def gold(args, student, teacher, teacher_model, tok, dataset, settings, clock, d
     from transformers import AutoTokenizer
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
-    from cli import synchronize
-
     config = GOLDConfig(**settings, lmbda=1.0, use_uld_loss=True, use_extended_uld=True, uld_use_hybrid_loss=True,
                         uld_token_merge_strategy="bayesian", uld_crossentropy_weight=0.0, uld_distillation_weight=1.0,
                         uld_skip_student_eos=True, uld_skip_teacher_eos=True, teacher_tokenizer_name_or_path=str(teacher))
@@ -183,8 +179,6 @@ def gold(args, student, teacher, teacher_model, tok, dataset, settings, clock, d
 
 def timed(fn, clock, key, device, then=None):
     """fn, each call's wall time (its device work included) added to clock[key]; then(out) after each call."""
-    from cli import synchronize
-
     def call(*a, **k):
         t0 = time.perf_counter()
         out = fn(*a, **k)
@@ -199,8 +193,6 @@ def timed(fn, clock, key, device, then=None):
 def timed_steps(args, trainer, clock, device):
     """Train, timing each step and the parts `clock` sums -> the timed steps' mean parts."""
     from transformers import TrainerCallback
-
-    from cli import synchronize
 
     marks = []
 
